@@ -1,0 +1,315 @@
+"""`convert`: plan a conversion from SOURCE, then compute the table and write OUT_DIR.
+
+Planning (resolve, profile, headers, shapes, output files and sizes) reads no
+tensor data, so `--dry-run` and the real run report the same figures.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import UserError
+from .layout import TABLE_FILE, TableLayout, table_layout
+from .loader import FORMAT_VERSION, MANIFEST
+from .precompute import compute_rows, layer0_tensor_names
+from .profiles import ModelSpec, Profile, resolve, select_profile
+from .progress import Progress
+from .source import Source, carried_files, file_sha256, read_config, resolve_source
+from .tensors import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo
+from .writer import atomic_dir, share_file, write_json, write_shard, write_table
+
+DTYPE_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPUTE_CHOICES = {"float32": torch.float32, "float64": torch.float64}
+LINK_MODES = ("auto", "reflink", "hardlink", "copy")
+SHIM_FILE = "precompile_loader.py"
+
+
+@dataclass
+class ShardPlan:
+    source_file: str
+    out_file: str | None  # None: every tensor in it is eliminated
+    action: str  # "share" (unchanged file) or "rewrite" (without eliminated tensors / new dtype)
+    keep: list[TensorInfo]
+    eliminated: list[str]
+    out_bytes: int
+
+
+@dataclass
+class ConversionPlan:
+    source: Source
+    config: dict
+    profile: Profile
+    spec: ModelSpec
+    layout: TableLayout
+    checkpoint: Checkpoint
+    model_dtype: torch.dtype
+    compute_dtype: torch.dtype
+    shards: list[ShardPlan]
+    carried: list[str]
+    read_tensors: list[str]
+
+    @property
+    def table_bytes(self) -> int:
+        return self.layout.vocab_size * self.layout.width * torch.empty((), dtype=self.model_dtype).element_size()
+
+    @property
+    def out_bytes(self) -> int:
+        return self.table_bytes + sum(s.out_bytes for s in self.shards)
+
+
+@dataclass
+class ConvertResult:
+    out_dir: Path
+    plan: ConversionPlan
+    seconds: float
+    files: dict[str, str] = field(default_factory=dict)  # name -> sha256
+    methods: dict[str, str] = field(default_factory=dict)  # shared shard -> reflink/copy/hardlink
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was given but no CUDA device is available; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device} is not one of auto, cpu, cuda")
+    return torch.device(device)
+
+
+def _check_shape(ckpt: Checkpoint, name: str, shape: tuple[int, ...], what: str) -> None:
+    info = ckpt.info(name)
+    if tuple(info.shape) != tuple(shape):
+        raise UserError(f"{ckpt.root / info.file}: tensor {name} has shape {list(info.shape)}, but config.json "
+                        f"implies {list(shape)} ({what}); the config does not match the weights")
+    if info.dtype not in FLOAT_DTYPES:
+        raise UserError(f"{ckpt.root / info.file}: tensor {name} has dtype {info.dtype}; layer-0 weights must be "
+                        f"float (F32, F16, BF16, F64)")
+
+
+def _validate(spec: ModelSpec, ckpt: Checkpoint, layout: TableLayout) -> None:
+    d = spec.hidden_size
+    _check_shape(ckpt, spec.embedding_tensor, (spec.vocab_size, d), "vocab_size x hidden_size")
+    norms = [spec.embedding_norm, spec.attn_norm]
+    if spec.folds_ffn and spec.ffn:
+        norms.append(spec.ffn.norm)
+    for norm in norms:
+        for t in (norm.weight, norm.bias) if norm else ():
+            if t:
+                _check_shape(ckpt, t, (d,), "hidden_size")
+    from .layout import projection_width
+
+    for p in spec.projections:
+        w = projection_width(spec, p.role)
+        _check_shape(ckpt, p.weight, (w, d), f"{p.role} width {w} from heads and head_dim x hidden_size")
+        if p.bias and p.bias in ckpt.tensors:
+            _check_shape(ckpt, p.bias, (w,), f"{p.role} width")
+        elif p.bias_required:
+            ckpt.info(p.bias)
+    if spec.folds_ffn and spec.ffn:
+        for ref in (spec.ffn.up, spec.ffn.gate, spec.ffn.down):
+            if ref:
+                ckpt.info(ref[0])
+
+
+def plan_conversion(source: str, *, revision: str | None = None, profile: str | None = None,
+                    dtype: str = "auto", compute_dtype: str = "float32") -> ConversionPlan:
+    """Everything a conversion will read, eliminate and write, from headers alone."""
+    if dtype != "auto" and dtype not in DTYPE_CHOICES:
+        raise UserError(f"--dtype {dtype} is not one of auto, {', '.join(DTYPE_CHOICES)}")
+    if compute_dtype not in COMPUTE_CHOICES:
+        raise UserError(f"--compute-dtype {compute_dtype} is not one of {', '.join(COMPUTE_CHOICES)}")
+    src = resolve_source(source, revision)
+    config = read_config(src.root)
+    prof = select_profile(config, profile)
+    spec = resolve(prof, config)
+    ckpt = Checkpoint(src.root)
+    layout = table_layout(spec, frozenset(ckpt.tensors))
+    _validate(spec, ckpt, layout)
+    emb_dtype = ckpt.info(spec.embedding_tensor).dtype
+    model_dtype = DTYPE_CHOICES[dtype] if dtype != "auto" else DTYPES[emb_dtype]
+    if model_dtype not in DTYPE_CHOICES.values():
+        raise UserError(f"the checkpoint's dtype {emb_dtype} is not supported as a model dtype; pass --dtype")
+    out_dtype_name = DTYPE_NAMES[model_dtype]
+    eliminated = set(layout.eliminated)
+    shards = []
+    for i, fname in enumerate(ckpt.files):
+        tensors = [t for t in ckpt.tensors.values() if t.file == fname]
+        keep = [t for t in tensors if t.name not in eliminated]
+        gone = sorted(t.name for t in tensors if t.name in eliminated)
+        converts = any(t.dtype in FLOAT_DTYPES and t.dtype != out_dtype_name for t in keep)
+        out_name = "model-00001-of-00001.safetensors" if fname == SINGLE_NAME else fname
+        if not keep:
+            shards.append(ShardPlan(fname, None, "drop", [], gone, 0))
+            continue
+        size = sum(t.numel * torch.empty((), dtype=DTYPES[out_dtype_name if t.dtype in FLOAT_DTYPES else t.dtype])
+                   .element_size() for t in keep)
+        action = "rewrite" if (gone or converts) else "share"
+        if action == "share":
+            size = (ckpt.root / fname).stat().st_size
+        shards.append(ShardPlan(fname, out_name, action, keep, gone, size))
+    read = [spec.embedding_tensor] + layer0_tensor_names(spec, frozenset(ckpt.tensors))
+    return ConversionPlan(src, config, prof, spec, layout, ckpt, model_dtype, COMPUTE_CHOICES[compute_dtype],
+                          shards, carried_files(src.root), read)
+
+
+def _table_chunks(plan: ConversionPlan, device: torch.device, chunk_size: int, progress: Progress):
+    spec, layout, ckpt = plan.spec, plan.layout, plan.checkpoint
+    present = frozenset(ckpt.tensors)
+    weights = {n: ckpt.get(n).to(device=device, dtype=plan.compute_dtype)
+               for n in layer0_tensor_names(spec, present)}
+    vocab = layout.vocab_size
+    n_chunks = -(-vocab // chunk_size)
+    with progress.bar(n_chunks, "computing table", "chunks") as bar:
+        for start in range(0, vocab, chunk_size):
+            stop = min(vocab, start + chunk_size)
+            rows = ckpt.rows(spec.embedding_tensor, start, stop).to(device)
+            out = compute_rows(spec, layout, rows, weights, plan.model_dtype, plan.compute_dtype).to(plan.model_dtype)
+            finite = torch.isfinite(out).all(dim=-1)
+            if not bool(finite.all()):
+                bad = start + int((~finite).nonzero()[0, 0])
+                raise UserError(f"table row for token id {bad} is not finite (NaN or Inf): the embedding row or a "
+                                f"layer-0 weight of {ckpt.root} holds NaN/Inf, or the values overflow "
+                                f"{DTYPE_NAMES[plan.model_dtype]} (try --dtype float32)")
+            yield out.cpu()
+            bar.update(1)
+
+
+def _out_config(plan: ConversionPlan) -> dict:
+    """OUT_DIR/config.json: its own model type, so plain transformers can never load it as the original."""
+    c = plan.config
+    return {
+        "model_type": "precompiled",
+        "architectures": ["PrecompiledForCausalLM"],
+        "auto_map": {"AutoConfig": "precompile_loader.PrecompiledConfig",
+                     "AutoModelForCausalLM": "precompile_loader.PrecompiledForCausalLM"},
+        "precompile": {
+            "original_model_type": c.get("model_type"),
+            "original_architectures": c.get("architectures"),
+            "load": "precompile.load(path), or from_pretrained(path, trust_remote_code=True); see precompile.json",
+        },
+        "vocab_size": plan.spec.vocab_size,
+        "hidden_size": plan.spec.hidden_size,
+    }
+
+
+def build_manifest(plan: ConversionPlan, options: dict, source_files: dict[str, str],
+                   outputs: dict[str, str], kind: str = "full") -> dict:
+    spec, layout = plan.spec, plan.layout
+    cfg = dict(plan.config)
+    cfg.pop("torch_dtype", None)
+    dtype_name = str(plan.model_dtype).removeprefix("torch.")
+    cfg["dtype"] = dtype_name
+    zero = [spec.ffn.module] if spec.folds_ffn and spec.ffn else []
+    return {
+        "format": "precompile",
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "kind": kind,
+        "profile": {"name": plan.profile.name, "block": spec.block, "attention": spec.attention_kind},
+        "source": {**plan.source.describe(), "files": source_files, "config": cfg},
+        "options": options,
+        "table": {
+            "file": TABLE_FILE,
+            "tensor": layout.tensor_name,
+            "shape": [layout.vocab_size, layout.width],
+            "dtype": dtype_name,
+            "columns": [c.as_dict() for c in layout.columns],
+        },
+        "loader": {
+            "embedding_module": spec.embedding_module,
+            "hidden_size": spec.hidden_size,
+            "x_stop": layout.columns[0].stop if layout.x_in_table else 0,
+            "keep_embedding": layout.keep_embedding,
+            "identity_modules": list(spec.identity_modules),
+            "zero_modules": zero,
+            "attention_module": spec.attention_module,
+        },
+        "eliminated": list(layout.eliminated),
+        "outputs": outputs,
+    }
+
+
+def _source_hashes(plan: ConversionPlan) -> dict[str, str]:
+    root = plan.source.root
+    names = ["config.json", *plan.checkpoint.files, *plan.carried]
+    if (root / INDEX_NAME).exists() and plan.checkpoint.files != [SINGLE_NAME]:
+        names.append(INDEX_NAME)
+    return {n: file_sha256(root / n) for n in sorted(set(names))}
+
+
+def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = None, profile: str | None = None,
+            device: str = "auto", dtype: str = "auto", compute_dtype: str = "float32", chunk_size: int = 4096,
+            force: bool = False, link: str = "auto", progress: Progress | None = None) -> ConvertResult:
+    """Convert SOURCE into OUT_DIR; OUT_DIR appears only when everything has been written."""
+    progress = progress or Progress(quiet=True)
+    if chunk_size < 1:
+        raise UserError(f"--chunk-size must be at least 1, got {chunk_size}")
+    if link not in LINK_MODES:
+        raise UserError(f"--link {link} is not one of {', '.join(LINK_MODES)}")
+    t0 = time.monotonic()
+    dev = pick_device(device)
+    plan = plan_conversion(source, revision=revision, profile=profile, dtype=dtype, compute_dtype=compute_dtype)
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == plan.source.root.resolve() or plan.source.root.resolve() in out_dir.resolve().parents:
+        raise UserError(f"OUT_DIR {out_dir} is the source directory or inside it; choose another OUT_DIR")
+    progress.log(describe_plan(plan, dev))
+    options = {"dtype": str(plan.model_dtype).removeprefix("torch."), "compute_dtype": compute_dtype}
+    result = ConvertResult(out_dir, plan, 0.0)
+    with atomic_dir(out_dir, force) as tmp:
+        write_table(tmp / TABLE_FILE, plan.layout.tensor_name, (plan.layout.vocab_size, plan.layout.width),
+                    plan.model_dtype, _table_chunks(plan, dev, chunk_size, progress))
+        weight_map = {plan.layout.tensor_name: TABLE_FILE}
+        total = plan.table_bytes
+        with progress.bar(sum(s.out_bytes for s in plan.shards), "writing shards", "B") as bar:
+            for s in plan.shards:
+                if s.out_file is None:
+                    continue
+                src = plan.source.root / s.source_file
+                if s.action == "share":
+                    result.methods[s.out_file] = share_file(src, tmp / s.out_file, link)
+                else:
+                    write_shard(src, tmp / s.out_file, s.keep, plan.checkpoint.metadata[s.source_file],
+                                str(DTYPE_NAMES[plan.model_dtype]))
+                weight_map.update({t.name: s.out_file for t in s.keep})
+                total += s.out_bytes
+                bar.update(s.out_bytes)
+        write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total},
+                                      "weight_map": dict(sorted(weight_map.items()))})
+        for name in plan.carried:
+            share_file(plan.source.root / name, tmp / name, "copy")
+        write_json(tmp / "config.json", _out_config(plan))
+        (tmp / SHIM_FILE).write_bytes((Path(__file__).parent / "loader.py").read_bytes())
+        progress.log("hashing source and output files")
+        outputs = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+        write_json(tmp / MANIFEST, build_manifest(plan, options, _source_hashes(plan), outputs))
+        result.files = outputs
+    result.seconds = time.monotonic() - t0
+    progress.log(f"wrote {out_dir} ({plan.out_bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s")
+    return result
+
+
+def describe_plan(plan: ConversionPlan, device: torch.device | None = None) -> str:
+    """A few lines that tell the user what the conversion does before it starts."""
+    s, lay = plan.spec, plan.layout
+    src = plan.source.id + (f"@{plan.source.revision[:12]}" if plan.source.revision else "") if plan.source.id \
+        else plan.source.path
+    cols = ", ".join(f"{c.name}[{c.start}:{c.stop}]" for c in lay.columns)
+    n_elim = sum(plan.checkpoint.info(n).numel for n in lay.eliminated)
+    lines = [
+        f"source: {src}",
+        f"profile: {plan.profile.name} ({s.block} block, {s.attention_kind}: {s.num_heads} heads, "
+        f"{s.num_kv_heads} kv heads, head_dim {s.head_dim}, hidden {s.hidden_size}, vocab {s.vocab_size})",
+        f"table: [{lay.vocab_size}, {lay.width}] {str(plan.model_dtype).removeprefix('torch.')} "
+        f"({plan.table_bytes / 2**20:.1f} MiB): {cols}",
+        f"eliminated: {len(lay.eliminated)} tensors, {n_elim:,} weights"
+        + (" (embedding kept for the tied LM head)" if lay.keep_embedding else ""),
+    ]
+    if device is not None:
+        lines.append(f"compute: {str(plan.compute_dtype).removeprefix('torch.')} on {device}")
+    return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""The table's column layout and which source tensors it makes unnecessary.
+
+One place decides what a row holds and what disappears, so that the writer, the
+manifest, the loader and `plan` cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .profiles import ModelSpec
+
+TABLE_FILE = "precompile_table.safetensors"
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str  # "x", "x+ffn", or a projection role: "q", "k", "v", "qkv"
+    start: int
+    stop: int
+    holds: str
+    module: str | None = None  # the layer-0 module whose output this slice replaces
+
+    def as_dict(self) -> dict:
+        d = {"name": self.name, "start": self.start, "stop": self.stop, "holds": self.holds}
+        if self.module:
+            d["module"] = self.module
+        return d
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    columns: tuple[Column, ...]
+    vocab_size: int
+    x_in_table: bool
+    keep_embedding: bool
+    eliminated: tuple[str, ...]
+    tensor_name: str
+
+    @property
+    def width(self) -> int:
+        return self.columns[-1].stop
+
+    @property
+    def projection_columns(self) -> tuple[Column, ...]:
+        return tuple(c for c in self.columns if c.module)
+
+
+def projection_width(spec: ModelSpec, role: str) -> int:
+    """Output width of a projection by role, from the real head sizes."""
+    return {"q": spec.q_width, "k": spec.kv_width, "v": spec.kv_width,
+            "qkv": spec.q_width + 2 * spec.kv_width}[role]
+
+
+def table_layout(spec: ModelSpec, present: set[str] | frozenset[str]) -> TableLayout:
+    """Columns of the table and the eliminated tensors, given which tensor names the checkpoint holds.
+
+    x leaves the table only when it is exactly the stored row of an embedding that stays for a tied
+    LM head: then no value is stored twice.
+    """
+    keep_embedding = spec.tied
+    x_in_table = not (keep_embedding and spec.x_is_stored_row)
+    cols: list[Column] = []
+    off = 0
+    if x_in_table:
+        if spec.folds_ffn:
+            name, holds = "x+ffn", "residual: embedding output plus layer 0's FFN of it"
+        else:
+            name, holds = "x", "residual: the embedding module's output"
+        cols.append(Column(name, 0, spec.hidden_size, holds))
+        off = spec.hidden_size
+    for p in spec.projections:
+        w = projection_width(spec, p.role)
+        cols.append(Column(p.role, off, off + w, f"layer-0 {p.role} projection of the normed input", p.module))
+        off += w
+    eliminated = [] if keep_embedding else [spec.embedding_tensor]
+    norms = [spec.embedding_norm, spec.attn_norm]
+    if spec.folds_ffn and spec.ffn is not None:
+        norms.append(spec.ffn.norm)
+        for ref in (spec.ffn.up, spec.ffn.gate, spec.ffn.down):
+            if ref is not None:
+                eliminated.extend(n for n in ref if n)
+    for norm in norms:
+        if norm is not None:
+            eliminated.extend(n for n in (norm.weight, norm.bias) if n)
+    for p in spec.projections:
+        eliminated.append(p.weight)
+        if p.bias:
+            eliminated.append(p.bias)
+    seen: list[str] = []
+    for name in eliminated:
+        if name in present and name not in seen:
+            seen.append(name)
+    return TableLayout(columns=tuple(cols), vocab_size=spec.vocab_size, x_in_table=x_in_table,
+                       keep_embedding=keep_embedding, eliminated=tuple(seen),
+                       tensor_name=f"{spec.embedding_module}.table")

@@ -1,0 +1,246 @@
+"""Load a precompiled checkpoint as a transformers model (also shipped as OUT_DIR/precompile_loader.py).
+
+This one file is both `precompile.loader` and the shim written into every output
+directory, so it imports only torch, safetensors, transformers and huggingface_hub.
+
+The model is the original transformers class with a few layer-0 modules swapped
+for lookups, so attention, RoPE, the KV cache, masks, generate() and every
+attention backend stay transformers' own:
+- the embedding module returns the residual part of the table row (x, or x + FFN
+  for parallel blocks) and keeps the q/k/v part for layer 0 of the same call;
+- layer 0's q/k/v projections (or the fused qkv) return slices of that part;
+- norms that fed only those become identities; a folded FFN returns zeros.
+
+Usage: `model = load("out/")`, or from OUT_DIR alone:
+`from precompile_loader import load` / `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+FORMAT_VERSION = 1
+MANIFEST = "precompile.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float64": torch.float64}
+
+
+class PrecompileLoadError(RuntimeError):
+    """The directory is not a loadable precompiled model, or does not match its manifest."""
+
+
+class _Kept:
+    """The q/k/v part of the rows looked up by this forward call, until layer 0 has used it."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self) -> None:
+        self.rows: torch.Tensor | None = None
+
+
+class TableEmbedding(nn.Module):
+    """Replaces the input embedding: one row lookup gives the residual and layer 0's q/k/v.
+
+    It has a `.weight` only when the LM head is tied: that is the real embedding, which the head
+    keeps using (and from which x is read when the table leaves it out). The table itself is
+    `.table`, so nothing can tie the head to it.
+    """
+
+    def __init__(self, vocab: int, width: int, x_stop: int, hidden: int, tied: bool, kept: _Kept,
+                 padding_idx: int | None = None):
+        super().__init__()
+        self.table = nn.Parameter(torch.empty(vocab, width), requires_grad=False)
+        if tied:
+            self.weight = nn.Parameter(torch.empty(vocab, hidden))
+        self.x_stop = x_stop
+        self.num_embeddings = vocab
+        self.embedding_dim = hidden
+        self.padding_idx = padding_idx
+        self._kept = kept
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = nn.functional.embedding(input_ids, self.table)
+        self._kept.rows = rows
+        if self.x_stop:
+            return rows[..., : self.x_stop]
+        return nn.functional.embedding(input_ids, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"table={tuple(self.table.shape)}, x={'table' if self.x_stop else 'embedding'}"
+
+
+class TableSlice(nn.Module):
+    """Replaces a layer-0 projection: returns its precomputed output, ignoring the input."""
+
+    def __init__(self, start: int, stop: int, kept: _Kept):
+        super().__init__()
+        self.start, self.stop = start, stop
+        self._kept = kept
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        rows = self._kept.rows
+        if rows is None:
+            raise RuntimeError("a precompiled model needs input_ids: its layer-0 projections are looked up "
+                               "by token id, so inputs_embeds cannot be used")
+        if rows.shape[:-1] != hidden.shape[:-1]:
+            raise RuntimeError(f"precompiled lookup rows {tuple(rows.shape[:-1])} do not match layer 0's "
+                               f"input {tuple(hidden.shape[:-1])}")
+        return rows[..., self.start: self.stop]
+
+    def extra_repr(self) -> str:
+        return f"columns={self.start}:{self.stop}"
+
+
+class Zeros(nn.Module):
+    """Replaces layer 0's FFN in a parallel block: its output is already in the table's residual."""
+
+    def forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return torch.zeros_like(hidden)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """Read and check OUT_DIR/precompile.json."""
+    p = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PrecompileLoadError(f"{path} is not a precompiled model (no {MANIFEST}); "
+                                  f"convert it with `precompile convert` first") from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise PrecompileLoadError(f"{p} cannot be read ({e}); the conversion is damaged, convert again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "precompile":
+        raise PrecompileLoadError(f"{p} is not a precompile manifest; convert the model again")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise PrecompileLoadError(f"{p} has format version {manifest.get('format_version')}, this loader reads "
+                                  f"{FORMAT_VERSION}; convert again with this version or use a matching loader")
+    return manifest
+
+
+def original_config(manifest: dict) -> PretrainedConfig:
+    """The source model's transformers config, as recorded at conversion time."""
+    from transformers import AutoConfig
+
+    cfg = dict(manifest["source"]["config"])
+    model_type = cfg.pop("model_type")
+    return AutoConfig.for_model(model_type, **cfg)
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def apply_layout(model: nn.Module, manifest: dict) -> None:
+    """Swap the layer-0 modules named in the manifest for table lookups (on any device, meta included)."""
+    table, spec = manifest["table"], manifest["loader"]
+    kept = _Kept()
+    old = model.get_submodule(spec["embedding_module"])
+    emb = TableEmbedding(table["shape"][0], table["shape"][1], spec["x_stop"], spec["hidden_size"],
+                         spec["keep_embedding"], kept, getattr(old, "padding_idx", None))
+    _set_module(model, spec["embedding_module"], emb)
+    for col in table["columns"]:
+        if col.get("module"):
+            _set_module(model, col["module"], TableSlice(col["start"], col["stop"], kept))
+    for path in spec["identity_modules"]:
+        _set_module(model, path, nn.Identity())
+    for path in spec["zero_modules"]:
+        _set_module(model, path, Zeros())
+
+    def clear(*_args) -> None:
+        kept.rows = None
+
+    model.get_submodule(spec["attention_module"]).register_forward_hook(clear)
+    model.register_forward_pre_hook(clear)  # a call with inputs_embeds must not see an older call's rows
+
+
+def precompiled_class(base: type, manifest: dict) -> type:
+    """The original model class whose __init__ swaps layer 0 before any weight is loaded.
+
+    Swapping first means transformers' own loading (dtype, device, tied weights, fused
+    experts) sees exactly the tensors in OUT_DIR: nothing is random-initialised and the
+    eliminated tensors never exist in memory.
+    """
+
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        apply_layout(self, manifest)
+
+    return type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
+
+
+def _check_table(path: Path, manifest: dict, config: PretrainedConfig) -> None:
+    from safetensors import safe_open
+
+    table = manifest["table"]
+    f = path / table["file"]
+    if not f.exists():
+        raise PrecompileLoadError(f"{f} is missing; the conversion is incomplete, convert again")
+    with safe_open(f, framework="pt") as sf:
+        if table["tensor"] not in sf.keys():
+            raise PrecompileLoadError(f"{f} does not hold {table['tensor']}; convert again")
+        sl = sf.get_slice(table["tensor"])
+        shape, dtype = list(sl.get_shape()), sl.get_dtype()
+    cols = table["columns"]
+    width = cols[-1]["stop"] if cols else 0
+    ok_cols = all(a["stop"] == b["start"] for a, b in zip(cols, cols[1:])) and cols and cols[0]["start"] == 0
+    if shape != list(table["shape"]) or shape[1] != width or not ok_cols:
+        raise PrecompileLoadError(f"{f}: table shape {shape} does not match the manifest's layout "
+                                  f"{table['shape']} (width {width}); convert again")
+    if shape[0] != config.vocab_size:
+        raise PrecompileLoadError(f"{f}: table has {shape[0]} rows but the model's vocab_size is "
+                                  f"{config.vocab_size}; convert again")
+    want = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}[table["dtype"]]
+    if dtype != want:
+        raise PrecompileLoadError(f"{f}: table dtype {dtype} differs from the manifest's {table['dtype']}; "
+                                  f"convert again")
+
+
+def load(path: str | os.PathLike | None = None, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, **kwargs) -> PreTrainedModel:
+    """Build the precompiled model from OUT_DIR (default: the directory holding this file)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path) if path is not None else Path(__file__).resolve().parent
+    manifest = read_manifest(path)
+    config = original_config(manifest)
+    _check_table(path, manifest, config)
+    base = AutoModelForCausalLM._model_mapping[type(config)]
+    cls = precompiled_class(base, manifest)
+    if isinstance(dtype, str):
+        dtype = _DTYPES[dtype]
+    model = cls.from_pretrained(str(path), config=config, dtype=dtype or _DTYPES[manifest["table"]["dtype"]],
+                                **kwargs)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model
+
+
+class PrecompiledConfig(PretrainedConfig):
+    """OUT_DIR's own config type, so that plain transformers never mistakes it for the original model."""
+
+    model_type = "precompiled"
+
+
+class PrecompiledForCausalLM(PreTrainedModel):
+    """Entry point for `AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`."""
+
+    config_class = PrecompiledConfig
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        path = Path(pretrained_model_name_or_path)
+        if not path.is_dir():
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(str(pretrained_model_name_or_path), revision=kwargs.get("revision")))
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        device = kwargs.get("device_map")
+        return load(path, device=device if isinstance(device, (str, torch.device)) else None,
+                    dtype=None if dtype in (None, "auto") else dtype)

@@ -1,0 +1,98 @@
+"""The math: table rows as pure functions of embedding rows and layer-0 weights.
+
+Everything per token that precedes the attention folds into the table: an
+embedding scale or norm, layer 0's input norm, the q/k/v projections with their
+biases and, for parallel blocks, the FFN with its norm. This module never
+imports transformers; tests compare it against transformers itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .layout import TableLayout
+from .profiles import ModelSpec, Norm
+
+
+def apply_norm(norm: Norm, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """RMSNorm or LayerNorm in x's dtype; weight used as (offset + w) for Gemma-style norms."""
+    if norm.kind == "rms":
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+    else:
+        y = F.layer_norm(x, (x.shape[-1],), eps=norm.eps)
+    if norm.weight:
+        y = y * (w[norm.weight] + norm.offset)
+    if norm.bias:
+        y = y + w[norm.bias]
+    return y
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    raise ValueError(f"unknown activation {name}")
+
+
+def _linear(h: torch.Tensor, w: dict[str, torch.Tensor], ref: tuple[str, str | None]) -> torch.Tensor:
+    weight, bias = ref
+    return F.linear(h, w[weight], w[bias] if bias and bias in w else None)
+
+
+def embedding_output(spec: ModelSpec, rows: torch.Tensor, model_dtype: torch.dtype,
+                     w: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> torch.Tensor:
+    """x as the embedding module (and a norm right after it) returns it, in the model dtype."""
+    x = rows.to(model_dtype)
+    if spec.embedding_scale is not None:  # the scale is rounded to the model dtype, as transformers does
+        x = x * torch.tensor(spec.embedding_scale, dtype=model_dtype, device=x.device)
+    if spec.embedding_norm is not None:
+        x = apply_norm(spec.embedding_norm, x.to(compute_dtype), w).to(model_dtype)
+    return x
+
+
+def compute_rows(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: dict[str, torch.Tensor],
+                 model_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.Tensor:
+    """Table rows for a chunk of embedding rows, in the compute dtype.
+
+    `w` holds layer 0's tensors already cast to the compute dtype and on rows' device.
+    """
+    x = embedding_output(spec, rows, model_dtype, w, compute_dtype).to(compute_dtype)
+    h = apply_norm(spec.attn_norm, x, w)
+    parts = []
+    if layout.x_in_table:
+        if spec.folds_ffn:
+            ffn = spec.ffn
+            h2 = h if ffn.norm is None else apply_norm(ffn.norm, x, w)
+            up = _linear(h2, w, ffn.up)
+            inner = activation(ffn.activation, _linear(h2, w, ffn.gate)) * up if ffn.kind == "glu" \
+                else activation(ffn.activation, up)
+            parts.append(x + _linear(inner, w, ffn.down))
+        else:
+            parts.append(x)
+    for p in spec.projections:
+        parts.append(_linear(h, w, (p.weight, p.bias)))
+    return torch.cat(parts, dim=-1)
+
+
+def layer0_tensor_names(spec: ModelSpec, present: set[str] | frozenset[str]) -> list[str]:
+    """The tensors (besides the embedding) that computing the table reads."""
+    names: list[str] = []
+    norms = [spec.embedding_norm, spec.attn_norm]
+    refs: list[tuple[str, str | None]] = [(p.weight, p.bias) for p in spec.projections]
+    if spec.folds_ffn and spec.ffn is not None:
+        norms.append(spec.ffn.norm)
+        refs += [r for r in (spec.ffn.up, spec.ffn.gate, spec.ffn.down) if r is not None]
+    for n in norms:
+        if n is not None:
+            names += [t for t in (n.weight, n.bias) if t]
+    for weight, bias in refs:
+        names.append(weight)
+        if bias and bias in present:
+            names.append(bias)
+    return list(dict.fromkeys(names))

@@ -1,0 +1,437 @@
+"""Architecture profiles: YAML data that says where layer 0's parts live.
+
+A profile names the tensors as stored on disk, the module paths the loader
+swaps, and the config.json keys that give the sizes. Architecture quirks live
+here as data so that adding a family needs a YAML file and no code. Variants of
+one family (e.g. GPT-NeoX with and without a parallel residual) are expressed as
+`variants:` patches applied when config.json matches.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+NORM_KINDS = ("rms", "layer")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+FFN_KINDS = ("mlp", "glu")
+PROJ_ROLES = ("q", "k", "v", "qkv")
+BLOCKS = ("serial", "parallel")
+
+_TOP_KEYS = {
+    "name", "description", "match", "block", "sizes", "tie_word_embeddings", "embedding",
+    "attn_norm", "projections", "qk_norm", "attention_module", "ffn", "variants", "logits",
+}
+_REQUIRED_TOP = ("name", "match", "block", "sizes", "embedding", "attn_norm", "projections",
+                 "attention_module")
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A norm over the hidden size. `weight`/`bias` are tensor names (None: absent)."""
+
+    kind: str
+    weight: str | None
+    bias: str | None
+    eps: float
+    offset: float
+    module: str | None
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A layer-0 projection whose output goes into the table."""
+
+    role: str
+    weight: str
+    bias: str | None
+    bias_required: bool
+    module: str
+    heads_interleaved: bool = False
+
+
+@dataclass(frozen=True)
+class Ffn:
+    """The layer-0 FFN of a parallel block, folded into the table's first column."""
+
+    kind: str
+    activation: str
+    norm: Norm | None  # None: shares the attention norm
+    up: tuple[str, str | None]
+    gate: tuple[str, str | None] | None
+    down: tuple[str, str | None]
+    module: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A profile resolved against one config.json: sizes and tensor names for layer 0."""
+
+    profile: str
+    block: str
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    n_layers: int
+    intermediate_size: int | None
+    n_experts: int
+    ffn_kind: str
+    tied: bool
+    embedding_tensor: str
+    embedding_module: str
+    embedding_scale: float | None
+    embedding_norm: Norm | None
+    attn_norm: Norm
+    projections: tuple[Projection, ...]
+    attention_module: str
+    ffn: Ffn | None  # described for every block; folded into the table only for parallel ones
+    identity_modules: tuple[str, ...] = field(default=())
+
+    @property
+    def q_width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def folds_ffn(self) -> bool:
+        return self.block == "parallel"
+
+    @property
+    def attention_kind(self) -> str:
+        return attention_kind(self.num_heads, self.num_kv_heads)
+
+    @property
+    def x_is_stored_row(self) -> bool:
+        """True when the residual input is exactly the stored embedding row."""
+        return self.embedding_scale is None and self.embedding_norm is None and self.block == "serial"
+
+
+def attention_kind(num_heads: int, num_kv_heads: int) -> str:
+    """MHA, MQA or GQA from the head counts."""
+    if num_kv_heads == num_heads:
+        return "MHA"
+    if num_kv_heads == 1:
+        return "MQA"
+    return "GQA"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    path: str
+    data: dict
+
+    @property
+    def architectures(self) -> list[str]:
+        return list(self.data["match"].get("architectures", []))
+
+    @property
+    def model_types(self) -> list[str]:
+        return list(self.data["match"].get("model_types", []))
+
+    @property
+    def block(self) -> str:
+        return self.data["block"]
+
+
+def _configs_dir() -> Path:
+    """configs/ ships inside the wheel as package data; in a checkout it sits beside the package."""
+    packaged = resources.files("precompile") / "configs"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def _fail(path: str, key: str, problem: str) -> UserError:
+    return UserError(f"profile {path}: key '{key}' {problem}; fix the YAML (see configs/README.md)")
+
+
+def _check_keys(obj: Any, allowed: set[str], required: tuple[str, ...], path: str, where: str) -> None:
+    if not isinstance(obj, dict):
+        raise _fail(path, where, "must be a mapping")
+    for k in required:
+        if k not in obj:
+            raise _fail(path, f"{where}.{k}" if where else k, "is missing")
+    for k in obj:
+        if k not in allowed:
+            raise _fail(path, f"{where}.{k}" if where else str(k), "is not a known key")
+
+
+def _check_norm(obj: Any, path: str, where: str) -> None:
+    _check_keys(obj, {"kind", "weight", "bias", "eps", "offset", "module"}, ("kind", "eps"), path, where)
+    if obj["kind"] not in NORM_KINDS:
+        raise _fail(path, f"{where}.kind", f"is '{obj['kind']}', expected one of {', '.join(NORM_KINDS)}")
+    if not isinstance(obj.get("offset", 0), (int, float)):
+        raise _fail(path, f"{where}.offset", "must be a number")
+
+
+def _check_tensor_ref(obj: Any, path: str, where: str) -> None:
+    if isinstance(obj, str):
+        return
+    _check_keys(obj, {"weight", "bias"}, ("weight",), path, where)
+
+
+def validate_profile(data: Any, path: str) -> None:
+    """Check a profile's structure so that mistakes are named by key and file, not by a KeyError later."""
+    _check_keys(data, _TOP_KEYS, _REQUIRED_TOP, path, "")
+    _check_keys(data["match"], {"architectures", "model_types"}, (), path, "match")
+    if not (data["match"].get("architectures") or data["match"].get("model_types")):
+        raise _fail(path, "match", "must list architectures or model_types")
+    _check_body(data, path)
+    for i, variant in enumerate(data.get("variants") or []):
+        _check_keys(variant, {"when", "set"}, ("when", "set"), path, f"variants[{i}]")
+        if not isinstance(variant["when"], dict):
+            raise _fail(path, f"variants[{i}].when", "must map config keys to values")
+        _check_body(_apply_patch(data, variant["set"]), path)
+
+
+def _check_body(data: dict, path: str) -> None:
+    if data["block"] not in BLOCKS:
+        raise _fail(path, "block", f"is '{data['block']}', expected serial or parallel")
+    sizes = data["sizes"]
+    _check_keys(sizes, {"hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "n_layers",
+                        "intermediate_size", "n_experts", "multi_query"},
+                ("hidden_size", "num_heads", "vocab_size", "n_layers"), path, "sizes")
+    for k, v in sizes.items():
+        if not (isinstance(v, (list, int)) or (isinstance(v, dict) and "keys" in v)):
+            raise _fail(path, f"sizes.{k}", "must be a list of config keys, a number or {keys, default}")
+    emb = data["embedding"]
+    _check_keys(emb, {"tensor", "module", "scale", "norm"}, ("tensor", "module"), path, "embedding")
+    if emb.get("scale") is not None:
+        _check_keys(emb["scale"], {"sqrt", "config", "value"}, (), path, "embedding.scale")
+    if emb.get("norm") is not None:
+        _check_norm(emb["norm"], path, "embedding.norm")
+    _check_norm(data["attn_norm"], path, "attn_norm")
+    projs = data["projections"]
+    if not isinstance(projs, list) or not projs:
+        raise _fail(path, "projections", "must be a non-empty list")
+    for i, p in enumerate(projs):
+        _check_keys(p, {"role", "weight", "bias", "bias_when", "module", "heads_interleaved"},
+                    ("role", "weight", "module"), path, f"projections[{i}]")
+        if p["role"] not in PROJ_ROLES:
+            raise _fail(path, f"projections[{i}].role", f"is '{p['role']}', expected one of q, k, v, qkv")
+    roles = sorted(p["role"] for p in projs)
+    if roles not in (["k", "q", "v"], ["qkv"]):
+        raise _fail(path, "projections", "must hold q, k and v, or one fused qkv")
+    if data["block"] == "parallel" and not data.get("ffn"):
+        raise _fail(path, "ffn", "is missing (a parallel block folds layer 0's FFN into the table)")
+    if data.get("ffn"):
+        ffn = data["ffn"]
+        _check_keys(ffn, {"kind", "activation", "norm", "up", "gate", "down", "module"},
+                    ("kind", "activation", "up", "down", "module"), path, "ffn")
+        if ffn["kind"] not in FFN_KINDS:
+            raise _fail(path, "ffn.kind", f"is '{ffn['kind']}', expected one of {', '.join(FFN_KINDS)}")
+        act = ffn["activation"]
+        if not (act in ACTIVATIONS or (isinstance(act, dict) and set(act) <= {"config", "default"})):
+            raise _fail(path, "ffn.activation", f"is '{act}', expected one of {', '.join(ACTIVATIONS)}")
+        if ffn["kind"] == "glu" and "gate" not in ffn:
+            raise _fail(path, "ffn.gate", "is missing (a GLU FFN has a gate projection)")
+        for part in ("up", "gate", "down"):
+            if part in ffn:
+                _check_tensor_ref(ffn[part], path, f"ffn.{part}")
+        if ffn.get("norm") not in (None, "shared"):
+            _check_norm(ffn["norm"], path, "ffn.norm")
+
+
+def _apply_patch(base: dict, patch: dict) -> dict:
+    """Deep-merge `patch` into a copy of `base`; a None value deletes the key."""
+    out = copy.deepcopy(base)
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _apply_patch(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate one YAML profile."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"profile {path} not found; pass an existing YAML file to --profile") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"profile {path} cannot be read ({e}); pass a readable UTF-8 YAML file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"profile {path} is not valid YAML{where}; fix its syntax") from None
+    validate_profile(data, str(path))
+    return Profile(name=data["name"], path=str(path), data=data)
+
+
+def builtin_profiles() -> list[Profile]:
+    """The profiles shipped in configs/, sorted by name."""
+    return [load_profile(p) for p in sorted(_configs_dir().glob("*.yaml")) if not p.name.startswith("_")]
+
+
+def refusals() -> dict[str, str]:
+    """model_type -> why the trick does not apply to it (configs/_refused.yaml)."""
+    data = yaml.safe_load((_configs_dir() / "_refused.yaml").read_text(encoding="utf-8"))
+    out = {}
+    for entry in data["refused"]:
+        for mt in entry["model_types"]:
+            out[mt] = entry["reason"]
+    return out
+
+
+def select_profile(config: dict, profile_path: str | Path | None = None) -> Profile:
+    """Pick the profile for a config.json: an explicit file, else by architectures, then model_type."""
+    if profile_path is not None:
+        return load_profile(profile_path)
+    archs = config.get("architectures") or []
+    model_type = config.get("model_type")
+    reason = refusals().get(model_type or "")
+    if reason:
+        raise UserError(f"model type '{model_type}' cannot be precompiled: {reason}")
+    profiles = builtin_profiles()
+    for arch in archs:
+        for p in profiles:
+            if arch in p.architectures:
+                return p
+    for p in profiles:
+        if model_type in p.model_types:
+            return p
+    known = ", ".join(sorted({a for p in profiles for a in p.architectures}))
+    what = f"architecture {archs[0]}" if archs else f"model type '{model_type}'"
+    raise UserError(f"no profile for {what}; supported: {known}. "
+                    f"Write one (configs/README.md) and pass it with --profile")
+
+
+def _config_value(config: dict, spec: Any, name: str, profile: Profile) -> Any:
+    """Resolve a `sizes` entry: a number, a list of config keys (first present wins) or {keys, default}."""
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        return spec
+    keys, default, has_default = (spec, None, False) if isinstance(spec, list) else (
+        spec["keys"], spec.get("default"), "default" in spec)
+    for k in keys:
+        if config.get(k) is not None:
+            return config[k]
+    if has_default:
+        return default
+    return None
+
+
+def _norm(obj: dict | None, config: dict, profile: Profile, where: str) -> Norm | None:
+    if obj is None:
+        return None
+    eps = obj["eps"]
+    if isinstance(eps, (list, dict)):
+        eps_val = _config_value(config, eps, f"{where}.eps", profile)
+        if eps_val is None:
+            raise UserError(f"config.json has none of {eps if isinstance(eps, list) else eps['keys']} "
+                            f"needed for {where}.eps of profile {profile.name}; add it to config.json")
+        eps = eps_val
+    return Norm(kind=obj["kind"], weight=obj.get("weight"), bias=obj.get("bias"), eps=float(eps),
+                offset=float(obj.get("offset", 0.0)), module=obj.get("module"))
+
+
+def _tensor_ref(obj: Any) -> tuple[str, str | None]:
+    if isinstance(obj, str):
+        return obj, None
+    return obj["weight"], obj.get("bias")
+
+
+def effective_data(profile: Profile, config: dict) -> dict:
+    """The profile with every variant whose `when` matches config.json applied, in order."""
+    data = profile.data
+    for variant in data.get("variants") or []:
+        if all(config.get(k, None) == v for k, v in variant["when"].items()):
+            data = _apply_patch(data, variant["set"])
+    return data
+
+
+def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> ModelSpec:
+    """Resolve a profile against config.json into concrete sizes and names."""
+    data = effective_data(profile, config)
+    sizes = data["sizes"]
+
+    def size(name: str, required: bool = True) -> Any:
+        val = _config_value(config, sizes[name], name, profile) if name in sizes else None
+        if val is None and required:
+            spec = sizes.get(name)
+            keys = spec if isinstance(spec, list) else (spec or {}).get("keys", [name])
+            raise UserError(f"config.json lacks {' or '.join(map(str, keys))} (needed for {name} by profile "
+                            f"{profile.name}); add it to config.json or pass a matching --profile")
+        return val
+
+    d = int(size("hidden_size"))
+    heads = int(size("num_heads"))
+    multi_query = bool(size("multi_query", required=False))
+    kv = size("num_kv_heads", required=False)
+    kv = 1 if multi_query and kv is None else int(kv if kv is not None else heads)
+    head_dim = size("head_dim", required=False)
+    head_dim = int(head_dim) if head_dim is not None else d // heads
+    if heads <= 0 or kv <= 0 or heads % kv:
+        raise UserError(f"config.json gives {heads} attention heads and {kv} key/value heads; "
+                        f"the head count must be a positive multiple of the key/value head count")
+    block = "parallel" if assume_parallel else data["block"]
+    tie_spec = data.get("tie_word_embeddings", {"keys": ["tie_word_embeddings"], "default": False})
+    tied = bool(_config_value(config, tie_spec, "tie_word_embeddings", profile))
+    emb = data["embedding"]
+    scale = None
+    if emb.get("scale"):
+        s = emb["scale"]
+        if "sqrt" in s:
+            scale = math.sqrt(float(size(s["sqrt"]) if s["sqrt"] in sizes else config[s["sqrt"]]))
+        elif "config" in s:
+            scale = float(config.get(s["config"], 1.0))
+        else:
+            scale = float(s["value"])
+    ffn = None
+    if data.get("ffn"):
+        f = data["ffn"]
+        act = f["activation"]
+        if isinstance(act, dict):
+            act = config.get(act["config"], act.get("default"))
+            act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                   "swish": "silu"}.get(act, act)
+            if act not in ACTIVATIONS:
+                raise UserError(f"activation '{act}' of config.json is not supported; "
+                                f"supported: {', '.join(ACTIVATIONS)}")
+        fnorm = None if f.get("norm") in (None, "shared") else _norm(f["norm"], config, profile, "ffn.norm")
+        ffn = Ffn(kind=f["kind"], activation=act, norm=fnorm, up=_tensor_ref(f["up"]),
+                  gate=_tensor_ref(f["gate"]) if f.get("gate") else None, down=_tensor_ref(f["down"]),
+                  module=f["module"])
+    projections = []
+    for p in data["projections"]:
+        when = p.get("bias_when", True)
+        required = bool(config.get(when, False)) if isinstance(when, str) else bool(when)
+        projections.append(Projection(role=p["role"], weight=p["weight"], bias=p.get("bias"),
+                                      bias_required=required and p.get("bias") is not None,
+                                      module=p["module"], heads_interleaved=bool(p.get("heads_interleaved"))))
+    attn_norm = _norm(data["attn_norm"], config, profile, "attn_norm")
+    emb_norm = _norm(emb.get("norm"), config, profile, "embedding.norm")
+    identity = [m for m in (emb_norm.module if emb_norm else None, attn_norm.module) if m]
+    if block == "parallel" and ffn is not None and ffn.norm is not None and ffn.norm.module:
+        identity.append(ffn.norm.module)
+    inter = size("intermediate_size", required=False)
+    n_exp = size("n_experts", required=False)
+    return ModelSpec(
+        profile=profile.name, block=block, hidden_size=d, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+        vocab_size=int(size("vocab_size")), n_layers=int(size("n_layers")),
+        intermediate_size=int(inter) if inter is not None else None,
+        n_experts=int(n_exp) if n_exp else 1, ffn_kind=(data.get("ffn") or {}).get("kind", "glu"),
+        tied=tied, embedding_tensor=emb["tensor"], embedding_module=emb["module"], embedding_scale=scale,
+        embedding_norm=emb_norm, attn_norm=attn_norm,
+        projections=tuple(projections), attention_module=data["attention_module"], ffn=ffn,
+        identity_modules=tuple(identity),
+    )

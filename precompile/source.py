@@ -1,0 +1,117 @@
+"""Resolve SOURCE (a hub repo id or a local directory) to files on disk, and read its config.
+
+Hub ids go through huggingface_hub's snapshot_download, fetching only config,
+safetensors, tokenizer and generation files; HF_HOME, HF_HUB_OFFLINE and HF_TOKEN
+are honoured by huggingface_hub itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt",
+                  "spiece.model", "*.jinja"]
+# Files carried into OUT_DIR unchanged: tokenizer and generation files (config.json is rewritten).
+CARRIED = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|generation_config\.json|"
+                     r"vocab\.(json|txt)|merges\.txt|spiece\.model|.*\.tiktoken|chat_template\.(jinja|json)|"
+                     r"preprocessor_config\.json)$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class Source:
+    root: Path  # directory with config.json and the weights
+    id: str | None  # hub repo id, or None for a local directory
+    revision: str | None  # exact commit for hub sources
+    path: str | None  # absolute local path for local sources
+
+    def describe(self) -> dict:
+        if self.id is not None:
+            return {"id": self.id, "revision": self.revision}
+        return {"path": self.path}
+
+
+def is_hub_id(source: str) -> bool:
+    return bool(_HUB_ID.match(source)) and not Path(source).exists()
+
+
+def resolve_source(source: str, revision: str | None = None, allow_patterns: list[str] | None = None) -> Source:
+    """Find SOURCE on disk, downloading a hub snapshot when it is a repo id."""
+    p = Path(source).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise UserError(f"SOURCE {source} is a file; pass the checkpoint directory (with config.json)")
+        if revision is not None:
+            raise UserError(f"--revision applies to hub ids, but SOURCE {source} is a local directory; drop it")
+        return Source(root=p.resolve(), id=None, revision=None, path=str(p.resolve()))
+    if not is_hub_id(source):
+        raise UserError(f"SOURCE {source} not found: no such directory, and it is not a hub repo id (org/name)")
+    return _download(source, revision, allow_patterns or ALLOW_PATTERNS)
+
+
+def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> Source:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    try:
+        root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns))
+    except GatedRepoError:
+        raise UserError(f"{repo_id} is gated; accept its licence on the hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{repo_id} not found on the hub; check the repo id, or set HF_TOKEN for a private "
+                        f"repo") from None
+    except RevisionNotFoundError:
+        raise UserError(f"revision {revision} of {repo_id} not found; check --revision") from None
+    except LocalEntryNotFoundError:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        hint = ("it is not in the HF cache and HF_HUB_OFFLINE is set; download it first or unset HF_HUB_OFFLINE"
+                if offline else "the hub cannot be reached and it is not in the HF cache; check the network")
+        raise UserError(f"{repo_id}{'@' + revision if revision else ''}: {hint}") from None
+    except OSError as e:
+        raise UserError(f"{repo_id}: download failed ({e}); check the network, disk space and HF_TOKEN") from None
+    return Source(root=root, id=repo_id, revision=root.name, path=None)
+
+
+def read_config(root: Path) -> dict:
+    """config.json as a dict, refusing checkpoints whose weights the trick cannot read."""
+    p = root / "config.json"
+    try:
+        config = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{root} has no config.json; SOURCE must be a Hugging Face model directory") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{p} is not valid JSON ({e}); fix or re-download it") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{p} is not a JSON object; fix or re-download it")
+    q = config.get("quantization_config")
+    if q:
+        method = q.get("quant_method", "unknown") if isinstance(q, dict) else "unknown"
+        raise UserError(f"{p} has a quantization_config ({method}): its weights are packed and would give a "
+                        f"garbage table; convert the unquantized model instead")
+    return config
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file; a hub cache blob is named by its sha256, which saves reading it."""
+    real = Path(os.path.realpath(path))
+    if path.is_symlink() and real.parent.name == "blobs" and _SHA256.match(real.name):
+        return real.name
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        for block in iter(lambda: f.read(16 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def carried_files(root: Path) -> list[str]:
+    """Tokenizer and generation files that go into OUT_DIR unchanged."""
+    return sorted(p.name for p in root.iterdir() if p.is_file() and CARRIED.match(p.name))

@@ -1,0 +1,227 @@
+"""Safetensors files read as data: headers, byte ranges and lazy row slices.
+
+The converter never loads a whole checkpoint. It parses headers itself (so that
+a bad file is named before any work starts), reads the few tensors layer 0
+needs, slices embedding rows chunk by chunk, and copies untouched tensors as byte
+ranges. The format is an 8-byte little-endian header length, a JSON header, and
+raw little-endian tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import UserError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str  # file name relative to the checkpoint directory
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    stop: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def element_size(dtype: str) -> int:
+    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check one safetensors header: every tensor must lie within the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise UserError(f"{path}: file is truncated (no safetensors header); re-download it")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise UserError(f"{path}: safetensors header length {n} exceeds the file ({size} bytes); "
+                                f"the file is truncated or not safetensors, re-download it")
+            raw = f.read(n)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror}); check the file and its permissions") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except (UnicodeDecodeError, ValueError):
+        raise UserError(f"{path}: safetensors header is not valid JSON; the file is corrupt, re-download it") \
+            from None
+    meta = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    out: dict[str, TensorInfo] = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: tensor {name} has a malformed header entry; the file is corrupt") from None
+        if dtype not in DTYPES:
+            raise UserError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        t = TensorInfo(name, path.name, dtype, shape, base + int(b), base + int(e))
+        if not (0 <= b <= e) or t.stop > size:
+            raise UserError(f"{path}: tensor {name} lies past the end of the file "
+                            f"(bytes {t.start}-{t.stop} of {size}); the file is truncated, re-download it")
+        if t.nbytes != t.numel * element_size(dtype):
+            raise UserError(f"{path}: tensor {name} has {t.nbytes} bytes for shape {list(shape)} {dtype}; "
+                            f"the file is corrupt")
+        out[name] = t
+    return out, meta
+
+
+class Checkpoint:
+    """A Hugging Face checkpoint directory: one model.safetensors or shards plus an index."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.files: list[str] = checkpoint_files(self.root)
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, dict[str, str]] = {}
+        index = self._index()
+        for fname in self.files:
+            infos, meta = read_header(self.root / fname)
+            self.metadata[fname] = meta
+            for name, info in infos.items():
+                if index is not None and index.get(name, fname) != fname:
+                    continue
+                self.tensors[name] = info
+        if index is not None:
+            for name, fname in index.items():
+                if name not in self.tensors:
+                    raise UserError(f"{self.root / INDEX_NAME} maps {name} to {fname}, which does not hold it; "
+                                    f"the checkpoint is incomplete, re-download it")
+
+    def _index(self) -> dict[str, str] | None:
+        p = self.root / INDEX_NAME
+        if not p.exists() or (self.root / SINGLE_NAME).exists():
+            return None
+        return read_index(p)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise UserError(f"tensor {name} is missing from the checkpoint in {self.root}; "
+                            f"the checkpoint is incomplete or the profile names the wrong tensor") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one whole tensor (only for the small layer-0 tensors)."""
+        info = self.info(name)
+        with safe_open(self.root / info.file, framework="pt") as f:
+            return f.get_tensor(name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a 2-D tensor, read without loading the rest."""
+        info = self.info(name)
+        with safe_open(self.root / info.file, framework="pt") as f:
+            return f.get_slice(name)[start:stop]
+
+
+def read_index(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        wm = data["weight_map"]
+        if not isinstance(wm, dict):
+            raise ValueError
+        return {str(k): str(v) for k, v in wm.items()}
+    except (OSError, ValueError, KeyError, UnicodeDecodeError):
+        raise UserError(f"{path} is not a valid safetensors index (no weight_map); re-download it") from None
+
+
+def checkpoint_files(root: Path) -> list[str]:
+    """The safetensors files of a checkpoint, checking that every file its index names is present."""
+    if (root / SINGLE_NAME).exists():
+        return [SINGLE_NAME]
+    index = root / INDEX_NAME
+    if index.exists():
+        files = sorted(set(read_index(index).values()))
+        missing = [f for f in files if not (root / f).exists()]
+        if missing:
+            raise UserError(f"missing or incomplete model files in {root}: {', '.join(missing)} "
+                            f"(named by {INDEX_NAME}); download them, or use --overlay to read only layer 0")
+        return files
+    if any(root.glob("*.bin")) or any(root.glob("*.pt")) or any(root.glob("*.pth")):
+        raise UserError(f"{root} holds only PyTorch pickle weights (*.bin/*.pt); convert them to safetensors "
+                        f"first, or pass --allow-pickle")
+    raise UserError(f"no {SINGLE_NAME} or {INDEX_NAME} in {root}; SOURCE must be a Hugging Face checkpoint "
+                    f"with safetensors weights")
+
+
+def write_header(f, tensors: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None) -> int:
+    """Write a safetensors header for (name, dtype, shape, nbytes) in order; returns the data start offset.
+
+    The JSON is compact, keys in the given order, padded with spaces to 8 bytes as safetensors does.
+    """
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    off = 0
+    for name, dtype, shape, nbytes in tensors:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    return 8 + len(raw)
+
+
+def copy_range(src, dst, start: int, length: int) -> None:
+    """Copy bytes [start, start+length) of src to dst's current position without a user-space buffer."""
+    dst.flush()
+    out_fd, in_fd = dst.fileno(), src.fileno()
+    pos = os.lseek(out_fd, 0, os.SEEK_CUR)
+    done = 0
+    try:
+        while done < length:
+            n = os.copy_file_range(in_fd, out_fd, length - done, start + done, pos + done)
+            if n == 0:
+                break
+            done += n
+    except OSError:
+        pass
+    os.lseek(out_fd, pos + done, os.SEEK_SET)
+    if done < length:  # filesystems without copy_file_range, or a short copy: finish in 16 MiB blocks
+        src.seek(start + done)
+        while done < length:
+            buf = src.read(min(16 << 20, length - done))
+            if not buf:
+                raise UserError(f"{src.name}: unexpected end of file; the file is truncated, re-download it")
+            dst.write(buf)
+            done += len(buf)
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """Raw little-endian bytes of a tensor, as safetensors stores them."""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""

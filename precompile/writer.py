@@ -1,0 +1,158 @@
+"""Writing OUT_DIR: streamed table, rewritten or shared shards, index, and an atomic rename at the end.
+
+Nothing here holds a whole checkpoint or the whole table in memory: the table is
+streamed chunk by chunk after its header, untouched tensors are copied as byte
+ranges, and shards without eliminated tensors are cloned or copied whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from .errors import UserError
+from .tensors import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, TensorInfo, copy_range, tensor_bytes, write_header
+
+TMP_PREFIX = ".precompile-tmp-"
+
+
+def write_table(path: Path, name: str, shape: tuple[int, int], dtype: torch.dtype,
+                chunks: Iterable[torch.Tensor]) -> None:
+    """Stream a [vocab, W] tensor: header first, then each chunk's rows as they are computed."""
+    row_bytes = shape[1] * torch.empty((), dtype=dtype).element_size()
+    with open(path, "wb") as f:
+        write_header(f, [(name, DTYPE_NAMES[dtype], shape, shape[0] * row_bytes)], {"format": "pt"})
+        rows = 0
+        for chunk in chunks:
+            f.write(tensor_bytes(chunk.to(dtype)))
+            rows += chunk.shape[0]
+    if rows != shape[0]:
+        raise RuntimeError(f"table stream wrote {rows} rows, expected {shape[0]}")
+
+
+def write_shard(src: Path, dst: Path, keep: list[TensorInfo], metadata: dict[str, str],
+                out_dtype: str | None) -> int:
+    """Write `keep` from src into a new safetensors file, in their original order; returns bytes written.
+
+    Tensors keep their bytes (a range copy) unless out_dtype asks for a float conversion.
+    """
+    keep = sorted(keep, key=lambda t: t.start)
+
+    def target(t: TensorInfo) -> str:
+        return out_dtype if (out_dtype and t.dtype in FLOAT_DTYPES) else t.dtype
+
+    def nbytes(t: TensorInfo) -> int:
+        return t.numel * torch.empty((), dtype=DTYPES[target(t)]).element_size()
+
+    entries = [(t.name, target(t), t.shape, nbytes(t)) for t in keep]
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        write_header(fout, entries, metadata)
+        for t in keep:
+            if target(t) == t.dtype:
+                copy_range(fin, fout, t.start, t.nbytes)
+            else:
+                from safetensors import safe_open
+
+                with safe_open(src, framework="pt") as sf:
+                    fout.write(tensor_bytes(sf.get_tensor(t.name).to(DTYPES[target(t)])))
+        return fout.tell()
+
+
+def share_file(src: Path, dst: Path, mode: str) -> str:
+    """Place an unchanged file in OUT_DIR: reflink when possible, else copy (hardlink only when asked).
+
+    Returns the method used. A hard link shares the inode: editing OUT_DIR then edits the source.
+    """
+    src = Path(os.path.realpath(src))
+    if mode == "hardlink":
+        try:
+            os.link(src, dst)
+            return "hardlink"
+        except OSError as e:
+            raise UserError(f"cannot hard-link {src} into {dst.parent} ({e.strerror}); they must be on one "
+                            f"filesystem, or use --link copy") from None
+    if mode in ("auto", "reflink"):
+        try:
+            import fcntl
+
+            with open(src, "rb") as fin, open(dst, "wb") as fout:
+                fcntl.ioctl(fout.fileno(), 0x40049409, fin.fileno())  # FICLONE
+            return "reflink"
+        except (OSError, ImportError) as e:
+            if mode == "reflink":
+                dst.unlink(missing_ok=True)
+                raise UserError(f"cannot reflink {src} ({getattr(e, 'strerror', e)}): the filesystem does not "
+                                f"support copy-on-write clones; use --link auto or copy") from None
+            dst.unlink(missing_ok=True)
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        copy_range(fin, fout, 0, os.fstat(fin.fileno()).st_size)
+    return "copy"
+
+
+def write_json(path: Path, data: dict) -> None:
+    """JSON as this project writes it everywhere: sorted keys, two-space indent, trailing newline."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+@contextmanager
+def atomic_dir(out_dir: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary directory beside OUT_DIR; rename it into place only if the body succeeds.
+
+    On any error, SIGINT or SIGTERM the temporary directory is removed and OUT_DIR is left as it was
+    (absent, or the previous conversion when --force replaces it).
+    """
+    out_dir = Path(out_dir)
+    parent = out_dir.parent
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise UserError(f"OUT_DIR {out_dir} is a file; choose a directory path")
+        if any(out_dir.iterdir()) and not force:
+            raise UserError(f"OUT_DIR {out_dir} exists and is not empty; pass --force to replace it")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {parent} ({e.strerror}); choose a writable OUT_DIR") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{parent} is not writable; choose a writable OUT_DIR")
+    tmp = parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise UserError(f"cannot create {tmp} ({e.strerror}); choose a writable OUT_DIR") from None
+    restore = _trap_signals()
+    try:
+        yield tmp
+        old = None
+        if out_dir.exists():
+            old = parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}-old"
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        restore()
+
+
+def _trap_signals() -> Callable[[], None]:
+    """Turn SIGTERM into KeyboardInterrupt so cleanup runs; returns a function that restores the handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
