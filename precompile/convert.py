@@ -22,7 +22,7 @@ from .profiles import ModelSpec, Profile, resolve, select_profile
 from .progress import Progress
 from .source import Source, carried_files, file_sha256, read_config, resolve_source
 from .tensors import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo
-from .writer import atomic_dir, share_file, write_json, write_shard, write_table
+from .writer import atomic_dir, check_out_dir, share_file, write_json, write_shard, write_table
 
 DTYPE_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPUTE_CHOICES = {"float32": torch.float32, "float64": torch.float64}
@@ -253,9 +253,10 @@ def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = N
     if link not in LINK_MODES:
         raise UserError(f"--link {link} is not one of {', '.join(LINK_MODES)}")
     t0 = time.monotonic()
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, force)
     dev = pick_device(device)
     plan = plan_conversion(source, revision=revision, profile=profile, dtype=dtype, compute_dtype=compute_dtype)
-    out_dir = Path(out_dir)
     if out_dir.resolve() == plan.source.root.resolve() or plan.source.root.resolve() in out_dir.resolve().parents:
         raise UserError(f"OUT_DIR {out_dir} is the source directory or inside it; choose another OUT_DIR")
     progress.log(describe_plan(plan, dev))

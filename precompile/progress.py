@@ -51,14 +51,15 @@ class _Bar:
         elif self._plain is not None and self.total:
             pct = 100 * self.n // self.total
             if pct >= self._next_pct and self.n < self.total:
-                self._plain.log(f"{self.desc}: {self._fmt(self.n)}/{self._fmt(self.total)} {self.unit} ({pct}%)")
+                self._plain.log(f"{self.desc}: {self._count()} ({pct}%)")
                 self._next_pct = (pct // 10 + 1) * 10
 
-    def _fmt(self, n: int) -> str:
-        return f"{n / 2**20:.1f}Mi" if self.unit == "B" else str(n)
+    def _count(self) -> str:
+        if self.unit == "B":
+            return f"{self.n / 2**20:.1f}/{self.total / 2**20:.1f} MiB"
+        return f"{self.n}/{self.total} {self.unit}"
 
     def finish(self) -> None:
         if self._plain is not None:
             secs = time.monotonic() - self._start
-            self._plain.log(f"{self.desc}: {self._fmt(self.n)}/{self._fmt(self.total)} {self.unit} done "
-                            f"in {secs:.1f}s")
+            self._plain.log(f"{self.desc}: {self._count()} done in {secs:.1f}s")

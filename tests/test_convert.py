@@ -1,0 +1,249 @@
+"""Foundation: convert serial RoPE families and load them; transformers itself is the reference."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import precompile
+import tiny
+from conftest import tree_snapshot
+
+SERIAL = ["llama", "llama_tied", "mistral", "mixtral", "qwen2", "gemma"]
+
+
+def _logits(model, enc) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**enc).logits.float()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def _shim(out: Path):
+    """Import OUT_DIR/precompile_loader.py as a module of its own (not the package)."""
+    spec = importlib.util.spec_from_file_location(f"shim_{abs(hash(str(out)))}", out / "precompile_loader.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return tiny.make_tokenizer()(tiny.PROMPTS, return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("family", SERIAL)
+def test_float32_matches_transformers(family, checkpoint, tmp_path, batch):
+    src = checkpoint(family, "float32")
+    out = tmp_path / "out"
+    precompile.convert(str(src), out, chunk_size=64)
+    original = AutoModelForCausalLM.from_pretrained(src).eval()
+    ref = _logits(original, batch)
+    gen_ref = original.generate(**batch, max_new_tokens=16, do_sample=False)
+    for model in (precompile.load(out), _shim(out).load(out)):
+        assert type(model.get_input_embeddings()).__name__ == "TableEmbedding"
+        assert _rel(ref, _logits(model, batch)) <= 1e-5
+        gen = model.generate(**batch, max_new_tokens=16, do_sample=False)
+        assert torch.equal(gen, gen_ref)
+    assert batch["attention_mask"][:, 0].min() == 0, "the batch must be left-padded"
+
+
+def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("family", [f for f in SERIAL if f != "mixtral"])
+def test_bfloat16_no_farther_from_float32_than_original(family, checkpoint, tmp_path, batch):
+    src = checkpoint(family, "bfloat16")
+    out = tmp_path / "out"
+    precompile.convert(str(src), out)
+    assert json.loads((out / "precompile.json").read_text())["table"]["dtype"] == "bfloat16"
+    fp32 = _logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), batch)
+    bf16 = _logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval(), batch)
+    for model in (precompile.load(out), _shim(out).load(out)):
+        assert model.dtype == torch.bfloat16
+        ours = _logits(model, batch)
+        assert _rms(ours, fp32) <= 1.02 * _rms(bf16, fp32)
+
+
+def test_mixtral_bfloat16_layer0_attention(checkpoint, tmp_path, batch):
+    """Router choices flip under any rounding, so MoE models compare layer 0's attention output."""
+    src = checkpoint("mixtral", "bfloat16")
+    out = tmp_path / "out"
+    precompile.convert(str(src), out)
+
+    def attn_out(model):
+        got = {}
+
+        def keep(module, args, output) -> None:
+            got["o"] = output[0]
+
+        h = model.model.layers[0].self_attn.register_forward_hook(keep)
+        with torch.no_grad():
+            model(**batch)
+        h.remove()
+        mask = batch["attention_mask"].bool()
+        return got["o"].float()[mask]
+
+    fp32 = attn_out(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval())
+    bf16 = attn_out(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval())
+    ours = attn_out(precompile.load(out))
+    assert _rms(ours, fp32) <= 1.02 * _rms(bf16, fp32)
+
+
+def _param_counts(path: Path) -> dict[str, int]:
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    counts = {}
+    for name, fname in index["weight_map"].items():
+        with safe_open(path / fname, framework="pt") as f:
+            shape = f.get_slice(name).get_shape()
+        n = 1
+        for s in shape:
+            n *= s
+        counts[name] = n
+    return counts
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_tied", "qwen2", "gemma"])
+def test_output_layout_and_parameter_arithmetic(family, checkpoint, tmp_path):
+    src = checkpoint(family, "float32")
+    out = tmp_path / "out"
+    precompile.convert(str(src), out)
+    manifest = json.loads((out / "precompile.json").read_text())
+    cfg = tiny.make_config(family)
+    d, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or d // heads
+    tied = cfg.tie_word_embeddings
+    x_in_table = not tied or family == "gemma"  # Gemma's x is the scaled row, never the stored one
+    width = (d if x_in_table else 0) + (heads + 2 * kv) * head_dim
+    assert manifest["table"]["shape"] == [tiny.VOCAB, width]
+
+    src_counts = _param_counts(src)
+    out_counts = _param_counts(out)
+    eliminated = set(manifest["eliminated"])
+    expect_gone = {f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"} | {
+        "model.layers.0.input_layernorm.weight"}
+    if family in ("llama_tied", "qwen2"):
+        expect_gone |= {f"model.layers.0.self_attn.{p}_proj.bias" for p in "qkv"}
+    if not tied:
+        expect_gone.add("model.embed_tokens.weight")
+    assert eliminated == expect_gone
+    assert not eliminated & set(out_counts)
+    table_name = manifest["table"]["tensor"]
+    assert out_counts[table_name] == tiny.VOCAB * width
+    assert sum(out_counts.values()) == sum(src_counts.values()) - sum(src_counts[n] for n in eliminated) + \
+        tiny.VOCAB * width
+    if tied:  # the head stays bound to the real embedding, which is kept
+        model = precompile.load(out)
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+        with safe_open(src / json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][
+                "model.embed_tokens.weight"], framework="pt") as f:
+            assert torch.equal(model.lm_head.weight.detach(), f.get_tensor("model.embed_tokens.weight"))
+    else:
+        assert not hasattr(precompile.load(out).get_input_embeddings(), "weight")
+
+
+def test_inputs_embeds_is_refused_and_rows_are_cleared(checkpoint, tmp_path, batch):
+    out = tmp_path / "out"
+    precompile.convert(str(checkpoint("llama")), out)
+    model = precompile.load(out)
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        model(**batch)
+        assert emb._kept.rows is None, "layer 0 must release the looked-up rows"
+        with pytest.raises(RuntimeError, match="needs input_ids"):
+            model(inputs_embeds=torch.zeros(1, 3, 64))
+
+
+def test_plain_transformers_cannot_mistake_out_dir(checkpoint, tmp_path, batch):
+    src = checkpoint("llama")
+    out = tmp_path / "out"
+    precompile.convert(str(src), out)
+    with pytest.raises(Exception, match="precompiled|trust_remote_code"):
+        AutoModelForCausalLM.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    ref = _logits(AutoModelForCausalLM.from_pretrained(src).eval(), batch)
+    assert _rel(ref, _logits(model, batch)) <= 1e-5
+
+
+def test_shim_alone_in_a_fresh_interpreter(checkpoint, tmp_path, batch):
+    """OUT_DIR loads with only torch/safetensors/transformers installed: the package is not importable."""
+    src = checkpoint("qwen2")
+    out = tmp_path / "out"
+    precompile.convert(str(src), out)
+    ids = tmp_path / "ids.pt"
+    torch.save({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, ids)
+    code = (
+        "import sys, torch\n"
+        "assert 'precompile' not in sys.modules\n"
+        f"sys.path.insert(0, {str(out)!r})\n"
+        "from precompile_loader import load\n"
+        "try:\n    import precompile\n    raise SystemExit('precompile importable')\nexcept ImportError:\n    pass\n"
+        f"enc = torch.load({str(ids)!r})\n"
+        "m = load()\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(m(**enc).logits, {str(tmp_path / 'logits.pt')!r})\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ref = _logits(AutoModelForCausalLM.from_pretrained(src).eval(), batch)
+    assert _rel(ref, torch.load(tmp_path / "logits.pt").float()) <= 1e-5
+
+
+def test_hub_id_from_offline_cache(checkpoint, tmp_path, cli):
+    src = checkpoint("mistral")
+    hf_home = tmp_path / "hf"
+    tiny.lay_out_hub_cache(hf_home, "tiny-org/tiny-mistral", src)
+    before = tree_snapshot(hf_home)
+    out = tmp_path / "out"
+    r = cli("convert", "tiny-org/tiny-mistral", out, env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "profile: mistral (serial block, GQA: 4 heads, 2 kv heads" in r.stderr
+    manifest = json.loads((out / "precompile.json").read_text())
+    assert manifest["source"]["id"] == "tiny-org/tiny-mistral"
+    assert manifest["source"]["revision"] == "0" * 40
+    assert tree_snapshot(hf_home) == before
+    r = cli("convert", "tiny-org/not-there", tmp_path / "out2", env={"HF_HOME": str(hf_home)})
+    assert r.returncode == 2 and "HF_HUB_OFFLINE" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out2").exists()
+
+
+def test_same_input_gives_identical_bytes(checkpoint, tmp_path):
+    src = checkpoint("gemma", "bfloat16")
+    precompile.convert(str(src), tmp_path / "a")
+    precompile.convert(str(src), tmp_path / "b", chunk_size=7)
+    a, b = tree_snapshot(tmp_path / "a"), tree_snapshot(tmp_path / "b")
+    assert {k: v[2] for k, v in a.items()} == {k: v[2] for k, v in b.items()}
+
+
+def test_dtype_option_converts_every_float_tensor(checkpoint, tmp_path, batch):
+    src = checkpoint("llama", "float32")
+    out = tmp_path / "out"
+    precompile.convert(str(src), out, dtype="bfloat16")
+    for name, fname in json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].items():
+        with safe_open(out / fname, framework="pt") as f:
+            assert f.get_slice(name).get_dtype() == "BF16", name
+    model = precompile.load(out)
+    fp32 = _logits(AutoModelForCausalLM.from_pretrained(src).eval(), batch)
+    bf16 = _logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval(), batch)
+    assert _rms(_logits(model, batch), fp32) <= 1.02 * _rms(bf16, fp32)
+
+
+def test_progress_output_modes(checkpoint, tmp_path, cli):
+    src = checkpoint("llama")
+    r = cli("convert", src, tmp_path / "a", "--chunk-size", "50")
+    assert r.returncode == 0, r.stderr
+    assert "computing table: 5/5 chunks done" in r.stderr and "\r" not in r.stderr
+    r = cli("convert", src, tmp_path / "b", "--quiet")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout == ""
