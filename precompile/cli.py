@@ -101,6 +101,44 @@ def convert(source, out_dir, revision, profile_path, device, dtype, compute_dtyp
                 compute_dtype=compute_dtype, chunk_size=chunk_size, force=force, link=link, progress=progress)
 
 
+@main.command()
+@click.argument("zoo", type=click.Path())
+@click.option("--out-root", required=True, type=click.Path(file_okay=False), help="Directory that receives one "
+              "OUT_DIR per entry.")
+@click.option("--shard", help="I/N: convert only this job's share of the entries (for CI job matrices).")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Convert this many models at once, within the memory budget.")
+@click.option("--memory-budget", type=click.FloatRange(min=0.1), help="GiB that concurrent conversions may use "
+              "(default: half of the available memory).")
+@click.option("--verify", "verify_all", is_flag=True, help="Verify each converted model against its original.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="Write JUnit XML here.")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first failed entry.")
+@click.option("--dry-run", is_flag=True, help="List what would be converted or skipped; write nothing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def batch(zoo, out_root, shard, jobs, memory_budget, verify_all, report_path, junit_path, fail_fast, dry_run,
+          quiet):
+    """Convert every model listed in ZOO.yaml; exit 1 if any entry failed."""
+    import json as _json
+    from pathlib import Path
+
+    from . import batch as b
+
+    if dry_run:
+        for entry, action in b.dry_run(zoo, out_root, shard):
+            click.echo(f"[{entry.index + 1}] {entry.source} -> {Path(out_root) / entry.out}: {action}")
+        return
+    results = b.run_batch(zoo, out_root, shard=shard, jobs=jobs, verify=verify_all, fail_fast=fail_fast,
+                          memory_budget=int(memory_budget * 2**30) if memory_budget else None,
+                          progress=Progress(quiet=quiet))
+    if report_path:
+        Path(report_path).write_text(_json.dumps(b.report(results), indent=2) + "\n", encoding="utf-8")
+    if junit_path:
+        Path(junit_path).write_text(b.junit_xml(results), encoding="utf-8")
+    click.echo(b.summary_table(results))
+    return 1 if b.summary(results)["failed"] else 0
+
+
 def _dry_run_files(plan) -> str:
     from .layout import TABLE_FILE
 

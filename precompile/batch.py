@@ -1,0 +1,377 @@
+"""`batch`: convert a zoo of models from one YAML file, unattended, as CI jobs need it.
+
+Each entry is isolated (one failure does not stop the others), entries already
+converted with the same source, format and options are skipped without touching
+their files, `--shard I/N` splits the zoo deterministically across CI jobs, and
+the results go to a JSON report and JUnit XML.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .convert import COMPUTE_CHOICES, DTYPE_CHOICES, LINK_MODES, convert, plan_conversion
+from .errors import UserError, VerificationError
+from .loader import FORMAT_VERSION, MANIFEST, PrecompileLoadError
+from .progress import Progress
+from .source import file_sha256
+
+# Options an entry (or `defaults:`) may set, with a check for each value.
+OPTION_CHECKS: dict[str, tuple[str, Any]] = {
+    "revision": ("a string", lambda v: isinstance(v, str)),
+    "profile": ("a path to a YAML profile", lambda v: isinstance(v, str)),
+    "dtype": (f"one of auto, {', '.join(DTYPE_CHOICES)}", lambda v: v == "auto" or v in DTYPE_CHOICES),
+    "compute_dtype": (f"one of {', '.join(COMPUTE_CHOICES)}", lambda v: v in COMPUTE_CHOICES),
+    "chunk_size": ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    "device": ("one of auto, cpu, cuda", lambda v: v in ("auto", "cpu", "cuda")),
+    "link": (f"one of {', '.join(LINK_MODES)}", lambda v: v in LINK_MODES),
+    "prompts": ("a prompts file path or a list of strings",
+                lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(p, str) for p in v))),
+    "verify": ("true or false", lambda v: isinstance(v, bool)),
+}
+ENTRY_ONLY = {"source": "a hub id or a local path", "out": "a directory name under --out-root"}
+# Options that change the bytes written: an entry is up to date only if its manifest recorded the same.
+OUTPUT_OPTIONS = ("dtype", "compute_dtype", "profile")
+
+
+@dataclass
+class Entry:
+    index: int
+    source: str
+    out: str
+    options: dict[str, Any]
+
+
+@dataclass
+class EntryResult:
+    entry: Entry
+    status: str = "failed"  # ok | skipped | failed
+    seconds: float = 0.0
+    bytes: int = 0
+    plan: dict | None = None
+    verify: dict | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"source": self.entry.source, "out": self.entry.out, "status": self.status,
+                "seconds": round(self.seconds, 3), "bytes": self.bytes, "plan": self.plan, "verify": self.verify,
+                "error": self.error}
+
+
+def default_out_name(source: str) -> str:
+    """org/name -> org--name; a local path -> its last component."""
+    name = source.rstrip("/").replace("/", "--") if not Path(source).exists() else Path(source).resolve().name
+    return re.sub(r"[^\w.-]", "_", name)
+
+
+def load_zoo(path: str | Path) -> list[Entry]:
+    """Read and validate ZOO.yaml up front: a bad field is named with its entry index before any work."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"zoo file {path} not found; pass an existing YAML file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"zoo file {path} cannot be read ({e}); pass a readable UTF-8 YAML file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise UserError(f"zoo file {path} is not valid YAML{f' at line {mark.line + 1}' if mark else ''}; "
+                        f"fix its syntax") from None
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list) or not data["models"]:
+        raise UserError(f"zoo file {path} must be a mapping with a non-empty 'models:' list "
+                        f"(and optional 'defaults:')")
+    unknown = set(data) - {"models", "defaults"}
+    if unknown:
+        raise UserError(f"zoo file {path}: unknown top-level key '{sorted(unknown)[0]}'; use models: and defaults:")
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise UserError(f"zoo file {path}: defaults must be a mapping of options")
+    for key, value in defaults.items():
+        _check_option(path, "defaults", key, value)
+    entries: list[Entry] = []
+    outs: dict[str, int] = {}
+    for i, raw in enumerate(data["models"]):
+        where = f"models[{i}]"
+        if isinstance(raw, str):
+            raw = {"source": raw}
+        if not isinstance(raw, dict):
+            raise UserError(f"zoo file {path}: {where} must be a mapping with a 'source' field")
+        if "source" not in raw or not isinstance(raw["source"], str) or not raw["source"]:
+            raise UserError(f"zoo file {path}: {where} is missing field 'source' (a hub id or a local path)")
+        for key, value in raw.items():
+            if key in ENTRY_ONLY:
+                if not isinstance(value, str) or not value:
+                    raise UserError(f"zoo file {path}: {where}.{key} must be {ENTRY_ONLY[key]}")
+            else:
+                _check_option(path, where, key, value)
+        source = raw["source"]
+        if not Path(source).is_absolute() and (path.parent / source).exists():
+            source = str((path.parent / source).resolve())  # local paths are relative to the zoo file
+        out = raw.get("out") or default_out_name(source)
+        if "/" in out or out in (".", ".."):
+            raise UserError(f"zoo file {path}: {where}.out '{out}' must be a plain directory name")
+        if out in outs:
+            raise UserError(f"zoo file {path}: {where} writes to '{out}' like models[{outs[out]}]; set a distinct "
+                            f"'out'")
+        outs[out] = i
+        options = {**defaults, **{k: v for k, v in raw.items() if k not in ENTRY_ONLY}}
+        for key in ("profile", "prompts"):
+            if isinstance(options.get(key), str) and not Path(options[key]).is_absolute():
+                options[key] = str((path.parent / options[key]).resolve())
+        entries.append(Entry(i, source, out, options))
+    return entries
+
+
+def _check_option(path: Path, where: str, key: str, value: Any) -> None:
+    if key not in OPTION_CHECKS:
+        known = ", ".join(["source", "out", *OPTION_CHECKS])
+        raise UserError(f"zoo file {path}: {where} has unknown field '{key}'; known fields: {known}")
+    what, ok = OPTION_CHECKS[key]
+    if not ok(value):
+        raise UserError(f"zoo file {path}: {where}.{key} must be {what}, got {value!r}")
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or not (1 <= int(m.group(1)) <= int(m.group(2))):
+        raise UserError(f"--shard {text} must be I/N with 1 <= I <= N, e.g. 1/4")
+    return int(m.group(1)), int(m.group(2))
+
+
+def select_shard(entries: list[Entry], shard: tuple[int, int] | None) -> list[Entry]:
+    """Entry k goes to shard (k mod N) + 1: N jobs together cover every entry exactly once."""
+    if shard is None:
+        return entries
+    i, n = shard
+    return [e for e in entries if e.index % n == i - 1]
+
+
+def _convert_options(entry: Entry) -> dict:
+    o = entry.options
+    return {"revision": o.get("revision"), "profile": o.get("profile"), "dtype": o.get("dtype", "auto"),
+            "compute_dtype": o.get("compute_dtype", "float32")}
+
+
+def up_to_date(entry: Entry, out_dir: Path) -> bool:
+    """True when OUT_DIR's manifest records this entry's source files, format version and options.
+
+    Planning resolves the source (from the HF cache for hub ids) and reads headers only.
+    """
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if manifest.get("format_version") != FORMAT_VERSION:
+        return False
+    opts = _convert_options(entry)
+    plan = plan_conversion(entry.source, **opts)
+    src = manifest.get("source", {})
+    if plan.source.describe() != {k: src.get(k) for k in plan.source.describe()}:
+        return False
+    recorded = manifest.get("options", {})
+    want_dtype = str(plan.model_dtype).removeprefix("torch.")
+    if recorded.get("dtype") != want_dtype or recorded.get("compute_dtype") != opts["compute_dtype"]:
+        return False
+    if manifest.get("profile", {}).get("name") != plan.profile.name:
+        return False
+    files = src.get("files", {})
+    root = plan.source.root
+    if any(not (root / name).exists() or file_sha256(root / name) != sha for name, sha in files.items()):
+        return False
+    outputs = manifest.get("outputs", {})
+    return all((out_dir / name).is_file() and (out_dir / name).stat().st_size > 0 for name in outputs)
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes); 8 GiB where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def estimate_memory(entry: Entry) -> int:
+    """Peak bytes a conversion holds: layer-0 weights in the compute dtype plus a few chunks of rows."""
+    opts = _convert_options(entry)
+    plan = plan_conversion(entry.source, **opts)
+    elem = 8 if opts["compute_dtype"] == "float64" else 4
+    weights = sum(plan.checkpoint.info(n).numel for n in plan.read_tensors[1:]) * elem
+    chunk = min(entry.options.get("chunk_size", 4096), plan.layout.vocab_size)
+    rows = chunk * (plan.spec.hidden_size + plan.layout.width) * elem * 4
+    return weights + rows + (256 << 20)  # interpreter and library overhead per conversion
+
+
+class MemoryBudget:
+    """Admit conversions while their estimated peaks fit; one always runs, however large."""
+
+    def __init__(self, total: int):
+        self.total, self.used, self._cv = total, 0, threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self.used == 0 or self.used + n <= self.total)
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self._cv:
+            self.used -= n
+            self._cv.notify_all()
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _run_entry(entry: Entry, out_root: Path, verify_all: bool, progress: Progress) -> EntryResult:
+    result = EntryResult(entry)
+    t0 = time.monotonic()
+    out_dir = out_root / entry.out
+    try:
+        if up_to_date(entry, out_dir):
+            result.status = "skipped"
+        else:
+            opts = _convert_options(entry)
+            convert(entry.source, out_dir, device=entry.options.get("device", "auto"),
+                    chunk_size=entry.options.get("chunk_size", 4096), link=entry.options.get("link", "auto"),
+                    force=True, progress=progress, **opts)
+            result.status = "ok"
+        result.bytes = _tree_bytes(out_dir)
+        result.plan = _plan(out_dir)
+        if entry.options.get("verify", verify_all):
+            result.verify = _verify(entry, out_dir, progress)
+            if not result.verify.get("passed"):
+                failed = [c["name"] for c in result.verify.get("checks", []) if not c.get("passed")]
+                raise VerificationError(f"verify failed: {', '.join(failed) or 'see report'}")
+    except (UserError, VerificationError, PrecompileLoadError) as e:
+        result.status, result.error = "failed", str(e)
+    except Exception as e:  # an entry's internal failure must not stop the zoo
+        result.status, result.error = "failed", f"{type(e).__name__}: {e}"
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def _plan(out_dir: Path) -> dict | None:
+    from .plan import plan_model
+
+    return plan_model(str(out_dir))
+
+
+def _verify(entry: Entry, out_dir: Path, progress: Progress) -> dict:
+    from .verify import verify
+
+    prompts = entry.options.get("prompts")
+    return verify(out_dir, prompts=prompts, progress=progress)
+
+
+def run_batch(zoo: str | Path, out_root: str | Path, *, shard: str | None = None, jobs: int = 1,
+              verify: bool = False, fail_fast: bool = False, memory_budget: int | None = None,
+              progress: Progress | None = None) -> list[EntryResult]:
+    """Convert every entry of this shard; returns one result per entry, in zoo order.
+
+    With jobs > 1, entries run in threads (torch and file copies release the GIL) admitted by a memory
+    budget (default: half of the available memory).
+    """
+    progress = progress or Progress(quiet=True)
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
+    budget = MemoryBudget(memory_budget or available_memory() // 2)
+    entries = select_shard(load_zoo(zoo), parse_shard(shard))
+    out_root = Path(out_root)
+    results: dict[int, EntryResult] = {}
+    stop = threading.Event()
+    inner = progress if jobs == 1 else Progress(quiet=True)
+
+    with progress.bar(len(entries), "models", "models") as bar:
+        def work(entry: Entry) -> EntryResult:
+            if stop.is_set():
+                r = EntryResult(entry, error="not run: an earlier entry failed and --fail-fast is set")
+            else:
+                try:
+                    need = estimate_memory(entry) if jobs > 1 else 0
+                except Exception:  # the entry's own run reports the problem
+                    need = 0
+                budget.acquire(need)
+                progress.log(f"[{entry.index + 1}] {entry.source} -> {out_root / entry.out}")
+                try:
+                    r = _run_entry(entry, out_root, verify, inner)
+                finally:
+                    budget.release(need)
+                progress.log(f"[{entry.index + 1}] {entry.source}: {r.status}"
+                             + (f" ({r.error})" if r.error else f" in {r.seconds:.1f}s"))
+                if r.status == "failed" and fail_fast:
+                    stop.set()
+            bar.update(1)
+            return r
+
+        if jobs == 1:
+            for e in entries:
+                results[e.index] = work(e)
+        else:
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                for e, r in zip(entries, pool.map(work, entries)):
+                    results[e.index] = r
+    return [results[e.index] for e in entries]
+
+
+def dry_run(zoo: str | Path, out_root: str | Path, shard: str | None = None) -> list[tuple[Entry, str]]:
+    """What a run would do per entry: convert, skip (up to date) or fail (with the reason); writes nothing."""
+    out: list[tuple[Entry, str]] = []
+    for e in select_shard(load_zoo(zoo), parse_shard(shard)):
+        try:
+            action = "skip (up to date)" if up_to_date(e, Path(out_root) / e.out) else "convert"
+        except (UserError, PrecompileLoadError) as err:
+            action = f"fail: {err}"
+        out.append((e, action))
+    return out
+
+
+def summary(results: list[EntryResult]) -> dict[str, int]:
+    return {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
+
+
+def report(results: list[EntryResult]) -> dict:
+    return {"summary": summary(results), "entries": [r.as_dict() for r in results]}
+
+
+def junit_xml(results: list[EntryResult]) -> str:
+    """JUnit XML: one testcase per entry; failed entries are failures, skipped ones are skipped."""
+    s = summary(results)
+    suite = ET.Element("testsuite", name="precompile batch", tests=str(len(results)), failures=str(s["failed"]),
+                       skipped=str(s["skipped"]), errors="0",
+                       time=f"{sum(r.seconds for r in results):.3f}")
+    for r in results:
+        case = ET.SubElement(suite, "testcase", classname="precompile.batch", name=f"{r.entry.source} -> "
+                             f"{r.entry.out}", time=f"{r.seconds:.3f}")
+        if r.status == "failed":
+            ET.SubElement(case, "failure", message=r.error or "failed").text = r.error
+        elif r.status == "skipped":
+            ET.SubElement(case, "skipped", message="up to date")
+    ET.indent(suite)
+    return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def summary_table(results: list[EntryResult]) -> str:
+    rows = [("status", "source", "out", "seconds", "MiB", "error")]
+    for r in results:
+        rows.append((r.status, r.entry.source, r.entry.out, f"{r.seconds:.1f}", f"{r.bytes / 2**20:.1f}",
+                     (r.error or "")[:100]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    s = summary(results)
+    lines.append(f"{s['ok']} ok, {s['skipped']} skipped, {s['failed']} failed")
+    return "\n".join(lines)
