@@ -112,9 +112,8 @@ def _validate(spec: ModelSpec, ckpt: Checkpoint, layout: TableLayout) -> None:
         elif p.bias_required:
             ckpt.info(p.bias)
     if spec.folds_ffn and spec.ffn:
-        for ref in (spec.ffn.up, spec.ffn.gate, spec.ffn.down):
-            if ref:
-                ckpt.info(ref[0])
+        for ref in spec.ffn.refs():
+            ckpt.info(ref[0])
 
 
 def plan_conversion(source: str, *, revision: str | None = None, profile: str | None = None,
