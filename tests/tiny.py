@@ -63,6 +63,8 @@ FAMILIES: dict[str, dict] = {
                          **{k: v for k, v in _COMMON.items() if k != "intermediate_size"}),
     "cohere": dict(model_type="cohere", num_key_value_heads=2, use_qk_norm=True, tie_word_embeddings=True,
                    logit_scale=0.5, **_COMMON),
+    # not in configs/: converted with a profile written by a test (per-head q/k RMSNorms)
+    "qwen3": dict(model_type="qwen3", num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, **_COMMON),
     "bloom": dict(model_type="bloom", tie_word_embeddings=True,
                   **{k: v for k, v in _COMMON.items() if k not in ("intermediate_size", "max_position_embeddings")}),
 }
