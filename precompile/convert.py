@@ -111,10 +111,14 @@ def _validate(spec: ModelSpec, ckpt: Checkpoint, layout: TableLayout) -> None:
             _check_shape(ckpt, p.bias, (w,), f"{p.role} width")
         elif p.bias_required:
             ckpt.info(p.bias)
+    for role, norm in spec.qk_norms.items():
+        heads = spec.num_heads if role == "q" else spec.num_kv_heads
+        for t in (norm.weight, norm.bias):
+            if t and tuple(ckpt.info(t).shape) != (heads, spec.head_dim):
+                _check_shape(ckpt, t, (spec.head_dim,), f"{role} norm over head_dim")
     if spec.folds_ffn and spec.ffn:
-        for ref in (spec.ffn.up, spec.ffn.gate, spec.ffn.down):
-            if ref:
-                ckpt.info(ref[0])
+        for ref in spec.ffn.refs():
+            ckpt.info(ref[0])
 
 
 def plan_conversion(source: str, *, revision: str | None = None, profile: str | None = None,

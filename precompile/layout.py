@@ -74,12 +74,11 @@ def table_layout(spec: ModelSpec, present: set[str] | frozenset[str]) -> TableLa
         cols.append(Column(p.role, off, off + w, f"layer-0 {p.role} projection of the normed input", p.module))
         off += w
     eliminated = [] if keep_embedding else [spec.embedding_tensor]
-    norms = [spec.embedding_norm, spec.attn_norm]
+    norms = [spec.embedding_norm, spec.attn_norm, *spec.qk_norms.values()]
     if spec.folds_ffn and spec.ffn is not None:
         norms.append(spec.ffn.norm)
-        for ref in (spec.ffn.up, spec.ffn.gate, spec.ffn.down):
-            if ref is not None:
-                eliminated.extend(n for n in ref if n)
+        for ref in spec.ffn.refs():
+            eliminated.extend(n for n in ref if n)
     for norm in norms:
         if norm is not None:
             eliminated.extend(n for n in (norm.weight, norm.bias) if n)

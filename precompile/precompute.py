@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .layout import TableLayout
-from .profiles import ModelSpec, Norm
+from .profiles import Expert, Ffn, ModelSpec, Norm
 
 
 def apply_norm(norm: Norm, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -45,6 +45,37 @@ def _linear(h: torch.Tensor, w: dict[str, torch.Tensor], ref: tuple[str, str | N
     return F.linear(h, w[weight], w[bias] if bias and bias in w else None)
 
 
+def expert_output(expert: Expert, act: str, h: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One dense FFN: an MLP down(act(up h)) or a GLU down(act(gate h) * up h)."""
+    up = _linear(h, w, expert.up)
+    inner = activation(act, _linear(h, w, expert.gate)) * up if expert.kind == "glu" else activation(act, up)
+    return _linear(inner, w, expert.down)
+
+
+def ffn_output(ffn: Ffn, h: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The FFN of normed input h: dense, or a top-k mixture of experts weighted by the router's softmax."""
+    if ffn.kind != "moe":
+        return expert_output(Expert(ffn.kind, ffn.up, ffn.gate, ffn.down), ffn.activation, h, w)
+    flat = h.reshape(-1, h.shape[-1])
+    probs = torch.softmax(_linear(flat, w, ffn.router).float(), dim=-1)
+    top_w, top_i = probs.topk(ffn.top_k, dim=-1)
+    if ffn.normalize_topk:
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+    out = torch.zeros_like(flat)
+    for e, expert in enumerate(ffn.experts):
+        tok, slot = (top_i == e).nonzero(as_tuple=True)
+        if tok.numel():
+            y = expert_output(expert, ffn.activation, flat[tok], w) * top_w[tok, slot, None].to(flat.dtype)
+            out.index_add_(0, tok, y)
+    return out.reshape(h.shape)
+
+
+def qk_normed(norm: Norm, y: torch.Tensor, head_dim: int, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A per-head norm after a projection (over head_dim; its weight is [head_dim] or [heads, head_dim])."""
+    heads = y.reshape(*y.shape[:-1], -1, head_dim)
+    return apply_norm(norm, heads, w).reshape(y.shape)
+
+
 def embedding_output(spec: ModelSpec, rows: torch.Tensor, model_dtype: torch.dtype,
                      w: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> torch.Tensor:
     """x as the embedding module (and a norm right after it) returns it, in the model dtype."""
@@ -69,25 +100,25 @@ def compute_rows(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: di
         if spec.folds_ffn:
             ffn = spec.ffn
             h2 = h if ffn.norm is None else apply_norm(ffn.norm, x, w)
-            up = _linear(h2, w, ffn.up)
-            inner = activation(ffn.activation, _linear(h2, w, ffn.gate)) * up if ffn.kind == "glu" \
-                else activation(ffn.activation, up)
-            parts.append(x + _linear(inner, w, ffn.down))
+            parts.append(x + ffn_output(ffn, h2, w))
         else:
             parts.append(x)
     for p in spec.projections:
-        parts.append(_linear(h, w, (p.weight, p.bias)))
+        y = _linear(h, w, (p.weight, p.bias))
+        if p.role in spec.qk_norms:
+            y = qk_normed(spec.qk_norms[p.role], y, spec.head_dim, w)
+        parts.append(y)
     return torch.cat(parts, dim=-1)
 
 
 def layer0_tensor_names(spec: ModelSpec, present: set[str] | frozenset[str]) -> list[str]:
     """The tensors (besides the embedding) that computing the table reads."""
     names: list[str] = []
-    norms = [spec.embedding_norm, spec.attn_norm]
+    norms = [spec.embedding_norm, spec.attn_norm, *spec.qk_norms.values()]
     refs: list[tuple[str, str | None]] = [(p.weight, p.bias) for p in spec.projections]
     if spec.folds_ffn and spec.ffn is not None:
         norms.append(spec.ffn.norm)
-        refs += [r for r in (spec.ffn.up, spec.ffn.gate, spec.ffn.down) if r is not None]
+        refs += spec.ffn.refs()
     for n in norms:
         if n is not None:
             names += [t for t in (n.weight, n.bias) if t]

@@ -10,6 +10,7 @@ one family (e.g. GPT-NeoX with and without a parallel residual) are expressed as
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass, field
 from importlib import resources
@@ -22,13 +23,15 @@ from .errors import UserError
 
 NORM_KINDS = ("rms", "layer")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
-FFN_KINDS = ("mlp", "glu")
+FFN_KINDS = ("mlp", "glu", "moe")
+EXPERT_KINDS = ("mlp", "glu")
 PROJ_ROLES = ("q", "k", "v", "qkv")
 BLOCKS = ("serial", "parallel")
 
 _TOP_KEYS = {
     "name", "description", "match", "block", "sizes", "tie_word_embeddings", "embedding",
-    "attn_norm", "projections", "qk_norm", "attention_module", "ffn", "variants", "logits",
+    "attn_norm", "projections", "qk_norm", "attention_module", "ffn", "variants", "logits", "defaults",
+    "refuse",
 }
 _REQUIRED_TOP = ("name", "match", "block", "sizes", "embedding", "attn_norm", "projections",
                  "attention_module")
@@ -59,8 +62,25 @@ class Projection:
 
 
 @dataclass(frozen=True)
+class Expert:
+    """One dense FFN: `mlp` is down(act(up(h))), `glu` is down(act(gate(h)) * up(h))."""
+
+    kind: str
+    up: tuple[str, str | None]
+    gate: tuple[str, str | None] | None
+    down: tuple[str, str | None]
+
+    def refs(self) -> list[tuple[str, str | None]]:
+        return [r for r in (self.gate, self.up, self.down) if r is not None]
+
+
+@dataclass(frozen=True)
 class Ffn:
-    """The layer-0 FFN of a parallel block, folded into the table's first column."""
+    """The layer-0 FFN of a parallel block, folded into the table's first column.
+
+    A dense FFN is one expert. A mixture of experts (kind `moe`) adds a router whose softmax picks
+    `top_k` experts per token (renormalised over the picked ones when `normalize_topk`).
+    """
 
     kind: str
     activation: str
@@ -69,6 +89,16 @@ class Ffn:
     gate: tuple[str, str | None] | None
     down: tuple[str, str | None]
     module: str
+    experts: tuple[Expert, ...] = field(default=())  # moe only
+    router: tuple[str, str | None] | None = None
+    top_k: int = 1
+    normalize_topk: bool = True
+
+    def refs(self) -> list[tuple[str, str | None]]:
+        """Every (weight, bias) tensor reference of the FFN, router first."""
+        if self.kind == "moe":
+            return [self.router, *(r for e in self.experts for r in e.refs())]
+        return [r for r in (self.up, self.gate, self.down) if r is not None]
 
 
 @dataclass(frozen=True)
@@ -96,6 +126,7 @@ class ModelSpec:
     attention_module: str
     ffn: Ffn | None  # described for every block; folded into the table only for parallel ones
     identity_modules: tuple[str, ...] = field(default=())
+    qk_norms: dict[str, Norm] = field(default_factory=dict)  # role ("q"/"k") -> per-head norm after the projection
 
     @property
     def q_width(self) -> int:
@@ -190,6 +221,12 @@ def validate_profile(data: Any, path: str) -> None:
     _check_keys(data["match"], {"architectures", "model_types"}, (), path, "match")
     if not (data["match"].get("architectures") or data["match"].get("model_types")):
         raise _fail(path, "match", "must list architectures or model_types")
+    if not isinstance(data.get("defaults", {}), dict):
+        raise _fail(path, "defaults", "must map config keys to the values used when config.json lacks them")
+    for i, entry in enumerate(data.get("refuse") or []):
+        _check_keys(entry, {"when", "reason"}, ("when", "reason"), path, f"refuse[{i}]")
+        if not isinstance(entry["when"], dict):
+            raise _fail(path, f"refuse[{i}].when", "must map config keys to values")
     _check_body(data, path)
     for i, variant in enumerate(data.get("variants") or []):
         _check_keys(variant, {"when", "set"}, ("when", "set"), path, f"variants[{i}]")
@@ -223,6 +260,11 @@ def _check_body(data: dict, path: str) -> None:
                     ("role", "weight", "module"), path, f"projections[{i}]")
         if p["role"] not in PROJ_ROLES:
             raise _fail(path, f"projections[{i}].role", f"is '{p['role']}', expected one of q, k, v, qkv")
+    qk = data.get("qk_norm")
+    if qk is not None:
+        _check_keys(qk, {"q", "k"}, (), path, "qk_norm")
+        for role, norm in qk.items():
+            _check_norm(norm, path, f"qk_norm.{role}")
     roles = sorted(p["role"] for p in projs)
     if roles not in (["k", "q", "v"], ["qkv"]):
         raise _fail(path, "projections", "must hold q, k and v, or one fused qkv")
@@ -230,14 +272,27 @@ def _check_body(data: dict, path: str) -> None:
         raise _fail(path, "ffn", "is missing (a parallel block folds layer 0's FFN into the table)")
     if data.get("ffn"):
         ffn = data["ffn"]
-        _check_keys(ffn, {"kind", "activation", "norm", "up", "gate", "down", "module"},
+        _check_keys(ffn, {"kind", "activation", "norm", "up", "gate", "down", "module", "router", "experts",
+                          "expert_kind", "top_k", "normalize_topk"},
                     ("kind", "activation", "up", "down", "module"), path, "ffn")
         if ffn["kind"] not in FFN_KINDS:
             raise _fail(path, "ffn.kind", f"is '{ffn['kind']}', expected one of {', '.join(FFN_KINDS)}")
+        if ffn["kind"] == "moe":
+            for k in ("router", "experts", "top_k"):
+                if k not in ffn:
+                    raise _fail(path, f"ffn.{k}", "is missing (a mixture-of-experts FFN needs router, experts, top_k)")
+            _check_tensor_ref(ffn["router"], path, "ffn.router")
+            if ffn.get("expert_kind", "glu") not in EXPERT_KINDS:
+                raise _fail(path, "ffn.expert_kind", f"is '{ffn['expert_kind']}', expected mlp or glu")
+            for part in ("up", "gate", "down"):
+                ref = ffn.get(part)
+                if ref is not None and "{e}" not in (ref if isinstance(ref, str) else ref.get("weight", "")):
+                    raise _fail(path, f"ffn.{part}", "must contain {e} (the expert index) in a moe FFN")
         act = ffn["activation"]
         if not (act in ACTIVATIONS or (isinstance(act, dict) and set(act) <= {"config", "default"})):
             raise _fail(path, "ffn.activation", f"is '{act}', expected one of {', '.join(ACTIVATIONS)}")
-        if ffn["kind"] == "glu" and "gate" not in ffn:
+        if (ffn["kind"] == "glu" or (ffn["kind"] == "moe" and ffn.get("expert_kind", "glu") == "glu")) \
+                and "gate" not in ffn:
             raise _fail(path, "ffn.gate", "is missing (a GLU FFN has a gate projection)")
         for part in ("up", "gate", "down"):
             if part in ffn:
@@ -350,17 +405,77 @@ def _tensor_ref(obj: Any) -> tuple[str, str | None]:
     return obj["weight"], obj.get("bias")
 
 
+def with_defaults(profile: Profile, config: dict) -> dict:
+    """config.json with the profile's `defaults` filled in where a key is absent or null.
+
+    Hub configs often omit values that equal the transformers defaults (Falcon-40B has no
+    `num_ln_in_parallel_attn`); the profile states them so that variants match as the model behaves.
+    """
+    out = dict(config)
+    for k, v in (profile.data.get("defaults") or {}).items():
+        if out.get(k) is None:
+            out[k] = v
+    return out
+
+
+def _matches(when: dict, config: dict) -> bool:
+    return all(config.get(k, None) == v for k, v in when.items())
+
+
 def effective_data(profile: Profile, config: dict) -> dict:
     """The profile with every variant whose `when` matches config.json applied, in order."""
+    config = with_defaults(profile, config)
     data = profile.data
     for variant in data.get("variants") or []:
-        if all(config.get(k, None) == v for k, v in variant["when"].items()):
+        if _matches(variant["when"], config):
             data = _apply_patch(data, variant["set"])
     return data
 
 
+def _activation(act: Any, config: dict) -> str:
+    """An activation name, or {config, default} read from config.json, in the profile's vocabulary."""
+    if isinstance(act, dict):
+        act = config.get(act["config"]) or act.get("default")
+        act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+               "swish": "silu"}.get(act, act)
+        if act not in ACTIVATIONS:
+            raise UserError(f"activation '{act}' of config.json is not supported; "
+                            f"supported: {', '.join(ACTIVATIONS)}")
+    return act
+
+
+def _ffn(f: dict, config: dict, profile: Profile) -> Ffn:
+    act = _activation(f["activation"], config)
+    fnorm = None if f.get("norm") in (None, "shared") else _norm(f["norm"], config, profile, "ffn.norm")
+    gate = _tensor_ref(f["gate"]) if f.get("gate") else None
+    up, down = _tensor_ref(f["up"]), _tensor_ref(f["down"])
+    if f["kind"] != "moe":
+        return Ffn(kind=f["kind"], activation=act, norm=fnorm, up=up, gate=gate, down=down, module=f["module"])
+    n = int(_config_value(config, f["experts"], "ffn.experts", profile) or 0)
+    top_k = int(_config_value(config, f["top_k"], "ffn.top_k", profile) or 0)
+    if n < 1 or not 1 <= top_k <= n:
+        raise UserError(f"config.json gives {n} experts and top_k {top_k} for profile {profile.name}; "
+                        f"need at least one expert and 1 <= top_k <= experts")
+    norm_topk = f.get("normalize_topk", True)
+    if isinstance(norm_topk, dict):
+        norm_topk = config.get(norm_topk["config"], norm_topk.get("default", True))
+
+    def expand(ref: tuple[str, str | None] | None, e: int) -> tuple[str, str | None] | None:
+        return None if ref is None else (ref[0].replace("{e}", str(e)), ref[1] and ref[1].replace("{e}", str(e)))
+
+    experts = tuple(Expert(kind=f.get("expert_kind", "glu"), up=expand(up, e), gate=expand(gate, e),
+                           down=expand(down, e)) for e in range(n))
+    return Ffn(kind="moe", activation=act, norm=fnorm, up=up, gate=gate, down=down, module=f["module"],
+               experts=experts, router=_tensor_ref(f["router"]), top_k=top_k, normalize_topk=bool(norm_topk))
+
+
 def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> ModelSpec:
     """Resolve a profile against config.json into concrete sizes and names."""
+    config = with_defaults(profile, config)
+    for entry in profile.data.get("refuse") or []:
+        if _matches(entry["when"], config):
+            what = ", ".join(f"{k}={json.dumps(v)}" for k, v in entry["when"].items())
+            raise UserError(f"{profile.name} with {what} cannot be precompiled: {entry['reason']}")
     data = effective_data(profile, config)
     sizes = data["sizes"]
 
@@ -396,21 +511,7 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
             scale = float(config.get(s["config"], 1.0))
         else:
             scale = float(s["value"])
-    ffn = None
-    if data.get("ffn"):
-        f = data["ffn"]
-        act = f["activation"]
-        if isinstance(act, dict):
-            act = config.get(act["config"], act.get("default"))
-            act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-                   "swish": "silu"}.get(act, act)
-            if act not in ACTIVATIONS:
-                raise UserError(f"activation '{act}' of config.json is not supported; "
-                                f"supported: {', '.join(ACTIVATIONS)}")
-        fnorm = None if f.get("norm") in (None, "shared") else _norm(f["norm"], config, profile, "ffn.norm")
-        ffn = Ffn(kind=f["kind"], activation=act, norm=fnorm, up=_tensor_ref(f["up"]),
-                  gate=_tensor_ref(f["gate"]) if f.get("gate") else None, down=_tensor_ref(f["down"]),
-                  module=f["module"])
+    ffn = _ffn(data["ffn"], config, profile) if data.get("ffn") else None
     projections = []
     for p in data["projections"]:
         when = p.get("bias_when", True)
@@ -418,20 +519,24 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
         projections.append(Projection(role=p["role"], weight=p["weight"], bias=p.get("bias"),
                                       bias_required=required and p.get("bias") is not None,
                                       module=p["module"], heads_interleaved=bool(p.get("heads_interleaved"))))
+    qk_norms = {role: _norm(n, config, profile, f"qk_norm.{role}") for role, n in (data.get("qk_norm") or {}).items()}
+    if qk_norms and any(p.role == "qkv" for p in projections):
+        raise UserError(f"profile {profile.name}: qk_norm needs separate q and k projections; fix the YAML")
     attn_norm = _norm(data["attn_norm"], config, profile, "attn_norm")
     emb_norm = _norm(emb.get("norm"), config, profile, "embedding.norm")
     identity = [m for m in (emb_norm.module if emb_norm else None, attn_norm.module) if m]
     if block == "parallel" and ffn is not None and ffn.norm is not None and ffn.norm.module:
         identity.append(ffn.norm.module)
+    identity += [n.module for n in qk_norms.values() if n.module]
     inter = size("intermediate_size", required=False)
     n_exp = size("n_experts", required=False)
     return ModelSpec(
         profile=profile.name, block=block, hidden_size=d, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
         vocab_size=int(size("vocab_size")), n_layers=int(size("n_layers")),
         intermediate_size=int(inter) if inter is not None else None,
-        n_experts=int(n_exp) if n_exp else 1, ffn_kind=(data.get("ffn") or {}).get("kind", "glu"),
+        n_experts=len(ffn.experts) if ffn is not None and ffn.experts else (int(n_exp) if n_exp else 1), ffn_kind=(data.get("ffn") or {}).get("kind", "glu"),
         tied=tied, embedding_tensor=emb["tensor"], embedding_module=emb["module"], embedding_scale=scale,
         embedding_norm=emb_norm, attn_norm=attn_norm,
         projections=tuple(projections), attention_module=data["attention_module"], ffn=ffn,
-        identity_modules=tuple(identity),
+        identity_modules=tuple(identity), qk_norms=qk_norms,
     )

@@ -36,6 +36,37 @@ FAMILIES: dict[str, dict] = {
                     num_experts_per_tok=2, **_COMMON),
     "qwen2": dict(model_type="qwen2", num_key_value_heads=2, tie_word_embeddings=False, **_COMMON),
     "gemma": dict(model_type="gemma", num_key_value_heads=1, head_dim=32, tie_word_embeddings=True, **_COMMON),
+    # parallel blocks and the families of issue #4
+    "gpt_neox": dict(model_type="gpt_neox", use_parallel_residual=True, tie_word_embeddings=False, **_COMMON),
+    "gpt_neox_serial": dict(model_type="gpt_neox", use_parallel_residual=False, tie_word_embeddings=False,
+                            **_COMMON),
+    "gptj": dict(model_type="gptj", rotary_dim=8, n_inner=96, tie_word_embeddings=False,
+                 **{k: v for k, v in _COMMON.items() if k != "intermediate_size"}),
+    "phi": dict(model_type="phi", qk_layernorm=False, tie_word_embeddings=False, **_COMMON),
+    "phi_qk": dict(model_type="phi", qk_layernorm=True, num_key_value_heads=2, tie_word_embeddings=False,
+                   **_COMMON),
+    # Falcon-7B style: parallel, one LayerNorm, multi-query, RoPE
+    "falcon": dict(model_type="falcon", parallel_attn=True, multi_query=True, new_decoder_architecture=False,
+                   alibi=False, ffn_hidden_size=96, tie_word_embeddings=True,
+                   **{k: v for k, v in _COMMON.items() if k != "intermediate_size"}),
+    # Falcon-40B style: new decoder architecture, grouped kv heads, ln_attn + ln_mlp
+    "falcon_new": dict(model_type="falcon", parallel_attn=True, new_decoder_architecture=True, num_kv_heads=2,
+                       num_ln_in_parallel_attn=2, alibi=False, ffn_hidden_size=96, bias=True,
+                       tie_word_embeddings=True, **{k: v for k, v in _COMMON.items() if k != "intermediate_size"}),
+    # new decoder architecture with one shared LayerNorm
+    "falcon_new_1ln": dict(model_type="falcon", parallel_attn=True, new_decoder_architecture=True, num_kv_heads=1,
+                           num_ln_in_parallel_attn=1, alibi=False, ffn_hidden_size=96, tie_word_embeddings=True,
+                           **{k: v for k, v in _COMMON.items() if k != "intermediate_size"}),
+    # Falcon-RW style: serial block, ALiBi, multi-head, biases
+    "falcon_alibi": dict(model_type="falcon", parallel_attn=False, multi_query=False, new_decoder_architecture=False,
+                         alibi=True, bias=True, ffn_hidden_size=96, tie_word_embeddings=True,
+                         **{k: v for k, v in _COMMON.items() if k != "intermediate_size"}),
+    "cohere": dict(model_type="cohere", num_key_value_heads=2, use_qk_norm=True, tie_word_embeddings=True,
+                   logit_scale=0.5, **_COMMON),
+    # not in configs/: converted with a profile written by a test (per-head q/k RMSNorms)
+    "qwen3": dict(model_type="qwen3", num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, **_COMMON),
+    "bloom": dict(model_type="bloom", tie_word_embeddings=True,
+                  **{k: v for k, v in _COMMON.items() if k not in ("intermediate_size", "max_position_embeddings")}),
 }
 
 
@@ -46,13 +77,19 @@ def make_config(family: str, **overrides):
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Large random weights; norm weights near their identity (1, or 0 for Gemma's 1 + w)."""
+    """Large random weights; norm weights near their identity (1, or 0 for Gemma's 1 + w).
+
+    Norms are found by module class (LayerNorm, RMSNorm, CohereLayerNorm, ...), not by name, so that
+    GPT-J's `ln_1`, Falcon's `ln_attn` and Cohere's per-head [heads, head_dim] q/k norm weights count.
+    """
     g = torch.Generator().manual_seed(seed)
     offset_norm = model.config.model_type in ("gemma",)
+    norm_weights = {f"{m_name}.weight" if m_name else "weight" for m_name, m in model.named_modules()
+                    if "norm" in type(m).__name__.lower()}
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * 0.15
-            if "norm" in name and p.dim() == 1 and name.endswith("weight"):
+            if name in norm_weights:
                 p.copy_(noise + (0.0 if offset_norm else 1.0))
             else:
                 p.copy_(noise)
