@@ -287,7 +287,8 @@ def plan_model(source: str, *, profile: str | None = None, assume_parallel: bool
     """The paper's figures for SOURCE (hub id, model dir, converted OUT_DIR or config.json path).
 
     With local weights (and no --assume-parallel, which describes a model that does not exist) the
-    result also holds `exact`: byte figures from the real tensors, as `convert` would write them.
+    result also holds `exact`: byte figures from the real tensors, as `convert` would write them (or
+    `exact_unavailable`: why the weights could not be read).
     """
     batch_sizes = tuple(batch_sizes)
     if not batch_sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in batch_sizes):
@@ -308,7 +309,10 @@ def plan_model(source: str, *, profile: str | None = None, assume_parallel: bool
     if weights is not None and not assume_parallel:
         from .convert import plan_conversion
 
-        out["exact"] = exact_figures(plan_conversion(str(weights), profile=profile), batch_sizes)
+        try:
+            out["exact"] = exact_figures(plan_conversion(str(weights), profile=profile), batch_sizes)
+        except UserError as e:  # e.g. a partial download: the config's figures still stand
+            out["exact_unavailable"] = str(e)
     return out
 
 
@@ -388,6 +392,8 @@ def to_text(r: dict[str, Any]) -> str:
     for row in [head] + rows:
         line = f"  {row[0]:<{w0}}  {row[1]:<{w1}}" + (f"  {row[2]}" if has_exact else "")
         lines.append(line.rstrip())
+    if "exact_unavailable" in r:
+        lines.append(f"no exact column: {r['exact_unavailable']}")
     return "\n".join(lines)
 
 

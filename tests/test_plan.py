@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from safetensors import safe_open
 
 import tiny
 from conftest import run_cli, tree_snapshot
 from precompile import UserError, convert
+from precompile.cli import main
 from precompile.plan import parse_batch_sizes, plan_model
 
 # Published config.json values and parameter counts of real models (copied from shared/reference).
@@ -72,6 +75,11 @@ MISTRAL = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hi
            "intermediate_size": 14336, "vocab_size": 32000, "rms_norm_eps": 1e-5, "hidden_act": "silu",
            "tie_word_embeddings": False}
 MIXTRAL = {**MISTRAL, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": 8}
+
+
+def invoke(*args):
+    """The CLI in-process (a subprocess costs seconds of imports); run_cli covers the real entry point."""
+    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def write(path: Path, data) -> Path:
@@ -213,9 +221,20 @@ def test_hub_id_needs_only_config_json(tmp_path):
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     assert data["source_kind"] == "hub" and data["eliminated_weights"] == 25_165_824
-    missing = run_cli("plan", "org/other", env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
-    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
-    assert "HF_HUB_OFFLINE" in missing.stderr
+
+
+def test_local_dirs_without_complete_weights(checkpoint, tmp_path):
+    only_config = tmp_path / "cfg"
+    only_config.mkdir()
+    write(only_config / "config.json", MISTRAL)
+    r = plan_model(str(only_config))
+    assert r["source_kind"] == "local" and "exact" not in r and r["eliminated_weights"] == 25_165_824
+    partial = tiny.copy_tree(checkpoint("llama"), tmp_path / "partial")
+    next(partial.glob("model-0000[2-9]-*.safetensors")).unlink()
+    r = plan_model(str(partial))
+    assert "exact" not in r and "missing or incomplete model files" in r["exact_unavailable"]
+    with pytest.raises(UserError, match="--revision applies to hub ids"):
+        plan_model(str(partial), revision="main")
 
 
 def tensor_bytes(path: Path) -> dict[str, int]:
@@ -279,34 +298,30 @@ def test_exact_bytes_of_a_tied_model(checkpoint):
 def test_markdown_and_plot(tmp_path, checkpoint):
     src = checkpoint("llama")
     png = tmp_path / "plan.png"
-    res = run_cli("plan", src, "--markdown", "--plot", png, "--batch-sizes", "4,1")
-    assert res.returncode == 0, res.stderr
+    res = invoke("plan", src, "--markdown", "--plot", png, "--batch-sizes", "4,1")
+    assert res.exit_code == 0, res.output
     rows = [line for line in res.stdout.splitlines() if line.startswith("|")]
     assert rows[0].count("|") == 4  # quantity, paper, exact
     assert any(line.startswith("| batch 1: ") for line in rows) and any("| batch 4: " in line for line in rows)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plot_without_matplotlib(tmp_path):
-    blocker = tmp_path / "block" / "matplotlib"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text("raise ImportError('blocked for the test')\n")
+def test_plot_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     cfg = write(tmp_path / "config.json", MISTRAL)
-    from conftest import ROOT
-
-    res = run_cli("plan", cfg, "--plot", tmp_path / "x.png", env={"PYTHONPATH": f"{tmp_path / 'block'}:{ROOT}"})
-    assert res.returncode == 2, res.stderr
+    res = invoke("plan", cfg, "--plot", tmp_path / "x.png")
+    assert res.exit_code == 2, res.output
     assert res.stderr.strip().splitlines() == [
         "error: --plot needs matplotlib, which is not installed; pip install 'precompile[plot]'"]
     assert not (tmp_path / "x.png").exists()
 
 
 def test_profiles_command():
-    res = run_cli("profiles")
-    assert res.returncode == 0, res.stderr
+    res = invoke("profiles")
+    assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
     assert lines[0].split() == ["ARCHITECTURE", "PROFILE", "BLOCK", "MODEL", "TYPES"]
-    rows = {line.split()[0]: line.split()[1:3] for line in lines[1:] if line.endswith(tuple("abcdefghijklmnopqrstuvwxyz0123456789_")) and "ForCausalLM" in line}
+    rows = {cols[0]: cols[1:3] for cols in map(str.split, lines[1:]) if cols and cols[0].endswith("ForCausalLM")}
     assert rows["LlamaForCausalLM"] == ["llama", "serial"]
     assert rows["MixtralForCausalLM"] == ["mixtral", "serial"]
     assert "gpt2" in res.stdout  # refused types are named
@@ -338,8 +353,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case, args, expect):
     extra = ["--batch-sizes", "1,,2"] if case == "batch" else []
     if case == "missing":
         cfg = tmp_path / "nope" / "config.json"
-    res = run_cli("plan", cfg, *extra, "--json", tmp_path / "out.json")
-    assert res.returncode == 2, (res.stdout, res.stderr)
+    res = invoke("plan", cfg, *extra, "--json", tmp_path / "out.json")
+    assert res.exit_code == 2, res.output
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], lines
     assert "Traceback" not in res.stderr and not (tmp_path / "out.json").exists()
