@@ -336,6 +336,10 @@ def _bytes(x: int) -> str:
     return f"{x:,} B"
 
 
+def _x(x: float) -> str:
+    return f"{x:,.0f}x" if x >= 10 else f"{x:.1f}x"
+
+
 def _pct(x: float) -> str:
     return f"{x * 100:+.1f}%" if x else "0%"
 
@@ -362,8 +366,8 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     for b in r["batches"]:
         e = exb.get(b["batch"])
         rows.append((f"batch {b['batch']}: reads without -> with",
-                     f"{_n(b['reads_without'])} -> {_n(b['reads_with'])} ({b['reduction']:,.0f}x)",
-                     f"{_n(e['reads_without_bytes'])} B -> {_n(e['reads_with_bytes'])} B ({e['reduction']:,.0f}x)"
+                     f"{_n(b['reads_without'])} -> {_n(b['reads_with'])} ({_x(b['reduction'])})",
+                     f"{_n(e['reads_without_bytes'])} B -> {_n(e['reads_with_bytes'])} B ({_x(e['reduction'])})"
                      if e else ""))
     rows += [
         ("memory increase (table)", "+" + _n(r["memory_increase"]),
