@@ -14,10 +14,13 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 from .profiles import ModelSpec, builtin_profiles, resolve, select_profile
+
+if TYPE_CHECKING:  # convert imports torch and transformers: plans from a config need neither
+    from .convert import ConversionPlan
 
 DEFAULT_BATCH_SIZES = (1, 16, 256, 1024)
 MANIFEST = "precompile.json"  # the converted OUT_DIR's manifest (loader.MANIFEST)
@@ -121,7 +124,7 @@ def figures(s: Sizes, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> dic
 
 # --- exact figures from the real tensors -----------------------------------------------------------------------
 
-def output_files(conv) -> dict[str, int]:
+def output_files(conv: ConversionPlan) -> dict[str, int]:
     """The exact size in bytes of every weight file a conversion writes (headers included)."""
     import torch
 
@@ -147,7 +150,7 @@ def output_files(conv) -> dict[str, int]:
     return files
 
 
-def exact_figures(conv, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> dict[str, Any]:
+def exact_figures(conv: ConversionPlan, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> dict[str, Any]:
     """Byte figures of a planned conversion (`convert.plan_conversion`): what the files really hold."""
     import torch
 
