@@ -140,20 +140,81 @@ def batch(zoo, out_root, shard, jobs, memory_budget, verify_all, report_path, ju
 
 
 def _dry_run_files(plan) -> str:
-    from .layout import TABLE_FILE
+    from .plan import output_files
 
+    files = output_files(plan)
     lines = ["reads: " + ", ".join(plan.read_tensors),
              "eliminates: " + (", ".join(plan.layout.eliminated) or "nothing"),
-             "writes:", f"  {TABLE_FILE}  {plan.table_bytes:,} bytes (table)"]
+             "would write (file sizes exact, headers included):"]
+    actions = {s.out_file: f"{s.action} of {s.source_file}" for s in plan.shards if s.out_file}
+    for name, size in files.items():
+        lines.append(f"  {name}  {size:,} bytes ({actions.get(name, 'table')})")
     for s in plan.shards:
         if s.out_file is None:
             lines.append(f"  (drops {s.source_file}: every tensor in it is eliminated)")
-        else:
-            lines.append(f"  {s.out_file}  {s.out_bytes:,} bytes ({s.action} of {s.source_file})")
     lines.append(f"  + index, config.json, precompile.json, precompile_loader.py, {len(plan.carried)} tokenizer/"
                  f"generation files")
-    lines.append(f"total weights: {plan.out_bytes:,} bytes")
+    lines.append(f"total: {sum(files.values()):,} bytes in weight files; tensor data {plan.out_bytes:,} bytes")
+    lines.append("nothing written (--dry-run)")
     return "\n".join(lines)
+
+
+@main.command()
+@click.argument("source")
+@click.option("--batch-sizes", default="1,16,256,1024", show_default=True,
+              help="Comma-separated batch sizes (tokens) for the read-reduction figures.")
+@click.option("--assume-parallel", is_flag=True, help="Size the model as if its blocks were parallel (the paper's "
+              "hypothetical Mixtral column).")
+@click.option("--profile", "profile_path", type=click.Path(), help="Architecture profile YAML (default: chosen "
+              "from config.json).")
+@click.option("--revision", help="Hub revision (branch, tag or commit) for a hub SOURCE.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write every figure as one JSON object to FILE ('-': stdout).")
+@click.option("--markdown", is_flag=True, help="Print a Markdown table for a model card.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Draw reduction vs batch size and the memory change to FILE.png (needs matplotlib).")
+def plan(source, batch_sizes, assume_parallel, profile_path, revision, json_path, markdown, plot_path):
+    """What precomputing layer 0 buys SOURCE: the paper's figures, and exact bytes when the weights are local.
+
+    SOURCE: hub id (only config.json is downloaded), model directory, converted OUT_DIR or a config.json path.
+    """
+    import json
+
+    from .plan import parse_batch_sizes, plan_model, plot, to_markdown, to_text
+
+    result = plan_model(source, profile=profile_path, assume_parallel=assume_parallel,
+                        batch_sizes=parse_batch_sizes(batch_sizes), revision=revision)
+    if plot_path:
+        plot(result, plot_path)
+    text = json.dumps(result, indent=2, sort_keys=True) + "\n"
+    if json_path == "-":
+        click.echo(text, nl=False)
+        return
+    if json_path:
+        try:
+            with open(json_path, "w", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as e:
+            raise UserError(f"cannot write {json_path} ({e.strerror}); choose a writable path for --json") from None
+    click.echo(to_markdown(result) if markdown else to_text(result))
+
+
+@main.command()
+def profiles():
+    """List the supported architectures: class name, profile and block kind."""
+    from .plan import supported_architectures
+    from .profiles import refusals
+
+    rows = [(r["architecture"] or "-", r["profile"], r["block"], ", ".join(r["model_types"]))
+            for r in supported_architectures()]
+    head = ("ARCHITECTURE", "PROFILE", "BLOCK", "MODEL TYPES")
+    widths = [max(len(x[i]) for x in rows + [head]) for i in range(3)]
+    for row in [head] + rows:
+        click.echo("  ".join(f"{c:<{w}}" for c, w in zip(row, widths)) + "  " + row[3])
+    refused = sorted(refusals())
+    if refused:
+        click.echo(f"refused model types (the trick does not apply to them): {', '.join(refused)}")
+    click.echo("other architectures: write a profile (configs/README.md) and pass it with --profile")
 
 
 if __name__ == "__main__":

@@ -153,9 +153,7 @@ def plan_conversion(source: str, *, revision: str | None = None, profile: str | 
             continue
         size = sum(t.numel * torch.empty((), dtype=DTYPES[out_dtype_name if t.dtype in FLOAT_DTYPES else t.dtype])
                    .element_size() for t in keep)
-        action = "rewrite" if (gone or converts) else "share"
-        if action == "share":
-            size = (ckpt.root / fname).stat().st_size
+        action = "rewrite" if (gone or converts) else "share"  # out_bytes: tensor data, as index total_size
         shards.append(ShardPlan(fname, out_name, action, keep, gone, size))
     read = [spec.embedding_tensor] + layer0_tensor_names(spec, frozenset(ckpt.tensors))
     return ConversionPlan(src, config, prof, spec, layout, ckpt, model_dtype, COMPUTE_CHOICES[compute_dtype],

@@ -1,0 +1,469 @@
+"""`plan`: what precomputing layer 0 buys a model, in the paper's terms, before converting it.
+
+The paper's accounting (arXiv 2402.13388, section 2) needs only config.json: the sizes
+of layer 0 and the whole model. When the weights are local a second, exact column comes
+from the real tensors (biases, norm weights, tied embeddings, real dtypes, the table's
+real size), taken from the same `plan_conversion()` that `convert` runs, so the two
+cannot disagree.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UserError
+from .profiles import ModelSpec, builtin_profiles, resolve, select_profile
+
+if TYPE_CHECKING:  # convert imports torch and transformers: plans from a config need neither
+    from .convert import ConversionPlan
+
+DEFAULT_BATCH_SIZES = (1, 16, 256, 1024)
+MANIFEST = "precompile.json"  # the converted OUT_DIR's manifest (loader.MANIFEST)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The sizes the paper's formulas need, with the real head widths."""
+
+    block: str  # serial | parallel
+    attention: str  # MHA | MQA | GQA
+    d: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    q_width: int
+    e: int  # width of k and of v
+    n_layers: int
+    ffn_kind: str  # mlp | glu
+    ffn_hidden: int
+    n_experts: int
+    vocab_size: int
+
+    @property
+    def ffn_weights(self) -> int:
+        """One layer's FFN: MLP 2*d*hidden, GLU 3*d*hidden, times the experts."""
+        return (3 if self.ffn_kind == "glu" else 2) * self.d * self.ffn_hidden * self.n_experts
+
+
+def sizes_from_spec(spec: ModelSpec) -> Sizes:
+    """Sizes of a resolved profile; the FFN width is needed for the whole-model count."""
+    if not spec.intermediate_size:
+        raise UserError(f"config.json gives no FFN hidden size (intermediate_size) for profile {spec.profile}; "
+                        f"add it to config.json or pass a --profile whose sizes name the key")
+    return Sizes(block=spec.block, attention=spec.attention_kind, d=spec.hidden_size, n_heads=spec.num_heads,
+                 n_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, q_width=spec.q_width, e=spec.kv_width,
+                 n_layers=spec.n_layers, ffn_kind=spec.ffn_kind, ffn_hidden=spec.intermediate_size,
+                 n_experts=spec.n_experts, vocab_size=spec.vocab_size)
+
+
+# --- the paper's formulas (pure) -------------------------------------------------------------------------------
+
+def eliminated_weights(s: Sizes) -> int:
+    """Layer-0 weights no longer read: Q d*q_w, K and V 2*d*e, plus the FFN for a parallel block."""
+    return s.d * s.q_width + 2 * s.d * s.e + (s.ffn_weights if s.block == "parallel" else 0)
+
+
+def reads_with_per_token(s: Sizes) -> int:
+    """One table row: x (or x + FFN), q, k, v."""
+    return s.d + s.q_width + 2 * s.e
+
+
+def reads(s: Sizes, batch: int) -> tuple[int, int]:
+    """Layer-0 reads for a batch of B tokens: (without, with) precompute; weights are read once per batch."""
+    return batch * s.d + eliminated_weights(s), batch * reads_with_per_token(s)
+
+
+def total_weights(s: Sizes) -> int:
+    """The paper's whole-model count: per layer Q, O, K, V and FFN, plus embedding and LM head."""
+    per_layer = 2 * s.d * s.q_width + 2 * s.d * s.e + s.ffn_weights
+    return s.n_layers * per_layer + 2 * s.d * s.vocab_size
+
+
+def memory(s: Sizes) -> tuple[int, int]:
+    """(increase, decrease): the table adds q, k, v per vocabulary entry, layer 0 loses its eliminated weights."""
+    return (s.q_width + 2 * s.e) * s.vocab_size, eliminated_weights(s)
+
+
+def batch1_share_saved(s: Sizes) -> float:
+    """Share of a token's weight reads saved at batch 1: a token reads every layer and the LM head once,
+    but only one embedding row."""
+    without, with_ = reads(s, 1)
+    per_token = total_weights(s) - s.d * s.vocab_size + s.d
+    return (without - with_) / per_token
+
+
+def figures(s: Sizes, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> dict[str, Any]:
+    """Every figure of the paper's table for one model, as JSON-ready values (integers exact)."""
+    inc, dec = memory(s)
+    total = total_weights(s)
+    batches = []
+    for b in batch_sizes:
+        without, with_ = reads(s, b)
+        batches.append({"batch": b, "reads_without": without, "reads_with": with_, "reduction": without / with_})
+    return {
+        **asdict(s),
+        "eliminated_weights": eliminated_weights(s),
+        "eliminated": {"q": s.d * s.q_width, "k": s.d * s.e, "v": s.d * s.e,
+                       "ffn": s.ffn_weights if s.block == "parallel" else 0},
+        "reads_with_per_token": reads_with_per_token(s),
+        "batches": batches,
+        "memory_increase": inc,
+        "memory_decrease": dec,
+        "memory_delta": inc - dec,
+        "total_weights": total,
+        "memory_delta_relative": (inc - dec) / total,
+        "ceiling": 1 / s.n_layers,
+        "batch1_reads_saved": batch1_share_saved(s),
+    }
+
+
+# --- exact figures from the real tensors -----------------------------------------------------------------------
+
+def output_files(conv: ConversionPlan) -> dict[str, int]:
+    """The exact size in bytes of every weight file a conversion writes (headers included)."""
+    import torch
+
+    from .layout import TABLE_FILE
+    from .tensors import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, write_header
+
+    lay = conv.layout
+    table_entry = (lay.tensor_name, DTYPE_NAMES[conv.model_dtype], (lay.vocab_size, lay.width), conv.table_bytes)
+    files = {TABLE_FILE: write_header(io.BytesIO(), [table_entry], {"format": "pt"}) + conv.table_bytes}
+    out_dtype = DTYPE_NAMES[conv.model_dtype]
+    for sh in conv.shards:
+        if sh.out_file is None:
+            continue
+        if sh.action == "share":
+            files[sh.out_file] = (conv.checkpoint.root / sh.source_file).stat().st_size
+            continue
+        entries = []
+        for t in sorted(sh.keep, key=lambda t: t.start):
+            dt = out_dtype if t.dtype in FLOAT_DTYPES else t.dtype
+            entries.append((t.name, dt, t.shape, t.numel * torch.empty((), dtype=DTYPES[dt]).element_size()))
+        data = sum(e[3] for e in entries)
+        files[sh.out_file] = write_header(io.BytesIO(), entries, conv.checkpoint.metadata[sh.source_file]) + data
+    return files
+
+
+def exact_figures(conv: ConversionPlan, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> dict[str, Any]:
+    """Byte figures of a planned conversion (`convert.plan_conversion`): what the files really hold."""
+    import torch
+
+    from .tensors import DTYPES, FLOAT_DTYPES
+
+    spec, lay, ckpt = conv.spec, conv.layout, conv.checkpoint
+    es = torch.empty((), dtype=conv.model_dtype).element_size()
+
+    def out_bytes(t) -> int:
+        dt = conv.model_dtype if t.dtype in FLOAT_DTYPES else DTYPES[t.dtype]
+        return t.numel * torch.empty((), dtype=dt).element_size()
+
+    gone = [ckpt.info(n) for n in lay.eliminated]
+    layer0 = [t for t in gone if t.name != spec.embedding_tensor]
+    emb = ckpt.info(spec.embedding_tensor)
+    emb_row = spec.hidden_size * (emb.nbytes // max(emb.numel, 1))
+    row_with = lay.width * es + (0 if lay.x_in_table else emb_row)
+    layer0_bytes = sum(t.nbytes for t in layer0)
+    source_bytes = sum(t.nbytes for t in ckpt.tensors.values())
+    kept = [t for t in ckpt.tensors.values() if t.name not in set(lay.eliminated)]
+    output_bytes = conv.table_bytes + sum(out_bytes(t) for t in kept)
+    batches = []
+    for b in batch_sizes:
+        without, with_ = b * emb_row + layer0_bytes, b * row_with
+        batches.append({"batch": b, "reads_without_bytes": without, "reads_with_bytes": with_,
+                        "reduction": without / with_})
+    return {
+        "dtype": str(conv.model_dtype).removeprefix("torch."),
+        "tied": spec.tied,
+        "embedding_kept": lay.keep_embedding,
+        "x_in_table": lay.x_in_table,
+        "table_shape": [lay.vocab_size, lay.width],
+        "table_bytes": conv.table_bytes,
+        "eliminated_tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes}
+                               for t in gone],
+        "eliminated_weights": sum(t.numel for t in gone),
+        "eliminated_bytes": sum(t.nbytes for t in gone),
+        "layer0_eliminated_weights": sum(t.numel for t in layer0),
+        "reads_with_per_token_bytes": row_with,
+        "batches": batches,
+        "source_weight_bytes": source_bytes,
+        "output_weight_bytes": output_bytes,
+        "memory_delta_bytes": output_bytes - source_bytes,
+        "memory_delta_relative": (output_bytes - source_bytes) / source_bytes,
+        "files": output_files(conv),
+    }
+
+
+# --- sources ---------------------------------------------------------------------------------------------------
+
+def _read_json_file(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); pass a config.json") from None
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror}); check the path and its permissions") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object; pass a config.json")
+    return data
+
+
+def _hub_config(repo_id: str, revision: str | None) -> Path:
+    """Only config.json of a hub repo (from the HF cache when offline)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    try:  # LocalEntryNotFoundError is an EntryNotFoundError: it must be caught first
+        return Path(hf_hub_download(repo_id, "config.json", revision=revision))
+    except GatedRepoError:
+        raise UserError(f"{repo_id} is gated; accept its licence on the hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{repo_id} not found on the hub; check the repo id, or set HF_TOKEN for a private "
+                        f"repo") from None
+    except RevisionNotFoundError:
+        raise UserError(f"revision {revision} of {repo_id} not found; check --revision") from None
+    except LocalEntryNotFoundError:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        hint = ("its config.json is not in the HF cache and HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE or pass "
+                "a local config.json" if offline else "the hub cannot be reached and its config.json is not in "
+                "the HF cache; check the network")
+        raise UserError(f"{repo_id}{'@' + revision if revision else ''}: {hint}") from None
+    except EntryNotFoundError:
+        raise UserError(f"{repo_id} has no config.json; it is not a transformers model") from None
+    except OSError as e:
+        raise UserError(f"{repo_id}: download of config.json failed ({e}); check the network and HF_TOKEN") from None
+
+
+def _has_weights(root: Path) -> bool:
+    from .tensors import INDEX_NAME, SINGLE_NAME
+
+    return (root / SINGLE_NAME).exists() or (root / INDEX_NAME).exists()
+
+
+def load_config(source: str, revision: str | None = None) -> tuple[dict, str, Path | None]:
+    """(config, kind, weights directory or None) for a hub id, model dir, converted OUT_DIR or config file.
+
+    kind is one of "hub", "local", "config", "converted".
+    """
+    from .source import is_hub_id, read_config
+
+    p = Path(source).expanduser()
+    if p.exists() and revision is not None:
+        raise UserError(f"--revision applies to hub ids, but SOURCE {source} is a local path; drop it")
+    if p.is_file():
+        return _read_json_file(p), "config", None
+    if p.is_dir():
+        manifest = p / MANIFEST
+        if manifest.exists():
+            cfg = _read_json_file(manifest).get("source", {}).get("config")
+            if not isinstance(cfg, dict):
+                raise UserError(f"{manifest} has no source.config; the conversion is damaged, convert it again")
+            return cfg, "converted", None
+        config = read_config(p.resolve())
+        return config, "local", (p.resolve() if _has_weights(p) else None)
+    if not is_hub_id(source):
+        raise UserError(f"SOURCE {source} not found: no such file or directory, and it is not a hub repo id "
+                        f"(org/name)")
+    return _read_json_file(_hub_config(source, revision)), "hub", None
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """'1,16,256' -> (1, 16, 256): positive integers, sorted, without repeats."""
+    out = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 1:
+            raise UserError(f"--batch-sizes '{text}': '{part}' is not a positive integer; pass a comma-separated "
+                            f"list such as 1,16,256,1024")
+        out.add(int(part))
+    return tuple(sorted(out))
+
+
+def plan_model(source: str, *, profile: str | None = None, assume_parallel: bool = False,
+               batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES, revision: str | None = None) -> dict[str, Any]:
+    """The paper's figures for SOURCE (hub id, model dir, converted OUT_DIR or config.json path).
+
+    With local weights (and no --assume-parallel, which describes a model that does not exist) the
+    result also holds `exact`: byte figures from the real tensors, as `convert` would write them (or
+    `exact_unavailable`: why the weights could not be read).
+    """
+    batch_sizes = tuple(batch_sizes)
+    if not batch_sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in batch_sizes):
+        raise UserError(f"batch sizes {list(batch_sizes)} must be positive integers; pass e.g. 1,16,256,1024")
+    config, kind, weights = load_config(source, revision)
+    prof = select_profile(config, profile)
+    spec = resolve(prof, config, assume_parallel=assume_parallel)
+    s = sizes_from_spec(spec)
+    out: dict[str, Any] = {
+        "source": source,
+        "source_kind": kind,
+        "profile": prof.name,
+        "architecture": (config.get("architectures") or [None])[0],
+        "model_type": config.get("model_type"),
+        "assume_parallel": assume_parallel,
+        **figures(s, batch_sizes),
+    }
+    if weights is not None and not assume_parallel:
+        from .convert import plan_conversion
+
+        try:
+            out["exact"] = exact_figures(plan_conversion(str(weights), profile=profile), batch_sizes)
+        except UserError as e:  # e.g. a partial download: the config's figures still stand
+            out["exact_unavailable"] = str(e)
+    return out
+
+
+# --- presentation ----------------------------------------------------------------------------------------------
+
+def _n(x: int) -> str:
+    return f"{x:,}"
+
+
+def _short(x: int) -> str:
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= div:
+            return f"{x / div:.1f}{unit}"
+    return str(x)
+
+
+def _bytes(x: int) -> str:
+    for div, unit in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if abs(x) >= div:
+            return f"{x:,} B ({x / div:.1f} {unit})"
+    return f"{x:,} B"
+
+
+def _x(x: float) -> str:
+    return f"{x:,.0f}x" if x >= 10 else f"{x:.1f}x"
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:+.1f}%" if x else "0%"
+
+
+def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(quantity, paper's count, exact from the weights) rows shared by the text and markdown views."""
+    ex = r.get("exact")
+    ffn = f"{r['ffn_kind'].upper()}, hidden {_n(r['ffn_hidden'])}" + (
+        f", {r['n_experts']} experts" if r["n_experts"] > 1 else "")
+    rows = [
+        ("block", r["block"] + (" (assumed)" if r["assume_parallel"] else ""), ""),
+        ("attention", f"{r['attention']}: {r['n_heads']} heads, {r['n_kv_heads']} kv heads, head_dim {r['head_dim']}",
+         ""),
+        ("d / q width / e (k, v width)", f"{r['d']} / {r['q_width']} / {r['e']}", ""),
+        ("layers / vocab", f"{r['n_layers']} / {_n(r['vocab_size'])}", ""),
+        ("FFN", ffn, ""),
+        ("weights eliminated (layer 0)", _n(r["eliminated_weights"]),
+         f"{_n(ex['eliminated_weights'])} in {len(ex['eliminated_tensors'])} tensors, "
+         f"{_bytes(ex['eliminated_bytes'])}" if ex else ""),
+        ("reads per token with precompute", _n(r["reads_with_per_token"]),
+         _bytes(ex["reads_with_per_token_bytes"]) if ex else ""),
+    ]
+    exb = {b["batch"]: b for b in ex["batches"]} if ex else {}
+    for b in r["batches"]:
+        e = exb.get(b["batch"])
+        rows.append((f"batch {b['batch']}: reads without -> with",
+                     f"{_n(b['reads_without'])} -> {_n(b['reads_with'])} ({_x(b['reduction'])})",
+                     f"{_n(e['reads_without_bytes'])} B -> {_n(e['reads_with_bytes'])} B ({_x(e['reduction'])})"
+                     if e else ""))
+    rows += [
+        ("memory increase (table)", "+" + _n(r["memory_increase"]),
+         f"table {ex['table_shape'][0]:,} x {ex['table_shape'][1]:,} {ex['dtype']}: {_bytes(ex['table_bytes'])}"
+         if ex else ""),
+        ("memory decrease", "-" + _n(r["memory_decrease"]), "-" + _bytes(ex["eliminated_bytes"]) if ex else ""),
+        ("memory change", f"{r['memory_delta']:+,} ({_pct(r['memory_delta_relative'])})",
+         f"{ex['memory_delta_bytes']:+,} B ({_pct(ex['memory_delta_relative'])})" if ex else ""),
+        ("total weights", f"{_n(r['total_weights'])} ({_short(r['total_weights'])})",
+         f"{_bytes(ex['source_weight_bytes'])} -> {_bytes(ex['output_weight_bytes'])}" if ex else ""),
+        ("whole-model ceiling (1 layer of n)", f"1/{r['n_layers']} = {r['ceiling'] * 100:.1f}%", ""),
+        ("token weight reads saved, batch 1", f"{r['batch1_reads_saved'] * 100:.2f}%", ""),
+    ]
+    if ex:
+        rows.append(("embedding", "", "kept for the tied LM head" if ex["embedding_kept"] else "replaced by the table"))
+    return rows
+
+
+def to_text(r: dict[str, Any]) -> str:
+    rows = table_rows(r)
+    has_exact = "exact" in r
+    head = ("", "paper's count (weights)", "exact (bytes, from the tensors)" if has_exact else "")
+    w0 = max(len(x[0]) for x in rows + [head])
+    w1 = max(len(x[1]) for x in rows + [head])
+    lines = [f"{r['source']} (profile {r['profile']})"]
+    for row in [head] + rows:
+        line = f"  {row[0]:<{w0}}  {row[1]:<{w1}}" + (f"  {row[2]}" if has_exact else "")
+        lines.append(line.rstrip())
+    if "exact_unavailable" in r:
+        lines.append(f"no exact column: {r['exact_unavailable']}")
+    return "\n".join(lines)
+
+
+def to_markdown(r: dict[str, Any]) -> str:
+    """A table to paste into a model card."""
+    has_exact = "exact" in r
+    head = ["", "paper's count (weights)"] + (["exact (bytes)"] if has_exact else [])
+    lines = [f"Precomputing the first layer (arXiv 2402.13388) of `{r['source']}`:", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for q, paper, exact in table_rows(r):
+        cells = [q, paper] + ([exact] if has_exact else [])
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(r: dict[str, Any], path: str | os.PathLike) -> None:
+    """Reduction factor against batch size (log-log) beside the memory change (matplotlib, optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib, which is not installed; pip install 'precompile[plot]'") from None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [x["batch"] for x in r["batches"]]
+    a.loglog(xs, [x["reduction"] for x in r["batches"]], "o-", label="paper's count")
+    if "exact" in r:
+        a.loglog(xs, [x["reduction"] for x in r["exact"]["batches"]], "s--", label="exact bytes")
+        a.legend()
+    a.set_xlabel("batch size (tokens)")
+    a.set_ylabel("layer-0 read reduction (x)")
+    a.set_title("memory reads of layer 0")
+    a.grid(True, which="both", alpha=0.3)
+    vals = [r["memory_increase"], -r["memory_decrease"], r["memory_delta"]]
+    b.bar(["increase (table)", "decrease", "change"], vals, color=["tab:red", "tab:green", "tab:blue"])
+    b.axhline(0, color="black", linewidth=0.8)
+    b.set_ylabel("weights")
+    b.set_title(f"memory: {_pct(r['memory_delta_relative'])} of {_short(r['total_weights'])}")
+    fig.suptitle(f"{r['source']} ({r['block']} block, {r['attention']})")
+    fig.tight_layout()
+    try:
+        fig.savefig(path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror}); choose a writable path for --plot") from None
+    finally:
+        plt.close(fig)
+
+
+def supported_architectures() -> list[dict[str, Any]]:
+    """One entry per architecture class of the built-in profiles, with its profile and block kind."""
+    out = []
+    for p in builtin_profiles():
+        blocks = {p.block}
+        for v in p.data.get("variants") or []:
+            if "block" in v["set"]:
+                blocks.add(v["set"]["block"])
+        block = p.block if len(blocks) == 1 else " or ".join(sorted(blocks)) + " (by config)"
+        for arch in p.architectures or [None]:
+            out.append({"architecture": arch, "profile": p.name, "block": block, "model_types": p.model_types,
+                        "description": p.data.get("description", "")})
+    return sorted(out, key=lambda x: (x["architecture"] or "", x["profile"]))
+
+
+__all__ = ["Sizes", "sizes_from_spec", "figures", "exact_figures", "output_files", "plan_model", "load_config",
+           "parse_batch_sizes", "to_text", "to_markdown", "plot", "supported_architectures"]

@@ -1,0 +1,387 @@
+"""`precompile plan` (the paper's accounting), `precompile profiles` and `convert --dry-run`.
+
+The paper's figures (arXiv 2402.13388, Table 1) must come out exactly from configs with the paper's
+parameters; real published configs check the whole-model count against the models' parameter counts;
+the exact column and the dry run are checked against the files of a real conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from safetensors import safe_open
+
+import tiny
+from conftest import run_cli, tree_snapshot
+from precompile import UserError, convert
+from precompile.cli import main
+from precompile.plan import parse_batch_sizes, plan_model
+
+# Published config.json values and parameter counts of real models (copied from shared/reference).
+REF = json.loads((Path(__file__).parent / "data" / "model_configs.json").read_text())
+
+# A minimal GPT-NeoX profile (parallel block, fused qkv, LayerNorm, two-layer MLP) for Pythia.
+GPT_NEOX_YAML = """
+name: gpt_neox_test
+match: {architectures: [GPTNeoXForCausalLM], model_types: [gpt_neox]}
+block: parallel
+sizes:
+  hidden_size: [hidden_size]
+  num_heads: [num_attention_heads]
+  vocab_size: [vocab_size]
+  n_layers: [num_hidden_layers]
+  intermediate_size: [intermediate_size]
+embedding: {tensor: gpt_neox.embed_in.weight, module: gpt_neox.embed_in}
+attn_norm:
+  kind: layer
+  weight: gpt_neox.layers.0.input_layernorm.weight
+  bias: gpt_neox.layers.0.input_layernorm.bias
+  eps: [layer_norm_eps]
+  module: gpt_neox.layers.0.input_layernorm
+projections:
+  - {role: qkv, weight: gpt_neox.layers.0.attention.query_key_value.weight,
+     bias: gpt_neox.layers.0.attention.query_key_value.bias, heads_interleaved: true,
+     module: gpt_neox.layers.0.attention.query_key_value}
+attention_module: gpt_neox.layers.0.attention
+ffn:
+  kind: mlp
+  activation: {config: hidden_act, default: gelu}
+  norm:
+    kind: layer
+    weight: gpt_neox.layers.0.post_attention_layernorm.weight
+    bias: gpt_neox.layers.0.post_attention_layernorm.bias
+    eps: [layer_norm_eps]
+    module: gpt_neox.layers.0.post_attention_layernorm
+  up: {weight: gpt_neox.layers.0.mlp.dense_h_to_4h.weight, bias: gpt_neox.layers.0.mlp.dense_h_to_4h.bias}
+  down: {weight: gpt_neox.layers.0.mlp.dense_4h_to_h.weight, bias: gpt_neox.layers.0.mlp.dense_4h_to_h.bias}
+  module: gpt_neox.layers.0.mlp
+variants:
+  - when: {use_parallel_residual: false}
+    set: {block: serial}
+"""
+
+# The paper's parameters (Pythia's vocab as the paper counts it: 50400).
+PYTHIA = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": 4096,
+          "num_hidden_layers": 32, "num_attention_heads": 32, "intermediate_size": 16384, "vocab_size": 50400,
+          "layer_norm_eps": 1e-5, "hidden_act": "gelu", "use_parallel_residual": True,
+          "tie_word_embeddings": False}
+MISTRAL = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "intermediate_size": 14336, "vocab_size": 32000, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+           "tie_word_embeddings": False}
+MIXTRAL = {**MISTRAL, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": 8}
+
+
+def invoke(*args):
+    """The CLI in-process (a subprocess costs seconds of imports); run_cli covers the real entry point."""
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def write(path: Path, data) -> Path:
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def neox_profile(tmp_path) -> Path:
+    return write(tmp_path / "gpt_neox.yaml", GPT_NEOX_YAML)
+
+
+def by_batch(result: dict) -> dict[int, dict]:
+    return {b["batch"]: b for b in result["batches"]}
+
+
+# --- the paper's table ----------------------------------------------------------------------------------------
+
+def test_pythia_reproduces_the_paper(tmp_path, neox_profile):
+    r = plan_model(str(write(tmp_path / "config.json", PYTHIA)), profile=str(neox_profile))
+    assert (r["block"], r["attention"], r["d"], r["head_dim"], r["q_width"], r["e"]) == \
+        ("parallel", "MHA", 4096, 128, 4096, 4096)
+    assert r["eliminated_weights"] == 184_549_376
+    assert r["reads_with_per_token"] == 16_384
+    b = by_batch(r)
+    assert (b[1]["reads_without"], b[1]["reads_with"]) == (184_553_472, 16_384)
+    assert [round(b[n]["reduction"]) for n in (1, 16, 256, 1024)] == [11_264, 704, 44, 11]
+    assert (r["memory_increase"], r["memory_decrease"], r["memory_delta"]) == (619_315_200, 184_549_376,
+                                                                               434_765_824)
+    assert round(r["memory_delta_relative"] * 100) == 6
+    assert round(r["total_weights"] / 1e8) == 69  # 6.9B by the paper's count
+    assert "exact" not in r  # a bare config has no weights
+
+
+def test_mistral_reproduces_the_paper(tmp_path):
+    r = plan_model(str(write(tmp_path / "config.json", MISTRAL)))
+    assert (r["block"], r["attention"], r["q_width"], r["e"]) == ("serial", "GQA", 4096, 1024)
+    assert r["eliminated_weights"] == 25_165_824
+    b = by_batch(r)
+    assert (b[1]["reads_without"], b[1]["reads_with"]) == (25_169_920, 10_240)
+    assert [round(b[n]["reduction"]) for n in (1, 16, 256, 1024)] == [2_458, 154, 10, 3]
+    assert (r["memory_increase"], r["memory_decrease"], r["memory_delta"]) == (196_608_000, 25_165_824,
+                                                                               171_442_176)
+    assert round(r["memory_delta_relative"] * 100) == 2
+    assert round(r["total_weights"] / 1e8) == 72
+    assert r["ceiling"] == 1 / 32
+    # at batch 1 a token reads every weight once, except that the embedding is one row
+    assert 0 < r["batch1_reads_saved"] < r["ceiling"]
+
+
+def test_mixtral_hypothetical_parallel_column(tmp_path):
+    cfg = str(write(tmp_path / "config.json", MIXTRAL))
+    serial = plan_model(cfg)
+    assert serial["eliminated_weights"] == 25_165_824  # serial: the MoE FFN stays
+    r = plan_model(cfg, assume_parallel=True)
+    assert r["block"] == "parallel" and r["assume_parallel"] is True
+    assert r["eliminated_weights"] == 25_165_824 + 8 * 3 * 4096 * 14336 == 1_434_451_968
+    assert r["memory_delta"] == 196_608_000 - 1_434_451_968
+    assert round(r["memory_delta_relative"] * 100) == -3
+    assert round(r["total_weights"] / 1e9, 1) == 46.7
+    assert [round(b["reduction"]) for b in r["batches"]] == [140_084, 8_756, 548, 137]
+
+
+def test_cli_json_matches_the_library(tmp_path, neox_profile):
+    cfg = write(tmp_path / "pythia.json", PYTHIA)
+    out = tmp_path / "plan.json"
+    res = run_cli("plan", cfg, "--profile", neox_profile, "--json", out, "--batch-sizes", "1,16,256,1024")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    for key in ("block", "attention", "d", "head_dim", "q_width", "e", "n_layers", "vocab_size",
+                "eliminated_weights", "reads_with_per_token", "batches", "memory_increase", "memory_decrease",
+                "memory_delta", "total_weights", "memory_delta_relative"):
+        assert key in data
+    assert data == json.loads(json.dumps(plan_model(str(cfg), profile=str(neox_profile))))
+    assert data["batches"][0] == {"batch": 1, "reads_without": 184_553_472, "reads_with": 16_384,
+                                  "reduction": 184_553_472 / 16_384}
+    assert "184,549,376" in res.stdout and "11,264x" in res.stdout
+
+
+# --- real configs: the paper's count plus what it leaves out is the published parameter count ----------------
+
+def ref_config(name: str) -> dict:
+    r = REF[name]
+    cfg = {k: r[k] for k in ("architectures", "model_type", "hidden_size", "num_hidden_layers",
+                             "num_attention_heads", "intermediate_size", "vocab_size")}
+    for k in ("num_key_value_heads", "head_dim", "tie_word_embeddings", "hidden_act", "use_parallel_residual"):
+        if r.get(k) is not None:
+            cfg[k] = r[k]
+    cfg[r["norm_eps_field"]] = r["norm_eps"]
+    if "moe" in r:
+        cfg["num_local_experts"] = r["moe"]["num_local_experts"]
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["mistralai/Mistral-7B-v0.1", "mistralai/Mixtral-8x7B-v0.1",
+                                  "meta-llama/Llama-2-7b-hf", "meta-llama/Meta-Llama-3-8B",
+                                  "meta-llama/Llama-3.1-405B", "google/gemma-2b", "google/gemma-7b",
+                                  "Qwen/Qwen2-7B", "Qwen/Qwen2.5-0.5B", "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+                                  "HuggingFaceTB/SmolLM2-135M"])
+def test_total_weights_against_published_parameter_counts(tmp_path, name):
+    cfg = ref_config(name)
+    r = plan_model(str(write(tmp_path / "config.json", cfg)))
+    d, L, V = r["d"], r["n_layers"], r["vocab_size"]
+    tied = cfg.get("tie_word_embeddings", cfg["model_type"] == "gemma")
+    extra = (2 * L + 1) * d  # RMSNorm weights: two per layer and the final one
+    if cfg["model_type"] == "qwen2":
+        extra += L * (r["q_width"] + 2 * r["e"])  # q/k/v biases
+    if cfg["model_type"] == "mixtral":
+        extra += L * r["n_experts"] * d  # routers
+    assert r["total_weights"] - (d * V if tied else 0) + extra == REF[name]["checkpoint"]["param_count"]
+
+
+def test_real_head_widths_gemma_7b(tmp_path):
+    r = plan_model(str(write(tmp_path / "config.json", ref_config("google/gemma-7b"))))
+    assert (r["d"], r["head_dim"], r["q_width"], r["e"]) == (3072, 256, 4096, 4096)  # 16 x 256 != 3072
+    assert r["eliminated_weights"] == 3072 * 4096 * 3
+    assert r["reads_with_per_token"] == 3072 + 3 * 4096
+    assert r["memory_increase"] == 3 * 4096 * 256_000
+
+
+def test_real_pythia_config(tmp_path, neox_profile):
+    r = plan_model(str(write(tmp_path / "config.json", ref_config("EleutherAI/pythia-6.9b"))),
+                   profile=str(neox_profile))
+    assert r["vocab_size"] == 50432 and r["block"] == "parallel"
+    assert r["memory_increase"] == 12288 * 50432 and r["eliminated_weights"] == 184_549_376
+    serial = plan_model(str(write(tmp_path / "config.json", {**PYTHIA, "use_parallel_residual": False})),
+                        profile=str(neox_profile))
+    assert serial["block"] == "serial" and serial["eliminated_weights"] == 3 * 4096 * 4096
+
+
+# --- sources: hub id offline, converted OUT_DIR, local weights (exact column) --------------------------------
+
+def test_hub_id_needs_only_config_json(tmp_path):
+    (tmp_path / "src").mkdir()
+    only_config = write(tmp_path / "src" / "config.json", MISTRAL)
+    hf_home = tmp_path / "hf"
+    tiny.lay_out_hub_cache(hf_home, "org/mistral-7b", only_config.parent)
+    res = run_cli("plan", "org/mistral-7b", "--json", "-", env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["source_kind"] == "hub" and data["eliminated_weights"] == 25_165_824
+
+
+def test_local_dirs_without_complete_weights(checkpoint, tmp_path):
+    only_config = tmp_path / "cfg"
+    only_config.mkdir()
+    write(only_config / "config.json", MISTRAL)
+    r = plan_model(str(only_config))
+    assert r["source_kind"] == "local" and "exact" not in r and r["eliminated_weights"] == 25_165_824
+    partial = tiny.copy_tree(checkpoint("llama"), tmp_path / "partial")
+    next(partial.glob("model-0000[2-9]-*.safetensors")).unlink()
+    r = plan_model(str(partial))
+    assert "exact" not in r and "missing or incomplete model files" in r["exact_unavailable"]
+    with pytest.raises(UserError, match="--revision applies to hub ids"):
+        plan_model(str(partial), revision="main")
+
+
+def tensor_bytes(path: Path) -> dict[str, int]:
+    """name -> data bytes of every tensor in every safetensors file below path."""
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as sf:
+            for name in sf.keys():
+                sl = sf.get_slice(name)
+                n = 1
+                for s in sl.get_shape():
+                    n *= s
+                out[name] = n * {"F32": 4, "BF16": 2, "F16": 2}[sl.get_dtype()]
+    return out
+
+
+@pytest.mark.parametrize("family,dtype", [("llama", "float32"), ("llama_tied", "float32"), ("gemma", "bfloat16"),
+                                          ("mixtral", "bfloat16")])
+def test_exact_column_matches_a_real_conversion(checkpoint, tmp_path, family, dtype):
+    src = checkpoint(family, dtype)
+    r = plan_model(str(src))
+    ex = r["exact"]
+    out = tmp_path / "out"
+    convert(str(src), out, device="cpu")
+    manifest = json.loads((out / "precompile.json").read_text())
+    real = tensor_bytes(out)
+    source = tensor_bytes(src)
+    table = manifest["table"]["tensor"]
+    assert ex["table_shape"] == manifest["table"]["shape"] and ex["dtype"] == manifest["table"]["dtype"]
+    assert ex["table_bytes"] == real[table]
+    assert [t["name"] for t in ex["eliminated_tensors"]] == manifest["eliminated"]
+    assert ex["eliminated_bytes"] == sum(source[n] for n in manifest["eliminated"])
+    assert ex["source_weight_bytes"] == sum(source.values())
+    assert ex["output_weight_bytes"] == sum(real.values())
+    assert ex["memory_delta_bytes"] == sum(real.values()) - sum(source.values())
+    assert ex["files"] == {n: (out / n).stat().st_size for n in ex["files"]}
+    assert set(ex["files"]) == {p.name for p in out.glob("*.safetensors")}
+    assert ex["embedding_kept"] == manifest["loader"]["keep_embedding"]
+    # the paper's count from the same config, the exact count adds norms and biases
+    assert ex["layer0_eliminated_weights"] >= r["eliminated_weights"]
+    # the converted OUT_DIR plans like its source (from the config stored in precompile.json)
+    again = plan_model(str(out))
+    assert again["source_kind"] == "converted" and "exact" not in again
+    assert {k: v for k, v in again.items() if k not in ("source", "source_kind")} == \
+        {k: v for k, v in r.items() if k not in ("source", "source_kind", "exact")}
+
+
+def test_exact_bytes_of_a_tied_model(checkpoint):
+    r = plan_model(str(checkpoint("llama_tied")))
+    ex = r["exact"]
+    # serial, tied, no scale: x is the stored row, so the table holds only q, k, v; the embedding stays
+    assert ex["embedding_kept"] and not ex["x_in_table"]
+    assert ex["table_bytes"] == r["memory_increase"] * 4
+    assert "model.embed_tokens.weight" not in [t["name"] for t in ex["eliminated_tensors"]]
+    # q/k/v biases and the input norm are in the exact count, not in the paper's
+    assert ex["layer0_eliminated_weights"] == r["eliminated_weights"] + r["q_width"] + 2 * r["e"] + r["d"]
+
+
+# --- output formats ---------------------------------------------------------------------------------------------
+
+def test_markdown_and_plot(tmp_path, checkpoint):
+    src = checkpoint("llama")
+    png = tmp_path / "plan.png"
+    res = invoke("plan", src, "--markdown", "--plot", png, "--batch-sizes", "4,1")
+    assert res.exit_code == 0, res.output
+    rows = [line for line in res.stdout.splitlines() if line.startswith("|")]
+    assert rows[0].count("|") == 4  # quantity, paper, exact
+    assert any(line.startswith("| batch 1: ") for line in rows) and any("| batch 4: " in line for line in rows)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    cfg = write(tmp_path / "config.json", MISTRAL)
+    res = invoke("plan", cfg, "--plot", tmp_path / "x.png")
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip().splitlines() == [
+        "error: --plot needs matplotlib, which is not installed; pip install 'precompile[plot]'"]
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_profiles_command():
+    res = invoke("profiles")
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["ARCHITECTURE", "PROFILE", "BLOCK", "MODEL", "TYPES"]
+    rows = {cols[0]: cols[1:3] for cols in map(str.split, lines[1:]) if cols and cols[0].endswith("ForCausalLM")}
+    assert rows["LlamaForCausalLM"] == ["llama", "serial"]
+    assert rows["MixtralForCausalLM"] == ["mixtral", "serial"]
+    assert "gpt2" in res.stdout  # refused types are named
+
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["", "1,x", "0", "1,-4", "2.5"])
+def test_bad_batch_lists(text):
+    with pytest.raises(UserError, match="--batch-sizes"):
+        parse_batch_sizes(text)
+
+
+def test_batch_list_sorted_unique():
+    assert parse_batch_sizes("256, 1,16,1") == (1, 16, 256)
+
+
+@pytest.mark.parametrize("case,args,expect", [
+    ("unknown", {**MISTRAL, "architectures": ["FooForCausalLM"], "model_type": "foo"}, "no profile for"),
+    ("refused", {**MISTRAL, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "cannot be precompiled"),
+    ("no hidden", {k: v for k, v in MISTRAL.items() if k != "hidden_size"}, "hidden_size"),
+    ("no ffn", {k: v for k, v in MISTRAL.items() if k != "intermediate_size"}, "intermediate_size"),
+    ("batch", MISTRAL, "--batch-sizes"),
+    ("json", "{not json", "not valid JSON"),
+    ("missing", None, "not found"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, case, args, expect):
+    cfg = tmp_path / "config.json" if args is None else write(tmp_path / "config.json", args)
+    extra = ["--batch-sizes", "1,,2"] if case == "batch" else []
+    if case == "missing":
+        cfg = tmp_path / "nope" / "config.json"
+    res = invoke("plan", cfg, *extra, "--json", tmp_path / "out.json")
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], lines
+    assert "Traceback" not in res.stderr and not (tmp_path / "out.json").exists()
+
+
+# --- convert --dry-run ----------------------------------------------------------------------------------------------
+
+def test_dry_run_writes_nothing_and_agrees_with_the_conversion(checkpoint, tmp_path):
+    src = checkpoint("llama", "bfloat16")
+    before = tree_snapshot(src)
+    work = tmp_path / "work"
+    work.mkdir()
+    res = run_cli("convert", src, work / "out", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert list(work.iterdir()) == [] and tree_snapshot(src) == before
+    planned = dict((m.group(1), int(m.group(2).replace(",", "")))
+                   for m in re.finditer(r"^  (\S+\.safetensors)  ([\d,]+) bytes", res.stdout, re.M))
+    assert "precompile_table.safetensors" in planned and len(planned) >= 2
+    table = re.search(r"^table: \[(\d+), (\d+)\] bfloat16", res.stdout, re.M)
+    convert(str(src), work / "out", device="cpu")
+    out = work / "out"
+    real = {p.name: p.stat().st_size for p in out.glob("*.safetensors")}
+    assert planned == real
+    manifest = json.loads((out / "precompile.json").read_text())
+    assert [int(table.group(1)), int(table.group(2))] == manifest["table"]["shape"]
+    assert re.search(r"^eliminates: (.*)$", res.stdout, re.M).group(1) == ", ".join(manifest["eliminated"])
+    total = re.search(r"tensor data ([\d,]+) bytes", res.stdout)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert int(total.group(1).replace(",", "")) == sum(tensor_bytes(out).values())
+    assert index["metadata"]["total_size"] == sum(tensor_bytes(out).values())
