@@ -60,37 +60,41 @@ def _lin(h: torch.Tensor, w: dict[str, torch.Tensor], ref: tuple[str, str | None
 
 
 def magnitudes(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: dict[str, torch.Tensor],
-               model_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per table value: M = sum|terms| and M2 = sqrt(sum terms^2) of its final dot product, in float64.
+               model_dtype: torch.dtype, w32: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per table value: M = sum|terms| and M2 = sqrt(sum terms^2) of its final dot product.
 
-    For a folded FFN, the errors of the inner activations are carried through the down projection
-    to first order (|act'| <= ACT_SLOPE).
+    The values come from float64 (`w`); the magnitudes only scale a bound, so their sums run in
+    float32 (`w32`, the same weights), which halves the cost of `--rows all`. For a folded FFN, the
+    errors of the inner activations are carried through the down projection to first order
+    (|act'| <= ACT_SLOPE).
     """
     f64 = torch.float64
+    w32 = w32 if w32 is not None else {k: v.float() for k, v in w.items()}
     x = embedding_output(spec, rows, model_dtype, w, f64).to(f64)
-    h = apply_norm(spec.attn_norm, x, w)
+    h = apply_norm(spec.attn_norm, x, w).float()
     m, m2 = [], []
     if layout.x_in_table:
         if spec.folds_ffn:
             ffn = spec.ffn
-            h2 = h if ffn.norm is None else apply_norm(ffn.norm, x, w)
-            up = F.linear(h2, w[ffn.up[0]], w[ffn.up[1]] if ffn.up[1] and ffn.up[1] in w else None)
-            mu = _lin(h2, w, ffn.up, "abs")
+            x32 = x.float()
+            h2 = h if ffn.norm is None else apply_norm(ffn.norm, x, w).float()
+            up = F.linear(h2, w32[ffn.up[0]], w32[ffn.up[1]] if ffn.up[1] and ffn.up[1] in w32 else None)
+            mu = _lin(h2, w32, ffn.up, "abs")
             if ffn.kind == "glu":
-                g = F.linear(h2, w[ffn.gate[0]], w[ffn.gate[1]] if ffn.gate[1] and ffn.gate[1] in w else None)
+                g = F.linear(h2, w32[ffn.gate[0]], w32[ffn.gate[1]] if ffn.gate[1] and ffn.gate[1] in w32 else None)
                 a = activation(ffn.activation, g)
-                inner = (a * up).abs() + a.abs() * mu + ACT_SLOPE * up.abs() * _lin(h2, w, ffn.gate, "abs")
+                inner = (a * up).abs() + a.abs() * mu + ACT_SLOPE * up.abs() * _lin(h2, w32, ffn.gate, "abs")
             else:
                 inner = activation(ffn.activation, up).abs() + ACT_SLOPE * mu
-            m.append(x.abs() + _lin(inner, w, ffn.down, "abs"))
-            m2.append(torch.sqrt(x * x + _lin(inner, w, ffn.down, "sq")))
+            m.append(x32.abs() + _lin(inner, w32, ffn.down, "abs"))
+            m2.append(torch.sqrt(x32 * x32 + _lin(inner, w32, ffn.down, "sq")))
         else:
-            m.append(x.abs())
-            m2.append(x.abs())
+            m.append(x.abs().float())
+            m2.append(x.abs().float())
     for p in spec.projections:
-        m.append(_lin(h, w, (p.weight, p.bias), "abs"))
-        m2.append(torch.sqrt(_lin(h, w, (p.weight, p.bias), "sq")))
-    return torch.cat(m, dim=-1), torch.cat(m2, dim=-1)
+        m.append(_lin(h, w32, (p.weight, p.bias), "abs"))
+        m2.append(torch.sqrt(_lin(h, w32, (p.weight, p.bias), "sq")))
+    return torch.cat(m, dim=-1).double(), torch.cat(m2, dim=-1).double()
 
 
 def dot_length(spec: ModelSpec) -> int:
@@ -116,10 +120,11 @@ class RowStats:
 
 def compare_rows(spec: ModelSpec, layout: TableLayout, emb_rows: torch.Tensor, stored: torch.Tensor,
                  ids: torch.Tensor, w64: dict[str, torch.Tensor], table_dtype: torch.dtype,
-                 compute_dtype: torch.dtype, stats: RowStats, lam: float, row_z: float) -> None:
+                 compute_dtype: torch.dtype, stats: RowStats, lam: float, row_z: float,
+                 w32: dict[str, torch.Tensor] | None = None) -> None:
     """Check one chunk: stored rows (table dtype) against the float64 recomputation from emb_rows."""
     t = compute_rows(spec, layout, emb_rows, w64, table_dtype, torch.float64)
-    m, m2 = magnitudes(spec, layout, emb_rows, w64, table_dtype)
+    m, m2 = magnitudes(spec, layout, emb_rows, w64, table_dtype, w32)
     s = stored.to(torch.float64)
     u = unit_roundoff(compute_dtype)
     half = ulp(s, table_dtype) / 2
@@ -169,6 +174,7 @@ def check_rows(spec: ModelSpec, layout: TableLayout, read_emb, read_table, w64: 
         spans = [(a, min(a + chunk, layout.vocab_size)) for a in range(0, layout.vocab_size, chunk)]
     else:
         spans = [(x, min(x + chunk, b)) for a, b in runs(sorted(set(ids))) for x in range(a, b, chunk)]
+    w32 = {k: v.float() for k, v in w64.items()}
     batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     pending = 0
 
@@ -179,7 +185,7 @@ def check_rows(spec: ModelSpec, layout: TableLayout, read_emb, read_table, w64: 
         e = torch.cat([b[0] for b in batch]).to(device)
         s = torch.cat([b[1] for b in batch]).to(device)
         i = torch.cat([b[2] for b in batch])
-        compare_rows(spec, layout, e, s, i, w64, table_dtype, compute_dtype, stats, lam, row_z)
+        compare_rows(spec, layout, e, s, i, w64, table_dtype, compute_dtype, stats, lam, row_z, w32)
         if bar is not None:
             bar.update(int(i.numel()))
         batch, pending = [], 0

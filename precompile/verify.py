@@ -506,7 +506,11 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
     half = dtype in (torch.bfloat16, torch.float16)
     if fp32_reference is None:
         fp32_reference = half and ref_bytes < FP32_REFERENCE_MAX_BYTES
-    tok = _tokenizer(out, manifest)
+    try:
+        tok = _tokenizer(out, manifest)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{out}: cannot load its tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                        f"the conversion is incomplete, convert again") from None
     prompt_ids = {int(i) for p in prompt_list for i in tok(p)["input_ids"]}
 
     checks: list[Check] = []

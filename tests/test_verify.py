@@ -238,25 +238,36 @@ def test_modified_out_dir_file(converted, prompts_file, tmp_path):
 # --------------------------------------------------------------------------------------------- bad input
 
 
-def _bad(args, tmp_path) -> str:
+def _bad(args, tmp_path, subprocess: bool = False) -> str:
+    """Exit 2, one line on stderr, nothing on stdout, no --json file. In-process unless asked (faster)."""
     j = tmp_path / "never.json"
-    r = run_cli("verify", *args, "--json", j)
-    assert r.returncode == 2, r.stdout + r.stderr
-    assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    argv = ["verify", *map(str, args), "--json", str(j)]
+    if subprocess:
+        r = run_cli(*argv)
+        code, out, err = r.returncode, r.stdout, r.stderr
+    else:
+        from click.testing import CliRunner
+
+        from precompile.cli import main
+
+        res = CliRunner().invoke(main, argv)
+        code, out, err = res.exit_code, res.stdout, res.stderr
+    assert code == 2, out + err
+    assert out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not j.exists()
-    return r.stderr
+    return err
 
 
 def test_bad_input(converted, prompts_file, tmp_path, checkpoint):
     src, out = converted("llama", "float32")
     before = tree_snapshot(out)
-    assert "not a precompiled model" in _bad([src], tmp_path)
+    assert "not a precompiled model" in _bad([src], tmp_path, subprocess=True)
     assert "not found" in _bad([out, "--prompts", tmp_path / "missing.txt"], tmp_path)
     (tmp_path / "empty.txt").write_text("\n  \n")
     assert "empty" in _bad([out, "--prompts", tmp_path / "empty.txt"], tmp_path)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     assert "not UTF-8" in _bad([out, "--prompts", tmp_path / "latin1.txt"], tmp_path)
-    assert "reference not found" in _bad([out, "--reference", tmp_path / "nowhere"], tmp_path)
+    assert "reference not found" in _bad([out, "--reference", tmp_path / "nowhere"], tmp_path, subprocess=True)
     moved = fresh_copy((src, out), tmp_path / "m", with_source=True)[1]
     shutil.rmtree(tmp_path / "m" / "src")
     assert "--reference" in _bad([moved, "--prompts", prompts_file], tmp_path)
