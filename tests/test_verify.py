@@ -209,11 +209,11 @@ def test_reference_layer0_weight_changed_after_conversion(converted, prompts_fil
     tensors = load_file(src / info.file)
     tensors[name] = tensors[name] * 1.001
     save_file(tensors, src / info.file, metadata={"format": "pt"})
-    r = run_cli("verify", out, "--prompts", prompts_file, "--max-new-tokens", NEW, "--quiet")
-    assert r.returncode == 1, r.stdout + r.stderr
-    lines = r.stdout.splitlines()
-    assert "FAIL" in next(line for line in lines if line.startswith("reference")) and info.file in r.stdout
-    assert "FAIL" in next(line for line in lines if line.startswith("table-rows"))
+    r = verify(out, prompts=prompts_file, max_new_tokens=NEW)
+    assert not r["passed"]
+    assert {"reference", "table-rows"} <= failed(r)
+    assert by_name(r)["reference"]["metrics"]["changed"] == [info.file]
+    assert "copied-tensors" not in failed(r)  # layer 0 is not copied: the rows check is what sees it
 
 
 def test_modified_out_dir_file(converted, prompts_file, tmp_path):
@@ -273,3 +273,17 @@ def test_bad_input(converted, prompts_file, tmp_path, checkpoint):
     assert "--reference" in _bad([moved, "--prompts", prompts_file], tmp_path)
     assert "--rows" in _bad([out, "--rows", "many"], tmp_path)
     assert tree_snapshot(out) == before
+
+
+def test_hub_source_is_found_by_recorded_revision(checkpoint, tmp_path):
+    """A hub conversion records id + revision; verify finds that snapshot in the HF cache, offline."""
+    src = checkpoint("llama", "float32")
+    hf = tmp_path / "hf"
+    tiny.lay_out_hub_cache(hf, "org/tiny-llama", src)
+    out = tmp_path / "out"
+    r = run_cli("convert", "org/tiny-llama", out, "-q", env={"HF_HOME": str(hf)})
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "precompile.json").read_text())["source"]["revision"] == "0" * 40
+    r = run_cli("verify", out, "--max-new-tokens", 2, "--rows", 8, "-q", env={"HF_HOME": str(hf)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "vs org/tiny-llama" in r.stdout.splitlines()[-1]
