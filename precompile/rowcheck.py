@@ -60,7 +60,8 @@ def _lin(h: torch.Tensor, w: dict[str, torch.Tensor], ref: tuple[str, str | None
 
 
 def magnitudes(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: dict[str, torch.Tensor],
-               model_dtype: torch.dtype, w32: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               model_dtype: torch.dtype,
+               w32: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per table value: M = sum|terms| and M2 = sqrt(sum terms^2) of its final dot product.
 
     The values come from float64 (`w`); the magnitudes only scale a bound, so their sums run in
