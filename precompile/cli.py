@@ -103,13 +103,13 @@ def convert(source, out_dir, revision, profile_path, device, dtype, compute_dtyp
 
 @main.command()
 @click.argument("out_dir")
-@click.option("--prompts", "prompts_file", help="Prompts: a UTF-8 text file (one per line) or JSONL with a "
+@click.option("--prompts", "prompts_file", metavar="FILE", help="Prompts: a UTF-8 text file (one per line) or JSONL with a "
               "\"prompt\" field (default: a small built-in set).")
-@click.option("--reference", help="The original checkpoint (directory or hub id; default: the source recorded in "
+@click.option("--reference", metavar="SOURCE", help="The original checkpoint (directory or hub id; default: the source recorded in "
               "precompile.json).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True,
               help="Greedy tokens generated per prompt.")
-@click.option("--rows", default=str(1024), show_default=True,
+@click.option("--rows", default=str(1024), show_default=True, metavar="N|all",
               help="Table rows to recompute: N sampled (seeded) plus every prompt token, or 'all'.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the row sample.")
 @click.option("--device", type=_DEVICE, default="auto", show_default=True, help="Where to run the models.")

@@ -65,8 +65,8 @@ def prompt_ids(out: Path) -> set[int]:
     return {i for p in tiny.PROMPTS for i in tok(p)["input_ids"]}
 
 
-def perturb_row(out: Path, token: int, ulps: int = 8, rehash: bool = True) -> None:
-    """Move every value of one stored table row by `ulps` ulp of the table dtype, in place.
+def perturb_row(out: Path, token: int, ulps: int = 8, rehash: bool = True, one: bool = False) -> None:
+    """Move every value of one stored table row (or only its largest, with one) by `ulps` ulp, in place.
 
     With rehash the manifest's sha256 of the table is updated, so only the row check itself can notice.
     """
@@ -76,7 +76,10 @@ def perturb_row(out: Path, token: int, ulps: int = 8, rehash: bool = True) -> No
     with safe_open(path, framework="pt") as f:
         row = f.get_slice(m["table"]["tensor"])[token: token + 1]
     dtype = row.dtype
-    new = (row.double() + ulps * ulp(row.double(), dtype)).to(dtype)
+    step = ulps * ulp(row.double(), dtype)
+    if one:
+        step = torch.where(row.abs() == row.abs().max(), step, 0.0)
+    new = (row.double() + step).to(dtype)
     assert not torch.equal(new, row)
     raw = new.contiguous().view(torch.uint8).numpy().tobytes()
     with open(path, "r+b") as f:
@@ -176,6 +179,13 @@ def test_unused_row_perturbed_8_ulp(converted, prompts_file, tmp_path, dtype):
     r1 = verify(out, prompts=prompts_file, max_new_tokens=NEW, rows=20, seed=seed)
     assert "table-rows" in failed(r1)
     assert by_name(r1)["table-rows"]["metrics"]["seed"] == seed
+
+
+def test_single_value_8_ulp_in_bfloat16_table(converted, prompts_file, tmp_path):
+    _, out = fresh_copy(converted("gemma", "bfloat16"), tmp_path)
+    perturb_row(out, 150, one=True)
+    r = verify(out, prompts=prompts_file, max_new_tokens=1, rows="all")
+    assert failed(r) == {"table-rows"} and by_name(r)["table-rows"]["metrics"]["failed_ids"] == [150]
 
 
 def test_used_row_perturbed_fails_default_run_via_cli(converted, prompts_file, tmp_path):
