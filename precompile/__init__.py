@@ -4,6 +4,7 @@ Library API (the CLI is a thin layer over it):
 - `convert(source, out_dir, ...)`: write a precompiled checkpoint.
 - `plan_conversion(source, ...)`: what a conversion would read, eliminate and write.
 - `load(out_dir, device=None, dtype=None)`: the converted model as a transformers model.
+- `verify(out_dir, ...)`: check a converted model against its original; returns the report.
 """
 
 __version__ = "0.1.0"
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 from .convert import ConversionPlan, ConvertResult, convert, plan_conversion  # noqa: E402
 from .errors import UserError, VerificationError  # noqa: E402
 from .loader import PrecompileLoadError, load  # noqa: E402
+from .verify import verify  # noqa: E402
 
-__all__ = ["convert", "plan_conversion", "load", "ConversionPlan", "ConvertResult", "UserError",
+__all__ = ["convert", "plan_conversion", "load", "verify", "ConversionPlan", "ConvertResult", "UserError",
            "VerificationError", "PrecompileLoadError", "__version__"]

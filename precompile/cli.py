@@ -102,6 +102,61 @@ def convert(source, out_dir, revision, profile_path, device, dtype, compute_dtyp
 
 
 @main.command()
+@click.argument("out_dir")
+@click.option("--prompts", "prompts_file", metavar="FILE", help="Prompts: a UTF-8 text file (one per line) or JSONL with a "
+              "\"prompt\" field (default: a small built-in set).")
+@click.option("--reference", metavar="SOURCE", help="The original checkpoint (directory or hub id; default: the source recorded in "
+              "precompile.json).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Greedy tokens generated per prompt.")
+@click.option("--rows", default=str(1024), show_default=True, metavar="N|all",
+              help="Table rows to recompute: N sampled (seeded) plus every prompt token, or 'all'.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the row sample.")
+@click.option("--device", type=_DEVICE, default="auto", show_default=True, help="Where to run the models.")
+@click.option("--fp32-reference/--no-fp32-reference", default=None,
+              help="Also run the original upcast to float32 (default: on for bfloat16/float16 models under 2 GB).")
+@click.option("--profile", "profile_path", type=click.Path(), help="Architecture profile YAML (default: the one "
+              "recorded in precompile.json).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
+@click.option("--max-abs-diff", type=float, help="Largest allowed |logit difference| (default per dtype).")
+@click.option("--max-mean-diff", type=float, help="Largest allowed mean |logit difference|.")
+@click.option("--max-kl", type=float, help="Largest allowed mean KL(original || converted).")
+@click.option("--min-top1", type=float, help="Smallest allowed top-1 agreement (0-1).")
+@click.option("--generation-tie", type=float, help="Logit gap under which a greedy divergence counts as a tie.")
+@click.option("--rows-lambda", type=float, help="Safety factor of the table rows' accumulation bound (default 2).")
+@click.option("--rows-z", type=float, help="Largest allowed row-mean error statistic (default 4.5).")
+@click.option("--max-fp32-ratio", type=float, help="Largest allowed converted/original RMS distance to float32.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device, fp32_reference, profile_path,
+           json_path, max_abs_diff, max_mean_diff, max_kl, min_top1, generation_tie, rows_lambda, rows_z,
+           max_fp32_ratio, quiet):
+    """Check OUT_DIR against its original model: files, table rows, logits, generation.
+
+    Exit 0 when every check passes, 1 when any fails, 2 for bad input.
+    """
+    import json as _json
+    from pathlib import Path
+
+    from .verify import format_report, summary_line, verify as run_verify
+
+    if json_path is not None:
+        parent = Path(json_path).resolve().parent
+        if not parent.is_dir():
+            raise UserError(f"--json {json_path}: directory {parent} does not exist; create it or choose another path")
+    thresholds = {"max_abs_diff": max_abs_diff, "mean_abs_diff": max_mean_diff, "kl": max_kl, "top1": min_top1,
+                  "generation_tie": generation_tie, "rows_lambda": rows_lambda, "rows_z": rows_z,
+                  "fp32_ratio": max_fp32_ratio}
+    result = run_verify(out_dir, prompts=prompts_file, reference=reference, max_new_tokens=max_new_tokens,
+                        rows=rows, seed=seed, device=device, fp32_reference=fp32_reference, thresholds=thresholds,
+                        profile=profile_path, progress=Progress(quiet=quiet))
+    click.echo(format_report(result))
+    if json_path is not None:
+        Path(json_path).write_text(_json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if not result["passed"]:
+        raise VerificationError(summary_line(result))
+
+
+@main.command()
 @click.argument("zoo", type=click.Path())
 @click.option("--out-root", required=True, type=click.Path(file_okay=False), help="Directory that receives one "
               "OUT_DIR per entry.")

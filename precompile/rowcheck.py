@@ -1,0 +1,201 @@
+"""Table rows against a float64 recomputation, within a derived rounding bound.
+
+A stored value s is the compute-dtype result t_c rounded to the stored dtype, so
+against the exact value t:
+
+    |s - t| <= |s - t_c| + |t_c - t| <= ulp(s)/2 + acc
+
+where acc is the compute dtype's accumulation error. For a dot product of n terms
+in unit roundoff u, the probabilistic bound of Higham and Mary (SIAM J. Sci.
+Comput. 2019) gives |t_c - t| <= lambda * sqrt(n) * u * sum|terms| with
+overwhelming probability for a small lambda; sum|terms| (`M`) is computed here
+from absolute values in float64, n covers the norm (d) plus the projection (d),
+plus the FFN's inner width when a parallel block folds it in. Any element beyond
+that bound fails its row.
+
+The element bound is loose where the table dtype is as fine as the compute dtype
+(a float32 table computed in float32: accumulation error is then a few ulp
+itself), so each row also has a statistic: the mean over the row of
+|s - t| / (ulp(s)/2 + u * sqrt(sum terms^2)). Rounding noise keeps it near 1-3.5
+(measured for d = 64..8192); a row shifted by 8 ulp puts it above 5. For
+bfloat16/float16 tables the element bound alone catches an 8-ulp change of any
+single value, with a margin of 2-3 orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .layout import TableLayout
+from .precompute import activation, apply_norm, compute_rows, embedding_output
+from .profiles import ModelSpec
+
+ACT_SLOPE = 1.2  # bound on |act'(x)| for silu, gelu, gelu_tanh and relu (1.1, 1.13, 1.13, 1)
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = eps / 2: the largest relative error of one rounding in dtype."""
+    return torch.finfo(dtype).eps / 2
+
+
+def ulp(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of dtype's numbers at each value of s (s holds values of dtype, in any wider float)."""
+    fi = torch.finfo(dtype)
+    _, e = torch.frexp(s)
+    spacing = torch.ldexp(torch.full_like(s, fi.eps), e - 1)
+    return torch.clamp_min(spacing, fi.tiny * fi.eps)
+
+
+def _lin(h: torch.Tensor, w: dict[str, torch.Tensor], ref: tuple[str, str | None], mode: str) -> torch.Tensor:
+    weight, bias = ref
+    b = w[bias] if bias and bias in w else None
+    if mode == "abs":
+        return F.linear(h.abs(), w[weight].abs(), None if b is None else b.abs())
+    return F.linear(h * h, w[weight] * w[weight], None if b is None else b * b)  # mode "sq"
+
+
+def magnitudes(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: dict[str, torch.Tensor],
+               model_dtype: torch.dtype,
+               w32: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per table value: M = sum|terms| and M2 = sqrt(sum terms^2) of its final dot product.
+
+    The values come from float64 (`w`); the magnitudes only scale a bound, so their sums run in
+    float32 (`w32`, the same weights), which halves the cost of `--rows all`. For a folded FFN, the
+    errors of the inner activations are carried through the down projection to first order
+    (|act'| <= ACT_SLOPE).
+    """
+    f64 = torch.float64
+    w32 = w32 if w32 is not None else {k: v.float() for k, v in w.items()}
+    x = embedding_output(spec, rows, model_dtype, w, f64).to(f64)
+    h = apply_norm(spec.attn_norm, x, w).float()
+    m, m2 = [], []
+    if layout.x_in_table:
+        if spec.folds_ffn:
+            ffn = spec.ffn
+            x32 = x.float()
+            h2 = h if ffn.norm is None else apply_norm(ffn.norm, x, w).float()
+            up = F.linear(h2, w32[ffn.up[0]], w32[ffn.up[1]] if ffn.up[1] and ffn.up[1] in w32 else None)
+            mu = _lin(h2, w32, ffn.up, "abs")
+            if ffn.kind == "glu":
+                g = F.linear(h2, w32[ffn.gate[0]], w32[ffn.gate[1]] if ffn.gate[1] and ffn.gate[1] in w32 else None)
+                a = activation(ffn.activation, g)
+                inner = (a * up).abs() + a.abs() * mu + ACT_SLOPE * up.abs() * _lin(h2, w32, ffn.gate, "abs")
+            else:
+                inner = activation(ffn.activation, up).abs() + ACT_SLOPE * mu
+            m.append(x32.abs() + _lin(inner, w32, ffn.down, "abs"))
+            m2.append(torch.sqrt(x32 * x32 + _lin(inner, w32, ffn.down, "sq")))
+        else:
+            m.append(x.abs().float())
+            m2.append(x.abs().float())
+    for p in spec.projections:
+        m.append(_lin(h, w32, (p.weight, p.bias), "abs"))
+        m2.append(torch.sqrt(_lin(h, w32, (p.weight, p.bias), "sq")))
+    return torch.cat(m, dim=-1).double(), torch.cat(m2, dim=-1).double()
+
+
+def dot_length(spec: ModelSpec) -> int:
+    """Terms accumulated in sequence for one table value: the norm's mean, the projection, a folded FFN."""
+    n = 2 * spec.hidden_size
+    if spec.folds_ffn and spec.intermediate_size:
+        n += 2 * spec.intermediate_size
+    return n
+
+
+@dataclass
+class RowStats:
+    """Running results over row chunks."""
+
+    checked: int = 0
+    failed_ids: list[int] = field(default_factory=list)
+    max_ulp: float = 0.0  # largest |s - t| in ulps of the stored value
+    max_elem_ratio: float = 0.0  # largest (|s - t| - ulp/2) / accumulation bound; > 1 fails
+    max_row_z: float = 0.0  # largest row mean statistic; > row_z fails
+    non_finite: int = 0
+    seconds: float = 0.0
+
+
+def compare_rows(spec: ModelSpec, layout: TableLayout, emb_rows: torch.Tensor, stored: torch.Tensor,
+                 ids: torch.Tensor, w64: dict[str, torch.Tensor], table_dtype: torch.dtype,
+                 compute_dtype: torch.dtype, stats: RowStats, lam: float, row_z: float,
+                 w32: dict[str, torch.Tensor] | None = None) -> None:
+    """Check one chunk: stored rows (table dtype) against the float64 recomputation from emb_rows."""
+    t = compute_rows(spec, layout, emb_rows, w64, table_dtype, torch.float64)
+    m, m2 = magnitudes(spec, layout, emb_rows, w64, table_dtype, w32)
+    s = stored.to(torch.float64)
+    u = unit_roundoff(compute_dtype)
+    half = ulp(s, table_dtype) / 2
+    err = (s - t).abs()
+    acc = lam * math.sqrt(dot_length(spec)) * u * m
+    finite = torch.isfinite(s).all(dim=-1)
+    elem_bad = (err > half + acc).any(dim=-1)
+    z = (err / (half + u * m2)).mean(dim=-1)
+    bad = elem_bad | (z > row_z) | ~finite
+    stats.checked += int(ids.numel())
+    stats.non_finite += int((~finite).sum())
+    stats.failed_ids.extend(int(i) for i in ids[bad].tolist())
+    ok = torch.isfinite(err)
+    if bool(ok.any()):
+        stats.max_ulp = max(stats.max_ulp, float((err[ok] / (2 * half[ok])).max()))
+        ratio = ((err - half).clamp_min(0) / acc.clamp_min(torch.finfo(torch.float64).tiny))[ok]
+        stats.max_elem_ratio = max(stats.max_elem_ratio, float(ratio.max()))
+        zf = z[torch.isfinite(z)]
+        if zf.numel():
+            stats.max_row_z = max(stats.max_row_z, float(zf.max()))
+
+
+def runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Sorted ids as [start, stop) runs of consecutive values, so each run is one slice read."""
+    out: list[tuple[int, int]] = []
+    for i in ids:
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
+def check_rows(spec: ModelSpec, layout: TableLayout, read_emb, read_table, w64: dict[str, torch.Tensor],
+               ids: list[int] | None, table_dtype: torch.dtype, compute_dtype: torch.dtype, *,
+               lam: float = 2.0, row_z: float = 4.5, chunk: int = 1024, device: torch.device | None = None,
+               bar=None) -> RowStats:
+    """Check the given token ids (None: every row) chunk by chunk.
+
+    read_emb(start, stop) / read_table(start, stop) return rows [start, stop) of the reference
+    embedding and of the stored table; only one chunk of each is in memory at a time.
+    """
+    t0 = time.monotonic()
+    stats = RowStats()
+    device = device or torch.device("cpu")
+    if ids is None:
+        spans = [(a, min(a + chunk, layout.vocab_size)) for a in range(0, layout.vocab_size, chunk)]
+    else:
+        spans = [(x, min(x + chunk, b)) for a, b in runs(sorted(set(ids))) for x in range(a, b, chunk)]
+    w32 = {k: v.float() for k, v in w64.items()}
+    batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    pending = 0
+
+    def flush() -> None:
+        nonlocal batch, pending
+        if not batch:
+            return
+        e = torch.cat([b[0] for b in batch]).to(device)
+        s = torch.cat([b[1] for b in batch]).to(device)
+        i = torch.cat([b[2] for b in batch])
+        compare_rows(spec, layout, e, s, i, w64, table_dtype, compute_dtype, stats, lam, row_z, w32)
+        if bar is not None:
+            bar.update(int(i.numel()))
+        batch, pending = [], 0
+
+    for a, b in spans:
+        batch.append((read_emb(a, b), read_table(a, b), torch.arange(a, b)))
+        pending += b - a
+        if pending >= chunk:
+            flush()
+    flush()
+    stats.seconds = time.monotonic() - t0
+    return stats

@@ -1,0 +1,758 @@
+"""`verify`: prove that a converted model matches its original, check by check.
+
+The converted model is the real thing: OUT_DIR's files through `precompile.load`.
+The original is built from transformers' own class with the converted model's
+parameters aliased into it (after checking them byte for byte against the
+reference checkpoint); only the tensors the conversion eliminated are read from
+the reference. So peak memory is one model plus layer 0 and the embedding, not two.
+
+Checks: OUT_DIR integrity, reference integrity, copied tensors, table layout, table
+rows (float64 recomputation, see `rowcheck`), load, logits, greedy generation, and a
+float32 run for half-precision models. Each reports metrics and its threshold.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .layout import table_layout
+from .loader import MANIFEST, PrecompileLoadError, read_manifest
+from .precompute import layer0_tensor_names
+from .profiles import builtin_profiles, load_profile, resolve, select_profile
+from .progress import Progress
+from .rowcheck import check_rows
+from .source import Source, file_sha256, read_config, resolve_source
+from .tensors import DTYPES, Checkpoint, TensorInfo
+
+BUILTIN_PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea,",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "In 1969, the first humans to walk on the Moon were",
+    "A good way to learn a new language is to",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+]
+DEFAULT_ROWS = 1024
+DEFAULT_SEED = 0
+FP32_REFERENCE_MAX_BYTES = 2 * 10**9
+# Logit thresholds per model dtype. float32: the two models differ only by summation order.
+# Half precision: the original rounds layer 0's q/k/v to the model dtype after computing them in it,
+# the table rounds a float32 result once, so single logits can move by a few bf16 steps.
+DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
+    "float32": {"max_abs_diff": 1e-3, "mean_abs_diff": 1e-4, "kl": 1e-6, "top1": 1.0},
+    "float16": {"max_abs_diff": 0.5, "mean_abs_diff": 0.05, "kl": 1e-2, "top1": 0.9},
+    "bfloat16": {"max_abs_diff": 1.0, "mean_abs_diff": 0.1, "kl": 2e-2, "top1": 0.9},
+}
+COMMON_THRESHOLDS = {"rows_lambda": 2.0, "rows_z": 4.5, "fp32_ratio": 2.0}
+THRESHOLD_KEYS = sorted({*DEFAULT_THRESHOLDS["float32"], *COMMON_THRESHOLDS, "generation_tie"})
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    metrics: dict[str, Any] = field(default_factory=dict)
+    threshold: dict[str, Any] = field(default_factory=dict)
+    skipped: str | None = None
+
+    def as_dict(self) -> dict:
+        d = {"name": self.name, "passed": self.passed, "metrics": self.metrics, "threshold": self.threshold}
+        if self.skipped:
+            d["skipped"] = self.skipped
+        return d
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a text file (one per line) or JSONL with a "prompt" field; blank lines are skipped."""
+    p = Path(path)
+    hint = 'pass a UTF-8 text file with one prompt per line, or JSONL with a "prompt" field'
+    if not p.exists():
+        raise UserError(f"prompts file {path} not found; {hint}")
+    if p.is_dir():
+        raise UserError(f"prompts file {path} is a directory; {hint}")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"prompts file {path} is not UTF-8; re-save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"prompts file {path} cannot be read ({e.strerror}); {hint}") from None
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise UserError(f"prompts file {path} is empty; {hint}")
+    if p.suffix == ".jsonl" or all(line.lstrip().startswith("{") for _, line in lines):
+        out = []
+        for i, line in lines:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                raise UserError(f"{path}:{i} is not valid JSON; fix the line or use a plain text file") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
+                raise UserError(f'{path}:{i} has no non-empty string "prompt" field; add one')
+            out.append(obj["prompt"])
+        return out
+    return [line for _, line in lines]
+
+
+def _prompt_list(prompts: str | Path | list[str] | None) -> list[str]:
+    if prompts is None:
+        return list(BUILTIN_PROMPTS)
+    if isinstance(prompts, (str, Path)):
+        return read_prompts(prompts)
+    out = [str(p) for p in prompts if str(p).strip()]
+    if not out:
+        raise UserError("no prompts given; pass at least one non-empty prompt")
+    return out
+
+
+def _rows_arg(rows: int | str) -> int | None:
+    """None means every row."""
+    if isinstance(rows, str):
+        if rows.strip().lower() == "all":
+            return None
+        try:
+            rows = int(rows)
+        except ValueError:
+            raise UserError(f"--rows {rows} is not a number or 'all'; pass e.g. --rows 1024 or --rows all") \
+                from None
+    if rows < 0:
+        raise UserError(f"--rows must be 0 or more (or 'all'), got {rows}")
+    return rows
+
+
+def _thresholds(dtype: str, given: dict | None) -> dict[str, float]:
+    th = {**DEFAULT_THRESHOLDS.get(dtype, DEFAULT_THRESHOLDS["bfloat16"]), **COMMON_THRESHOLDS}
+    th["generation_tie"] = None  # default: twice the largest logit difference measured, at most max_abs_diff
+    for k, v in (given or {}).items():
+        if v is None:
+            continue
+        if k not in THRESHOLD_KEYS:
+            raise UserError(f"unknown threshold {k}; known: {', '.join(THRESHOLD_KEYS)}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise UserError(f"threshold {k} must be a finite number >= 0, got {v!r}")
+        th[k] = float(v)
+    return th
+
+
+def resolve_reference(manifest: dict, reference: str | None) -> Source:
+    """The original checkpoint: --reference, else the source recorded at conversion."""
+    if reference is not None:
+        try:
+            return resolve_source(reference)
+        except UserError as e:
+            raise UserError(f"reference not found: {e}") from None
+    src = manifest.get("source") or {}
+    if src.get("path"):
+        p = Path(src["path"])
+        if not p.is_dir():
+            raise UserError(f"the source recorded in {MANIFEST} ({p}) no longer exists; pass --reference with "
+                            f"the original checkpoint (directory or hub id)")
+        return resolve_source(str(p))
+    if src.get("id"):
+        try:
+            return resolve_source(src["id"], src.get("revision"))
+        except UserError as e:
+            raise UserError(f"reference not found: {e}; or pass --reference") from None
+    raise UserError(f"{MANIFEST} records no source; pass --reference with the original checkpoint")
+
+
+def _profile(manifest: dict, config: dict, profile: str | None):
+    if profile is not None:
+        return load_profile(profile)
+    name = (manifest.get("profile") or {}).get("name")
+    for p in builtin_profiles():
+        if p.name == name:
+            return p
+    return select_profile(config)
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def _hash_files(root: Path, recorded: dict[str, str]) -> tuple[list[str], list[str]]:
+    changed, missing = [], []
+    for name, sha in sorted(recorded.items()):
+        p = root / name
+        if not p.is_file():
+            missing.append(name)
+        elif file_sha256(p) != sha:
+            changed.append(name)
+    return changed, missing
+
+
+def check_outputs(out: Path, manifest: dict) -> Check:
+    """Every OUT_DIR file recorded at conversion still has its sha256."""
+    recorded = manifest.get("outputs") or {}
+    changed, missing = _hash_files(out, recorded)
+    extra = sorted(p.name for p in out.iterdir() if p.is_file() and p.name not in recorded and p.name != MANIFEST)
+    return Check("integrity", bool(recorded) and not changed and not missing,
+                 {"files": len(recorded), "changed": changed, "missing": missing, "unrecorded": extra},
+                 {"changed": 0, "missing": 0})
+
+
+def check_reference_files(ref: Source, manifest: dict) -> Check:
+    """The reference's files are those the conversion read (sha256 recorded in the manifest)."""
+    recorded = (manifest.get("source") or {}).get("files") or {}
+    changed, missing = _hash_files(ref.root, recorded)
+    return Check("reference", bool(recorded) and not changed and not missing,
+                 {"root": str(ref.root), "files": len(recorded), "changed": changed, "missing": missing},
+                 {"changed": 0, "missing": 0})
+
+
+def _range_sha(f, info: TensorInfo) -> str:
+    h = hashlib.sha256()
+    f.seek(info.start)
+    left = info.nbytes
+    while left:
+        buf = f.read(min(left, 16 << 20))
+        if not buf:
+            break
+        h.update(buf)
+        left -= len(buf)
+    return h.hexdigest()
+
+
+def _tensor_sha(ckpt: Checkpoint, info: TensorInfo, dtype: str | None = None) -> str:
+    if dtype is None or dtype == info.dtype:
+        with open(ckpt.root / info.file, "rb") as f:
+            return _range_sha(f, info)
+    t = ckpt.get(info.name).to(DTYPES[dtype]).contiguous()
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def check_copied(out_ckpt: Checkpoint, ref_ckpt: Checkpoint, table_tensor: str, eliminated: tuple[str, ...],
+                 bar=None) -> Check:
+    """Each tensor OUT_DIR carries over equals the reference's, byte for byte (cast to the output dtype
+    when the conversion changed it); the reference tensors it lacks are exactly the eliminated ones."""
+    mismatched, missing_in_ref, nbytes = [], [], 0
+    names = [n for n in out_ckpt.tensors if n != table_tensor]
+    for name in names:
+        info = out_ckpt.tensors[name]
+        rinfo = ref_ckpt.tensors.get(name)
+        if rinfo is None:
+            missing_in_ref.append(name)
+        elif tuple(rinfo.shape) != tuple(info.shape) or _tensor_sha(out_ckpt, info) != _tensor_sha(
+                ref_ckpt, rinfo, info.dtype):
+            mismatched.append(name)
+        nbytes += info.nbytes
+        if bar is not None:
+            bar.update(info.nbytes)
+    dropped = sorted(set(ref_ckpt.tensors) - set(out_ckpt.tensors))
+    unexpected = sorted(set(dropped) - set(eliminated))
+    return Check("copied-tensors", not mismatched and not missing_in_ref and not unexpected,
+                 {"tensors": len(names), "bytes": nbytes, "mismatched": mismatched[:10],
+                  "n_mismatched": len(mismatched), "not_in_reference": missing_in_ref[:10],
+                  "dropped_not_eliminated": unexpected[:10]},
+                 {"mismatched": 0})
+
+
+def check_layout(manifest: dict, layout) -> Check:
+    """The manifest's table layout is the one the profile derives from the reference."""
+    table, loader = manifest.get("table") or {}, manifest.get("loader") or {}
+    want_cols = [c.as_dict() for c in layout.columns]
+    problems = []
+    if table.get("columns") != want_cols:
+        problems.append("columns")
+    if list(table.get("shape") or []) != [layout.vocab_size, layout.width]:
+        problems.append("shape")
+    if list(manifest.get("eliminated") or []) != list(layout.eliminated):
+        problems.append("eliminated")
+    if loader.get("keep_embedding") != layout.keep_embedding:
+        problems.append("keep_embedding")
+    x_stop = layout.columns[0].stop if layout.x_in_table else 0
+    if loader.get("x_stop") != x_stop:
+        problems.append("x_stop")
+    fmt = lambda cols: ", ".join(f"{c.get('name')}[{c.get('start')}:{c.get('stop')}]" for c in cols or [])  # noqa
+    return Check("layout", not problems,
+                 {"mismatched": problems, "manifest": fmt(table.get("columns")), "expected": fmt(want_cols)},
+                 {"mismatched": 0})
+
+
+def _row_ids(vocab: int, n: int | None, seed: int, prompt_ids: set[int]) -> tuple[list[int] | None, int]:
+    if n is None:
+        return None, vocab
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randperm(vocab, generator=g)[: min(n, vocab)].tolist()
+    ids = sorted(set(sample) | {i for i in prompt_ids if 0 <= i < vocab})
+    return ids, len(sample)
+
+
+def check_table_rows(out: Path, manifest: dict, spec, layout, ref_ckpt: Checkpoint, ids: list[int] | None,
+                     th: dict, device: torch.device, progress: Progress, extra: dict | None = None) -> Check:
+    """Stored table rows against a float64 recomputation from the reference weights."""
+    from safetensors import safe_open
+
+    table = manifest["table"]
+    table_dtype = _dtype(table["dtype"])
+    compute = _dtype((manifest.get("options") or {}).get("compute_dtype", "float32"))
+    threshold = {"element": "|s-t| <= ulp(s)/2 + lambda*sqrt(n)*u*sum|terms|", "lambda": th["rows_lambda"],
+                 "row_mean_z": th["rows_z"], "failed_rows": 0}
+    metrics: dict[str, Any] = dict(extra or {})
+    tpath = out / table["file"]
+    with safe_open(tpath, framework="pt") as tf:
+        sl = tf.get_slice(table["tensor"])
+        shape = list(sl.get_shape())
+        if shape != [layout.vocab_size, layout.width]:
+            metrics["error"] = f"table shape {shape} differs from the layout's [{layout.vocab_size}, {layout.width}]"
+            return Check("table-rows", False, metrics, threshold)
+        present = frozenset(ref_ckpt.tensors)
+        w64 = {n: ref_ckpt.get(n).to(device=device, dtype=torch.float64) for n in layer0_tensor_names(spec, present)}
+        einfo = ref_ckpt.info(spec.embedding_tensor)
+        with safe_open(ref_ckpt.root / einfo.file, framework="pt") as ef:
+            esl = ef.get_slice(spec.embedding_tensor)
+            total = layout.vocab_size if ids is None else len(ids)
+            with progress.bar(total, "checking table rows", "rows") as bar:
+                stats = check_rows(spec, layout, lambda a, b: esl[a:b], lambda a, b: sl[a:b], w64, ids,
+                                   table_dtype, compute, lam=th["rows_lambda"], row_z=th["rows_z"],
+                                   device=device, bar=bar)
+    metrics.update({"rows": stats.checked, "failed_rows": len(stats.failed_ids),
+                    "failed_ids": stats.failed_ids[:10], "max_err_ulp": round(stats.max_ulp, 3),
+                    "max_element_ratio": _r(stats.max_elem_ratio), "max_row_z": round(stats.max_row_z, 3),
+                    "non_finite_rows": stats.non_finite, "table_dtype": table["dtype"],
+                    "compute_dtype": str(compute).removeprefix("torch."), "seconds": round(stats.seconds, 2)})
+    return Check("table-rows", not stats.failed_ids, metrics, threshold)
+
+
+def _guard(name: str, fn) -> Check:
+    """A check that cannot read its files (a damaged OUT_DIR) fails with the reason instead of crashing."""
+    from safetensors import SafetensorError
+
+    try:
+        return fn()
+    except (UserError, OSError, RuntimeError, ValueError, KeyError, SafetensorError) as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        return Check(name, False, {"error": f"{type(e).__name__}: {msg}"}, {})
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+            "float64": torch.float64}[name]
+
+
+def _r(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}") if math.isfinite(x) else x
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' own loading bars and warnings would bury the report; restore them afterwards."""
+    from transformers.utils import logging as tlog
+
+    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build modules with their parameters on the meta device (no memory, no init) and real buffers."""
+    old = nn.Module.register_parameter
+
+    def register(self, name, param):
+        old(self, name, param)
+        if param is not None and param.device.type != "meta":
+            p = self._parameters[name]
+            self._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = old
+
+
+def reference_model(converted: nn.Module, ref_root: Path, ref_ckpt: Checkpoint, dtype: torch.dtype,
+                    device: torch.device) -> nn.Module:
+    """The original transformers model, sharing every parameter the converted model holds under the same
+    name and shape; the rest (the eliminated tensors) is read from the reference checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(ref_root))
+    base = AutoModelForCausalLM._model_mapping[type(config)]
+    attn = getattr(converted.config, "_attn_implementation", None)
+    with _parameters_on_meta():
+        ref = base._from_config(config, dtype=dtype, attn_implementation=attn)
+    conv = dict(converted.named_parameters(remove_duplicate=False))
+    loaded: dict[int, nn.Parameter] = {}
+    for mod_name, module in ref.named_modules():
+        for pname, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            full = f"{mod_name}.{pname}" if mod_name else pname
+            c = conv.get(full)
+            if c is not None and tuple(c.shape) == tuple(p.shape):
+                module._parameters[pname] = c
+                continue
+            if id(p) not in loaded:
+                if full not in ref_ckpt.tensors:
+                    raise RuntimeError(f"cannot build the reference: parameter {full} is neither in the converted "
+                                       f"model nor in {ref_root}")
+                t = ref_ckpt.get(full).to(device=device, dtype=dtype)
+                loaded[id(p)] = nn.Parameter(t, requires_grad=False)
+            module._parameters[pname] = loaded[id(p)]
+        for bname, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[bname] = b.to(device)
+    ref.generation_config = converted.generation_config
+    return ref.eval()
+
+
+def _encode(tok, prompts: list[str], device: torch.device) -> dict:
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+
+def _tokenizer(out: Path, manifest: dict):
+    from transformers import AutoTokenizer
+
+    from .loader import original_config
+
+    # the original config, so that OUT_DIR's config.json (custom code) is never consulted
+    tok = AutoTokenizer.from_pretrained(str(out), config=original_config(manifest))
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
+    return tok
+
+
+def _batches(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i: i + n]
+
+
+@torch.inference_mode()
+def _logits(model: nn.Module, enc: dict) -> torch.Tensor:
+    """Logits at the real (non-pad) positions, [P, V] float32 on the CPU."""
+    mask = enc["attention_mask"]
+    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)  # as generate() numbers left-padded positions
+    out = model(**enc, position_ids=pos, use_cache=False).logits
+    return out[enc["attention_mask"].bool()].float().cpu()
+
+
+def compare_logits(ref: torch.Tensor, conv: torch.Tensor) -> dict[str, float]:
+    a, b = ref.double(), conv.double()
+    diff = (a - b).abs()
+    la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    kl = (la.exp() * (la - lb)).sum(-1).clamp_min(0)
+    return {"positions": a.shape[0], "max_abs_diff": float(diff.max()), "sum_abs": float(diff.mean(-1).sum()),
+            "kl_sum": float(kl.sum()), "kl_max": float(kl.max()),
+            "top1_agree": int((a.argmax(-1) == b.argmax(-1)).sum())}
+
+
+@torch.inference_mode()
+def _generate(model: nn.Module, enc: dict, n: int, pad: int, eos) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    from transformers import GenerationConfig
+
+    gc_ = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad,
+                           eos_token_id=eos, num_beams=1, return_dict_in_generate=True, output_logits=True)
+    out = model.generate(**enc, generation_config=gc_)
+    new = out.sequences[:, enc["input_ids"].shape[1]:].cpu()
+    return new, [x.float().cpu() for x in out.logits]
+
+
+# ----------------------------------------------------------------------------------------------- verify
+
+
+def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None, reference: str | None = None,
+           max_new_tokens: int = 16, rows: int | str = DEFAULT_ROWS, seed: int = DEFAULT_SEED,
+           device: str = "auto", fp32_reference: bool | None = None, thresholds: dict | None = None,
+           profile: str | None = None, batch_size: int = 8, progress: Progress | None = None) -> dict:
+    """Run every check of OUT_DIR against its original; returns {"passed", "checks": [...], ...}.
+
+    Bad input raises UserError before anything runs. A failed check does not raise: the result says
+    which failed (the CLI maps that to exit 1).
+    """
+    from .convert import pick_device
+
+    progress = progress or Progress(quiet=True)
+    t_start = time.monotonic()
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise UserError(f"OUT_DIR {out} is not a directory; pass the output directory of `precompile convert`")
+    try:
+        manifest = read_manifest(out)
+    except PrecompileLoadError as e:
+        raise UserError(str(e)) from None
+    prompt_list = _prompt_list(prompts)
+    n_rows = _rows_arg(rows)
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    dev = pick_device(device)
+    table_dtype_name = manifest["table"]["dtype"]
+    th = _thresholds(table_dtype_name, thresholds)
+    ref = resolve_reference(manifest, reference)
+    ref_config = read_config(ref.root)
+    spec = resolve(_profile(manifest, ref_config, profile), ref_config)
+    ref_ckpt = Checkpoint(ref.root)
+    layout = table_layout(spec, frozenset(ref_ckpt.tensors))
+    dtype = _dtype(table_dtype_name)
+    ref_bytes = sum(t.nbytes for t in ref_ckpt.tensors.values())
+    half = dtype in (torch.bfloat16, torch.float16)
+    if fp32_reference is None:
+        fp32_reference = half and ref_bytes < FP32_REFERENCE_MAX_BYTES
+    try:
+        tok = _tokenizer(out, manifest)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{out}: cannot load its tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                        f"the conversion is incomplete, convert again") from None
+    prompt_ids = {int(i) for p in prompt_list for i in tok(p)["input_ids"]}
+
+    checks: list[Check] = []
+    progress.log(f"verifying {out} against {ref.id or ref.path}{'@' + ref.revision[:12] if ref.revision else ''} "
+                 f"on {dev}")
+    progress.log("hashing OUT_DIR files")
+    checks.append(check_outputs(out, manifest))
+    progress.log("hashing reference files")
+    checks.append(check_reference_files(ref, manifest))
+
+    def copied() -> Check:
+        out_ckpt = Checkpoint(out)
+        copied_bytes = sum(t.nbytes for n, t in out_ckpt.tensors.items() if n != manifest["table"]["tensor"])
+        with progress.bar(copied_bytes, "comparing copied tensors", "B") as bar:
+            return check_copied(out_ckpt, ref_ckpt, manifest["table"]["tensor"], layout.eliminated, bar)
+
+    checks.append(_guard("copied-tensors", copied))
+    checks.append(check_layout(manifest, layout))
+    ids, n_sample = _row_ids(layout.vocab_size, n_rows, seed, prompt_ids)
+    extra = {"mode": "all" if ids is None else "sample", "seed": seed if ids is not None else None,
+             "sampled": n_sample, "prompt_ids": len(prompt_ids)}
+    checks.append(_guard("table-rows", lambda: check_table_rows(out, manifest, spec, layout, ref_ckpt, ids, th, dev,
+                                                                progress, extra)))
+    with _quiet_transformers():
+        checks += _model_checks(out, ref, ref_ckpt, dtype, dev, tok, prompt_list, max_new_tokens, th,
+                                fp32_reference, half, batch_size, progress)
+    passed = all(c.passed for c in checks)
+    return {"passed": passed, "out_dir": str(out), "reference": ref.id or ref.path, "reference_root": str(ref.root),
+            "revision": ref.revision, "device": str(dev), "dtype": table_dtype_name, "prompts": len(prompt_list),
+            "seconds": round(time.monotonic() - t_start, 2), "checks": [c.as_dict() for c in checks]}
+
+
+def _model_checks(out: Path, ref: Source, ref_ckpt: Checkpoint, dtype: torch.dtype, dev: torch.device, tok,
+                  prompts: list[str], max_new: int, th: dict, fp32_reference: bool, half: bool, batch_size: int,
+                  progress: Progress) -> list[Check]:
+    from .loader import load
+
+    logit_th = {"max_abs_diff": th["max_abs_diff"], "mean_abs_diff": th["mean_abs_diff"], "kl": th["kl"],
+                "top1": th["top1"]}
+    gen_th = {"identical_or_tie": True, "generation_tie": th["generation_tie"]}  # filled in once logits ran
+    fp_th = {"converted_rms <= fp32_ratio * original_rms": th["fp32_ratio"]}
+    not_run = "not run: the converted model did not load"
+    progress.log("loading the converted model")
+    t0 = time.monotonic()
+    try:
+        conv = load(out, device=dev)
+    except (PrecompileLoadError, OSError, RuntimeError, ValueError, KeyError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return [Check("load", False, {"error": msg}, {}),
+                Check("logits", False, {"error": not_run}, logit_th),
+                Check("generation", False, {"error": not_run}, gen_th),
+                Check("fp32-reference", False, {"error": not_run}, fp_th) if fp32_reference and half else
+                Check("fp32-reference", True, {}, fp_th, skipped="not applicable")]
+    checks = [Check("load", True, {"seconds": round(time.monotonic() - t0, 2), "device": str(dev)}, {})]
+    progress.log("building the original model (sharing the converted model's tensors)")
+    orig = reference_model(conv, ref.root, ref_ckpt, dtype, dev)
+    pad = tok.pad_token_id
+    eos = conv.generation_config.eos_token_id if conv.generation_config.eos_token_id is not None \
+        else tok.eos_token_id
+    keep = fp32_reference and half
+    agg = {"positions": 0, "max_abs_diff": 0.0, "sum_abs": 0.0, "kl_sum": 0.0, "kl_max": 0.0, "top1_agree": 0}
+    kept: list[tuple[dict, torch.Tensor, torch.Tensor]] = []
+    gens: list[dict] = []
+    batches = list(_batches(prompts, batch_size))
+    with progress.bar(len(batches), "running prompts", "batches") as bar:
+        for bi, batch in enumerate(batches):
+            enc = _encode(tok, batch, dev)
+            lo, lc = _logits(orig, enc), _logits(conv, enc)
+            m = compare_logits(lo, lc)
+            for k in ("positions", "sum_abs", "kl_sum", "top1_agree"):
+                agg[k] += m[k]
+            agg["max_abs_diff"] = max(agg["max_abs_diff"], m["max_abs_diff"])
+            agg["kl_max"] = max(agg["kl_max"], m["kl_max"])
+            if keep:
+                kept.append((enc, lo, lc))
+            so, logits_o = _generate(orig, enc, max_new, pad, eos)
+            sc, _ = _generate(conv, enc, max_new, pad, eos)
+            for r in range(so.shape[0]):
+                diff = (so[r] != sc[r]).nonzero()
+                g = {"prompt": bi * batch_size + r, "first_diff": None}
+                if diff.numel():
+                    k = int(diff[0, 0])
+                    a, b = int(so[r, k]), int(sc[r, k])
+                    gap = float(logits_o[k][r, a] - logits_o[k][r, b])
+                    g.update(first_diff=k, original=a, converted=b, gap=_r(gap))
+                gens.append(g)
+            bar.update(1)
+    tie = th["generation_tie"]
+    if tie is None:
+        tie = min(th["max_abs_diff"], 2 * agg["max_abs_diff"])
+    gen_th["generation_tie"] = _r(tie)
+    for g in gens:
+        if g["first_diff"] is not None:
+            g["tie"] = g["gap"] <= tie
+    n = max(agg["positions"], 1)
+    lm = {"positions": agg["positions"], "max_abs_diff": _r(agg["max_abs_diff"]),
+          "mean_abs_diff": _r(agg["sum_abs"] / n), "kl": _r(agg["kl_sum"] / n), "kl_max": _r(agg["kl_max"]),
+          "top1": _r(agg["top1_agree"] / n)}
+    ok = (lm["max_abs_diff"] <= th["max_abs_diff"] and lm["mean_abs_diff"] <= th["mean_abs_diff"]
+          and lm["kl"] <= th["kl"] and lm["top1"] >= th["top1"])
+    checks.append(Check("logits", ok, lm, logit_th))
+    differ = [g for g in gens if g["first_diff"] is not None]
+    real = [g for g in differ if not g["tie"]]
+    checks.append(Check("generation", not real,
+                        {"prompts": len(gens), "new_tokens": max_new, "identical": len(gens) - len(differ),
+                         "diverged_at_tie": len(differ) - len(real), "differ": differ[:10]}, gen_th))
+    del orig, conv
+    gc.collect()
+    if not keep:
+        why = "model dtype is float32" if not half else "off (--no-fp32-reference, or the model is 2 GB or more)"
+        checks.append(Check("fp32-reference", True, {}, fp_th, skipped=why))
+        return checks
+    progress.log("running the float32 upcast of the original")
+    checks.append(_fp32_check(ref.root, kept, dev, th, fp_th))
+    return checks
+
+
+def _fp32_check(ref_root: Path, kept: list, dev: torch.device, th: dict, fp_th: dict) -> Check:
+    """RMS distance of the original and of the converted model's logits to the float32 upcast's."""
+    from transformers import AutoModelForCausalLM
+
+    fp32 = AutoModelForCausalLM.from_pretrained(str(ref_root), dtype=torch.float32).to(dev).eval()
+    so = sc = 0.0
+    count = 0
+    for enc, lo, lc in kept:
+        lf = _logits(fp32, enc).double()
+        so += float(((lo.double() - lf) ** 2).sum())
+        sc += float(((lc.double() - lf) ** 2).sum())
+        count += lf.numel()
+    del fp32
+    gc.collect()
+    ro, rc = math.sqrt(so / max(count, 1)), math.sqrt(sc / max(count, 1))
+    ok = rc <= th["fp32_ratio"] * ro + 1e-6
+    return Check("fp32-reference", ok, {"original_rms": _r(ro), "converted_rms": _r(rc),
+                                        "ratio": _r(rc / ro) if ro > 0 else None,
+                                        "verdict": "precompute gained precision" if rc < ro else
+                                        "precompute cost precision" if rc > ro else "equal"}, fp_th)
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def _fmt_metrics(c: dict) -> str:
+    m = c["metrics"]
+    if c.get("skipped"):
+        return f"skipped: {c['skipped']}"
+    if "error" in m:
+        return str(m["error"])
+    name = c["name"]
+    if name in ("integrity", "reference"):
+        bad = m["changed"] + m["missing"]
+        s = f"{m['files']} files" + (f"; changed: {', '.join(m['changed'])}" if m["changed"] else "") + \
+            (f"; missing: {', '.join(m['missing'])}" if m["missing"] else "")
+        return s if bad or m["files"] else "no file hashes recorded"
+    if name == "copied-tensors":
+        s = f"{m['tensors']} tensors, {m['bytes'] / 2**20:.1f} MiB"
+        if m["n_mismatched"]:
+            s += f"; differ: {', '.join(m['mismatched'])}"
+        if m["not_in_reference"]:
+            s += f"; not in reference: {', '.join(m['not_in_reference'])}"
+        if m["dropped_not_eliminated"]:
+            s += f"; dropped but not eliminated: {', '.join(m['dropped_not_eliminated'])}"
+        return s
+    if name == "layout":
+        return "matches the profile" if not m["mismatched"] else \
+            f"differs in {', '.join(m['mismatched'])}: manifest {m['manifest']}; expected {m['expected']}"
+    if name == "table-rows":
+        what = "all rows" if m["mode"] == "all" else f"{m['rows']} rows (seed {m['seed']}, {m['sampled']} sampled " \
+                                                       f"+ prompt ids)"
+        s = f"{what}: element ratio {m['max_element_ratio']}, row z {m['max_row_z']}"
+        if m["failed_rows"]:
+            s += f"; {m['failed_rows']} bad rows, token ids {m['failed_ids']}"
+        return s
+    if name == "load":
+        return f"precompile.load on {m['device']} in {m['seconds']}s"
+    if name == "logits":
+        return (f"{m['positions']} positions: max |d| {m['max_abs_diff']}, mean |d| {m['mean_abs_diff']}, "
+                f"KL {m['kl']}, top-1 {m['top1']:.3f}")
+    if name == "generation":
+        s = f"{m['identical']}/{m['prompts']} identical over {m['new_tokens']} tokens"
+        if m["diverged_at_tie"]:
+            s += f", {m['diverged_at_tie']} diverged at a near-tie"
+        real = [g for g in m["differ"] if not g["tie"]]
+        if real:
+            g = real[0]
+            s += f"; prompt {g['prompt']} differs at token {g['first_diff']} ({g['original']} vs {g['converted']})"
+        return s
+    if name == "fp32-reference":
+        return (f"RMS to float32: original {m['original_rms']}, converted {m['converted_rms']} "
+                f"({m['verdict']})")
+    return json.dumps(m)
+
+
+def _fmt_threshold(c: dict) -> str:
+    t = c["threshold"]
+    n = c["name"]
+    if not t:
+        return ""
+    if n == "logits":
+        return f"max<={t['max_abs_diff']:g} mean<={t['mean_abs_diff']:g} KL<={t['kl']:g} top1>={t['top1']:g}"
+    if n == "table-rows":
+        return f"ulp/2+{t['lambda']:g}*sqrt(n)*u*M, z<={t['row_mean_z']:g}"
+    if n == "generation":
+        tie = t.get("generation_tie")
+        return "same ids" + (f" (tie gap<={tie:g})" if tie is not None else "")
+    if n == "fp32-reference":
+        return f"converted <= {next(iter(t.values())):g} x original"
+    if n in ("integrity", "reference", "copied-tensors"):
+        return "byte-identical"
+    if n == "layout":
+        return "equal"
+    return ""
+
+
+def format_report(result: dict) -> str:
+    """A readable table, then one summary line."""
+    rows = [(c["name"], "skip" if c.get("skipped") else "PASS" if c["passed"] else "FAIL", _fmt_metrics(c),
+             _fmt_threshold(c)) for c in result["checks"]]
+    w0 = max(len("check"), *(len(r[0]) for r in rows))
+    lines = [f"{'check':<{w0}}  result  {'measured':<60}  threshold"]
+    for name, res, met, thr in rows:
+        lines.append(f"{name:<{w0}}  {res:<6}  {met:<60}  {thr}")
+    lines.append(summary_line(result))
+    return "\n".join(lines)
+
+
+def summary_line(result: dict) -> str:
+    checks = result["checks"]
+    failed = [c["name"] for c in checks if not c["passed"]]
+    n_ok = len(checks) - len(failed)
+    if failed:
+        return (f"FAILED: {', '.join(failed)} ({n_ok}/{len(checks)} checks passed; {result['out_dir']} vs "
+                f"{result['reference']}, {result['seconds']}s)")
+    return f"PASSED: {n_ok}/{len(checks)} checks ({result['out_dir']} vs {result['reference']}, {result['seconds']}s)"
