@@ -111,17 +111,11 @@ def atomic_dir(out_dir: Path, force: bool) -> Iterator[Path]:
     """
     out_dir = Path(out_dir)
     parent = out_dir.parent
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise UserError(f"OUT_DIR {out_dir} is a file; choose a directory path")
-        if any(out_dir.iterdir()) and not force:
-            raise UserError(f"OUT_DIR {out_dir} exists and is not empty; pass --force to replace it")
+    check_out_dir(out_dir, force)
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {parent} ({e.strerror}); choose a writable OUT_DIR") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{parent} is not writable; choose a writable OUT_DIR")
     tmp = parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -131,18 +125,75 @@ def atomic_dir(out_dir: Path, force: bool) -> Iterator[Path]:
     restore = _trap_signals()
     try:
         yield tmp
-        old = None
-        if out_dir.exists():
-            old = parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}-old"
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with _signals_deferred():  # a signal between the two renames would leave no OUT_DIR at all
+            old = None
+            if out_dir.exists():
+                old = parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}-old"
+                os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         restore()
+
+
+def check_out_dir(out_dir: Path, force: bool) -> Path:
+    """Refuse an OUT_DIR that cannot be (re)placed, creating nothing; returns its nearest existing ancestor.
+
+    Called before any work, so a bad OUT_DIR fails in a second, not after the table is computed.
+    """
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() or out_dir.is_symlink():
+        if not out_dir.is_dir():
+            raise UserError(f"OUT_DIR {out_dir} is a file; choose a directory path")
+        if any(out_dir.iterdir()) and not force:
+            raise UserError(f"OUT_DIR {out_dir} exists and is not empty; pass --force to replace it")
+    above = out_dir.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise UserError(f"cannot create OUT_DIR {out_dir}: {above} is a file, not a directory; "
+                        f"choose a writable OUT_DIR")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(f"{above} is not writable; choose a writable OUT_DIR")
+    return above
+
+
+def check_free_space(where: Path, need: int, what: str = "the output") -> None:
+    """Fail before any work when the filesystem holding `where` has less free space than `need` bytes."""
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise UserError(f"not enough disk space in {where}: {what} needs {need:,} bytes ({need / 2**30:.2f} GiB), "
+                        f"{free:,} bytes ({free / 2**30:.2f} GiB) are free; free some space or choose "
+                        f"another OUT_DIR")
+
+
+@contextmanager
+def scratch_dir(path: Path) -> Iterator[Path]:
+    """A private working directory (e.g. a pickle checkpoint rewritten as safetensors), removed on exit,
+    on any error, on SIGINT and on SIGTERM."""
+    restore = _trap_signals()
+    try:
+        yield Path(path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        restore()
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done (they are delivered afterwards)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _trap_signals() -> Callable[[], None]:
