@@ -256,9 +256,12 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        first = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")[:200]
-        raise UserError(f"{path}: refused to unpickle: it holds more than tensors ({first}); only plain tensor "
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "GLOBAL" in ln), None)
+        if why is None:  # not a pickle at all, or a damaged one
+            raise UserError(f"{path}: cannot be read as a PyTorch checkpoint ({lines[-1][:200] if lines else e!r}); "
+                            f"re-download it") from None
+        raise UserError(f"{path}: refused to unpickle: it holds more than tensors ({why[:200]}); only plain tensor "
                         f"state dicts are loaded, convert it to safetensors yourself if you trust it") from None
     except Exception as e:  # noqa: BLE001 - any failure of a foreign file is bad input
         raise UserError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
