@@ -14,7 +14,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -122,7 +122,7 @@ def atomic_dir(out_dir: Path, force: bool) -> Iterator[Path]:
         tmp.mkdir()
     except OSError as e:
         raise UserError(f"cannot create {tmp} ({e.strerror}); choose a writable OUT_DIR") from None
-    restore = _trap_signals()
+    trap = _Trap()
     try:
         yield tmp
         with _signals_deferred():  # a signal between the two renames would leave no OUT_DIR at all
@@ -133,11 +133,12 @@ def atomic_dir(out_dir: Path, force: bool) -> Iterator[Path]:
             os.rename(tmp, out_dir)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        trap.reraise(e)
         raise
     finally:
-        restore()
+        trap.restore()
 
 
 def check_out_dir(out_dir: Path, force: bool) -> Path:
@@ -175,12 +176,15 @@ def check_free_space(where: Path, need: int, what: str = "the output") -> None:
 def scratch_dir(path: Path) -> Iterator[Path]:
     """A private working directory (e.g. a pickle checkpoint rewritten as safetensors), removed on exit,
     on any error, on SIGINT and on SIGTERM."""
-    restore = _trap_signals()
+    trap = _Trap()
     try:
         yield Path(path)
+    except BaseException as e:
+        trap.reraise(e)
+        raise
     finally:
         shutil.rmtree(path, ignore_errors=True)
-        restore()
+        trap.restore()
 
 
 @contextmanager
@@ -196,14 +200,30 @@ def _signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _trap_signals() -> Callable[[], None]:
-    """Turn SIGTERM into KeyboardInterrupt so cleanup runs; returns a function that restores the handler."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = signal.getsignal(signal.SIGTERM)
+class _Trap:
+    """SIGINT and SIGTERM become KeyboardInterrupt while trapped, and are remembered.
 
-    def handler(signum, frame):
+    Remembering matters: a signal that lands inside a C extension's Python callback (safetensors
+    reading a slice, for one) can come out as an unrelated ValueError. `reraise` turns any error
+    that follows a trapped signal back into the interrupt it was.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    def reraise(self, error: BaseException) -> None:
+        if self.received and not isinstance(error, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"signal {self.received[-1]}") from error
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

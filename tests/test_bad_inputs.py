@@ -621,3 +621,20 @@ def test_interrupt_leaves_nothing_half_written(slow_source, tmp_path, sig, previ
     else:
         assert not out.exists()
     assert tree_snapshot(slow_source) == src_before
+
+
+def test_signal_turned_into_another_error_still_reads_as_interrupt(tmp_path):
+    """safetensors can turn a KeyboardInterrupt raised in its callback into a ValueError (seen in
+    test_interrupt_leaves_nothing_half_written before the fix): atomic_dir must still report the interrupt."""
+    from precompile.writer import atomic_dir
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(out, force=False):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+    assert not out.exists() and not leftovers(tmp_path)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
