@@ -81,15 +81,20 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     except (UnicodeDecodeError, ValueError):
         raise UserError(f"{path}: safetensors header is not valid JSON; the file is corrupt, re-download it") \
             from None
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta
+    if not (isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+        raise UserError(f"{path}: safetensors __metadata__ must map strings to strings; the file is corrupt")
     base = 8 + n
     out: dict[str, TensorInfo] = {}
     for name, info in header.items():
         try:
             dtype, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (b, e, *info["shape"])):
+                raise TypeError
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{path}: tensor {name} has a malformed header entry; the file is corrupt") from None
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise UserError(f"{path}: tensor {name} has unsupported dtype {dtype}")
         t = TensorInfo(name, path.name, dtype, shape, base + int(b), base + int(e))
         if not (0 <= b <= e) or t.stop > size:

@@ -173,3 +173,50 @@ def test_table_layout_arithmetic(case):
         assert ffn_names & present <= elim
     else:
         assert not (ffn_names & elim)
+
+
+# ---------------------------------------------------------------- safetensors headers
+
+
+@pytest.fixture(scope="module")
+def shard(checkpoint) -> Path:
+    import json
+
+    src = checkpoint("llama")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    return src / index["weight_map"]["model.layers.0.self_attn.q_proj.weight"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_header_mutations_fail_only_with_user_error(shard, tmp_path_factory, data):
+    """read_header is at least as strict as safetensors: it refuses with a UserError naming the file,
+    or the file really is readable, tensor by tensor."""
+    import json
+    import struct
+
+    from safetensors import safe_open
+
+    from precompile.tensors import read_header
+
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header, body = json.loads(raw[8:8 + n]), raw[8 + n:]
+    for _ in range(data.draw(st.integers(1, 2))):
+        header = mutate(header, data)
+    if data.draw(st.booleans()):
+        body = body[: data.draw(st.integers(0, len(body)))] + data.draw(st.binary(max_size=16))
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = tmp_path_factory.mktemp("hdr") / "model-00001-of-00002.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+    try:
+        infos, _ = read_header(path)
+    except UserError as e:
+        assert str(path) in str(e) and "\n" not in str(e)
+        return
+    with safe_open(path, framework="pt") as f:
+        for name, info in infos.items():
+            t = f.get_tensor(name)
+            assert tuple(t.shape) == info.shape
