@@ -184,11 +184,17 @@ def _check_table(path: Path, manifest: dict, config: PretrainedConfig) -> None:
     f = path / table["file"]
     if not f.exists():
         raise PrecompileLoadError(f"{f} is missing; the conversion is incomplete, convert again")
-    with safe_open(f, framework="pt") as sf:
-        if table["tensor"] not in sf.keys():
-            raise PrecompileLoadError(f"{f} does not hold {table['tensor']}; convert again")
-        sl = sf.get_slice(table["tensor"])
-        shape, dtype = list(sl.get_shape()), sl.get_dtype()
+    try:
+        with safe_open(f, framework="pt") as sf:
+            if table["tensor"] not in sf.keys():
+                raise PrecompileLoadError(f"{f} does not hold {table['tensor']}; convert again")
+            sl = sf.get_slice(table["tensor"])
+            shape, dtype = list(sl.get_shape()), sl.get_dtype()
+    except PrecompileLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file, whatever safetensors calls it
+        raise PrecompileLoadError(f"{f} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                                  f"the conversion is damaged, convert again") from None
     cols = table["columns"]
     width = cols[-1]["stop"] if cols else 0
     ok_cols = all(a["stop"] == b["start"] for a, b in zip(cols, cols[1:])) and cols and cols[0]["start"] == 0
@@ -233,8 +239,11 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
 
     path = Path(path) if path is not None else Path(__file__).resolve().parent
     manifest = read_manifest(path)
-    config = original_config(manifest)
-    _check_table(path, manifest, config)
+    try:
+        config = original_config(manifest)
+        _check_table(path, manifest, config)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise PrecompileLoadError(f"{path / MANIFEST} is malformed ({type(e).__name__}: {e}); convert again") from None
     base = AutoModelForCausalLM._model_mapping[type(config)]
     cls = precompiled_class(base, manifest)
     if isinstance(dtype, str):

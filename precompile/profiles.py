@@ -451,8 +451,11 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
         if val is None:
             return None
         if isinstance(val, bool) or not isinstance(val, (int, float)) or val != val or int(val) != val or val <= 0:
-            raise UserError(f"config.json gives {name} = {val!r} (via profile {profile.name}); it must be a positive "
-                            f"whole number, fix config.json")
+            spec = sizes.get(name)
+            keys = spec if isinstance(spec, list) else spec.get("keys", []) if isinstance(spec, dict) else []
+            key = next((k for k in keys if config.get(k) is not None), None)
+            where = f"config.json gives {key}" if key else f"profile {profile.name} gives sizes.{name}"
+            raise UserError(f"{where} = {val!r} (the model's {name}); it must be a positive whole number")
         return int(val)
 
     d = count("hidden_size")

@@ -185,6 +185,26 @@ def test_config_malformed(src, out, text):
     check_refused(src, out, words=("config.json",))
 
 
+@pytest.mark.parametrize("change, words", [
+    (dict(num_key_value_heads=3), ("4 attention heads", "3 key/value heads")),
+    (dict(hidden_size="64"), ("hidden_size", "'64'", "positive whole number")),
+    (dict(num_attention_heads=0), ("num_attention_heads = 0", "positive")),
+], ids=["heads-not-multiple", "size-is-string", "zero-heads"])
+def test_config_sizes_invalid(src, out, change, words):
+    edit_json(src / "config.json", lambda c: c.update(change))
+    check_refused(src, out, words=words)
+
+
+def test_refusal_is_the_last_line_without_quiet(src, out):
+    """With progress output on, a refusal found after planning is still one `error:` line, printed last."""
+    _poison(src, EMB, 5 * 64, math.nan)
+    r = invoke(src, out, "--device", "cpu")
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit)
+    lines = r.stderr.strip().splitlines()
+    assert [ln for ln in lines if ln.startswith("error:")] == [lines[-1]] and "token id 5" in lines[-1]
+    assert "Traceback" not in r.stderr and not out.exists() and not leftovers(out.parent)
+
+
 def test_config_lacks_size(src, out):
     edit_json(src / "config.json", lambda c: c.pop("hidden_size"))
     check_refused(src, out, words=("hidden_size",))
@@ -556,7 +576,8 @@ def test_force_keeps_previous_output_on_bad_input(src, converted, tmp_path):
     (lambda m: [c.update(stop=c["stop"] - 8) if c["name"] == "q" else c.update(start=c["start"] - 8)
                 for c in m["table"]["columns"] if c["name"] in ("q", "k")], ("column q", "56 wide")),
     (lambda m: m["table"]["columns"][1].update(start=70), ("not contiguous",)),
-], ids=["version", "no-table", "dtype", "shape", "q-width", "gap"])
+    (lambda m: m["table"].pop("columns"), ("malformed", "columns")),
+], ids=["version", "no-table", "dtype", "shape", "q-width", "gap", "no-columns"])
 def test_loader_refuses_damaged_output(converted, tmp_path, damage, words):
     out = tiny.copy_tree(converted, tmp_path / "damaged")
     edit_json(out / MANIFEST, damage)
@@ -565,6 +586,14 @@ def test_loader_refuses_damaged_output(converted, tmp_path, damage, words):
     for w in words:
         assert w in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_loader_refuses_truncated_table(converted, tmp_path):
+    out = tiny.copy_tree(converted, tmp_path / "damaged")
+    t = out / "precompile_table.safetensors"
+    t.write_bytes(t.read_bytes()[:1000])
+    with pytest.raises(PrecompileLoadError, match="precompile_table.safetensors"):
+        load(out)
 
 
 def test_library_raises_user_error(src, out):
