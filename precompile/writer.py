@@ -112,15 +112,18 @@ def atomic_dir(out_dir: Path, force: bool) -> Iterator[Path]:
     out_dir = Path(out_dir)
     parent = out_dir.parent
     check_out_dir(out_dir, force)
+    created = missing_ancestors(out_dir)
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        remove_empty(created)
         raise UserError(f"cannot create {parent} ({e.strerror}); choose a writable OUT_DIR") from None
     tmp = parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
     except OSError as e:
+        remove_empty(created)
         raise UserError(f"cannot create {tmp} ({e.strerror}); choose a writable OUT_DIR") from None
     trap = _Trap()
     try:
@@ -135,10 +138,25 @@ def atomic_dir(out_dir: Path, force: bool) -> Iterator[Path]:
                 shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(created)
         trap.reraise(e)
         raise
     finally:
         trap.restore()
+
+
+def missing_ancestors(path: Path) -> list[Path]:
+    """The directories above `path` that do not exist yet, deepest first (what a failed run must remove)."""
+    return [a for a in Path(path).absolute().parents if not a.exists()]
+
+
+def remove_empty(dirs: list[Path]) -> None:
+    """Remove directories this run created, deepest first, stopping at the first that is not empty."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def check_out_dir(out_dir: Path, force: bool) -> Path:
@@ -177,9 +195,12 @@ def scratch_dir(path: Path) -> Iterator[Path]:
     """A private working directory (e.g. a pickle checkpoint rewritten as safetensors), removed on exit,
     on any error, on SIGINT and on SIGTERM."""
     trap = _Trap()
+    created = missing_ancestors(path)
     try:
         yield Path(path)
     except BaseException as e:
+        shutil.rmtree(path, ignore_errors=True)
+        remove_empty(created)
         trap.reraise(e)
         raise
     finally:

@@ -395,6 +395,12 @@ def test_nan_in_embedding_names_token(src, out):
     check_refused(src, out, words=("token id 17", "NaN"))
 
 
+def test_failed_run_removes_the_parents_it_created(src, tmp_path):
+    _poison(src, EMB, 9 * 64, math.nan)
+    check_refused(src, tmp_path / "new" / "deeper" / "out", words=("token id 9",))
+    assert not (tmp_path / "new").exists()
+
+
 def test_inf_in_layer0_weight_names_first_token(src, out):
     _poison(src, Q, 3, math.inf)
     check_refused(src, out, "--chunk-size", "50", words=("token id 0", "not finite"))
@@ -438,6 +444,15 @@ def test_pickle_with_code_is_refused_and_not_run(src, out, tmp_path):
     torch.save(sd, src / "pytorch_model.bin")
     check_refused(src, out, "--allow-pickle", words=("pytorch_model.bin", "refused to unpickle"))
     assert not marker.exists()
+
+
+def test_pickle_failure_removes_scratch_and_new_parents(src, tmp_path):
+    to_pickle(src)
+    _poison_pickle = torch.load(src / "pytorch_model.bin", weights_only=True)
+    _poison_pickle[EMB][4, 0] = math.nan
+    torch.save(_poison_pickle, src / "pytorch_model.bin")
+    check_refused(src, tmp_path / "new" / "out", "--allow-pickle", words=("token id 4",))
+    assert not (tmp_path / "new").exists()
 
 
 def test_pickle_garbage(src, out):
