@@ -133,7 +133,9 @@ def check_native(config: dict, root: Path) -> None:
                         f"checkpoint instead")
     remote = " and an auto_map to code shipped in the checkpoint" if config.get("auto_map") else ""
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        raise UserError(f"{p}: model type {model_type!r} has no native transformers class{remote}; it needs "
+        archs = config.get("architectures") or []
+        arch = f" ({archs[0]})" if archs and isinstance(archs[0], str) else ""
+        raise UserError(f"{p}: model type {model_type!r}{arch} has no native transformers class{remote}; it needs "
                         f"trust_remote_code, which this tool never uses: convert a natively supported model")
     if config.get("auto_map"):
         archs = config.get("architectures") or []

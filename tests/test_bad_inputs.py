@@ -237,7 +237,7 @@ def test_remote_code_architecture(src, out):
         model_type="my_custom_lm", architectures=["MyCustomForCausalLM"],
         auto_map={"AutoModelForCausalLM": "modeling_custom.MyCustomForCausalLM"}))
     (src / "modeling_custom.py").write_text("raise SystemExit('checkpoint code ran')\n")
-    check_refused(src, out, words=("my_custom_lm", "trust_remote_code"))
+    check_refused(src, out, words=("my_custom_lm", "MyCustomForCausalLM", "trust_remote_code"))
 
 
 def test_remote_code_with_native_model_type(src, out):
