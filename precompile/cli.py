@@ -84,21 +84,30 @@ def main(debug: bool) -> None:
               "source).")
 @click.option("--force", is_flag=True, help="Replace an existing OUT_DIR (only once the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Print what would be read, eliminated and written; write nothing.")
+@click.option("--allow-pickle", is_flag=True, help="Read PyTorch *.bin/*.pt weights when there are no safetensors "
+              "(loaded with torch.load(weights_only=True): tensors only, no code runs).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def convert(source, out_dir, revision, profile_path, device, dtype, compute_dtype, chunk_size, link, force,
-            dry_run, quiet):
+            dry_run, allow_pickle, quiet):
     """Convert SOURCE (hub id or local directory) into OUT_DIR."""
     from .convert import convert as run_convert, describe_plan, plan_conversion
 
     progress = Progress(quiet=quiet)
     if dry_run:
-        plan = plan_conversion(source, revision=revision, profile=profile_path, dtype=dtype,
-                               compute_dtype=compute_dtype)
-        click.echo(describe_plan(plan))
-        click.echo(_dry_run_files(plan))
+        import tempfile
+        from pathlib import Path
+
+        from .writer import TMP_PREFIX, scratch_dir
+
+        with scratch_dir(Path(tempfile.mkdtemp(prefix=TMP_PREFIX))) as scratch:
+            plan = plan_conversion(source, revision=revision, profile=profile_path, dtype=dtype,
+                                   compute_dtype=compute_dtype, allow_pickle=allow_pickle, scratch=scratch / "view")
+            click.echo(describe_plan(plan))
+            click.echo(_dry_run_files(plan))
         return
     run_convert(source, out_dir, revision=revision, profile=profile_path, device=device, dtype=dtype,
-                compute_dtype=compute_dtype, chunk_size=chunk_size, force=force, link=link, progress=progress)
+                compute_dtype=compute_dtype, chunk_size=chunk_size, force=force, link=link, progress=progress,
+                allow_pickle=allow_pickle)
 
 
 @main.command()

@@ -20,14 +20,18 @@ from .loader import FORMAT_VERSION, MANIFEST
 from .precompute import compute_rows, layer0_tensor_names
 from .profiles import ModelSpec, Profile, resolve, select_profile
 from .progress import Progress
-from .source import Source, carried_files, file_sha256, read_config, resolve_source
-from .tensors import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo
-from .writer import atomic_dir, check_out_dir, share_file, write_json, write_shard, write_table
+from .source import (ALLOW_PATTERNS, Source, carried_files, check_native, check_tokenizer, file_sha256, read_config,
+                     resolve_source)
+from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo,
+                      has_safetensors, open_checkpoint)
+from .writer import (TMP_PREFIX, atomic_dir, check_free_space, check_out_dir, scratch_dir, share_file, write_json,
+                     write_shard, write_table)
 
 DTYPE_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPUTE_CHOICES = {"float32": torch.float32, "float64": torch.float64}
 LINK_MODES = ("auto", "reflink", "hardlink", "copy")
 SHIM_FILE = "precompile_loader.py"
+PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]
 
 
 @dataclass
@@ -122,19 +126,28 @@ def _validate(spec: ModelSpec, ckpt: Checkpoint, layout: TableLayout) -> None:
 
 
 def plan_conversion(source: str, *, revision: str | None = None, profile: str | None = None,
-                    dtype: str = "auto", compute_dtype: str = "float32") -> ConversionPlan:
-    """Everything a conversion will read, eliminate and write, from headers alone."""
+                    dtype: str = "auto", compute_dtype: str = "float32", allow_pickle: bool = False,
+                    scratch: Path | None = None) -> ConversionPlan:
+    """Everything a conversion will read, eliminate and write, from headers alone.
+
+    With allow_pickle, a pickle-only checkpoint is first rewritten as safetensors into `scratch`
+    (loaded with weights_only=True); the caller removes `scratch` afterwards.
+    """
     if dtype != "auto" and dtype not in DTYPE_CHOICES:
         raise UserError(f"--dtype {dtype} is not one of auto, {', '.join(DTYPE_CHOICES)}")
     if compute_dtype not in COMPUTE_CHOICES:
         raise UserError(f"--compute-dtype {compute_dtype} is not one of {', '.join(COMPUTE_CHOICES)}")
     src = resolve_source(source, revision)
     config = read_config(src.root)
+    check_native(config, src.root)
     prof = select_profile(config, profile)
     spec = resolve(prof, config)
-    ckpt = Checkpoint(src.root)
+    if allow_pickle and src.id is not None and not has_safetensors(src.root):
+        src = resolve_source(source, revision, ALLOW_PATTERNS + PICKLE_PATTERNS)
+    ckpt = open_checkpoint(src.root, allow_pickle, scratch)
     layout = table_layout(spec, frozenset(ckpt.tensors))
     _validate(spec, ckpt, layout)
+    check_tokenizer(src.root, spec.vocab_size)
     emb_dtype = ckpt.info(spec.embedding_tensor).dtype
     model_dtype = DTYPE_CHOICES[dtype] if dtype != "auto" else DTYPES[emb_dtype]
     if model_dtype not in DTYPE_CHOICES.values():
@@ -239,7 +252,7 @@ def build_manifest(plan: ConversionPlan, options: dict, source_files: dict[str, 
 
 def _source_hashes(plan: ConversionPlan) -> dict[str, str]:
     root = plan.source.root
-    names = ["config.json", *plan.checkpoint.files, *plan.carried]
+    names = ["config.json", *plan.checkpoint.source_files, *plan.carried]
     if (root / INDEX_NAME).exists() and plan.checkpoint.files != [SINGLE_NAME]:
         names.append(INDEX_NAME)
     return {n: file_sha256(root / n) for n in sorted(set(names))}
@@ -247,22 +260,56 @@ def _source_hashes(plan: ConversionPlan) -> dict[str, str]:
 
 def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = None, profile: str | None = None,
             device: str = "auto", dtype: str = "auto", compute_dtype: str = "float32", chunk_size: int = 4096,
-            force: bool = False, link: str = "auto", progress: Progress | None = None) -> ConvertResult:
-    """Convert SOURCE into OUT_DIR; OUT_DIR appears only when everything has been written."""
+            force: bool = False, link: str = "auto", progress: Progress | None = None,
+            allow_pickle: bool = False) -> ConvertResult:
+    """Convert SOURCE into OUT_DIR; OUT_DIR appears only when everything has been written.
+
+    allow_pickle: read PyTorch *.bin/*.pt weights (with weights_only=True) when there are no safetensors.
+    """
     progress = progress or Progress(quiet=True)
     if chunk_size < 1:
         raise UserError(f"--chunk-size must be at least 1, got {chunk_size}")
     if link not in LINK_MODES:
         raise UserError(f"--link {link} is not one of {', '.join(LINK_MODES)}")
     t0 = time.monotonic()
-    out_dir = Path(out_dir)
-    check_out_dir(out_dir, force)
     dev = pick_device(device)
-    plan = plan_conversion(source, revision=revision, profile=profile, dtype=dtype, compute_dtype=compute_dtype)
-    if out_dir.resolve() == plan.source.root.resolve() or plan.source.root.resolve() in out_dir.resolve().parents:
+    out_dir = Path(out_dir)
+    local = Path(source).expanduser()
+    if local.is_dir():  # before anything is read or created: OUT_DIR must not be or hold the source
+        _check_apart(local, out_dir)
+    check_out_dir(out_dir, force)
+    with scratch_dir(out_dir.parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}-source") as scratch:
+        return _convert(source, out_dir, scratch, revision=revision, profile=profile, dev=dev, dtype=dtype,
+                        compute_dtype=compute_dtype, chunk_size=chunk_size, force=force, link=link,
+                        progress=progress, allow_pickle=allow_pickle, t0=t0)
+
+
+def _check_apart(source_root: Path, out_dir: Path) -> None:
+    src, out = source_root.resolve(), out_dir.resolve()
+    if out == src or src in out.parents:
         raise UserError(f"OUT_DIR {out_dir} is the source directory or inside it; choose another OUT_DIR")
+    if out in src.parents:
+        raise UserError(f"OUT_DIR {out_dir} contains the source {source_root}; replacing it would delete the "
+                        f"source, choose another OUT_DIR")
+
+
+def _needed_bytes(plan: ConversionPlan, link: str) -> int:
+    """Bytes OUT_DIR will take: shared shards count unless hard-linked (a reflink may fall back to a copy)."""
+    shared = sum(s.out_bytes for s in plan.shards if s.action == "share") if link == "hardlink" else 0
+    carried = sum((plan.source.root / n).stat().st_size for n in plan.carried)
+    return plan.out_bytes - shared + carried + (1 << 20)  # + index, config, manifest, shim
+
+
+def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, dev, dtype, compute_dtype,
+             chunk_size, force, link, progress, allow_pickle, t0) -> ConvertResult:
+    plan = plan_conversion(source, revision=revision, profile=profile, dtype=dtype, compute_dtype=compute_dtype,
+                           allow_pickle=allow_pickle, scratch=scratch)
+    _check_apart(plan.source.root, out_dir)
+    check_free_space(check_out_dir(out_dir, force), _needed_bytes(plan, link), f"the planned output of {out_dir}")
     progress.log(describe_plan(plan, dev))
     options = {"dtype": str(plan.model_dtype).removeprefix("torch."), "compute_dtype": compute_dtype}
+    if plan.checkpoint.source_files != plan.checkpoint.files:
+        options["pickle"] = "loaded with torch.load(weights_only=True)"
     result = ConvertResult(out_dir, plan, 0.0)
     with atomic_dir(out_dir, force) as tmp:
         write_table(tmp / TABLE_FILE, plan.layout.tensor_name, (plan.layout.vocab_size, plan.layout.width),
@@ -273,7 +320,7 @@ def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = N
             for s in plan.shards:
                 if s.out_file is None:
                     continue
-                src = plan.source.root / s.source_file
+                src = plan.checkpoint.root / s.source_file
                 if s.action == "share":
                     result.methods[s.out_file] = share_file(src, tmp / s.out_file, link)
                 else:

@@ -119,6 +119,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise PrecompileLoadError(f"{p} has format version {manifest.get('format_version')}, this loader reads "
                                   f"{FORMAT_VERSION}; convert again with this version or use a matching loader")
+    for key in ("table", "loader", "source"):
+        if not isinstance(manifest.get(key), dict):
+            raise PrecompileLoadError(f"{p} has no '{key}' section; the conversion is damaged, convert again")
     return manifest
 
 
@@ -181,24 +184,52 @@ def _check_table(path: Path, manifest: dict, config: PretrainedConfig) -> None:
     f = path / table["file"]
     if not f.exists():
         raise PrecompileLoadError(f"{f} is missing; the conversion is incomplete, convert again")
-    with safe_open(f, framework="pt") as sf:
-        if table["tensor"] not in sf.keys():
-            raise PrecompileLoadError(f"{f} does not hold {table['tensor']}; convert again")
-        sl = sf.get_slice(table["tensor"])
-        shape, dtype = list(sl.get_shape()), sl.get_dtype()
+    try:
+        with safe_open(f, framework="pt") as sf:
+            if table["tensor"] not in sf.keys():
+                raise PrecompileLoadError(f"{f} does not hold {table['tensor']}; convert again")
+            sl = sf.get_slice(table["tensor"])
+            shape, dtype = list(sl.get_shape()), sl.get_dtype()
+    except PrecompileLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file, whatever safetensors calls it
+        raise PrecompileLoadError(f"{f} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                                  f"the conversion is damaged, convert again") from None
     cols = table["columns"]
     width = cols[-1]["stop"] if cols else 0
     ok_cols = all(a["stop"] == b["start"] for a, b in zip(cols, cols[1:])) and cols and cols[0]["start"] == 0
-    if shape != list(table["shape"]) or shape[1] != width or not ok_cols:
+    if not ok_cols:
+        raise PrecompileLoadError(f"{f}: the manifest's table columns are not contiguous from 0 "
+                                  f"({[(c['start'], c['stop']) for c in cols]}); convert again")
+    if shape != list(table["shape"]) or shape[1] != width:
         raise PrecompileLoadError(f"{f}: table shape {shape} does not match the manifest's layout "
                                   f"{table['shape']} (width {width}); convert again")
     if shape[0] != config.vocab_size:
         raise PrecompileLoadError(f"{f}: table has {shape[0]} rows but the model's vocab_size is "
                                   f"{config.vocab_size}; convert again")
-    want = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}[table["dtype"]]
+    _check_widths(f, cols, manifest, config)
+    want = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}.get(table["dtype"])
     if dtype != want:
         raise PrecompileLoadError(f"{f}: table dtype {dtype} differs from the manifest's {table['dtype']}; "
                                   f"convert again")
+
+
+def _check_widths(f: Path, cols: list[dict], manifest: dict, config: PretrainedConfig) -> None:
+    """The residual and q columns must be as wide as the model they are loaded into says."""
+    hidden = getattr(config, "hidden_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not isinstance(hidden, int) or not isinstance(heads, int) or heads <= 0:
+        return
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    want = {"x": hidden, "x+ffn": hidden, "q": heads * head_dim}
+    if manifest["loader"].get("hidden_size") != hidden:
+        raise PrecompileLoadError(f"{f}: the manifest's hidden size {manifest['loader'].get('hidden_size')} differs "
+                                  f"from the config's {hidden}; convert again")
+    for c in cols:
+        w = c["stop"] - c["start"]
+        if c["name"] in want and w != want[c["name"]]:
+            raise PrecompileLoadError(f"{f}: table column {c['name']} is {w} wide, but the config implies "
+                                      f"{want[c['name']]}; the table does not belong to this model, convert again")
 
 
 def load(path: str | os.PathLike | None = None, device: str | torch.device | None = None,
@@ -208,8 +239,11 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
 
     path = Path(path) if path is not None else Path(__file__).resolve().parent
     manifest = read_manifest(path)
-    config = original_config(manifest)
-    _check_table(path, manifest, config)
+    try:
+        config = original_config(manifest)
+        _check_table(path, manifest, config)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise PrecompileLoadError(f"{path / MANIFEST} is malformed ({type(e).__name__}: {e}); convert again") from None
     base = AutoModelForCausalLM._model_mapping[type(config)]
     cls = precompiled_class(base, manifest)
     if isinstance(dtype, str):

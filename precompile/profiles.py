@@ -201,24 +201,61 @@ def _check_keys(obj: Any, allowed: set[str], required: tuple[str, ...], path: st
             raise _fail(path, f"{where}.{k}" if where else str(k), "is not a known key")
 
 
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_name(obj: Any, key: str, path: str, where: str, optional: bool = True) -> None:
+    """A tensor or module name: a non-empty string (or absent / null when optional)."""
+    v = obj.get(key)
+    if v is None and optional:
+        return
+    if not isinstance(v, str) or not v:
+        raise _fail(path, f"{where}.{key}" if where else key, "must be a tensor or module name (a string)")
+
+
+def _check_config_ref(v: Any, path: str, where: str, value_ok) -> None:
+    """A value taken from config.json: a list of keys, {keys, default}, or a literal accepted by value_ok."""
+    if value_ok(v):
+        return
+    if isinstance(v, dict):
+        _check_keys(v, {"keys", "default"}, ("keys",), path, where)
+        if "default" in v and v["default"] is not None and not value_ok(v["default"]):
+            raise _fail(path, f"{where}.default", "has the wrong type")
+        v = v["keys"]
+        where = f"{where}.keys"
+    if not (isinstance(v, list) and v and all(isinstance(k, str) for k in v)):
+        raise _fail(path, where, "must be a list of config.json keys, {keys, default}, or a value")
+
+
 def _check_norm(obj: Any, path: str, where: str) -> None:
     _check_keys(obj, {"kind", "weight", "bias", "eps", "offset", "module"}, ("kind", "eps"), path, where)
     if obj["kind"] not in NORM_KINDS:
         raise _fail(path, f"{where}.kind", f"is '{obj['kind']}', expected one of {', '.join(NORM_KINDS)}")
-    if not isinstance(obj.get("offset", 0), (int, float)):
+    if not _is_num(obj.get("offset", 0)):
         raise _fail(path, f"{where}.offset", "must be a number")
+    for key in ("weight", "bias", "module"):
+        _check_name(obj, key, path, where)
+    _check_config_ref(obj["eps"], path, f"{where}.eps", _is_num)
 
 
 def _check_tensor_ref(obj: Any, path: str, where: str) -> None:
-    if isinstance(obj, str):
+    if isinstance(obj, str) and obj:
         return
     _check_keys(obj, {"weight", "bias"}, ("weight",), path, where)
+    _check_name(obj, "weight", path, where, optional=False)
+    _check_name(obj, "bias", path, where)
 
 
 def validate_profile(data: Any, path: str) -> None:
     """Check a profile's structure so that mistakes are named by key and file, not by a KeyError later."""
     _check_keys(data, _TOP_KEYS, _REQUIRED_TOP, path, "")
+    if not isinstance(data["name"], str) or not data["name"]:
+        raise _fail(path, "name", "must be a non-empty string")
     _check_keys(data["match"], {"architectures", "model_types"}, (), path, "match")
+    for k, v in data["match"].items():
+        if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            raise _fail(path, f"match.{k}", "must be a list of names")
     if not (data["match"].get("architectures") or data["match"].get("model_types")):
         raise _fail(path, "match", "must list architectures or model_types")
     if not isinstance(data.get("defaults", {}), dict):
@@ -228,11 +265,18 @@ def validate_profile(data: Any, path: str) -> None:
         if not isinstance(entry["when"], dict):
             raise _fail(path, f"refuse[{i}].when", "must map config keys to values")
     _check_body(data, path)
-    for i, variant in enumerate(data.get("variants") or []):
+    variants = data.get("variants") or []
+    if not isinstance(variants, list):
+        raise _fail(path, "variants", "must be a list of {when, set}")
+    for i, variant in enumerate(variants):
         _check_keys(variant, {"when", "set"}, ("when", "set"), path, f"variants[{i}]")
         if not isinstance(variant["when"], dict):
             raise _fail(path, f"variants[{i}].when", "must map config keys to values")
-        _check_body(_apply_patch(data, variant["set"]), path)
+        if not isinstance(variant["set"], dict):
+            raise _fail(path, f"variants[{i}].set", "must be a mapping of profile keys")
+        patched = _apply_patch(data, variant["set"])
+        _check_keys(patched, _TOP_KEYS, _REQUIRED_TOP, path, f"variants[{i}].set")
+        _check_body(patched, path)
 
 
 def _check_body(data: dict, path: str) -> None:
@@ -243,23 +287,42 @@ def _check_body(data: dict, path: str) -> None:
                         "intermediate_size", "n_experts", "multi_query"},
                 ("hidden_size", "num_heads", "vocab_size", "n_layers"), path, "sizes")
     for k, v in sizes.items():
-        if not (isinstance(v, (list, int)) or (isinstance(v, dict) and "keys" in v)):
-            raise _fail(path, f"sizes.{k}", "must be a list of config keys, a number or {keys, default}")
+        _check_config_ref(v, path, f"sizes.{k}", lambda x: _is_num(x) or isinstance(x, bool))
+    tie = data.get("tie_word_embeddings")
+    if tie is not None:
+        _check_config_ref(tie, path, "tie_word_embeddings", lambda x: isinstance(x, bool))
     emb = data["embedding"]
     _check_keys(emb, {"tensor", "module", "scale", "norm"}, ("tensor", "module"), path, "embedding")
+    _check_name(emb, "tensor", path, "embedding", optional=False)
+    _check_name(emb, "module", path, "embedding", optional=False)
     if emb.get("scale") is not None:
-        _check_keys(emb["scale"], {"sqrt", "config", "value"}, (), path, "embedding.scale")
+        scale = emb["scale"]
+        _check_keys(scale, {"sqrt", "config", "value"}, (), path, "embedding.scale")
+        if len(scale) != 1:
+            raise _fail(path, "embedding.scale", "must hold exactly one of sqrt, config, value")
+        (k, v), = scale.items()
+        if (k == "value" and not _is_num(v)) or (k != "value" and not (isinstance(v, str) and v)):
+            raise _fail(path, f"embedding.scale.{k}", "must be a number" if k == "value" else "must be a key name")
     if emb.get("norm") is not None:
         _check_norm(emb["norm"], path, "embedding.norm")
     _check_norm(data["attn_norm"], path, "attn_norm")
+    _check_name(data, "attention_module", path, "", optional=False)
     projs = data["projections"]
     if not isinstance(projs, list) or not projs:
         raise _fail(path, "projections", "must be a non-empty list")
     for i, p in enumerate(projs):
+        where = f"projections[{i}]"
         _check_keys(p, {"role", "weight", "bias", "bias_when", "module", "heads_interleaved"},
-                    ("role", "weight", "module"), path, f"projections[{i}]")
+                    ("role", "weight", "module"), path, where)
         if p["role"] not in PROJ_ROLES:
-            raise _fail(path, f"projections[{i}].role", f"is '{p['role']}', expected one of q, k, v, qkv")
+            raise _fail(path, f"{where}.role", f"is '{p['role']}', expected one of q, k, v, qkv")
+        for key in ("weight", "module"):
+            _check_name(p, key, path, where, optional=False)
+        _check_name(p, "bias", path, where)
+        if not isinstance(p.get("bias_when", True), (bool, str)):
+            raise _fail(path, f"{where}.bias_when", "must be true, false or a config.json key")
+        if not isinstance(p.get("heads_interleaved", False), bool):
+            raise _fail(path, f"{where}.heads_interleaved", "must be true or false")
     qk = data.get("qk_norm")
     if qk is not None:
         _check_keys(qk, {"q", "k"}, (), path, "qk_norm")
@@ -289,7 +352,12 @@ def _check_body(data: dict, path: str) -> None:
                 if ref is not None and "{e}" not in (ref if isinstance(ref, str) else ref.get("weight", "")):
                     raise _fail(path, f"ffn.{part}", "must contain {e} (the expert index) in a moe FFN")
         act = ffn["activation"]
-        if not (act in ACTIVATIONS or (isinstance(act, dict) and set(act) <= {"config", "default"})):
+        if isinstance(act, dict):
+            _check_keys(act, {"config", "default"}, ("config",), path, "ffn.activation")
+            if not isinstance(act["config"], str) or act.get("default", "silu") not in ACTIVATIONS:
+                raise _fail(path, "ffn.activation", f"must name a config key and a default among "
+                                                    f"{', '.join(ACTIVATIONS)}")
+        elif act not in ACTIVATIONS:
             raise _fail(path, "ffn.activation", f"is '{act}', expected one of {', '.join(ACTIVATIONS)}")
         if (ffn["kind"] == "glu" or (ffn["kind"] == "moe" and ffn.get("expert_kind", "glu") == "glu")) \
                 and "gate" not in ffn:
@@ -297,6 +365,7 @@ def _check_body(data: dict, path: str) -> None:
         for part in ("up", "gate", "down"):
             if part in ffn:
                 _check_tensor_ref(ffn[part], path, f"ffn.{part}")
+        _check_name(ffn, "module", path, "ffn", optional=False)
         if ffn.get("norm") not in (None, "shared"):
             _check_norm(ffn["norm"], path, "ffn.norm")
 
@@ -373,7 +442,7 @@ def select_profile(config: dict, profile_path: str | Path | None = None) -> Prof
 
 def _config_value(config: dict, spec: Any, name: str, profile: Profile) -> Any:
     """Resolve a `sizes` entry: a number, a list of config keys (first present wins) or {keys, default}."""
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+    if isinstance(spec, (int, float)):  # a literal (booleans too: multi_query: true)
         return spec
     keys, default, has_default = (spec, None, False) if isinstance(spec, list) else (
         spec["keys"], spec.get("default"), "default" in spec)
@@ -395,6 +464,9 @@ def _norm(obj: dict | None, config: dict, profile: Profile, where: str) -> Norm 
             raise UserError(f"config.json has none of {eps if isinstance(eps, list) else eps['keys']} "
                             f"needed for {where}.eps of profile {profile.name}; add it to config.json")
         eps = eps_val
+    if not _is_num(eps):
+        raise UserError(f"{where}.eps of profile {profile.name} resolves to {eps!r}, not a number; fix config.json "
+                        f"or the profile")
     return Norm(kind=obj["kind"], weight=obj.get("weight"), bias=obj.get("bias"), eps=float(eps),
                 offset=float(obj.get("offset", 0.0)), module=obj.get("module"))
 
@@ -488,14 +560,27 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
                             f"{profile.name}); add it to config.json or pass a matching --profile")
         return val
 
-    d = int(size("hidden_size"))
-    heads = int(size("num_heads"))
+    def count(name: str, required: bool = True) -> int | None:
+        """A size that must be a positive whole number."""
+        val = size(name, required)
+        if val is None:
+            return None
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or val != val or int(val) != val or val <= 0:
+            spec = sizes.get(name)
+            keys = spec if isinstance(spec, list) else spec.get("keys", []) if isinstance(spec, dict) else []
+            key = next((k for k in keys if config.get(k) is not None), None)
+            where = f"config.json gives {key}" if key else f"profile {profile.name} gives sizes.{name}"
+            raise UserError(f"{where} = {val!r} (the model's {name}); it must be a positive whole number")
+        return int(val)
+
+    d = count("hidden_size")
+    heads = count("num_heads")
     multi_query = bool(size("multi_query", required=False))
-    kv = size("num_kv_heads", required=False)
-    kv = 1 if multi_query and kv is None else int(kv if kv is not None else heads)
-    head_dim = size("head_dim", required=False)
-    head_dim = int(head_dim) if head_dim is not None else d // heads
-    if heads <= 0 or kv <= 0 or heads % kv:
+    kv = count("num_kv_heads", required=False)
+    kv = 1 if multi_query and kv is None else (kv if kv is not None else heads)
+    head_dim = count("head_dim", required=False)
+    head_dim = head_dim if head_dim is not None else d // heads
+    if heads <= 0 or kv <= 0 or heads % kv or head_dim <= 0:
         raise UserError(f"config.json gives {heads} attention heads and {kv} key/value heads; "
                         f"the head count must be a positive multiple of the key/value head count")
     block = "parallel" if assume_parallel else data["block"]
@@ -506,9 +591,17 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
     if emb.get("scale"):
         s = emb["scale"]
         if "sqrt" in s:
-            scale = math.sqrt(float(size(s["sqrt"]) if s["sqrt"] in sizes else config[s["sqrt"]]))
+            base = count(s["sqrt"]) if s["sqrt"] in sizes else config.get(s["sqrt"])
+            if not _is_num(base) or base <= 0:
+                raise UserError(f"config.json gives {s['sqrt']} = {base!r}, needed as a positive number for the "
+                                f"embedding scale of profile {profile.name}; fix config.json")
+            scale = math.sqrt(float(base))
         elif "config" in s:
-            scale = float(config.get(s["config"], 1.0))
+            scale = config.get(s["config"], 1.0)
+            if not _is_num(scale):
+                raise UserError(f"config.json gives {s['config']} = {scale!r}, needed as a number for the embedding "
+                                f"scale of profile {profile.name}; fix config.json")
+            scale = float(scale)
         else:
             scale = float(s["value"])
     ffn = _ffn(data["ffn"], config, profile) if data.get("ffn") else None
@@ -532,9 +625,10 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
     n_exp = size("n_experts", required=False)
     return ModelSpec(
         profile=profile.name, block=block, hidden_size=d, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
-        vocab_size=int(size("vocab_size")), n_layers=int(size("n_layers")),
-        intermediate_size=int(inter) if inter is not None else None,
-        n_experts=len(ffn.experts) if ffn is not None and ffn.experts else (int(n_exp) if n_exp else 1), ffn_kind=(data.get("ffn") or {}).get("kind", "glu"),
+        vocab_size=count("vocab_size"), n_layers=count("n_layers"),
+        intermediate_size=count("intermediate_size", required=False) if inter is not None else None,
+        n_experts=len(ffn.experts) if ffn is not None and ffn.experts else (
+            count("n_experts", required=False) if n_exp else 1), ffn_kind=(data.get("ffn") or {}).get("kind", "glu"),
         tied=tied, embedding_tensor=emb["tensor"], embedding_module=emb["module"], embedding_scale=scale,
         embedding_norm=emb_norm, attn_norm=attn_norm,
         projections=tuple(projections), attention_module=data["attention_module"], ffn=ffn,

@@ -115,3 +115,78 @@ def file_sha256(path: Path) -> str:
 def carried_files(root: Path) -> list[str]:
     """Tokenizer and generation files that go into OUT_DIR unchanged."""
     return sorted(p.name for p in root.iterdir() if p.is_file() and CARRIED.match(p.name))
+
+
+def check_native(config: dict, root: Path) -> None:
+    """Refuse what only runs with trust_remote_code: this tool never runs code shipped with a checkpoint.
+
+    The loader builds the model from transformers' own class for `model_type`; an auto_map whose
+    architectures all have native classes is ignored (older repos kept one after upstreaming).
+    """
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    p = root / "config.json"
+    model_type = config.get("model_type")
+    if model_type == "precompiled":
+        raise UserError(f"{root} is already a precompiled model (see its precompile.json); convert the original "
+                        f"checkpoint instead")
+    remote = " and an auto_map to code shipped in the checkpoint" if config.get("auto_map") else ""
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        archs = config.get("architectures") or []
+        arch = f" ({archs[0]})" if archs and isinstance(archs[0], str) else ""
+        raise UserError(f"{p}: model type {model_type!r}{arch} has no native transformers class{remote}; it needs "
+                        f"trust_remote_code, which this tool never uses: convert a natively supported model")
+    if config.get("auto_map"):
+        archs = config.get("architectures") or []
+        foreign = [a for a in archs if not (isinstance(a, str) and hasattr(transformers, a))]
+        if foreign or not archs:
+            name = foreign[0] if foreign else "(none listed)"
+            raise UserError(f"{p}: architecture {name} is defined by code shipped in the checkpoint (auto_map), "
+                            f"not by transformers; this tool never runs checkpoint code (trust_remote_code)")
+
+
+def check_tokenizer(root: Path, vocab_rows: int) -> None:
+    """Every token id the tokenizer files can produce must have an embedding row (mergekit #428, #548)."""
+    found: list[tuple[int, str, str]] = []  # (id, token, file)
+
+    def read(name: str):
+        p = root / name
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{p} is not valid JSON ({e}); fix or re-download it") from None
+
+    def add(i, token, name: str) -> None:
+        if isinstance(i, int) and not isinstance(i, bool):
+            found.append((i, str(token), name))
+        elif isinstance(i, str) and i.isdigit():
+            found.append((int(i), str(token), name))
+
+    tj = read("tokenizer.json")
+    if isinstance(tj, dict):
+        vocab = (tj.get("model") or {}).get("vocab") if isinstance(tj.get("model"), dict) else None
+        if isinstance(vocab, dict):
+            for tok, i in vocab.items():
+                add(i, tok, "tokenizer.json")
+        elif isinstance(vocab, list) and vocab:  # Unigram: [[piece, score], ...], ids by position
+            add(len(vocab) - 1, vocab[-1][0] if isinstance(vocab[-1], list) else vocab[-1], "tokenizer.json")
+        for t in tj.get("added_tokens") or []:
+            if isinstance(t, dict):
+                add(t.get("id"), t.get("content"), "tokenizer.json")
+    added = read("added_tokens.json")
+    if isinstance(added, dict):
+        for tok, i in added.items():
+            add(i, tok, "added_tokens.json")
+    tc = read("tokenizer_config.json")
+    if isinstance(tc, dict) and isinstance(tc.get("added_tokens_decoder"), dict):
+        for i, t in tc["added_tokens_decoder"].items():
+            add(i, t.get("content") if isinstance(t, dict) else t, "tokenizer_config.json")
+    if not found:
+        return
+    top = max(found)
+    if top[0] >= vocab_rows:
+        raise UserError(f"{root / top[2]}: token {top[1]!r} has id {top[0]}, but the embedding has {vocab_rows} "
+                        f"rows (ids 0-{vocab_rows - 1}); the tokenizer does not match the weights, fix it")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .errors import UserError
 
@@ -29,6 +29,8 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -79,15 +81,20 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     except (UnicodeDecodeError, ValueError):
         raise UserError(f"{path}: safetensors header is not valid JSON; the file is corrupt, re-download it") \
             from None
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta
+    if not (isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+        raise UserError(f"{path}: safetensors __metadata__ must map strings to strings; the file is corrupt")
     base = 8 + n
     out: dict[str, TensorInfo] = {}
     for name, info in header.items():
         try:
             dtype, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (b, e, *info["shape"])):
+                raise TypeError
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{path}: tensor {name} has a malformed header entry; the file is corrupt") from None
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise UserError(f"{path}: tensor {name} has unsupported dtype {dtype}")
         t = TensorInfo(name, path.name, dtype, shape, base + int(b), base + int(e))
         if not (0 <= b <= e) or t.stop > size:
@@ -97,7 +104,22 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise UserError(f"{path}: tensor {name} has {t.nbytes} bytes for shape {list(shape)} {dtype}; "
                             f"the file is corrupt")
         out[name] = t
+    _check_contiguous(path, out, base, size)
     return out, meta
+
+
+def _check_contiguous(path: Path, tensors: dict[str, TensorInfo], base: int, size: int) -> None:
+    """Tensors must tile the data section exactly, as safetensors itself requires: no overlap, no gap, no tail."""
+    pos = base
+    for t in sorted(tensors.values(), key=lambda t: (t.start, t.stop)):
+        if t.start != pos:
+            what = "overlaps another tensor" if t.start < pos else "leaves a gap before it"
+            raise UserError(f"{path}: tensor {t.name} {what} (starts at byte {t.start}, expected {pos}); "
+                            f"the file is corrupt, re-download it")
+        pos = t.stop
+    if pos != size:
+        raise UserError(f"{path}: {size - pos} bytes after the last tensor (header covers {pos} of {size}); "
+                        f"the file is corrupt or not safetensors, re-download it")
 
 
 class Checkpoint:
@@ -106,6 +128,9 @@ class Checkpoint:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.files: list[str] = checkpoint_files(self.root)
+        # where the weights came from: the same files, unless they were rewritten from pickles (open_checkpoint)
+        self.source_root: Path = self.root
+        self.source_files: list[str] = list(self.files)
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, dict[str, str]] = {}
         index = self._index()
@@ -138,14 +163,22 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         """Read one whole tensor (only for the small layer-0 tensors)."""
         info = self.info(name)
-        with safe_open(self.root / info.file, framework="pt") as f:
-            return f.get_tensor(name)
+        try:
+            with safe_open(self.root / info.file, framework="pt") as f:
+                return f.get_tensor(name)
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"{self.root / info.file}: cannot read tensor {name} ({e}); re-download the file") \
+                from None
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a 2-D tensor, read without loading the rest."""
         info = self.info(name)
-        with safe_open(self.root / info.file, framework="pt") as f:
-            return f.get_slice(name)[start:stop]
+        try:
+            with safe_open(self.root / info.file, framework="pt") as f:
+                return f.get_slice(name)[start:stop]
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"{self.root / info.file}: cannot read rows of {name} ({e}); re-download the file") \
+                from None
 
 
 def read_index(path: Path) -> dict[str, str]:
@@ -175,7 +208,96 @@ def checkpoint_files(root: Path) -> list[str]:
         raise UserError(f"{root} holds only PyTorch pickle weights (*.bin/*.pt); convert them to safetensors "
                         f"first, or pass --allow-pickle")
     raise UserError(f"no {SINGLE_NAME} or {INDEX_NAME} in {root}; SOURCE must be a Hugging Face checkpoint "
-                    f"with safetensors weights")
+                    f"with safetensors weights (for PyTorch *.bin weights pass --allow-pickle)")
+
+
+def has_safetensors(root: Path) -> bool:
+    return (root / SINGLE_NAME).exists() or (root / INDEX_NAME).exists()
+
+
+def pickle_files(root: Path) -> list[str]:
+    """PyTorch pickle weight files of a checkpoint (by its index when it has one), sorted."""
+    index = root / PICKLE_INDEX
+    if index.exists():
+        files = sorted(set(read_index(index).values()))
+        missing = [f for f in files if not (root / f).exists()]
+        if missing:
+            raise UserError(f"missing model files in {root}: {', '.join(missing)} (named by {PICKLE_INDEX}); "
+                            f"download them")
+        return files
+    return sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+
+
+def open_checkpoint(root: Path, allow_pickle: bool = False, scratch: Path | None = None) -> Checkpoint:
+    """The checkpoint in root. Pickle-only weights are refused unless allow_pickle; then they are loaded with
+    torch.load(weights_only=True), which runs no code from the file, and rewritten as a safetensors view in
+    `scratch`, so that everything downstream reads safetensors only."""
+    root = Path(root)
+    if has_safetensors(root) or not allow_pickle:
+        return Checkpoint(root)
+    files = pickle_files(root)
+    if not files:
+        return Checkpoint(root)  # names what is missing
+    if scratch is None:
+        raise ValueError("open_checkpoint: a scratch directory is needed for a pickle checkpoint")
+    from .writer import check_free_space
+
+    above = Path(scratch).absolute()
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    check_free_space(above, sum((root / f).stat().st_size for f in files), "a safetensors copy of the pickle weights")
+    pickle_to_safetensors(root, files, Path(scratch))
+    ckpt = Checkpoint(Path(scratch))
+    ckpt.source_root = root
+    ckpt.source_files = files + ([PICKLE_INDEX] if (root / PICKLE_INDEX).exists() else [])
+    return ckpt
+
+
+def load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A flat tensor state dict from a PyTorch pickle, loaded with weights_only=True (no code runs)."""
+    import pickle
+    import zipfile
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "GLOBAL" in ln), None)
+        if why is None:  # not a pickle at all, or a damaged one
+            raise UserError(f"{path}: cannot be read as a PyTorch checkpoint ({lines[-1][:200] if lines else e!r}); "
+                            f"re-download it") from None
+        raise UserError(f"{path}: refused to unpickle: it holds more than tensors ({why[:200]}); only plain tensor "
+                        f"state dicts are loaded, convert it to safetensors yourself if you trust it") from None
+    except Exception as e:  # noqa: BLE001 - any failure of a foreign file is bad input
+        raise UserError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); re-download it") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise UserError(f"{path}: not a flat state dict of tensors; save the model's state_dict() or safetensors")
+    bad = [k for k, v in sd.items() if v.dtype not in DTYPE_NAMES]
+    if bad:
+        raise UserError(f"{path}: tensor {bad[0]} has unsupported dtype {sd[bad[0]].dtype}")
+    return sd
+
+
+def pickle_to_safetensors(root: Path, files: list[str], dest: Path) -> list[str]:
+    """Rewrite pickle weight files as safetensors shards (plus an index when several) in dest."""
+    dest.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    out_files = []
+    for i, fname in enumerate(files):
+        out = SINGLE_NAME if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        sd = load_pickle(root / fname)
+        entries = [(n, DTYPE_NAMES[t.dtype], tuple(t.shape), t.numel() * t.element_size()) for n, t in sd.items()]
+        with open(dest / out, "wb") as f:
+            write_header(f, entries, {"format": "pt"})
+            for t in sd.values():
+                f.write(tensor_bytes(t))
+        weight_map.update({n: out for n in sd})
+        out_files.append(out)
+        del sd
+    if len(files) > 1:
+        (dest / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    return out_files
 
 
 def write_header(f, tensors: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None) -> int:

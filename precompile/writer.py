@@ -14,7 +14,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -121,43 +121,139 @@ def atomic_dir(out_dir: Path, force: bool) -> Iterator[Path]:
     out_dir = Path(out_dir)
     parent = out_dir.parent
     check_out_dir(out_dir, force)
+    created = missing_ancestors(out_dir)
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        remove_empty(created)
         raise UserError(f"cannot create {parent} ({e.strerror}); choose a writable OUT_DIR") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{parent} is not writable; choose a writable OUT_DIR")
     tmp = parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
     except OSError as e:
+        remove_empty(created)
         raise UserError(f"cannot create {tmp} ({e.strerror}); choose a writable OUT_DIR") from None
-    restore = _trap_signals()
+    trap = _Trap()
     try:
         yield tmp
-        old = None
-        if out_dir.exists():
-            old = parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}-old"
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+        with _signals_deferred():  # a signal between the two renames would leave no OUT_DIR at all
+            old = None
+            if out_dir.exists():
+                old = parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}-old"
+                os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(created)
+        trap.reraise(e)
         raise
     finally:
-        restore()
+        trap.restore()
 
 
-def _trap_signals() -> Callable[[], None]:
-    """Turn SIGTERM into KeyboardInterrupt so cleanup runs; returns a function that restores the handler."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = signal.getsignal(signal.SIGTERM)
+def missing_ancestors(path: Path) -> list[Path]:
+    """The directories above `path` that do not exist yet, deepest first (what a failed run must remove)."""
+    return [a for a in Path(path).absolute().parents if not a.exists()]
 
-    def handler(signum, frame):
+
+def remove_empty(dirs: list[Path]) -> None:
+    """Remove directories this run created, deepest first, stopping at the first that is not empty."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def check_out_dir(out_dir: Path, force: bool) -> Path:
+    """Refuse an OUT_DIR that cannot be (re)placed, creating nothing; returns its nearest existing ancestor.
+
+    Called before any work, so a bad OUT_DIR fails in a second, not after the table is computed.
+    """
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() or out_dir.is_symlink():
+        if not out_dir.is_dir():
+            raise UserError(f"OUT_DIR {out_dir} is a file; choose a directory path")
+        if any(out_dir.iterdir()) and not force:
+            raise UserError(f"OUT_DIR {out_dir} exists and is not empty; pass --force to replace it")
+    above = out_dir.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise UserError(f"cannot create OUT_DIR {out_dir}: {above} is a file, not a directory; "
+                        f"choose a writable OUT_DIR")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(f"{above} is not writable; choose a writable OUT_DIR")
+    return above
+
+
+def check_free_space(where: Path, need: int, what: str = "the output") -> None:
+    """Fail before any work when the filesystem holding `where` has less free space than `need` bytes."""
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise UserError(f"not enough disk space in {where}: {what} needs {need:,} bytes ({need / 2**30:.2f} GiB), "
+                        f"{free:,} bytes ({free / 2**30:.2f} GiB) are free; free some space or choose "
+                        f"another OUT_DIR")
+
+
+@contextmanager
+def scratch_dir(path: Path) -> Iterator[Path]:
+    """A private working directory (e.g. a pickle checkpoint rewritten as safetensors), removed on exit,
+    on any error, on SIGINT and on SIGTERM."""
+    trap = _Trap()
+    created = missing_ancestors(path)
+    try:
+        yield Path(path)
+    except BaseException as e:
+        shutil.rmtree(path, ignore_errors=True)
+        remove_empty(created)
+        trap.reraise(e)
+        raise
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        trap.restore()
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done (they are delivered afterwards)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class _Trap:
+    """SIGINT and SIGTERM become KeyboardInterrupt while trapped, and are remembered.
+
+    Remembering matters: a signal that lands inside a C extension's Python callback (safetensors
+    reading a slice, for one) can come out as an unrelated ValueError. `reraise` turns any error
+    that follows a trapped signal back into the interrupt it was.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    def reraise(self, error: BaseException) -> None:
+        if self.received and not isinstance(error, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"signal {self.received[-1]}") from error
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
