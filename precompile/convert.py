@@ -193,6 +193,15 @@ def _layer0_weights(plan: ConversionPlan, device: torch.device) -> dict[str, tor
     return weights
 
 
+def _first_non_finite(out: torch.Tensor) -> int | None:
+    """Index of the first row holding NaN/Inf, or None. One float32 row sum screens the chunk (NaN and
+    Inf propagate through it); only a chunk that fails the screen is checked element by element."""
+    if bool(torch.isfinite(out.sum(dim=-1, dtype=torch.float32)).all()):
+        return None
+    finite = torch.isfinite(out).all(dim=-1)
+    return None if bool(finite.all()) else int((~finite).nonzero()[0, 0])
+
+
 def _table_chunks(plan: ConversionPlan, device: torch.device, chunk_size: int, progress: Progress):
     """Table rows in vocabulary order, `chunk_size` rows at a time, in the model dtype on the CPU.
 
@@ -214,9 +223,9 @@ def _table_chunks(plan: ConversionPlan, device: torch.device, chunk_size: int, p
             compute_rows(spec, layout, rows, weights, plan.model_dtype, plan.compute_dtype, out=out,
                          ffn_block=FFN_BLOCK)
             del rows
-            finite = torch.isfinite(out).all(dim=-1)
-            if not bool(finite.all()):
-                bad = start + int((~finite).nonzero()[0, 0])
+            bad = _first_non_finite(out)
+            if bad is not None:
+                bad += start
                 raise UserError(f"table row for token id {bad} is not finite (NaN or Inf): the embedding row or a "
                                 f"layer-0 weight of {ckpt.root} holds NaN/Inf, or the values overflow "
                                 f"{DTYPE_NAMES[plan.model_dtype]} (try --dtype float32)")

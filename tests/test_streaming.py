@@ -236,3 +236,15 @@ def test_parallel_block_conversion_matches_in_memory_path(neox, tmp_path, monkey
     ref = _in_memory_table(res.plan, 32)
     got = load_file(tmp_path / "out" / TABLE_FILE)[res.plan.layout.tensor_name]
     assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_non_finite_rows_are_found():
+    from precompile.convert import _first_non_finite
+
+    out = torch.randn(6, 5).to(torch.bfloat16)
+    assert _first_non_finite(out) is None
+    out[4, 2] = float("inf")
+    out[5, 0] = float("nan")
+    assert _first_non_finite(out) == 4
+    big = torch.full((2, 4), 3e38, dtype=torch.bfloat16)  # finite values whose row sum overflows
+    assert _first_non_finite(big) is None
