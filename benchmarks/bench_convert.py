@@ -87,7 +87,7 @@ SHAPES = {
                                num_attention_heads=32, intermediate_size=16384, vocab_size=50432,
                                layer_norm_eps=1e-5, hidden_act="gelu", use_parallel_residual=True, rotary_pct=0.25,
                                rotary_emb_base=10000, tie_word_embeddings=False, max_position_embeddings=2048,
-                               torch_dtype="float16"),
+                               torch_dtype="bfloat16"),
                    label="Pythia-6.9B (parallel, MHA)"),
 }
 
@@ -262,10 +262,16 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--chunk-size", type=int, default=4096)
     ap.add_argument("--link", default="auto", choices=["auto", "reflink", "hardlink", "copy"])
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="override the vocabulary size (default: the real one; time and matmul scale with it, "
+                         "memory does not)")
     ap.add_argument("--tmp", default=None, help="where to build the checkpoints (default: system temp dir)")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     layers = [int(x) for x in args.layers.split(",")]
+    if args.vocab:
+        for shape in SHAPES.values():
+            shape["config"]["vocab_size"] = args.vocab
     print(f"device {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
           f"chunk {args.chunk_size} rows, float32 compute, --link {args.link}", flush=True)
     rows = []
@@ -275,7 +281,7 @@ def main() -> None:
         prof.write_text(GPT_NEOX_PROFILE)
         for shape in args.shapes.split(","):
             mm_s, tflop = bare_matmul_seconds(shape, device, args.chunk_size)
-            print(f"{shape}: bare table matmuls {tflop:.2f} TFLOP in {mm_s:.1f}s "
+            print(f"{shape}: vocab {SHAPES[shape]['config']['vocab_size']}, bare table matmuls {tflop:.2f} TFLOP in {mm_s:.1f}s "
                   f"({tflop / mm_s * 1e3:.0f} GFLOP/s)", flush=True)
             for n in layers:
                 src, out = tmp / f"{shape}-{n}", tmp / f"{shape}-{n}-out"
