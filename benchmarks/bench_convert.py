@@ -280,16 +280,15 @@ def main() -> None:
         prof = tmp / "gpt_neox.yaml"
         prof.write_text(GPT_NEOX_PROFILE)
         for shape in args.shapes.split(","):
-            mm_s, tflop = bare_matmul_seconds(shape, device, args.chunk_size)
-            print(f"{shape}: vocab {SHAPES[shape]['config']['vocab_size']}, bare table matmuls {tflop:.2f} TFLOP in {mm_s:.1f}s "
-                  f"({tflop / mm_s * 1e3:.0f} GFLOP/s)", flush=True)
             for n in layers:
                 src, out = tmp / f"{shape}-{n}", tmp / f"{shape}-{n}-out"
                 t = time.perf_counter()
                 size = build_checkpoint(shape, n, src)
-                print(f"{shape} {n} layers: built {size / 2**30:.2f} GiB in {time.perf_counter() - t:.0f}s",
-                      flush=True)
+                print(f"{shape} {n} layers, vocab {SHAPES[shape]['config']['vocab_size']}: built "
+                      f"{size / 2**30:.2f} GiB in {time.perf_counter() - t:.0f}s", flush=True)
+                # the baselines are measured right before convert, so a shared machine's load hits all alike
                 cp_s = time_cp(src, tmp / "cp")
+                mm_s, tflop = bare_matmul_seconds(shape, device, args.chunk_size)
                 ckpt_bytes = tree_bytes(src)
                 r = run_convert(src, out, args, prof if shape == "pythia" else None)
                 outputs = r["manifest"]["outputs"]
@@ -301,20 +300,22 @@ def main() -> None:
                 target = cp_written + mm_s
                 rows.append(dict(shape=shape, layers=n, gib=ckpt_bytes / 2**30, cp=cp_s, written=written,
                                  cp_written=cp_written, mm=mm_s, conv=r["wall"], inproc=r["inproc"],
-                                 ratio=r["wall"] / target, rss=r["rss_anon"], hwm=r["hwm"]))
-                print(f"  cp -r {cp_s:.1f}s ({ckpt_bytes / cp_s / 2**30:.2f} GiB/s); convert wrote "
-                      f"{written / 2**30:.2f} GiB: {r['wall']:.1f}s wall ({r['inproc']:.1f}s in process), "
+                                 ratio=r["wall"] / target, ratio_in=r["inproc"] / target, rss=r["rss_anon"],
+                                 hwm=r["hwm"]))
+                print(f"  cp -r {cp_s:.1f}s ({ckpt_bytes / cp_s / 2**30:.2f} GiB/s); bare table matmuls "
+                      f"{tflop:.2f} TFLOP in {mm_s:.1f}s ({tflop / mm_s * 1e3:.0f} GFLOP/s); convert wrote "
+                      f"{written / 2**30:.2f} GiB: {r['wall']:.1f}s wall ({r['inproc']:.1f}s after start-up), "
                       f"peak RssAnon {r['rss_anon'] / 2**20:.0f} MiB, VmHWM {r['hwm'] / 2**20:.0f} MiB", flush=True)
                 shutil.rmtree(src)
                 shutil.rmtree(out)
     print()
-    print("| shape | layers | ckpt GiB | cp -r s | written GiB | cp(written) s | matmul s | convert s "
-          "| convert / (cp + matmul) | peak RssAnon MiB |")
+    print("| shape | layers | ckpt GiB | cp -r s | written GiB | cp(written) s | matmul s | convert s (after "
+          "start-up) | convert / (cp + matmul) (after start-up) | peak RssAnon MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['layers']} | {r['gib']:.2f} | {r['cp']:.1f} | {r['written'] / 2**30:.2f} "
-              f"| {r['cp_written']:.1f} | {r['mm']:.1f} | {r['conv']:.1f} | {r['ratio']:.2f} "
-              f"| {r['rss'] / 2**20:.0f} |")
+              f"| {r['cp_written']:.1f} | {r['mm']:.1f} | {r['conv']:.1f} ({r['inproc']:.1f}) | {r['ratio']:.2f} "
+              f"({r['ratio_in']:.2f}) | {r['rss'] / 2**20:.0f} |")
     print()
     ok = True
     for shape in dict.fromkeys(r["shape"] for r in rows):
@@ -322,12 +323,13 @@ def main() -> None:
         for r in rs:
             good = r["ratio"] <= 1.25 and r["rss"] <= 1.5e9
             ok &= good
-            print(f"{shape} {r['layers']} layers: time ratio {r['ratio']:.2f} (target <= 1.25), peak RssAnon "
+            print(f"{shape} {r['layers']} layers: time ratio {r['ratio']:.2f} wall, {r['ratio_in']:.2f} after "
+                  f"start-up (target <= 1.25), peak RssAnon "
                   f"{r['rss'] / 1e9:.2f} GB (target <= 1.5) {'ok' if good else 'MISSED'}")
         if len(rs) > 1:
             lo, hi = rs[0], rs[-1]
             mem = hi["rss"] / lo["rss"]
-            extra = hi["conv"] - lo["conv"]
+            extra = hi["inproc"] - lo["inproc"]
             extra_cp = hi["cp_written"] - lo["cp_written"]
             ok &= mem <= 1.10
             print(f"{shape}: peak RssAnon {hi['layers']} vs {lo['layers']} layers: {mem:.3f}x (target <= 1.10); "

@@ -239,6 +239,11 @@ def _table_chunks(plan: ConversionPlan, device: torch.device, chunk_size: int, p
             bar.update(1)
 
 
+def _overlap_io(device: torch.device) -> bool:
+    """Whether shard copies can run beside the table computation without taking its cores."""
+    return device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
+
+
 def _write_shards(plan: ConversionPlan, tmp: Path, link: str, progress: Progress,
                   cancel: threading.Event) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     """Share or rewrite every kept shard, hashing each file once; stops early on cancel.
@@ -351,17 +356,21 @@ def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = N
     options = {"dtype": str(plan.model_dtype).removeprefix("torch."), "compute_dtype": compute_dtype}
     result = ConvertResult(out_dir, plan, 0.0)
     with atomic_dir(out_dir, force) as tmp:
-        # Shards are copied in the background while the table is computed: the copy is I/O (in-kernel
-        # copy_file_range or a reflink), the table is arithmetic, so together they take about the longer.
+        # Shards are copied and hashed in the background while the table is computed when a CPU core is
+        # left for it (the table on CUDA, or fewer compute threads than cores); on a CPU whose cores all
+        # run the matmuls, a copy beside them only stalls every compute thread, so it runs afterwards.
         cancel = threading.Event()
         with ThreadPoolExecutor(1, thread_name_prefix="precompile-shards") as pool:
-            shards = pool.submit(_write_shards, plan, tmp, link, progress, cancel)
+            shards = pool.submit(_write_shards, plan, tmp, link, progress, cancel) if _overlap_io(dev) else None
             try:
-                table_hash = write_table(tmp / TABLE_FILE, plan.layout.tensor_name, (plan.layout.vocab_size, plan.layout.width),
-                            plan.model_dtype, _table_chunks(plan, dev, chunk_size, progress))
+                table_hash = write_table(tmp / TABLE_FILE, plan.layout.tensor_name,
+                                         (plan.layout.vocab_size, plan.layout.width), plan.model_dtype,
+                                         _table_chunks(plan, dev, chunk_size, progress))
             except BaseException:
                 cancel.set()
                 raise
+            if shards is None:
+                shards = pool.submit(_write_shards, plan, tmp, link, progress, cancel)
             result.methods, src_hashes, out_hashes = shards.result()
         out_hashes[TABLE_FILE] = table_hash
         weight_map = {plan.layout.tensor_name: TABLE_FILE}
