@@ -21,7 +21,6 @@ from precompile.convert import FFN_BLOCK, _table_chunks, convert, plan_conversio
 from precompile.errors import UserError
 from precompile.layout import TABLE_FILE
 from precompile.precompute import compute_rows, folded_ffn
-from precompile.profiles import resolve, select_profile
 from precompile.progress import Progress
 from precompile.tensors import read_header
 from precompile.writer import write_table
