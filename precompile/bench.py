@@ -3,8 +3,8 @@
 One model in one process: the original is loaded from the source checkpoint, the table from
 OUT_DIR, and layer 0's modules are toggled between the original ones and the lookups
 (`loader.apply_layout`), so both variants share every other weight, the same memory and the
-same threads. Repetitions interleave the variants (alternating which goes first) and figures
-are medians, so drift in a shared machine's speed hits both alike.
+same threads. The variants alternate call by call (each prefill and decode step runs once per
+variant back to back, which goes first alternating between repetitions) and figures are medians, so drift in a shared machine's speed hits both alike.
 
 The theoretical saving is the share of per-token weight reads that precompute removes at
 batch 1 (the paper's accounting over the whole model): eliminated weights read per token /
@@ -31,7 +31,8 @@ from .progress import Progress
 
 @dataclass
 class BenchResult:
-    theoretical: float  # share of per-token weight reads removed at batch 1
+    theoretical: float  # share of per-token weight reads removed at batch 1, whole model
+    layer0_theoretical: float  # the same for the embedding and layer 0 alone
     reads: tuple[int, int]  # weights read per token at batch 1: original, precompiled
     rows: list[tuple[str, str, float, float]] = field(default_factory=list)  # metric, unit, original, precompiled
     notes: list[str] = field(default_factory=list)
@@ -41,6 +42,7 @@ class BenchResult:
         lines = ["| metric | original | precompiled | gain | saving realized / theoretical |",
                  "|---|---|---|---|---|"]
         for metric, unit, a, b in self.rows:
+            theory = self.layer0_theoretical if metric.startswith("layer 0") else self.theoretical
             if unit == "tokens/s":
                 gain, saving = b / a, 1 - a / b
             elif unit in ("ms", "s"):
@@ -49,7 +51,7 @@ class BenchResult:
                 lines.append(f"| {metric} | {_fmt(a, unit)} | {_fmt(b, unit)} | {b / a:.2f}x | |")
                 continue
             lines.append(f"| {metric} | {_fmt(a, unit)} | {_fmt(b, unit)} | {gain:.2f}x "
-                         f"| {saving:.1%} / {self.theoretical:.1%} = {saving / self.theoretical:.2f} |")
+                         f"| {saving:.1%} / {theory:.1%} = {saving / theory:.2f} |")
         return "\n".join(lines)
 
     def realized(self, metric: str) -> float:
@@ -57,7 +59,7 @@ class BenchResult:
         for m, unit, a, b in self.rows:
             if m == metric:
                 saving = 1 - a / b if unit == "tokens/s" else 1 - b / a
-                return saving / self.theoretical
+                return saving / (self.layer0_theoretical if metric.startswith("layer 0") else self.theoretical)
         raise KeyError(metric)
 
     def speedup(self, metric: str) -> float:
@@ -97,16 +99,23 @@ class Toggle:
             _set_module(self.model, p, m)
 
 
-def per_token_reads(model: nn.Module, manifest: dict) -> tuple[int, int]:
-    """Weights read per token at batch 1 without and with precompute (input embedding: one row)."""
+def per_token_reads(model: nn.Module, manifest: dict, layer0_only: bool = False) -> tuple[int, int]:
+    """Weights read per token at batch 1 without and with precompute (input embedding: one row).
+
+    With layer0_only, only the embedding row and layer 0's own weights count.
+    """
     spec, table = manifest["loader"], manifest["table"]
-    params = {id(p): p for p in model.parameters()}
+    scope = model.get_submodule(spec["attention_module"].rpartition(".")[0]) if layer0_only else model
+    params = {id(p): p for p in scope.parameters()}
     total = sum(p.numel() for p in params.values())
     emb = model.get_submodule(spec["embedding_module"]).weight
     d = emb.shape[1]
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is emb
-    original = total - (0 if tied else emb.numel()) + d
+    if layer0_only:
+        original = total + d
+    else:
+        original = total - (0 if tied else emb.numel()) + d
     state = dict(model.named_parameters(remove_duplicate=False))
     gone = sum(state[n].numel() for n in manifest["eliminated"] if n in state and state[n] is not emb)
     return original, original - gone - d + table["shape"][1]
@@ -147,33 +156,51 @@ class _Layer0Timer:
             h.remove()
 
 
-def _measure(model: nn.Module, vocab: int, batches: tuple[int, ...], prompt_len: int, decode_tokens: int,
-             device: torch.device, timer: _Layer0Timer, sync, seed: int) -> dict[str, float]:
-    """One repetition of every measurement for the model's current state."""
+def _measure(toggle: Toggle, vocab: int, batches: tuple[int, ...], prompt_len: int, decode_tokens: int,
+             device: torch.device, timer: _Layer0Timer, sync, seed: int, order: tuple[bool, bool],
+             memory: dict[bool, float]) -> dict[bool, dict[str, float]]:
+    """One repetition of every measurement, the two variants alternating call by call.
+
+    Each prefill and each decode step runs once per variant back to back (decode keeps one KV
+    cache per variant), so a change in the machine's speed hits both variants alike.
+    """
+    model = toggle.model
     g = torch.Generator().manual_seed(seed)
-    out: dict[str, float] = {}
-    for b in batches:
-        ids = torch.randint(0, vocab, (b, prompt_len), generator=g).to(device)
+    out: dict[bool, dict[str, float]] = {False: {}, True: {}}
+
+    def timed(pre: bool, **kwargs):
+        toggle.use(pre)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         sync()
         t = time.perf_counter()
-        model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        res = model(use_cache=True, logits_to_keep=1, **kwargs)
         sync()
-        out[f"prefill b{b}"] = b * prompt_len / (time.perf_counter() - t)
+        dt = time.perf_counter() - t
+        if device.type == "cuda":
+            memory[pre] = max(memory.get(pre, 0), torch.cuda.max_memory_allocated(device))
+        return res, dt
+
+    for b in batches:
+        ids = torch.randint(0, vocab, (b, prompt_len), generator=g).to(device)
+        for pre in order:
+            out[pre][f"prefill b{b}"] = b * prompt_len / timed(pre, input_ids=ids)[1]
     for b in batches:
         ids = torch.randint(0, vocab, (b, 8), generator=g).to(device)
-        res = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        past, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
-        timer.times.clear()
-        steps = []
+        state, steps, layer0 = {}, {False: [], True: []}, {False: [], True: []}
+        for pre in order:
+            res, _ = timed(pre, input_ids=ids)
+            state[pre] = (res.past_key_values, res.logits[:, -1:].argmax(-1))
         for _ in range(decode_tokens):
-            sync()
-            t = time.perf_counter()
-            res = model(input_ids=nxt, past_key_values=past, use_cache=True, logits_to_keep=1)
-            sync()
-            steps.append(time.perf_counter() - t)
-            past, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
-        out[f"decode b{b}"] = b / statistics.median(steps)
-        out[f"layer 0 decode b{b}"] = statistics.median(timer.times) * 1e3
+            for pre in order:
+                past, nxt = state[pre]
+                res, dt = timed(pre, input_ids=nxt, past_key_values=past)
+                steps[pre].append(dt)
+                layer0[pre].append(timer.times[-1])
+                state[pre] = (res.past_key_values, res.logits[:, -1:].argmax(-1))
+        for pre in order:
+            out[pre][f"decode b{b}"] = b / statistics.median(steps[pre])
+            out[pre][f"layer 0 decode b{b}"] = statistics.median(layer0[pre]) * 1e3
     return out
 
 
@@ -214,7 +241,9 @@ def bench(out_dir: str | os.PathLike, source: str | None = None, *, device: str 
         table = f.get_tensor(manifest["table"]["tensor"]).to(dt)  # converted once here, never per call
     toggle = Toggle(model, manifest, table)
     reads = per_token_reads(model, manifest)
-    result = BenchResult(theoretical=1 - reads[1] / reads[0], reads=reads)
+    reads0 = per_token_reads(model, manifest, layer0_only=True)
+    result = BenchResult(theoretical=1 - reads[1] / reads[0], layer0_theoretical=1 - reads0[1] / reads0[0],
+                         reads=reads)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     timer = _Layer0Timer(toggle, manifest, sync)
     vocab = manifest["table"]["shape"][0]
@@ -222,21 +251,15 @@ def bench(out_dir: str | os.PathLike, source: str | None = None, *, device: str 
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
     memory: dict[bool, float] = {}
     with torch.inference_mode():
-        toggle.use(True)
-        _measure(model, vocab, (1,), 8, 2, dev, timer, sync, 0)  # warm-up, both variants
-        toggle.use(False)
-        _measure(model, vocab, (1,), 8, 2, dev, timer, sync, 0)
+        _measure(toggle, vocab, (1,), 8, 2, dev, timer, sync, 0, (False, True), {})  # warm-up
         for rep in range(reps):
-            for pre in ((False, True) if rep % 2 == 0 else (True, False)):
-                toggle.use(pre)
-                if dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(dev)
-                samples[pre].append(_measure(model, vocab, tuple(batches), prompt_len, decode_tokens, dev, timer,
-                                             sync, seed=rep))
-                if dev.type == "cuda":
-                    memory[pre] = max(memory.get(pre, 0), torch.cuda.max_memory_allocated(dev))
+            order = (False, True) if rep % 2 == 0 else (True, False)
+            got = _measure(toggle, vocab, tuple(batches), prompt_len, decode_tokens, dev, timer, sync, rep, order,
+                           memory)
+            for pre in order:
+                samples[pre].append(got[pre])
                 progress.log(f"rep {rep + 1}/{reps} {'precompiled' if pre else 'original'}: " + ", ".join(
-                    f"{k} {v:.1f}" for k, v in samples[pre][-1].items()))
+                    f"{k} {v:.1f}" for k, v in got[pre].items()))
     timer.remove()
     for key in samples[False][0]:
         a = statistics.median(s[key] for s in samples[False])
@@ -256,9 +279,10 @@ def bench(out_dir: str | os.PathLike, source: str | None = None, *, device: str 
     if hwm:
         result.notes.append(f"process peak RSS (both variants resident at once): {hwm / 2**30:.2f} GiB")
     result.notes.append(f"weights read per token at batch 1: {reads[0]:,} original, {reads[1]:,} precompiled "
-                        f"(theoretical saving {result.theoretical:.1%})")
-    result.notes.append(f"{torch.get_num_threads()} threads, {reps} interleaved repetitions, medians; decode: "
-                        f"{decode_tokens} steps after an 8-token prompt")
+                        f"(theoretical saving {result.theoretical:.1%}); embedding row + layer 0: {reads0[0]:,} and "
+                        f"{reads0[1]:,} ({result.layer0_theoretical:.1%})")
+    result.notes.append(f"{torch.get_num_threads()} threads, {reps} repetitions, variants alternating call by call, "
+                        f"medians; decode: {decode_tokens} steps after an 8-token prompt")
     return result
 
 

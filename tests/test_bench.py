@@ -74,3 +74,14 @@ def test_bench_cli(converted):
     assert "| decode b1 |" in res.stdout and "theoretical saving" in res.stdout
     bad = run_cli("bench", out, "--batches", "1,x")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--batches" in bad.stderr
+
+
+def test_layer0_reads(converted):
+    src, out = converted
+    manifest = read_manifest(out)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    c = model.config
+    d, e = c.hidden_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    layer0 = sum(p.numel() for p in model.model.layers[0].parameters())
+    eliminated = d * d + 2 * d * e + d
+    assert per_token_reads(model, manifest, layer0_only=True) == (layer0 + d, layer0 - eliminated + 2 * d + 2 * e)
