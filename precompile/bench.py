@@ -251,7 +251,8 @@ def bench(out_dir: str | os.PathLike, source: str | None = None, *, device: str 
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
     memory: dict[bool, float] = {}
     with torch.inference_mode():
-        _measure(toggle, vocab, (1,), 8, 2, dev, timer, sync, 0, (False, True), {})  # warm-up
+        # warm-up with every shape the repetitions use (first calls build kernels and fault pages in)
+        _measure(toggle, vocab, tuple(batches), prompt_len, 2, dev, timer, sync, 0, (False, True), {})
         for rep in range(reps):
             order = (False, True) if rep % 2 == 0 else (True, False)
             got = _measure(toggle, vocab, tuple(batches), prompt_len, decode_tokens, dev, timer, sync, rep, order,
