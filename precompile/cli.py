@@ -203,6 +203,37 @@ def batch(zoo, out_root, shard, jobs, memory_budget, verify_all, report_path, ju
     return 1 if b.summary(results)["failed"] else 0
 
 
+@main.command()
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--source", help="The original checkpoint (default: the source recorded in OUT_DIR's manifest).")
+@click.option("--device", type=_DEVICE, default="auto", show_default=True, help="Where to run both models.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Run dtype (default: the table's).")
+@click.option("--batches", default="1,16", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Tokens per prefill.")
+@click.option("--decode-tokens", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Decode steps timed per repetition.")
+@click.option("--reps", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Interleaved repetitions (figures are medians).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def bench(out_dir, source, device, dtype, batches, prompt_len, decode_tokens, reps, quiet):
+    """Time OUT_DIR's model with and without its lookups, next to the theoretical saving."""
+    from .bench import bench as run_bench
+
+    try:
+        sizes = tuple(int(b) for b in batches.split(","))
+        if min(sizes) < 1:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"--batches {batches} must be positive integers separated by commas, e.g. 1,16") from None
+    result = run_bench(out_dir, source, device=device, dtype=dtype, batches=sizes, prompt_len=prompt_len,
+                       decode_tokens=decode_tokens, reps=reps, progress=Progress(quiet=quiet))
+    click.echo(result.table())
+    for note in result.notes:
+        click.echo(note)
+
+
 def _dry_run_files(plan) -> str:
     from .plan import output_files
 

@@ -6,8 +6,11 @@ tensor data, so `--dry-run` and the real run report the same figures.
 
 from __future__ import annotations
 
+import mmap
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,26 +176,116 @@ def plan_conversion(source: str, *, revision: str | None = None, profile: str | 
                           shards, carried_files(src.root), read)
 
 
+FFN_BLOCK = 4096  # hidden units of a folded FFN cast to the compute dtype at a time
+
+
+def _mapped(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    """A tensor as a view of its memory-mapped file, in its stored dtype.
+
+    The pages are file-backed (the kernel can drop and re-read them), so a large layer-0 FFN
+    costs no anonymous memory; `folded_ffn` casts it block by block.
+    """
+    info = ckpt.info(name)
+    if info.numel == 0:
+        return ckpt.get(name)
+    with open(ckpt.root / info.file, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: nothing can write the source
+    return torch.frombuffer(mm, dtype=DTYPES[info.dtype], count=info.numel, offset=info.start).view(info.shape)
+
+
+def _layer0_weights(plan: ConversionPlan, device: torch.device) -> dict[str, torch.Tensor]:
+    """Layer 0's tensors for compute_rows: small ones in the compute dtype, a folded FFN's mapped."""
+    spec, ckpt = plan.spec, plan.checkpoint
+    streamed: set[str] = set()
+    if spec.folds_ffn and spec.ffn is not None:
+        streamed = {r for ref in (spec.ffn.up, spec.ffn.gate, spec.ffn.down) if ref for r in ref if r}
+    weights = {}
+    for n in layer0_tensor_names(spec, frozenset(ckpt.tensors)):
+        if n in streamed:
+            weights[n] = _mapped(ckpt, n).to(device)  # stays in the stored dtype; a no-op on CPU
+        else:
+            weights[n] = ckpt.get(n).to(device=device, dtype=plan.compute_dtype)
+    return weights
+
+
+def _first_non_finite(out: torch.Tensor) -> int | None:
+    """Index of the first row holding NaN/Inf, or None. One float32 row sum screens the chunk (NaN and
+    Inf propagate through it); only a chunk that fails the screen is checked element by element."""
+    if bool(torch.isfinite(out.sum(dim=-1, dtype=torch.float32)).all()):
+        return None
+    finite = torch.isfinite(out).all(dim=-1)
+    return None if bool(finite.all()) else int((~finite).nonzero()[0, 0])
+
+
 def _table_chunks(plan: ConversionPlan, device: torch.device, chunk_size: int, progress: Progress):
+    """Table rows in vocabulary order, `chunk_size` rows at a time, in the model dtype on the CPU.
+
+    Lazy: each chunk is read, computed and handed over before the next one is read, so memory
+    holds a few chunks and layer 0's weights, never the table or the embedding.
+    """
     spec, layout, ckpt = plan.spec, plan.layout, plan.checkpoint
-    present = frozenset(ckpt.tensors)
-    weights = {n: ckpt.get(n).to(device=device, dtype=plan.compute_dtype)
-               for n in layer0_tensor_names(spec, present)}
+    weights = _layer0_weights(plan, device)
+    cuda = device.type == "cuda"
     vocab = layout.vocab_size
     n_chunks = -(-vocab // chunk_size)
     with progress.bar(n_chunks, "computing table", "chunks") as bar:
         for start in range(0, vocab, chunk_size):
             stop = min(vocab, start + chunk_size)
-            rows = ckpt.rows(spec.embedding_tensor, start, stop).to(device)
-            out = compute_rows(spec, layout, rows, weights, plan.model_dtype, plan.compute_dtype).to(plan.model_dtype)
-            finite = torch.isfinite(out).all(dim=-1)
-            if not bool(finite.all()):
-                bad = start + int((~finite).nonzero()[0, 0])
+            rows = ckpt.rows(spec.embedding_tensor, start, stop)
+            if cuda:  # pinned host buffers: the copies in and out run as DMA, not through pageable memory
+                rows = rows.pin_memory().to(device, non_blocking=True)
+            out = torch.empty((stop - start, layout.width), dtype=plan.model_dtype, device=device)
+            compute_rows(spec, layout, rows, weights, plan.model_dtype, plan.compute_dtype, out=out,
+                         ffn_block=FFN_BLOCK)
+            del rows
+            bad = _first_non_finite(out)
+            if bad is not None:
+                bad += start
                 raise UserError(f"table row for token id {bad} is not finite (NaN or Inf): the embedding row or a "
                                 f"layer-0 weight of {ckpt.root} holds NaN/Inf, or the values overflow "
                                 f"{DTYPE_NAMES[plan.model_dtype]} (try --dtype float32)")
-            yield out.cpu()
+            if cuda:
+                host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                host.copy_(out, non_blocking=True)
+                torch.cuda.current_stream(device).synchronize()
+                out = host
+            yield out
+            del out
             bar.update(1)
+
+
+def _overlap_io(device: torch.device) -> bool:
+    """Whether shard copies can run beside the table computation without taking its cores."""
+    return device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
+
+
+def _write_shards(plan: ConversionPlan, tmp: Path, link: str, progress: Progress,
+                  cancel: threading.Event) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """Share or rewrite every kept shard, hashing each file once; stops early on cancel.
+
+    Returns how each shared shard was placed, and the sha256 of source and output shards (a shared
+    shard has its source's bytes, so its hash is not computed twice).
+    """
+    methods: dict[str, str] = {}
+    src_hashes: dict[str, str] = {}
+    out_hashes: dict[str, str] = {}
+    with progress.bar(sum(s.out_bytes for s in plan.shards), "writing shards", "B") as bar:
+        for s in plan.shards:
+            if s.out_file is None:
+                continue
+            if cancel.is_set():
+                break
+            src = plan.checkpoint.root / s.source_file
+            src_hashes[s.source_file] = file_sha256(src)
+            if s.action == "share":
+                methods[s.out_file] = share_file(src, tmp / s.out_file, link)
+                out_hashes[s.out_file] = src_hashes[s.source_file]
+            else:
+                write_shard(src, tmp / s.out_file, s.keep, plan.checkpoint.metadata[s.source_file],
+                            str(DTYPE_NAMES[plan.model_dtype]))
+                out_hashes[s.out_file] = file_sha256(tmp / s.out_file)
+            bar.update(s.out_bytes)
+    return methods, src_hashes, out_hashes
 
 
 def _out_config(plan: ConversionPlan) -> dict:
@@ -250,12 +343,13 @@ def build_manifest(plan: ConversionPlan, options: dict, source_files: dict[str, 
     }
 
 
-def _source_hashes(plan: ConversionPlan) -> dict[str, str]:
+def _source_hashes(plan: ConversionPlan, known: dict[str, str] | None = None) -> dict[str, str]:
     root = plan.source.root
     names = ["config.json", *plan.checkpoint.source_files, *plan.carried]
     if (root / INDEX_NAME).exists() and plan.checkpoint.files != [SINGLE_NAME]:
         names.append(INDEX_NAME)
-    return {n: file_sha256(root / n) for n in sorted(set(names))}
+    known = known or {}
+    return {n: known.get(n) or file_sha256(root / n) for n in sorted(set(names))}
 
 
 def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = None, profile: str | None = None,
@@ -312,23 +406,29 @@ def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, de
         options["pickle"] = "loaded with torch.load(weights_only=True)"
     result = ConvertResult(out_dir, plan, 0.0)
     with atomic_dir(out_dir, force) as tmp:
-        write_table(tmp / TABLE_FILE, plan.layout.tensor_name, (plan.layout.vocab_size, plan.layout.width),
-                    plan.model_dtype, _table_chunks(plan, dev, chunk_size, progress))
+        # Shards are copied and hashed in the background while the table is computed when a CPU core is
+        # left for it (the table on CUDA, or fewer compute threads than cores); on a CPU whose cores all
+        # run the matmuls, a copy beside them only stalls every compute thread, so it runs afterwards.
+        cancel = threading.Event()
+        with ThreadPoolExecutor(1, thread_name_prefix="precompile-shards") as pool:
+            shards = pool.submit(_write_shards, plan, tmp, link, progress, cancel) if _overlap_io(dev) else None
+            try:
+                table_hash = write_table(tmp / TABLE_FILE, plan.layout.tensor_name,
+                                         (plan.layout.vocab_size, plan.layout.width), plan.model_dtype,
+                                         _table_chunks(plan, dev, chunk_size, progress))
+            except BaseException:
+                cancel.set()
+                raise
+            if shards is None:
+                shards = pool.submit(_write_shards, plan, tmp, link, progress, cancel)
+            result.methods, src_hashes, out_hashes = shards.result()
+        out_hashes[TABLE_FILE] = table_hash
         weight_map = {plan.layout.tensor_name: TABLE_FILE}
         total = plan.table_bytes
-        with progress.bar(sum(s.out_bytes for s in plan.shards), "writing shards", "B") as bar:
-            for s in plan.shards:
-                if s.out_file is None:
-                    continue
-                src = plan.checkpoint.root / s.source_file
-                if s.action == "share":
-                    result.methods[s.out_file] = share_file(src, tmp / s.out_file, link)
-                else:
-                    write_shard(src, tmp / s.out_file, s.keep, plan.checkpoint.metadata[s.source_file],
-                                str(DTYPE_NAMES[plan.model_dtype]))
+        for s in plan.shards:
+            if s.out_file is not None:
                 weight_map.update({t.name: s.out_file for t in s.keep})
                 total += s.out_bytes
-                bar.update(s.out_bytes)
         write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total},
                                       "weight_map": dict(sorted(weight_map.items()))})
         for name in plan.carried:
@@ -336,8 +436,8 @@ def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, de
         write_json(tmp / "config.json", _out_config(plan))
         (tmp / SHIM_FILE).write_bytes((Path(__file__).parent / "loader.py").read_bytes())
         progress.log("hashing source and output files")
-        outputs = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
-        write_json(tmp / MANIFEST, build_manifest(plan, options, _source_hashes(plan), outputs))
+        outputs = {p.name: out_hashes.get(p.name) or file_sha256(p) for p in sorted(tmp.iterdir())}
+        write_json(tmp / MANIFEST, build_manifest(plan, options, _source_hashes(plan, src_hashes), outputs))
         result.files = outputs
     result.seconds = time.monotonic() - t0
     progress.log(f"wrote {out_dir} ({plan.out_bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s")

@@ -87,28 +87,71 @@ def embedding_output(spec: ModelSpec, rows: torch.Tensor, model_dtype: torch.dty
     return x
 
 
-def compute_rows(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: dict[str, torch.Tensor],
-                 model_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.Tensor:
-    """Table rows for a chunk of embedding rows, in the compute dtype.
+def folded_ffn(spec: ModelSpec, x: torch.Tensor, h: torch.Tensor, w: dict[str, torch.Tensor],
+               block: int | None = None) -> torch.Tensor:
+    """x + FFN(norm(x)) of a parallel block, in x's dtype.
 
-    `w` holds layer 0's tensors already cast to the compute dtype and on rows' device.
+    The FFN weights may be stored in another dtype (e.g. bfloat16 views of a memory-mapped file):
+    they are cast `block` hidden units at a time, so the compute-dtype copy of a large FFN never
+    exists whole. One block (the default) is exactly the unblocked computation.
+    """
+    ffn = spec.ffn
+    h2 = h if ffn.norm is None else apply_norm(ffn.norm, x, w)
+    if ffn.kind == "moe":  # experts are small next to a dense FFN: cast them whole
+        names = {n for ref in ffn.refs() for n in ref if n and n in w}
+        return x + ffn_output(ffn, h2, {**w, **{n: w[n].to(x.dtype) for n in names}})
+    up_w = w[ffn.up[0]]
+    hidden = up_w.shape[0]
+    block = hidden if not block or block >= hidden else block
+
+    def part(ref: tuple[str, str | None], s: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight, bias = ref
+        b = w[bias][s].to(x.dtype) if bias and bias in w else None
+        return w[weight][s].to(x.dtype), b
+
+    down_w, down_b = ffn.down
+    acc = x.clone() if block < hidden else None
+    for start in range(0, hidden, block):
+        s = slice(start, min(hidden, start + block))
+        up = F.linear(h2, *part(ffn.up, s))
+        inner = activation(ffn.activation, F.linear(h2, *part(ffn.gate, s))) * up if ffn.kind == "glu" \
+            else activation(ffn.activation, up)
+        down = w[down_w][:, s].to(x.dtype)
+        if acc is None:  # a single block: the same operations as the unblocked formula
+            return x + F.linear(inner, down, w[down_b].to(x.dtype) if down_b and down_b in w else None)
+        if acc.dim() == 2:
+            acc.addmm_(inner, down.t())
+        else:
+            acc.add_(inner @ down.t())
+    if down_b and down_b in w:
+        acc.add_(w[down_b].to(x.dtype))
+    return acc
+
+
+def compute_rows(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: dict[str, torch.Tensor],
+                 model_dtype: torch.dtype, compute_dtype: torch.dtype, out: torch.Tensor | None = None,
+                 ffn_block: int | None = None) -> torch.Tensor:
+    """Table rows for a chunk of embedding rows, in the compute dtype (or written into `out`).
+
+    `w` holds layer 0's tensors on rows' device, cast to the compute dtype (the FFN weights of a
+    parallel block may stay in their stored dtype; see `folded_ffn`). With `out` ([rows, width], any
+    dtype) each column group is cast straight into its slice, so no full-width compute-dtype copy
+    is made; the values are the same as `compute_rows(...).to(out.dtype)`.
     """
     x = embedding_output(spec, rows, model_dtype, w, compute_dtype).to(compute_dtype)
     h = apply_norm(spec.attn_norm, x, w)
-    parts = []
+    if out is None:
+        out = torch.empty(x.shape[:-1] + (layout.width,), dtype=compute_dtype, device=x.device)
+    col = iter(layout.columns)
     if layout.x_in_table:
-        if spec.folds_ffn:
-            ffn = spec.ffn
-            h2 = h if ffn.norm is None else apply_norm(ffn.norm, x, w)
-            parts.append(x + ffn_output(ffn, h2, w))
-        else:
-            parts.append(x)
-    for p in spec.projections:
+        c = next(col)
+        out[..., c.start:c.stop] = folded_ffn(spec, x, h, w, ffn_block) if spec.folds_ffn else x
+    for p, c in zip(spec.projections, col):
         y = _linear(h, w, (p.weight, p.bias))
         if p.role in spec.qk_norms:
             y = qk_normed(spec.qk_norms[p.role], y, spec.head_dim, w)
-        parts.append(y)
-    return torch.cat(parts, dim=-1)
+        out[..., c.start:c.stop] = y
+    return out
 
 
 def layer0_tensor_names(spec: ModelSpec, present: set[str] | frozenset[str]) -> list[str]:

@@ -7,8 +7,10 @@ ranges, and shards without eliminated tensors are cloned or copied whole.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import queue
 import shutil
 import signal
 import threading
@@ -19,30 +21,94 @@ from typing import Iterable, Iterator
 import torch
 
 from .errors import UserError
-from .tensors import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, TensorInfo, copy_range, tensor_bytes, write_header
+from .tensors import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, TensorInfo, copy_range, element_size, write_header
 
 TMP_PREFIX = ".precompile-tmp-"
 
 
 def write_table(path: Path, name: str, shape: tuple[int, int], dtype: torch.dtype,
-                chunks: Iterable[torch.Tensor]) -> None:
-    """Stream a [vocab, W] tensor: header first, then each chunk's rows as they are computed."""
+                chunks: Iterable[torch.Tensor], pending: int = 2) -> str:
+    """Stream a [vocab, W] tensor: header first, then each chunk's rows as they are computed.
+
+    Returns the file's sha256, hashed on the way out so the table is never read back.
+
+    A background thread writes chunk k while the caller's iterator computes chunk k+1. At most
+    `pending` chunks wait in between, so at most pending + 2 chunks are ever alive (the one being
+    computed, the waiting ones, the one being written): memory does not grow with the vocabulary.
+    """
     row_bytes = shape[1] * torch.empty((), dtype=dtype).element_size()
+    waiting: queue.Queue = queue.Queue(maxsize=max(1, pending))
+    failed: list[BaseException] = []
+    digest = hashlib.sha256()
+
+    def drain(f) -> None:
+        while True:
+            item = waiting.get()
+            if item is None:
+                return
+            if not failed:
+                try:
+                    _write_tensor(f, item, digest)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                    failed.append(e)
+            del item
+
     with open(path, "wb") as f:
         write_header(f, [(name, DTYPE_NAMES[dtype], shape, shape[0] * row_bytes)], {"format": "pt"})
+        f.flush()
+        with open(path, "rb") as head:
+            digest.update(head.read())
+        writer = threading.Thread(target=drain, args=(f,), name="precompile-table-writer", daemon=True)
+        writer.start()
         rows = 0
-        for chunk in chunks:
-            f.write(tensor_bytes(chunk.to(dtype)))
-            rows += chunk.shape[0]
+        try:
+            for chunk in chunks:
+                if failed:
+                    break
+                if chunk.dim() != 2 or chunk.shape[1] != shape[1]:
+                    raise RuntimeError(f"table chunk has shape {tuple(chunk.shape)}, expected [*, {shape[1]}]")
+                rows += chunk.shape[0]
+                waiting.put(chunk.to(device="cpu", dtype=dtype))
+                del chunk  # drop this frame's reference: only the queue and the writer hold it now
+        finally:
+            waiting.put(None)
+            writer.join()
+    if failed:
+        raise failed[0]
     if rows != shape[0]:
         raise RuntimeError(f"table stream wrote {rows} rows, expected {shape[0]}")
+    return digest.hexdigest()
+
+
+def _write_tensor(f, t: torch.Tensor, digest=None) -> None:
+    """Write a CPU tensor's raw bytes without an intermediate bytes copy."""
+    if t.numel():
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+        f.write(raw)
+        if digest is not None:
+            digest.update(raw)
+
+
+def _convert_range(fin, fout, t: TensorInfo, target: torch.dtype, block: int = 16 << 20) -> None:
+    """Write tensor t of fin converted to `target`, `block` bytes at a time (never the whole tensor)."""
+    src = DTYPES[t.dtype]
+    step = max(1, block // element_size(t.dtype)) * element_size(t.dtype)
+    fin.seek(t.start)
+    done = 0
+    while done < t.nbytes:
+        buf = bytearray(min(step, t.nbytes - done))
+        if fin.readinto(buf) != len(buf):
+            raise UserError(f"{fin.name}: unexpected end of file; the file is truncated, re-download it")
+        _write_tensor(fout, torch.frombuffer(buf, dtype=src).to(target))
+        done += len(buf)
 
 
 def write_shard(src: Path, dst: Path, keep: list[TensorInfo], metadata: dict[str, str],
                 out_dtype: str | None) -> int:
     """Write `keep` from src into a new safetensors file, in their original order; returns bytes written.
 
-    Tensors keep their bytes (a range copy) unless out_dtype asks for a float conversion.
+    Tensors keep their bytes (an in-kernel range copy) unless out_dtype asks for a float
+    conversion, which is streamed in blocks.
     """
     keep = sorted(keep, key=lambda t: t.start)
 
@@ -50,7 +116,7 @@ def write_shard(src: Path, dst: Path, keep: list[TensorInfo], metadata: dict[str
         return out_dtype if (out_dtype and t.dtype in FLOAT_DTYPES) else t.dtype
 
     def nbytes(t: TensorInfo) -> int:
-        return t.numel * torch.empty((), dtype=DTYPES[target(t)]).element_size()
+        return t.numel * element_size(target(t))
 
     entries = [(t.name, target(t), t.shape, nbytes(t)) for t in keep]
     with open(src, "rb") as fin, open(dst, "wb") as fout:
@@ -59,10 +125,7 @@ def write_shard(src: Path, dst: Path, keep: list[TensorInfo], metadata: dict[str
             if target(t) == t.dtype:
                 copy_range(fin, fout, t.start, t.nbytes)
             else:
-                from safetensors import safe_open
-
-                with safe_open(src, framework="pt") as sf:
-                    fout.write(tensor_bytes(sf.get_tensor(t.name).to(DTYPES[target(t)])))
+                _convert_range(fin, fout, t, DTYPES[target(t)])
         return fout.tell()
 
 

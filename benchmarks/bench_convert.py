@@ -1,0 +1,342 @@
+"""Conversion against its physical limits: `cp -r`, the bare table matmuls, convert, peak RssAnon.
+
+Builds synthetic bfloat16 checkpoints with the real shapes of Mistral-7B (serial block, GQA 32/8,
+d 4096, SwiGLU 14336, vocab 32000) and Pythia-6.9B (parallel block, MHA, d 4096, MLP 16384,
+vocab 50432), sharded like the published ones (layer 0 in the first shard, ~1 GiB shards), with
+a chosen number of layers, in a temporary directory that is removed afterwards. Then, in one run:
+
+- cp:      `cp -r` of the checkpoint (gives the copy throughput of this disk);
+- matmul:  the bare table matmuls (same FLOPs, device and dtype as convert's compute);
+- convert: `python -m precompile convert` in a subprocess, wall time;
+- peak RssAnon of that subprocess, sampled from /proc/PID/status every 5 ms;
+- ratios:  convert / (cp time of the bytes convert writes + matmul), and 8-layer vs 2-layer memory.
+
+Usage: python benchmarks/bench_convert.py [--shapes mistral,pythia] [--layers 2,8] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from precompile.tensors import write_header  # noqa: E402
+
+SHARD_BYTES = 1 << 30
+
+GPT_NEOX_PROFILE = """
+name: gpt_neox_bench
+match: {architectures: [GPTNeoXForCausalLM], model_types: [gpt_neox]}
+block: parallel
+sizes:
+  hidden_size: [hidden_size]
+  num_heads: [num_attention_heads]
+  vocab_size: [vocab_size]
+  n_layers: [num_hidden_layers]
+  intermediate_size: [intermediate_size]
+embedding: {tensor: gpt_neox.embed_in.weight, module: gpt_neox.embed_in}
+attn_norm:
+  kind: layer
+  weight: gpt_neox.layers.0.input_layernorm.weight
+  bias: gpt_neox.layers.0.input_layernorm.bias
+  eps: [layer_norm_eps]
+  module: gpt_neox.layers.0.input_layernorm
+projections:
+  - role: qkv
+    weight: gpt_neox.layers.0.attention.query_key_value.weight
+    bias: gpt_neox.layers.0.attention.query_key_value.bias
+    module: gpt_neox.layers.0.attention.query_key_value
+    heads_interleaved: true
+attention_module: gpt_neox.layers.0.attention
+ffn:
+  kind: mlp
+  activation: {config: hidden_act, default: gelu}
+  norm:
+    kind: layer
+    weight: gpt_neox.layers.0.post_attention_layernorm.weight
+    bias: gpt_neox.layers.0.post_attention_layernorm.bias
+    eps: [layer_norm_eps]
+    module: gpt_neox.layers.0.post_attention_layernorm
+  up: {weight: gpt_neox.layers.0.mlp.dense_h_to_4h.weight, bias: gpt_neox.layers.0.mlp.dense_h_to_4h.bias}
+  down: {weight: gpt_neox.layers.0.mlp.dense_4h_to_h.weight, bias: gpt_neox.layers.0.mlp.dense_4h_to_h.bias}
+  module: gpt_neox.layers.0.mlp
+"""
+
+SHAPES = {
+    "mistral": dict(config=dict(architectures=["MistralForCausalLM"], model_type="mistral", hidden_size=4096,
+                                num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                intermediate_size=14336, vocab_size=32000, rms_norm_eps=1e-5, hidden_act="silu",
+                                tie_word_embeddings=False, max_position_embeddings=32768, rope_theta=10000.0,
+                                sliding_window=4096, torch_dtype="bfloat16"),
+                    label="Mistral-7B (serial, GQA 32/8)"),
+    "pythia": dict(config=dict(architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox", hidden_size=4096,
+                               num_attention_heads=32, intermediate_size=16384, vocab_size=50432,
+                               layer_norm_eps=1e-5, hidden_act="gelu", use_parallel_residual=True, rotary_pct=0.25,
+                               rotary_emb_base=10000, tie_word_embeddings=False, max_position_embeddings=2048,
+                               torch_dtype="bfloat16"),
+                   label="Pythia-6.9B (parallel, MHA)"),
+}
+
+
+def tensor_list(shape: str, layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Tensor names and shapes in the published checkpoints' order: embedding, layers, final norm, head."""
+    c = SHAPES[shape]["config"]
+    d, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    out: list[tuple[str, tuple[int, ...]]] = []
+    if shape == "mistral":
+        e = c["num_key_value_heads"] * c["head_dim"]
+        out.append(("model.embed_tokens.weight", (v, d)))
+        for i in range(layers):
+            p = f"model.layers.{i}."
+            out += [(p + "input_layernorm.weight", (d,)), (p + "self_attn.q_proj.weight", (d, d)),
+                    (p + "self_attn.k_proj.weight", (e, d)), (p + "self_attn.v_proj.weight", (e, d)),
+                    (p + "self_attn.o_proj.weight", (d, d)), (p + "post_attention_layernorm.weight", (d,)),
+                    (p + "mlp.gate_proj.weight", (f, d)), (p + "mlp.up_proj.weight", (f, d)),
+                    (p + "mlp.down_proj.weight", (d, f))]
+        out += [("model.norm.weight", (d,)), ("lm_head.weight", (v, d))]
+    else:
+        out.append(("gpt_neox.embed_in.weight", (v, d)))
+        for i in range(layers):
+            p = f"gpt_neox.layers.{i}."
+            out += [(p + "input_layernorm.weight", (d,)), (p + "input_layernorm.bias", (d,)),
+                    (p + "post_attention_layernorm.weight", (d,)), (p + "post_attention_layernorm.bias", (d,)),
+                    (p + "attention.query_key_value.weight", (3 * d, d)),
+                    (p + "attention.query_key_value.bias", (3 * d,)),
+                    (p + "attention.dense.weight", (d, d)), (p + "attention.dense.bias", (d,)),
+                    (p + "mlp.dense_h_to_4h.weight", (f, d)), (p + "mlp.dense_h_to_4h.bias", (f,)),
+                    (p + "mlp.dense_4h_to_h.weight", (d, f)), (p + "mlp.dense_4h_to_h.bias", (d,))]
+        out += [("gpt_neox.final_layer_norm.weight", (d,)), ("gpt_neox.final_layer_norm.bias", (d,)),
+                ("embed_out.weight", (v, d))]
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def build_checkpoint(shape: str, layers: int, root: Path) -> int:
+    """Write the checkpoint chunk by chunk (never a whole tensor in memory); returns its weight bytes."""
+    root.mkdir(parents=True)
+    cfg = dict(SHAPES[shape]["config"], num_hidden_layers=layers)
+    (root / "config.json").write_text(json.dumps(cfg, indent=2))
+    g = torch.Generator().manual_seed(0)
+    pool = (torch.randn(1 << 24, generator=g) * 0.02).to(torch.bfloat16)  # 32 MiB of weights, reused
+    pool_raw = pool.view(torch.uint8).numpy()
+    ones = (1 + torch.randn(1 << 16, generator=g) * 0.02).to(torch.bfloat16)
+
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shp in tensor_list(shape, layers):
+        nbytes = _numel(shp) * 2
+        if shards[-1] and size + nbytes > SHARD_BYTES:  # the embedding and layer 0 fit in the first shard
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shp))
+        size += nbytes
+    n = len(shards)
+    weight_map, total = {}, 0
+    for i, tensors in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        with open(root / fname, "wb") as f:
+            write_header(f, [(t, "BF16", s, _numel(s) * 2) for t, s in tensors], {"format": "pt"})
+            for t, s in tensors:
+                weight_map[t] = fname
+                nbytes = _numel(s) * 2
+                if len(s) == 1:  # norms near 1, biases small
+                    src = ones if t.endswith("norm.weight") else pool
+                    f.write(src[: s[0]].view(torch.uint8).numpy().tobytes())
+                    continue
+                done, off = 0, (zlib.crc32(t.encode()) % 1024) * 2
+                while done < nbytes:
+                    k = min(len(pool_raw) - off, nbytes - done)
+                    f.write(pool_raw[off: off + k])
+                    done += k
+                    off = 0
+    total = sum(_numel(s) * 2 for _, s in tensor_list(shape, layers))
+    (root / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def time_cp(src: Path, dst: Path) -> float:
+    os.sync()
+    t = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    secs = time.perf_counter() - t
+    shutil.rmtree(dst)
+    return secs
+
+
+def bare_matmul_seconds(shape: str, device: torch.device, chunk: int) -> tuple[float, float]:
+    """The table's matmuls alone (float32, same chunking and device as convert); returns (s, TFLOP)."""
+    c = SHAPES[shape]["config"]
+    d, v = c["hidden_size"], c["vocab_size"]
+    g = torch.Generator().manual_seed(1)
+    if shape == "mistral":
+        e = c["num_key_value_heads"] * c["head_dim"]
+        mats = [[torch.randn(d + 2 * e, d, generator=g)]]
+    else:
+        f = c["intermediate_size"]
+        mats = [[torch.randn(3 * d, d, generator=g)], [torch.randn(f, d, generator=g), torch.randn(d, f, generator=g)]]
+    mats = [[m.to(device) for m in chain] for chain in mats]
+    flops = 0
+    x = torch.randn(chunk, d, generator=g).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for start in range(0, v, chunk):
+        rows = x[: min(chunk, v - start)]
+        for chain in mats:
+            h = rows
+            for m in chain:
+                h = h @ m.t()
+                flops += 2 * h.shape[0] * m.shape[0] * m.shape[1]
+    sync()
+    return time.perf_counter() - t, flops / 1e12
+
+
+def run_convert(src: Path, out: Path, args, profile: Path | None) -> dict:
+    """convert in a subprocess; wall time and peak RssAnon (sampled every 5 ms), VmHWM for reference."""
+    cmd = [sys.executable, "-m", "precompile", "convert", str(src), str(out), "--device", args.device,
+           "--chunk-size", str(args.chunk_size), "--link", args.link]
+    if profile:
+        cmd += ["--profile", str(profile)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    os.sync()
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peak = {"RssAnon": 0, "VmHWM": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        status = Path(f"/proc/{proc.pid}/status")
+        while not done.is_set():
+            try:
+                for line in status.read_text().splitlines():
+                    key = line.split(":")[0]
+                    if key in peak:
+                        peak[key] = max(peak[key], int(line.split()[1]) * 1024)
+            except (OSError, ValueError, IndexError):
+                pass
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - t
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"convert failed ({proc.returncode}):\n{stderr[-3000:]}")
+    m = re.search(r"in ([0-9.]+)s\s*$", stderr.strip())
+    manifest = json.loads((out / "precompile.json").read_text())
+    return {"wall": wall, "inproc": float(m.group(1)) if m else float("nan"), "rss_anon": peak["RssAnon"],
+            "hwm": peak["VmHWM"], "log": stderr, "manifest": manifest}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="mistral,pythia")
+    ap.add_argument("--layers", default="2,8")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--chunk-size", type=int, default=4096)
+    ap.add_argument("--link", default="auto", choices=["auto", "reflink", "hardlink", "copy"])
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="override the vocabulary size (default: the real one; time and matmul scale with it, "
+                         "memory does not)")
+    ap.add_argument("--tmp", default=None, help="where to build the checkpoints (default: system temp dir)")
+    args = ap.parse_args()
+    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    layers = [int(x) for x in args.layers.split(",")]
+    if args.vocab:
+        for shape in SHAPES.values():
+            shape["config"]["vocab_size"] = args.vocab
+    print(f"device {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
+          f"chunk {args.chunk_size} rows, float32 compute, --link {args.link}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-convert-", dir=args.tmp) as tmpd:
+        tmp = Path(tmpd)
+        prof = tmp / "gpt_neox.yaml"
+        prof.write_text(GPT_NEOX_PROFILE)
+        for shape in args.shapes.split(","):
+            for n in layers:
+                src, out = tmp / f"{shape}-{n}", tmp / f"{shape}-{n}-out"
+                t = time.perf_counter()
+                size = build_checkpoint(shape, n, src)
+                print(f"{shape} {n} layers, vocab {SHAPES[shape]['config']['vocab_size']}: built "
+                      f"{size / 2**30:.2f} GiB in {time.perf_counter() - t:.0f}s", flush=True)
+                # the baselines are measured right before convert, so a shared machine's load hits all alike
+                cp_s = time_cp(src, tmp / "cp")
+                mm_s, tflop = bare_matmul_seconds(shape, device, args.chunk_size)
+                ckpt_bytes = tree_bytes(src)
+                r = run_convert(src, out, args, prof if shape == "pythia" else None)
+                outputs = r["manifest"]["outputs"]
+                shared = [s for s in outputs if s.endswith(".safetensors") and
+                          os.stat(out / s).st_ino == os.stat(src / s).st_ino] if args.link == "hardlink" else []
+                out_bytes = tree_bytes(out)
+                written = out_bytes - sum((out / s).stat().st_size for s in shared)
+                cp_written = cp_s * written / ckpt_bytes
+                target = cp_written + mm_s
+                rows.append(dict(shape=shape, layers=n, gib=ckpt_bytes / 2**30, cp=cp_s, written=written,
+                                 cp_written=cp_written, mm=mm_s, conv=r["wall"], inproc=r["inproc"],
+                                 ratio=r["wall"] / target, ratio_in=r["inproc"] / target, rss=r["rss_anon"],
+                                 hwm=r["hwm"]))
+                print(f"  cp -r {cp_s:.1f}s ({ckpt_bytes / cp_s / 2**30:.2f} GiB/s); bare table matmuls "
+                      f"{tflop:.2f} TFLOP in {mm_s:.1f}s ({tflop / mm_s * 1e3:.0f} GFLOP/s); convert wrote "
+                      f"{written / 2**30:.2f} GiB: {r['wall']:.1f}s wall ({r['inproc']:.1f}s after start-up), "
+                      f"peak RssAnon {r['rss_anon'] / 2**20:.0f} MiB, VmHWM {r['hwm'] / 2**20:.0f} MiB", flush=True)
+                shutil.rmtree(src)
+                shutil.rmtree(out)
+    print()
+    print("| shape | layers | ckpt GiB | cp -r s | written GiB | cp(written) s | matmul s | convert s (after "
+          "start-up) | convert / (cp + matmul) (after start-up) | peak RssAnon MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['layers']} | {r['gib']:.2f} | {r['cp']:.1f} | {r['written'] / 2**30:.2f} "
+              f"| {r['cp_written']:.1f} | {r['mm']:.1f} | {r['conv']:.1f} ({r['inproc']:.1f}) | {r['ratio']:.2f} "
+              f"({r['ratio_in']:.2f}) | {r['rss'] / 2**20:.0f} |")
+    print()
+    ok = True
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        rs = [r for r in rows if r["shape"] == shape]
+        for r in rs:
+            good = r["ratio"] <= 1.25 and r["rss"] <= 1.5e9
+            ok &= good
+            print(f"{shape} {r['layers']} layers: time ratio {r['ratio']:.2f} wall, {r['ratio_in']:.2f} after "
+                  f"start-up (target <= 1.25), peak RssAnon "
+                  f"{r['rss'] / 1e9:.2f} GB (target <= 1.5) {'ok' if good else 'MISSED'}")
+        if len(rs) > 1:
+            lo, hi = rs[0], rs[-1]
+            mem = hi["rss"] / lo["rss"]
+            extra = hi["inproc"] - lo["inproc"]
+            extra_cp = hi["cp_written"] - lo["cp_written"]
+            ok &= mem <= 1.10
+            print(f"{shape}: peak RssAnon {hi['layers']} vs {lo['layers']} layers: {mem:.3f}x (target <= 1.10); "
+                  f"convert time for the extra shared shards: {extra:+.1f}s (cp of those bytes alone: "
+                  f"{extra_cp:.1f}s)")
+    print("all targets met" if ok else "some targets missed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""`precompile bench`: the toggled model is the real precompiled model, and the accounting is the paper's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import run_cli
+from precompile import convert
+from precompile.bench import Toggle, bench, per_token_reads
+from precompile.loader import read_manifest
+from safetensors.torch import load_file
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    import tiny
+
+    d = tmp_path_factory.mktemp("bench")
+    src = tiny.save_checkpoint(tiny.build_model("llama"), d / "src", torch.float32, 40)
+    convert(str(src), d / "out")
+    return src, d / "out"
+
+
+def test_toggle_switches_between_the_original_and_the_lookups(converted):
+    src, out = converted
+    manifest = read_manifest(out)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    table = load_file(out / manifest["table"]["file"])[manifest["table"]["tensor"]]
+    toggle = Toggle(model, manifest, table)
+    ids = torch.tensor([[5, 17, 99, 3, 150]])
+    with torch.inference_mode():
+        want = model(ids).logits
+        toggle.use(True)
+        assert type(model.model.embed_tokens).__name__ == "TableEmbedding"
+        assert model.model.embed_tokens.table.data_ptr() == table.data_ptr()  # no copy of the table
+        got = model(ids).logits
+        toggle.use(False)
+        again = model(ids).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(again, want)
+
+
+def test_per_token_reads_follow_the_paper(converted):
+    src, out = converted
+    manifest = read_manifest(out)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    c = model.config
+    d, hd = c.hidden_size, c.hidden_size // c.num_attention_heads
+    e = c.num_key_value_heads * hd
+    total = sum(p.numel() for p in model.parameters())
+    original = total - c.vocab_size * d + d  # untied: the input embedding is read one row per token
+    eliminated = d * d + 2 * d * e + d  # q, k, v and the input norm
+    assert per_token_reads(model, manifest) == (original, original - eliminated - d + (2 * d + 2 * e))
+
+
+def test_bench_reports_every_metric(converted, tmp_path):
+    src, out = converted
+    r = bench(out, str(src), device="cpu", batches=(1, 2), prompt_len=4, decode_tokens=2, reps=1)
+    names = [row[0] for row in r.rows]
+    assert names == ["prefill b1 (4 tokens)", "prefill b2 (4 tokens)", "decode b1", "layer 0 decode b1",
+                     "decode b2", "layer 0 decode b2", "weights in memory"]
+    assert all(a > 0 and b > 0 for _, _, a, b in r.rows)
+    assert 0 < r.theoretical < 1
+    assert "realized / theoretical" in r.table()
+
+
+def test_bench_cli(converted):
+    src, out = converted
+    res = run_cli("bench", out, "--source", src, "--device", "cpu", "--batches", "1", "--prompt-len", "4",
+                  "--decode-tokens", "2", "--reps", "1", "-q")
+    assert res.returncode == 0, res.stderr
+    assert "| decode b1 |" in res.stdout and "theoretical saving" in res.stdout
+    bad = run_cli("bench", out, "--batches", "1,x")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--batches" in bad.stderr
+
+
+def test_layer0_reads(converted):
+    src, out = converted
+    manifest = read_manifest(out)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    c = model.config
+    d, e = c.hidden_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    layer0 = sum(p.numel() for p in model.model.layers[0].parameters())
+    eliminated = d * d + 2 * d * e + d
+    assert per_token_reads(model, manifest, layer0_only=True) == (layer0 + d, layer0 - eliminated + 2 * d + 2 * e)

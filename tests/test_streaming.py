@@ -1,0 +1,251 @@
+"""The mechanisms that bound conversion memory: a streamed table, shared shards, a blocked FFN.
+
+Not timed (speed and memory are measured by benchmarks/bench_convert.py); these tests show that the
+mechanisms are in place and that streaming changes no byte of the output.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from precompile.convert import FFN_BLOCK, _table_chunks, convert, plan_conversion
+from precompile.errors import UserError
+from precompile.layout import TABLE_FILE
+from precompile.precompute import compute_rows, folded_ffn
+from precompile.progress import Progress
+from precompile.tensors import read_header
+from precompile.writer import write_table
+
+GPT_NEOX_PROFILE = """
+name: gpt_neox_test
+match: {architectures: [GPTNeoXForCausalLM], model_types: [gpt_neox]}
+block: parallel
+sizes:
+  hidden_size: [hidden_size]
+  num_heads: [num_attention_heads]
+  vocab_size: [vocab_size]
+  n_layers: [num_hidden_layers]
+  intermediate_size: [intermediate_size]
+embedding: {tensor: gpt_neox.embed_in.weight, module: gpt_neox.embed_in}
+attn_norm:
+  kind: layer
+  weight: gpt_neox.layers.0.input_layernorm.weight
+  bias: gpt_neox.layers.0.input_layernorm.bias
+  eps: [layer_norm_eps]
+  module: gpt_neox.layers.0.input_layernorm
+projections:
+  - role: qkv
+    weight: gpt_neox.layers.0.attention.query_key_value.weight
+    bias: gpt_neox.layers.0.attention.query_key_value.bias
+    module: gpt_neox.layers.0.attention.query_key_value
+    heads_interleaved: true
+attention_module: gpt_neox.layers.0.attention
+ffn:
+  kind: mlp
+  activation: {config: hidden_act, default: gelu}
+  norm:
+    kind: layer
+    weight: gpt_neox.layers.0.post_attention_layernorm.weight
+    bias: gpt_neox.layers.0.post_attention_layernorm.bias
+    eps: [layer_norm_eps]
+    module: gpt_neox.layers.0.post_attention_layernorm
+  up: {weight: gpt_neox.layers.0.mlp.dense_h_to_4h.weight, bias: gpt_neox.layers.0.mlp.dense_h_to_4h.bias}
+  down: {weight: gpt_neox.layers.0.mlp.dense_4h_to_h.weight, bias: gpt_neox.layers.0.mlp.dense_4h_to_h.bias}
+  module: gpt_neox.layers.0.mlp
+"""
+
+
+def _in_memory_table(plan, chunk_size: int) -> torch.Tensor:
+    """The non-streaming path: every tensor loaded whole with safetensors, the table built in memory."""
+    root = plan.source.root
+    tensors: dict[str, torch.Tensor] = {}
+    for f in plan.checkpoint.files:
+        tensors.update(load_file(root / f))
+    spec, layout = plan.spec, plan.layout
+    w = {n: t.to(plan.compute_dtype) for n, t in tensors.items() if n != spec.embedding_tensor}
+    emb = tensors[spec.embedding_tensor]
+    return torch.cat([compute_rows(spec, layout, emb[s:s + chunk_size], w, plan.model_dtype, plan.compute_dtype)
+                      .to(plan.model_dtype) for s in range(0, emb.shape[0], chunk_size)])
+
+
+def _data_bytes(path: Path, name: str) -> bytes:
+    info = read_header(path)[0][name]
+    with open(path, "rb") as f:
+        f.seek(info.start)
+        return f.read(info.nbytes)
+
+
+def test_writer_holds_a_bounded_number_of_chunks(tmp_path):
+    """write_table consumes chunks lazily: while chunk k is made, at most `pending + 1` older ones live."""
+    alive: list[weakref.ref] = []
+    most = 0
+    width, n, rows = 8, 40, 5
+
+    def chunks():
+        nonlocal most
+        for i in range(n):
+            gc.collect()
+            most = max(most, sum(r() is not None for r in alive))
+            t = torch.full((rows, width), float(i), dtype=torch.bfloat16)
+            alive.append(weakref.ref(t))
+            yield t
+
+    write_table(tmp_path / "t.safetensors", "table", (n * rows, width), torch.bfloat16, chunks(), pending=2)
+    assert most <= 3, f"{most} earlier chunks were alive while a new one was made"
+    table = load_file(tmp_path / "t.safetensors")["table"]
+    assert torch.equal(table, torch.arange(n, dtype=torch.bfloat16).repeat_interleave(rows)[:, None]
+                       .expand(-1, width))
+
+
+def test_writer_reports_a_short_stream_and_writer_errors(tmp_path):
+    with pytest.raises(RuntimeError, match="wrote 4 rows, expected 6"):
+        write_table(tmp_path / "a", "t", (6, 2), torch.float32, iter([torch.zeros(4, 2)]))
+    with pytest.raises(RuntimeError, match="expected \\[\\*, 2\\]"):
+        write_table(tmp_path / "b", "t", (6, 2), torch.float32, iter([torch.zeros(6, 3)]))
+
+
+def test_table_chunks_are_lazy(checkpoint):
+    """Rows are read and computed one chunk at a time, in vocabulary order."""
+    plan = plan_conversion(str(checkpoint("llama")), dtype="float32")
+    gen = _table_chunks(plan, torch.device("cpu"), 16, Progress(quiet=True))
+    first = next(gen)
+    assert first.shape == (16, plan.layout.width)
+    sizes = [first.shape[0]] + [c.shape[0] for c in gen]
+    assert sizes == [16] * (plan.layout.vocab_size // 16) + [plan.layout.vocab_size % 16]
+
+
+@pytest.mark.parametrize("dtype,overlap", [("float32", True), ("bfloat16", False)])
+def test_streamed_output_is_byte_identical_to_the_in_memory_path(checkpoint, tmp_path, monkeypatch, dtype, overlap):
+    """Whether shards are written beside the table computation or after it, no byte changes."""
+    monkeypatch.setattr(importlib.import_module("precompile.convert"), "_overlap_io", lambda device: overlap)
+    src = checkpoint("llama", dtype)
+    out = tmp_path / "out"
+    res = convert(str(src), out, chunk_size=16, link="auto")
+    plan = res.plan
+    ref = _in_memory_table(plan, 16)
+    save_file({plan.layout.tensor_name: ref}, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    name = plan.layout.tensor_name
+    assert _data_bytes(out / TABLE_FILE, name) == _data_bytes(tmp_path / "ref.safetensors", name)
+    assert (out / TABLE_FILE).read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    rewritten = [s for s in plan.shards if s.action == "rewrite"]
+    assert rewritten, "the fixture must have a shard holding eliminated tensors"
+    for s in rewritten:
+        want = load_file(src / s.source_file)
+        with safe_open(out / s.out_file, framework="pt") as f:
+            assert set(f.keys()) == set(want) - set(s.eliminated)
+            for k in f.keys():
+                assert torch.equal(f.get_tensor(k), want[k]), k
+
+
+def test_dtype_conversion_is_streamed_and_exact(checkpoint, tmp_path):
+    """--dtype rewrites every shard, converting tensors in blocks; values equal a whole-tensor cast."""
+    src = checkpoint("llama", "float32")
+    res = convert(str(src), tmp_path / "out", chunk_size=64, dtype="bfloat16")
+    for s in res.plan.shards:
+        if s.out_file is None:
+            continue
+        assert s.action == "rewrite"
+        want = load_file(src / s.source_file)
+        got = load_file(tmp_path / "out" / s.out_file)
+        for k, t in got.items():
+            assert t.dtype == torch.bfloat16 and torch.equal(t, want[k].to(torch.bfloat16)), k
+
+
+def test_untouched_shards_are_shared_not_rewritten(checkpoint, tmp_path):
+    src = checkpoint("llama")
+    res = convert(str(src), tmp_path / "auto", chunk_size=64, link="auto")
+    shared = [s for s in res.plan.shards if s.action == "share"]
+    assert shared, "the fixture must have shards without eliminated tensors"
+    for s in shared:
+        method = res.methods[s.out_file]
+        assert method in ("reflink", "copy")
+        a, b = src / s.source_file, tmp_path / "auto" / s.out_file
+        assert a.read_bytes() == b.read_bytes()
+        assert os.stat(a).st_ino != os.stat(b).st_ino  # a clone or copy: editing OUT_DIR leaves the source
+    assert set(res.methods) == {s.out_file for s in shared}  # rewritten shards are never "shared"
+
+    res = convert(str(src), tmp_path / "hard", chunk_size=64, link="hardlink")
+    for s in shared:
+        assert res.methods[s.out_file] == "hardlink"
+        assert os.stat(src / s.source_file).st_ino == os.stat(tmp_path / "hard" / s.out_file).st_ino
+    for s in res.plan.shards:
+        if s.action == "rewrite":
+            assert os.stat(src / s.source_file).st_ino != os.stat(tmp_path / "hard" / s.out_file).st_ino
+
+
+def test_reflink_only_fails_cleanly_where_unsupported(checkpoint, tmp_path):
+    src = checkpoint("llama")
+    try:
+        res = convert(str(src), tmp_path / "out", chunk_size=64, link="reflink")
+    except UserError as e:
+        assert "reflink" in str(e) and "--link" in str(e)
+        assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+    else:
+        assert set(res.methods.values()) == {"reflink"}
+
+
+@pytest.fixture(scope="module")
+def neox(tmp_path_factory):
+    """A tiny GPT-NeoX (parallel block) checkpoint and a profile for it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import tiny
+
+    d = tmp_path_factory.mktemp("neox")
+    cfg = AutoConfig.for_model("gpt_neox", hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                               num_hidden_layers=2, vocab_size=tiny.VOCAB, use_parallel_residual=True,
+                               tie_word_embeddings=False, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    tiny.randomize(model, 0)
+    tiny.save_checkpoint(model, d / "model", torch.float32, shard_kb=60)
+    (d / "gpt_neox.yaml").write_text(GPT_NEOX_PROFILE)
+    return d / "model", d / "gpt_neox.yaml"
+
+
+def test_blocked_ffn_matches_the_whole_ffn(neox):
+    """A parallel block's FFN cast and applied in blocks gives the unblocked result (to rounding)."""
+    src, prof = neox
+    plan = plan_conversion(str(src), profile=str(prof))
+    w = {k: v for f in plan.checkpoint.files for k, v in load_file(src / f).items()}
+    x = torch.randn(7, 64)
+    h = torch.randn(7, 64)
+    whole = folded_ffn(plan.spec, x, h, w)
+    for block in (1, 32, 50, 96, 1000):
+        assert torch.allclose(folded_ffn(plan.spec, x, h, w, block), whole, atol=1e-5, rtol=1e-5), block
+    # stored bfloat16 weights are cast per block: the same as casting them first
+    wb = {k: v.to(torch.bfloat16) if "mlp" in k else v for k, v in w.items()}
+    wf = {k: v.to(torch.float32) for k, v in wb.items()}
+    assert torch.equal(folded_ffn(plan.spec, x, h, wb), folded_ffn(plan.spec, x, h, wf))
+
+
+def test_parallel_block_conversion_matches_in_memory_path(neox, tmp_path, monkeypatch):
+    """With FFN blocks smaller than the FFN, the streamed table still equals the in-memory one."""
+    src, prof = neox
+    monkeypatch.setattr(importlib.import_module("precompile.convert"), "FFN_BLOCK", 40)
+    assert FFN_BLOCK >= 1024  # the default streams large FFNs only
+    res = convert(str(src), tmp_path / "out", profile=str(prof), chunk_size=32)
+    ref = _in_memory_table(res.plan, 32)
+    got = load_file(tmp_path / "out" / TABLE_FILE)[res.plan.layout.tensor_name]
+    assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_non_finite_rows_are_found():
+    from precompile.convert import _first_non_finite
+
+    out = torch.randn(6, 5).to(torch.bfloat16)
+    assert _first_non_finite(out) is None
+    out[4, 2] = float("inf")
+    out[5, 0] = float("nan")
+    assert _first_non_finite(out) == 4
+    big = torch.full((2, 4), 3e38, dtype=torch.bfloat16)  # finite values whose row sum overflows
+    assert _first_non_finite(big) is None
