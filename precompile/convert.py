@@ -2,6 +2,10 @@
 
 Planning (resolve, profile, headers, shapes, output files and sizes) reads no
 tensor data, so `--dry-run` and the real run report the same figures.
+
+Two kinds of output: "full" (the source's tensors minus the eliminated ones, plus
+the table) and "overlay" (the table alone, laid over the unchanged source at load
+time; only the files holding the tensors layer 0 needs are fetched and read).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from .loader import FORMAT_VERSION, MANIFEST
 from .precompute import compute_rows, layer0_tensor_names
 from .profiles import ModelSpec, Profile, resolve, select_profile
 from .progress import Progress
-from .source import Source, carried_files, file_sha256, read_config, resolve_source
+from .source import (PartialCheckpoint, Source, carried_files, fetch_files, file_sha256, read_config,
+                     resolve_source, weight_map)
 from .tensors import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo
 from .writer import atomic_dir, share_file, write_json, write_shard, write_table
 
@@ -53,6 +58,7 @@ class ConversionPlan:
     shards: list[ShardPlan]
     carried: list[str]
     read_tensors: list[str]
+    kind: str = "full"  # or "overlay": the table only, laid over the unchanged source at load time
 
     @property
     def table_bytes(self) -> int:
@@ -118,17 +124,20 @@ def _validate(spec: ModelSpec, ckpt: Checkpoint, layout: TableLayout) -> None:
 
 
 def plan_conversion(source: str, *, revision: str | None = None, profile: str | None = None,
-                    dtype: str = "auto", compute_dtype: str = "float32") -> ConversionPlan:
-    """Everything a conversion will read, eliminate and write, from headers alone."""
+                    dtype: str = "auto", compute_dtype: str = "float32", overlay: bool = False) -> ConversionPlan:
+    """Everything a conversion will read, eliminate and write, from headers alone.
+
+    overlay=True fetches (hub) or opens (local) only the files that hold the tensors layer 0 needs.
+    """
     if dtype != "auto" and dtype not in DTYPE_CHOICES:
         raise UserError(f"--dtype {dtype} is not one of auto, {', '.join(DTYPE_CHOICES)}")
     if compute_dtype not in COMPUTE_CHOICES:
         raise UserError(f"--compute-dtype {compute_dtype} is not one of {', '.join(COMPUTE_CHOICES)}")
-    src = resolve_source(source, revision)
+    src = resolve_source(source, revision, weights=not overlay)
     config = read_config(src.root)
     prof = select_profile(config, profile)
     spec = resolve(prof, config)
-    ckpt = Checkpoint(src.root)
+    ckpt = _layer0_checkpoint(src, spec) if overlay else Checkpoint(src.root)
     layout = table_layout(spec, frozenset(ckpt.tensors))
     _validate(spec, ckpt, layout)
     emb_dtype = ckpt.info(spec.embedding_tensor).dtype
@@ -138,7 +147,7 @@ def plan_conversion(source: str, *, revision: str | None = None, profile: str | 
     out_dtype_name = DTYPE_NAMES[model_dtype]
     eliminated = set(layout.eliminated)
     shards = []
-    for i, fname in enumerate(ckpt.files):
+    for i, fname in enumerate([] if overlay else ckpt.files):
         tensors = [t for t in ckpt.tensors.values() if t.file == fname]
         keep = [t for t in tensors if t.name not in eliminated]
         gone = sorted(t.name for t in tensors if t.name in eliminated)
@@ -155,7 +164,15 @@ def plan_conversion(source: str, *, revision: str | None = None, profile: str | 
         shards.append(ShardPlan(fname, out_name, action, keep, gone, size))
     read = [spec.embedding_tensor] + layer0_tensor_names(spec, frozenset(ckpt.tensors))
     return ConversionPlan(src, config, prof, spec, layout, ckpt, model_dtype, COMPUTE_CHOICES[compute_dtype],
-                          shards, carried_files(src.root), read)
+                          shards, carried_files(src.root), read, "overlay" if overlay else "full")
+
+
+def _layer0_checkpoint(src: Source, spec: ModelSpec) -> PartialCheckpoint:
+    """The files holding the embedding and layer 0's tensors, fetched (hub) after reading only the index."""
+    wmap = weight_map(src)
+    names = [spec.embedding_tensor] + layer0_tensor_names(spec, frozenset(wmap))
+    fetch_files(src, sorted({wmap[n] for n in names if n in wmap}))
+    return PartialCheckpoint(src.root, wmap, names)
 
 
 def _table_chunks(plan: ConversionPlan, device: torch.device, chunk_size: int, progress: Progress):
@@ -235,18 +252,27 @@ def build_manifest(plan: ConversionPlan, options: dict, source_files: dict[str, 
     }
 
 
-def _source_hashes(plan: ConversionPlan) -> dict[str, str]:
+def _source_hashes_names(plan: ConversionPlan) -> list[str]:
     root = plan.source.root
     names = ["config.json", *plan.checkpoint.files, *plan.carried]
     if (root / INDEX_NAME).exists() and plan.checkpoint.files != [SINGLE_NAME]:
         names.append(INDEX_NAME)
-    return {n: file_sha256(root / n) for n in sorted(set(names))}
+    return sorted(set(names))
+
+
+def _source_hashes(plan: ConversionPlan) -> dict[str, str]:
+    return {n: file_sha256(plan.source.root / n) for n in _source_hashes_names(plan)}
 
 
 def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = None, profile: str | None = None,
             device: str = "auto", dtype: str = "auto", compute_dtype: str = "float32", chunk_size: int = 4096,
-            force: bool = False, link: str = "auto", progress: Progress | None = None) -> ConvertResult:
-    """Convert SOURCE into OUT_DIR; OUT_DIR appears only when everything has been written."""
+            force: bool = False, link: str = "auto", progress: Progress | None = None, overlay: bool = False,
+            table: str | os.PathLike | None = None) -> ConvertResult:
+    """Convert SOURCE into OUT_DIR; OUT_DIR appears only when everything has been written.
+
+    overlay=True writes only the table, config, tokenizer, manifest and shim (see `_write_overlay`).
+    table: an already computed table file (an overlay's, for `materialize`) copied instead of computed.
+    """
     progress = progress or Progress(quiet=True)
     if chunk_size < 1:
         raise UserError(f"--chunk-size must be at least 1, got {chunk_size}")
@@ -254,16 +280,19 @@ def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = N
         raise UserError(f"--link {link} is not one of {', '.join(LINK_MODES)}")
     t0 = time.monotonic()
     dev = pick_device(device)
-    plan = plan_conversion(source, revision=revision, profile=profile, dtype=dtype, compute_dtype=compute_dtype)
+    plan = plan_conversion(source, revision=revision, profile=profile, dtype=dtype, compute_dtype=compute_dtype,
+                           overlay=overlay)
     out_dir = Path(out_dir)
     if out_dir.resolve() == plan.source.root.resolve() or plan.source.root.resolve() in out_dir.resolve().parents:
         raise UserError(f"OUT_DIR {out_dir} is the source directory or inside it; choose another OUT_DIR")
     progress.log(describe_plan(plan, dev))
     options = {"dtype": str(plan.model_dtype).removeprefix("torch."), "compute_dtype": compute_dtype}
     result = ConvertResult(out_dir, plan, 0.0)
+    if overlay:
+        return _write_overlay(plan, out_dir, options, force, result, t0,
+                              lambda tmp: _write_table_file(plan, tmp, dev, chunk_size, progress, table), progress)
     with atomic_dir(out_dir, force) as tmp:
-        write_table(tmp / TABLE_FILE, plan.layout.tensor_name, (plan.layout.vocab_size, plan.layout.width),
-                    plan.model_dtype, _table_chunks(plan, dev, chunk_size, progress))
+        _write_table_file(plan, tmp, dev, chunk_size, progress, table)
         weight_map = {plan.layout.tensor_name: TABLE_FILE}
         total = plan.table_bytes
         with progress.bar(sum(s.out_bytes for s in plan.shards), "writing shards", "B") as bar:
@@ -294,6 +323,68 @@ def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = N
     return result
 
 
+def _write_table_file(plan: ConversionPlan, tmp: Path, dev: torch.device, chunk_size: int, progress: Progress,
+                      table: str | os.PathLike | None) -> None:
+    """Compute the table into tmp, or copy a given one after checking it is this plan's table."""
+    lay = plan.layout
+    if table is None:
+        write_table(tmp / TABLE_FILE, lay.tensor_name, (lay.vocab_size, lay.width), plan.model_dtype,
+                    _table_chunks(plan, dev, chunk_size, progress))
+        return
+    from .tensors import read_header
+
+    infos, _ = read_header(Path(table))
+    info = infos.get(lay.tensor_name)
+    want = (lay.tensor_name, (lay.vocab_size, lay.width), DTYPE_NAMES[plan.model_dtype])
+    if info is None or len(infos) != 1 or (info.name, tuple(info.shape), info.dtype) != want:
+        raise UserError(f"{table} does not hold the table this source needs ({want[0]} {list(want[1])} {want[2]}); "
+                        f"the overlay and the base do not belong together")
+    share_file(Path(table), tmp / TABLE_FILE, "copy")
+
+
+def _write_overlay(plan: ConversionPlan, out_dir: Path, options: dict, force: bool, result: ConvertResult,
+                   t0: float, write_table_file, progress: Progress) -> ConvertResult:
+    """OUT_DIR for an overlay: table, config, tokenizer, shim and a manifest that pins the base.
+
+    The manifest records sha256 of every source file read (so a changed base is refused), plus each
+    file's size, and for local sources its mtime, so that loading can check the base without reading it.
+    """
+    with atomic_dir(out_dir, force) as tmp:
+        write_table_file(tmp)
+        for name in plan.carried:
+            share_file(plan.source.root / name, tmp / name, "copy")
+        write_json(tmp / "config.json", _out_config(plan))
+        (tmp / SHIM_FILE).write_bytes((Path(__file__).parent / "loader.py").read_bytes())
+        progress.log("hashing the source files read and the output files")
+        outputs = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+        manifest = build_manifest(plan, options, _source_hashes(plan), outputs, kind="overlay")
+        manifest["source"].update(_base_stats(plan))
+        write_json(tmp / MANIFEST, manifest)
+        result.files = outputs
+    result.seconds = time.monotonic() - t0
+    progress.log(f"wrote overlay {out_dir} ({plan.table_bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s; "
+                 f"it loads over {plan.source.id or plan.source.path}")
+    return result
+
+
+def _base_stats(plan: ConversionPlan) -> dict:
+    """Sizes (and, for a local source, mtimes) of the base's files present now: the loader's cheap check."""
+    root = plan.source.root
+    names = set(_source_hashes_names(plan))
+    if (root / INDEX_NAME).exists() and not (root / SINGLE_NAME).exists():
+        from .tensors import read_index
+
+        names |= set(read_index(root / INDEX_NAME).values())
+    sizes, mtimes = {}, {}
+    for n in sorted(names):
+        p = root / n
+        if p.exists():
+            st = p.stat()
+            sizes[n] = st.st_size
+            mtimes[n] = st.st_mtime_ns
+    return {"sizes": sizes, **({"mtimes": mtimes} if plan.source.id is None else {})}
+
+
 def describe_plan(plan: ConversionPlan, device: torch.device | None = None) -> str:
     """A few lines that tell the user what the conversion does before it starts."""
     s, lay = plan.spec, plan.layout
@@ -307,6 +398,8 @@ def describe_plan(plan: ConversionPlan, device: torch.device | None = None) -> s
         f"{s.num_kv_heads} kv heads, head_dim {s.head_dim}, hidden {s.hidden_size}, vocab {s.vocab_size})",
         f"table: [{lay.vocab_size}, {lay.width}] {str(plan.model_dtype).removeprefix('torch.')} "
         f"({plan.table_bytes / 2**20:.1f} MiB): {cols}",
+        f"kind: {plan.kind}" + (" (table only; loads over the source, which is not copied)"
+                                if plan.kind == "overlay" else ""),
         f"eliminated: {len(lay.eliminated)} tensors, {n_elim:,} weights"
         + (" (embedding kept for the tied LM head)" if lay.keep_embedding else ""),
     ]
