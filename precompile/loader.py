@@ -47,6 +47,10 @@ class PrecompileLoadError(RuntimeError):
     """The directory is not a loadable precompiled model, or does not match its manifest."""
 
 
+class BaseMismatchError(PrecompileLoadError):
+    """An overlay's base is there but is not the model the table was computed from (revision or file hashes)."""
+
+
 class _Kept:
     """The q/k/v part of the rows looked up by this forward call, until layer 0 has used it."""
 
@@ -308,7 +312,7 @@ def check_base(root: Path, manifest: dict, full: bool = False) -> None:
     where = _describe_source(src)
     rev = src.get("revision")
     if rev and root.parent.name == "snapshots" and root.name != rev:
-        raise PrecompileLoadError(f"base {root} is revision {root.name}, but the overlay was computed from {where}; "
+        raise BaseMismatchError(f"base {root} is revision {root.name}, but the overlay was computed from {where}; "
                                   f"use that revision, or convert again from this one")
     sizes, mtimes = src.get("sizes", {}), src.get("mtimes", {})
     weight_files = set(_base_files(root).values()) | {_weight_index_name(manifest)}
@@ -331,12 +335,12 @@ def check_base(root: Path, manifest: dict, full: bool = False) -> None:
             else:
                 same = _sha256(p) == sha
         if not same:
-            raise PrecompileLoadError(f"base file {p} differs from the one the overlay was computed from ({where}, "
+            raise BaseMismatchError(f"base file {p} differs from the one the overlay was computed from ({where}, "
                                       f"sha256 {sha[:12]}); restore the original or convert again from this base")
     for name in sorted(weight_files - set(src.get("files", {}))):
         p = root / name
         if name in sizes and p.exists() and p.stat().st_size != sizes[name]:
-            raise PrecompileLoadError(f"base file {p} has {p.stat().st_size} bytes, {sizes[name]} when the overlay "
+            raise BaseMismatchError(f"base file {p} has {p.stat().st_size} bytes, {sizes[name]} when the overlay "
                                       f"was made from {where}; restore the original or convert again")
 
 

@@ -17,7 +17,7 @@ from conftest import run_cli
 
 import precompile
 from precompile import PrecompileLoadError
-from precompile.layout import TABLE_FILE
+from precompile.loader import BaseMismatchError
 
 REPO = "org/tiny-llama"
 REV = "a" * 40
@@ -202,12 +202,12 @@ def test_changed_local_base_is_refused(base, tmp_path):
     shard.write_bytes(bytes(data))
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert torch.equal(logits(precompile.load(out), ids), before)
-    with pytest.raises(PrecompileLoadError, match="differs from the one the overlay was computed from"):
+    with pytest.raises(BaseMismatchError, match="differs from the one the overlay was computed from"):
         precompile.load(out, verify_base=True)
 
     # A touched file is hashed, and refused when its bytes differ.
     shard.write_bytes(bytes(data))
-    with pytest.raises(PrecompileLoadError, match=shard.name):
+    with pytest.raises(BaseMismatchError, match=shard.name):
         precompile.load(out)
     r = run_cli("materialize", out, tmp_path / "mat", "-q")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and shard.name in r.stderr, r.stderr
@@ -226,11 +226,30 @@ def test_base_at_another_revision_is_refused(base, checkpoint, tmp_path, hub):
     out = tmp_path / "ov"
     precompile.convert(REPO, out, overlay=True, device="cpu")
     other = make_cache(hub, checkpoint("llama", seed=1), revision=OTHER_REV)  # refs/main now points here
-    with pytest.raises(PrecompileLoadError, match="revision"):
+    with pytest.raises(BaseMismatchError, match=f"is revision {OTHER_REV}"):
         precompile.load(out, base=other)
     shutil.rmtree(snap)
-    with pytest.raises(PrecompileLoadError, match=f"at revision {REV}"):
+    with pytest.raises(PrecompileLoadError, match=f"at revision {REV}") as e:
         precompile.load(out)
+    assert not isinstance(e.value, BaseMismatchError)  # absent, not different: verify tells the two apart
     # A copy of the other revision outside the cache: its files do not match the recorded hashes.
-    with pytest.raises(PrecompileLoadError, match="differs"):
+    with pytest.raises(BaseMismatchError, match="differs"):
         precompile.load(out, base=tiny.copy_tree(other, tmp_path / "plain"))
+
+
+def test_overlay_of_single_file_tied_model(checkpoint, tmp_path):
+    """Gemma: one model.safetensors, tied head (the embedding stays), x scaled into the table."""
+    src = checkpoint("gemma", shard_kb=None)
+    out = tmp_path / "ov"
+    precompile.convert(str(src), out, overlay=True, device="cpu")
+    m = tiny.read_json(out / "precompile.json")
+    assert m["kind"] == "overlay" and "model.embed_tokens.weight" not in m["eliminated"]
+    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    model = precompile.load(out)
+    ids = tiny.make_tokenizer()(tiny.PROMPTS[2], return_tensors="pt").input_ids
+    want = logits(original, ids)
+    assert torch.allclose(logits(model, ids), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    precompile.convert(str(src), tmp_path / "full", device="cpu")
+    with pytest.raises(PrecompileLoadError, match="takes no base"):
+        precompile.load(tmp_path / "full", base=src)
