@@ -84,11 +84,13 @@ def main(debug: bool) -> None:
               "source).")
 @click.option("--force", is_flag=True, help="Replace an existing OUT_DIR (only once the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Print what would be read, eliminated and written; write nothing.")
+@click.option("--overlay", is_flag=True, help="Write only the table (+ manifest, config, tokenizer, shim), loaded "
+              "over the unchanged SOURCE; fetch only the files layer 0 needs.")
 @click.option("--allow-pickle", is_flag=True, help="Read PyTorch *.bin/*.pt weights when there are no safetensors "
               "(loaded with torch.load(weights_only=True): tensors only, no code runs).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def convert(source, out_dir, revision, profile_path, device, dtype, compute_dtype, chunk_size, link, force,
-            dry_run, allow_pickle, quiet):
+            dry_run, overlay, allow_pickle, quiet):
     """Convert SOURCE (hub id or local directory) into OUT_DIR."""
     from .convert import convert as run_convert, describe_plan, plan_conversion
 
@@ -101,13 +103,33 @@ def convert(source, out_dir, revision, profile_path, device, dtype, compute_dtyp
 
         with scratch_dir(Path(tempfile.mkdtemp(prefix=TMP_PREFIX))) as scratch:
             plan = plan_conversion(source, revision=revision, profile=profile_path, dtype=dtype,
-                                   compute_dtype=compute_dtype, allow_pickle=allow_pickle, scratch=scratch / "view")
+                                   compute_dtype=compute_dtype, allow_pickle=allow_pickle, scratch=scratch / "view",
+                                   overlay=overlay)
             click.echo(describe_plan(plan))
             click.echo(_dry_run_files(plan))
         return
     run_convert(source, out_dir, revision=revision, profile=profile_path, device=device, dtype=dtype,
                 compute_dtype=compute_dtype, chunk_size=chunk_size, force=force, link=link, progress=progress,
-                allow_pickle=allow_pickle)
+                allow_pickle=allow_pickle, overlay=overlay)
+
+
+@main.command()
+@click.argument("overlay_dir", type=click.Path(file_okay=False))
+@click.argument("full_dir", type=click.Path(file_okay=True, dir_okay=True))
+@click.option("--base", type=click.Path(file_okay=False), help="The base model's directory (default: the source "
+              "recorded in the overlay, from the HF cache at its revision or its local path).")
+@click.option("--profile", "profile_path", type=click.Path(), help="The profile YAML the overlay was made with, "
+              "when it was not chosen from config.json.")
+@click.option("--link", type=click.Choice(["auto", "reflink", "hardlink", "copy"]), default="auto",
+              show_default=True, help="How unchanged shards enter FULL_DIR.")
+@click.option("--force", is_flag=True, help="Replace an existing FULL_DIR (only once the new one is complete).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def materialize(overlay_dir, full_dir, base, profile_path, link, force, quiet):
+    """Turn OVERLAY_DIR into a full conversion in FULL_DIR (the same bytes as `convert` without --overlay)."""
+    from .materialize import materialize as run_materialize
+
+    run_materialize(overlay_dir, full_dir, base=base, profile=profile_path, force=force, link=link,
+                    progress=Progress(quiet=quiet))
 
 
 @main.command()

@@ -2,6 +2,10 @@
 
 Planning (resolve, profile, headers, shapes, output files and sizes) reads no
 tensor data, so `--dry-run` and the real run report the same figures.
+
+Two kinds of output: "full" (the source's tensors minus the eliminated ones, plus
+the table) and "overlay" (the table alone, laid over the unchanged source at load
+time; only the files holding the tensors layer 0 needs are fetched and read).
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from .loader import FORMAT_VERSION, MANIFEST
 from .precompute import compute_rows, layer0_tensor_names
 from .profiles import ModelSpec, Profile, resolve, select_profile
 from .progress import Progress
-from .source import (ALLOW_PATTERNS, Source, carried_files, check_native, check_tokenizer, file_sha256, read_config,
-                     resolve_source)
+from .source import (ALLOW_PATTERNS, PartialCheckpoint, Source, carried_files, check_native, check_tokenizer, fetch_files,
+                     file_sha256, read_config, resolve_source, weight_map)
 from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo,
                       has_safetensors, open_checkpoint)
 from .writer import (TMP_PREFIX, atomic_dir, check_free_space, check_out_dir, scratch_dir, share_file, write_json,
@@ -60,6 +64,7 @@ class ConversionPlan:
     shards: list[ShardPlan]
     carried: list[str]
     read_tensors: list[str]
+    kind: str = "full"  # or "overlay": the table only, laid over the unchanged source at load time
 
     @property
     def table_bytes(self) -> int:
@@ -130,24 +135,26 @@ def _validate(spec: ModelSpec, ckpt: Checkpoint, layout: TableLayout) -> None:
 
 def plan_conversion(source: str, *, revision: str | None = None, profile: str | None = None,
                     dtype: str = "auto", compute_dtype: str = "float32", allow_pickle: bool = False,
-                    scratch: Path | None = None) -> ConversionPlan:
+                    scratch: Path | None = None, overlay: bool = False) -> ConversionPlan:
     """Everything a conversion will read, eliminate and write, from headers alone.
 
     With allow_pickle, a pickle-only checkpoint is first rewritten as safetensors into `scratch`
     (loaded with weights_only=True); the caller removes `scratch` afterwards.
+
+    overlay=True fetches (hub) or opens (local) only the files that hold the tensors layer 0 needs.
     """
     if dtype != "auto" and dtype not in DTYPE_CHOICES:
         raise UserError(f"--dtype {dtype} is not one of auto, {', '.join(DTYPE_CHOICES)}")
     if compute_dtype not in COMPUTE_CHOICES:
         raise UserError(f"--compute-dtype {compute_dtype} is not one of {', '.join(COMPUTE_CHOICES)}")
-    src = resolve_source(source, revision)
+    src = resolve_source(source, revision, weights=not overlay)
     config = read_config(src.root)
     check_native(config, src.root)
     prof = select_profile(config, profile)
     spec = resolve(prof, config)
     if allow_pickle and src.id is not None and not has_safetensors(src.root):
         src = resolve_source(source, revision, ALLOW_PATTERNS + PICKLE_PATTERNS)
-    ckpt = open_checkpoint(src.root, allow_pickle, scratch)
+    ckpt = _layer0_checkpoint(src, spec) if overlay else open_checkpoint(src.root, allow_pickle, scratch)
     layout = table_layout(spec, frozenset(ckpt.tensors))
     _validate(spec, ckpt, layout)
     check_tokenizer(src.root, spec.vocab_size)
@@ -158,7 +165,7 @@ def plan_conversion(source: str, *, revision: str | None = None, profile: str | 
     out_dtype_name = DTYPE_NAMES[model_dtype]
     eliminated = set(layout.eliminated)
     shards = []
-    for i, fname in enumerate(ckpt.files):
+    for i, fname in enumerate([] if overlay else ckpt.files):
         tensors = [t for t in ckpt.tensors.values() if t.file == fname]
         keep = [t for t in tensors if t.name not in eliminated]
         gone = sorted(t.name for t in tensors if t.name in eliminated)
@@ -173,7 +180,15 @@ def plan_conversion(source: str, *, revision: str | None = None, profile: str | 
         shards.append(ShardPlan(fname, out_name, action, keep, gone, size))
     read = [spec.embedding_tensor] + layer0_tensor_names(spec, frozenset(ckpt.tensors))
     return ConversionPlan(src, config, prof, spec, layout, ckpt, model_dtype, COMPUTE_CHOICES[compute_dtype],
-                          shards, carried_files(src.root), read)
+                          shards, carried_files(src.root), read, "overlay" if overlay else "full")
+
+
+def _layer0_checkpoint(src: Source, spec: ModelSpec) -> PartialCheckpoint:
+    """The files holding the embedding and layer 0's tensors, fetched (hub) after reading only the index."""
+    wmap = weight_map(src)
+    names = [spec.embedding_tensor] + layer0_tensor_names(spec, frozenset(wmap))
+    fetch_files(src, sorted({wmap[n] for n in names if n in wmap}))
+    return PartialCheckpoint(src.root, wmap, names)
 
 
 FFN_BLOCK = 4096  # hidden units of a folded FFN cast to the compute dtype at a time
@@ -343,22 +358,30 @@ def build_manifest(plan: ConversionPlan, options: dict, source_files: dict[str, 
     }
 
 
-def _source_hashes(plan: ConversionPlan, known: dict[str, str] | None = None) -> dict[str, str]:
+def _source_hashes_names(plan: ConversionPlan) -> list[str]:
     root = plan.source.root
     names = ["config.json", *plan.checkpoint.source_files, *plan.carried]
     if (root / INDEX_NAME).exists() and plan.checkpoint.files != [SINGLE_NAME]:
         names.append(INDEX_NAME)
+    return sorted(set(names))
+
+
+def _source_hashes(plan: ConversionPlan, known: dict[str, str] | None = None) -> dict[str, str]:
+    """sha256 of every source file; `known` holds hashes already computed while copying."""
     known = known or {}
-    return {n: known.get(n) or file_sha256(root / n) for n in sorted(set(names))}
+    return {n: known.get(n) or file_sha256(plan.source.root / n) for n in _source_hashes_names(plan)}
 
 
 def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = None, profile: str | None = None,
             device: str = "auto", dtype: str = "auto", compute_dtype: str = "float32", chunk_size: int = 4096,
             force: bool = False, link: str = "auto", progress: Progress | None = None,
-            allow_pickle: bool = False) -> ConvertResult:
+            allow_pickle: bool = False, overlay: bool = False, table: str | os.PathLike | None = None
+            ) -> ConvertResult:
     """Convert SOURCE into OUT_DIR; OUT_DIR appears only when everything has been written.
 
     allow_pickle: read PyTorch *.bin/*.pt weights (with weights_only=True) when there are no safetensors.
+    overlay=True writes only the table, config, tokenizer, manifest and shim (see `_write_overlay`).
+    table: an already computed table file (an overlay's, for `materialize`) copied instead of computed.
     """
     progress = progress or Progress(quiet=True)
     if chunk_size < 1:
@@ -375,7 +398,7 @@ def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = N
     with scratch_dir(out_dir.parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}-source") as scratch:
         return _convert(source, out_dir, scratch, revision=revision, profile=profile, dev=dev, dtype=dtype,
                         compute_dtype=compute_dtype, chunk_size=chunk_size, force=force, link=link,
-                        progress=progress, allow_pickle=allow_pickle, t0=t0)
+                        progress=progress, allow_pickle=allow_pickle, overlay=overlay, table=table, t0=t0)
 
 
 def _check_apart(source_root: Path, out_dir: Path) -> None:
@@ -395,9 +418,9 @@ def _needed_bytes(plan: ConversionPlan, link: str) -> int:
 
 
 def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, dev, dtype, compute_dtype,
-             chunk_size, force, link, progress, allow_pickle, t0) -> ConvertResult:
+             chunk_size, force, link, progress, allow_pickle, overlay, table, t0) -> ConvertResult:
     plan = plan_conversion(source, revision=revision, profile=profile, dtype=dtype, compute_dtype=compute_dtype,
-                           allow_pickle=allow_pickle, scratch=scratch)
+                           allow_pickle=allow_pickle, scratch=scratch, overlay=overlay)
     _check_apart(plan.source.root, out_dir)
     check_free_space(check_out_dir(out_dir, force), _needed_bytes(plan, link), f"the planned output of {out_dir}")
     progress.log(describe_plan(plan, dev))
@@ -405,6 +428,9 @@ def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, de
     if plan.checkpoint.source_files != plan.checkpoint.files:
         options["pickle"] = "loaded with torch.load(weights_only=True)"
     result = ConvertResult(out_dir, plan, 0.0)
+    if overlay:
+        return _write_overlay(plan, out_dir, options, force, result, t0,
+                              lambda tmp: _write_table_file(plan, tmp, dev, chunk_size, progress, table), progress)
     with atomic_dir(out_dir, force) as tmp:
         # Shards are copied and hashed in the background while the table is computed when a CPU core is
         # left for it (the table on CUDA, or fewer compute threads than cores); on a CPU whose cores all
@@ -413,9 +439,7 @@ def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, de
         with ThreadPoolExecutor(1, thread_name_prefix="precompile-shards") as pool:
             shards = pool.submit(_write_shards, plan, tmp, link, progress, cancel) if _overlap_io(dev) else None
             try:
-                table_hash = write_table(tmp / TABLE_FILE, plan.layout.tensor_name,
-                                         (plan.layout.vocab_size, plan.layout.width), plan.model_dtype,
-                                         _table_chunks(plan, dev, chunk_size, progress))
+                table_hash = _write_table_file(plan, tmp, dev, chunk_size, progress, table)
             except BaseException:
                 cancel.set()
                 raise
@@ -423,14 +447,14 @@ def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, de
                 shards = pool.submit(_write_shards, plan, tmp, link, progress, cancel)
             result.methods, src_hashes, out_hashes = shards.result()
         out_hashes[TABLE_FILE] = table_hash
-        weight_map = {plan.layout.tensor_name: TABLE_FILE}
+        index_map = {plan.layout.tensor_name: TABLE_FILE}
         total = plan.table_bytes
         for s in plan.shards:
             if s.out_file is not None:
-                weight_map.update({t.name: s.out_file for t in s.keep})
+                index_map.update({t.name: s.out_file for t in s.keep})
                 total += s.out_bytes
         write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total},
-                                      "weight_map": dict(sorted(weight_map.items()))})
+                                      "weight_map": dict(sorted(index_map.items()))})
         for name in plan.carried:
             share_file(plan.source.root / name, tmp / name, "copy")
         write_json(tmp / "config.json", _out_config(plan))
@@ -442,6 +466,68 @@ def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, de
     result.seconds = time.monotonic() - t0
     progress.log(f"wrote {out_dir} ({plan.out_bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s")
     return result
+
+
+def _write_table_file(plan: ConversionPlan, tmp: Path, dev: torch.device, chunk_size: int, progress: Progress,
+                      table: str | os.PathLike | None) -> str:
+    """Compute the table into tmp, or copy a given one after checking it is this plan's table; its sha256."""
+    lay = plan.layout
+    if table is None:
+        return write_table(tmp / TABLE_FILE, lay.tensor_name, (lay.vocab_size, lay.width), plan.model_dtype,
+                           _table_chunks(plan, dev, chunk_size, progress))
+    from .tensors import read_header
+
+    infos, _ = read_header(Path(table))
+    info = infos.get(lay.tensor_name)
+    want = (lay.tensor_name, (lay.vocab_size, lay.width), DTYPE_NAMES[plan.model_dtype])
+    if info is None or len(infos) != 1 or (info.name, tuple(info.shape), info.dtype) != want:
+        raise UserError(f"{table} does not hold the table this source needs ({want[0]} {list(want[1])} {want[2]}); "
+                        f"the overlay and the base do not belong together")
+    share_file(Path(table), tmp / TABLE_FILE, "copy")
+    return file_sha256(tmp / TABLE_FILE)
+
+
+def _write_overlay(plan: ConversionPlan, out_dir: Path, options: dict, force: bool, result: ConvertResult,
+                   t0: float, write_table_file, progress: Progress) -> ConvertResult:
+    """OUT_DIR for an overlay: table, config, tokenizer, shim and a manifest that pins the base.
+
+    The manifest records sha256 of every source file read (so a changed base is refused), plus each
+    file's size, and for local sources its mtime, so that loading can check the base without reading it.
+    """
+    with atomic_dir(out_dir, force) as tmp:
+        write_table_file(tmp)
+        for name in plan.carried:
+            share_file(plan.source.root / name, tmp / name, "copy")
+        write_json(tmp / "config.json", _out_config(plan))
+        (tmp / SHIM_FILE).write_bytes((Path(__file__).parent / "loader.py").read_bytes())
+        progress.log("hashing the source files read and the output files")
+        outputs = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+        manifest = build_manifest(plan, options, _source_hashes(plan), outputs, kind="overlay")
+        manifest["source"].update(_base_stats(plan))
+        write_json(tmp / MANIFEST, manifest)
+        result.files = outputs
+    result.seconds = time.monotonic() - t0
+    progress.log(f"wrote overlay {out_dir} ({plan.table_bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s; "
+                 f"it loads over {plan.source.id or plan.source.path}")
+    return result
+
+
+def _base_stats(plan: ConversionPlan) -> dict:
+    """Sizes (and, for a local source, mtimes) of the base's files present now: the loader's cheap check."""
+    root = plan.source.root
+    names = set(_source_hashes_names(plan))
+    if (root / INDEX_NAME).exists() and not (root / SINGLE_NAME).exists():
+        from .tensors import read_index
+
+        names |= set(read_index(root / INDEX_NAME).values())
+    sizes, mtimes = {}, {}
+    for n in sorted(names):
+        p = root / n
+        if p.exists():
+            st = p.stat()
+            sizes[n] = st.st_size
+            mtimes[n] = st.st_mtime_ns
+    return {"sizes": sizes, **({"mtimes": mtimes} if plan.source.id is None else {})}
 
 
 def describe_plan(plan: ConversionPlan, device: torch.device | None = None) -> str:
@@ -457,6 +543,8 @@ def describe_plan(plan: ConversionPlan, device: torch.device | None = None) -> s
         f"{s.num_kv_heads} kv heads, head_dim {s.head_dim}, hidden {s.hidden_size}, vocab {s.vocab_size})",
         f"table: [{lay.vocab_size}, {lay.width}] {str(plan.model_dtype).removeprefix('torch.')} "
         f"({plan.table_bytes / 2**20:.1f} MiB): {cols}",
+        f"kind: {plan.kind}" + (" (table only; loads over the source, which is not copied)"
+                                if plan.kind == "overlay" else ""),
         f"eliminated: {len(lay.eliminated)} tensors, {n_elim:,} weights"
         + (" (embedding kept for the tied LM head)" if lay.keep_embedding else ""),
     ]

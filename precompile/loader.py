@@ -11,14 +11,24 @@ attention backend stay transformers' own:
 - layer 0's q/k/v projections (or the fused qkv) return slices of that part;
 - norms that fed only those become identities; a folded FFN returns zeros.
 
+An overlay (manifest "kind": "overlay") holds only the table: its base model is
+found from the manifest (the HF cache or hub at the recorded revision, the recorded
+local path, or an explicit `base=`), checked against the recorded hashes, and
+loaded through a temporary directory that links only the base shards holding
+tensors the precompiled model keeps, so the eliminated tensors are never read.
+
 Usage: `model = load("out/")`, or from OUT_DIR alone:
 `from precompile_loader import load` / `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,12 +37,18 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 FORMAT_VERSION = 1
 MANIFEST = "precompile.json"
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "float64": torch.float64}
 
 
 class PrecompileLoadError(RuntimeError):
     """The directory is not a loadable precompiled model, or does not match its manifest."""
+
+
+class BaseMismatchError(PrecompileLoadError):
+    """An overlay's base is there but is not the model the table was computed from (revision or file hashes)."""
 
 
 class _Kept:
@@ -174,7 +190,12 @@ def precompiled_class(base: type, manifest: dict) -> type:
         base.__init__(self, config, *args, **kwargs)
         apply_layout(self, manifest)
 
-    return type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
+    # An overlay's base shards still hold the eliminated tensors: transformers skips them (never reading
+    # their data) and need not report them as unexpected.
+    ignore = list(getattr(base, "_keys_to_ignore_on_load_unexpected", None) or [])
+    ignore += [rf"(^|\.){re.escape(n)}$" for n in manifest.get("eliminated", [])]
+    return type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__,
+                                         "_keys_to_ignore_on_load_unexpected": ignore})
 
 
 def _check_table(path: Path, manifest: dict, config: PretrainedConfig) -> None:
@@ -232,9 +253,174 @@ def _check_widths(f: Path, cols: list[dict], manifest: dict, config: PretrainedC
                                       f"{want[c['name']]}; the table does not belong to this model, convert again")
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(16 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _blob_sha256(path: Path) -> str | None:
+    """The sha256 a hub cache records for a file by naming its blob after it, or None outside the cache."""
+    real = Path(os.path.realpath(path))
+    if path.is_symlink() and real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
+        return real.name
+    return None
+
+
+def _describe_source(src: dict) -> str:
+    return f"{src['id']}@{src.get('revision')}" if src.get("id") else str(src.get("path"))
+
+
+def _base_files(root: Path) -> dict[str, str]:
+    """The base's tensor name -> file map: its index, or the header of its single file."""
+    if (root / INDEX).exists() and not (root / SINGLE).exists():
+        try:
+            return dict(json.loads((root / INDEX).read_text(encoding="utf-8"))["weight_map"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PrecompileLoadError(f"{root / INDEX} cannot be read ({e}); the base checkpoint is damaged") from None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(root / SINGLE, framework="pt") as f:
+            return {k: SINGLE for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any unreadable file means the same to the user
+        raise PrecompileLoadError(f"the base {root} has no readable {INDEX} or {SINGLE} ({e}); pass base= the "
+                                  f"original model's directory") from None
+
+
+def _weight_index_name(manifest: dict) -> str:
+    files = manifest["source"].get("files", {})
+    return INDEX if INDEX in files else SINGLE
+
+
+def resolve_base(manifest: dict, base: str | os.PathLike | None = None) -> Path:
+    """The directory of an overlay's base model, with every file the overlay loads from present.
+
+    `base` (a directory) overrides the recorded source; otherwise a hub source is taken from the HF cache
+    (or fetched) at the recorded revision, and a local source from its recorded path.
+    """
+    src = manifest["source"]
+    if base is not None:
+        root = Path(base).expanduser()
+        if not root.is_dir():
+            raise PrecompileLoadError(f"base {base} is not a directory; pass the original model's directory")
+        return root.resolve()
+    if src.get("path"):
+        root = Path(src["path"])
+        if not root.is_dir():
+            raise PrecompileLoadError(f"the overlay's base {root} is gone; pass base= (or --reference) the original "
+                                      f"model's directory")
+        return root
+    from huggingface_hub import hf_hub_download
+
+    repo, rev = src["id"], src["revision"]
+
+    def fetch(name: str) -> Path:
+        try:
+            return Path(hf_hub_download(repo, name, revision=rev))
+        except Exception as e:  # noqa: BLE001 - offline, missing, gated: one message with the fix
+            raise PrecompileLoadError(f"cannot get {name} of the overlay's base {repo} at revision {rev} "
+                                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); download "
+                                      f"that revision into the HF cache, or pass base= its directory") from None
+
+    root = fetch(_weight_index_name(manifest)).parent
+    eliminated = set(manifest["eliminated"])
+    for name in sorted({f for k, f in _base_files(root).items() if k not in eliminated}):
+        fetch(name)
+    return root
+
+
+def check_base(root: Path, manifest: dict, full: bool = False) -> None:
+    """Refuse a base that is not the one the overlay was computed from.
+
+    Cheap by default: a hub cache names each blob by its sha256, and a local file whose size and mtime
+    match the record is taken as unchanged; anything else (or full=True) is hashed. Files the table was
+    not computed from are checked by size only; the revision is checked when the base is a hub snapshot.
+    """
+    src = manifest["source"]
+    where = _describe_source(src)
+    rev = src.get("revision")
+    if rev and root.parent.name == "snapshots" and root.name != rev:
+        raise BaseMismatchError(f"base {root} is revision {root.name}, but the overlay was computed from {where}; "
+                                  f"use that revision, or convert again from this one")
+    sizes, mtimes = src.get("sizes", {}), src.get("mtimes", {})
+    weight_files = set(_base_files(root).values()) | {_weight_index_name(manifest)}
+    for name, sha in sorted(src.get("files", {}).items()):
+        p = root / name
+        if not p.exists():
+            if name in weight_files:
+                raise PrecompileLoadError(f"base {root} has no {name}, which the overlay was computed from "
+                                          f"({where}); restore it or pass base= the original model")
+            continue  # a tokenizer or config file: the overlay carries its own
+        blob = _blob_sha256(p)
+        if blob is not None and not full:
+            same = blob == sha
+        else:
+            st = p.stat()
+            if name in sizes and st.st_size != sizes[name]:
+                same = False
+            elif not full and blob is None and name in mtimes and st.st_mtime_ns == mtimes[name]:
+                same = True
+            else:
+                same = _sha256(p) == sha
+        if not same:
+            raise BaseMismatchError(f"base file {p} differs from the one the overlay was computed from ({where}, "
+                                      f"sha256 {sha[:12]}); restore the original or convert again from this base")
+    for name in sorted(weight_files - set(src.get("files", {}))):
+        p = root / name
+        if name in sizes and p.exists() and p.stat().st_size != sizes[name]:
+            raise BaseMismatchError(f"base file {p} has {p.stat().st_size} bytes, {sizes[name]} when the overlay "
+                                      f"was made from {where}; restore the original or convert again")
+
+
+def overlay_base(path: str | os.PathLike, base: str | os.PathLike | None = None, full: bool = False,
+                 manifest: dict | None = None) -> Path:
+    """Resolve and check an overlay's base (see `resolve_base`, `check_base`); returns its directory."""
+    manifest = manifest or read_manifest(path)
+    if manifest.get("kind") != "overlay":
+        raise PrecompileLoadError(f"{path} is a full conversion, not an overlay; it needs no base")
+    root = resolve_base(manifest, base)
+    check_base(root, manifest, full)
+    return root
+
+
+def _overlay_dir(path: Path, root: Path, manifest: dict) -> Path:
+    """A temporary checkpoint directory: links to the base shards that hold kept tensors, the table, and
+    an index listing only what the precompiled model loads."""
+    eliminated = set(manifest["eliminated"])
+    table = manifest["table"]
+    kept = {k: f for k, f in _base_files(root).items() if k not in eliminated}
+    tmp = Path(tempfile.mkdtemp(prefix="precompile-overlay-"))
+    try:
+        links = {}
+        for f in sorted(set(kept.values())):
+            links[f] = "base-" + f if f == SINGLE else f  # a model.safetensors would hide the index
+            missing = not (root / f).exists()
+            if missing:
+                raise PrecompileLoadError(f"base {root} has no {f}; download the whole base model or pass base=")
+            os.symlink(os.path.realpath(root / f), tmp / links[f])
+        os.symlink(os.path.realpath(path / table["file"]), tmp / table["file"])
+        weight_map = {k: links[f] for k, f in kept.items()}
+        weight_map[table["tensor"]] = table["file"]
+        (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}), encoding="utf-8")
+        if (path / "generation_config.json").exists():
+            os.symlink(os.path.realpath(path / "generation_config.json"), tmp / "generation_config.json")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
 def load(path: str | os.PathLike | None = None, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, **kwargs) -> PreTrainedModel:
-    """Build the precompiled model from OUT_DIR (default: the directory holding this file)."""
+         dtype: str | torch.dtype | None = None, base: str | os.PathLike | None = None, verify_base: bool = False,
+         **kwargs) -> PreTrainedModel:
+    """Build the precompiled model from OUT_DIR (default: the directory holding this file).
+
+    For an overlay, `base` is the original model's directory (default: from the manifest), and
+    verify_base=True hashes the base files the table was computed from instead of trusting size and mtime.
+    """
     from transformers import AutoModelForCausalLM
 
     path = Path(path) if path is not None else Path(__file__).resolve().parent
@@ -244,12 +430,22 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
         _check_table(path, manifest, config)
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise PrecompileLoadError(f"{path / MANIFEST} is malformed ({type(e).__name__}: {e}); convert again") from None
-    base = AutoModelForCausalLM._model_mapping[type(config)]
-    cls = precompiled_class(base, manifest)
+    base_cls = AutoModelForCausalLM._model_mapping[type(config)]
+    cls = precompiled_class(base_cls, manifest)
     if isinstance(dtype, str):
         dtype = _DTYPES[dtype]
-    model = cls.from_pretrained(str(path), config=config, dtype=dtype or _DTYPES[manifest["table"]["dtype"]],
-                                **kwargs)
+    dtype = dtype or _DTYPES[manifest["table"]["dtype"]]
+    if manifest.get("kind", "full") == "overlay":
+        root = overlay_base(path, base, verify_base, manifest)
+        tmp = _overlay_dir(path, root, manifest)
+        try:
+            model = cls.from_pretrained(str(tmp), config=config, dtype=dtype, **kwargs)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    elif base is not None:
+        raise PrecompileLoadError(f"{path} is a full conversion: it holds every tensor and takes no base")
+    else:
+        model = cls.from_pretrained(str(path), config=config, dtype=dtype, **kwargs)
     if device is not None:
         model = model.to(device)
     model.eval()
@@ -277,4 +473,5 @@ class PrecompiledForCausalLM(PreTrainedModel):
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         device = kwargs.get("device_map")
         return load(path, device=device if isinstance(device, (str, torch.device)) else None,
-                    dtype=None if dtype in (None, "auto") else dtype)
+                    dtype=None if dtype in (None, "auto") else dtype, base=kwargs.get("base"),
+                    verify_base=bool(kwargs.get("verify_base", False)))

@@ -2,7 +2,8 @@
 
 Hub ids go through huggingface_hub's snapshot_download, fetching only config,
 safetensors, tokenizer and generation files; HF_HOME, HF_HUB_OFFLINE and HF_TOKEN
-are honoured by huggingface_hub itself.
+are honoured by huggingface_hub itself. An overlay fetches less: the small files
+first, then (`fetch_files`) only the shards that hold the tensors layer 0 needs.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .tensors import INDEX_NAME, SINGLE_NAME, Checkpoint, read_header, read_index
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt",
                   "spiece.model", "*.jinja"]
@@ -43,8 +46,12 @@ def is_hub_id(source: str) -> bool:
     return bool(_HUB_ID.match(source)) and not Path(source).exists()
 
 
-def resolve_source(source: str, revision: str | None = None, allow_patterns: list[str] | None = None) -> Source:
-    """Find SOURCE on disk, downloading a hub snapshot when it is a repo id."""
+def resolve_source(source: str, revision: str | None = None, allow_patterns: list[str] | None = None,
+                   weights: bool = True) -> Source:
+    """Find SOURCE on disk, downloading a hub snapshot when it is a repo id.
+
+    weights=False fetches no *.safetensors file (an overlay fetches the few it needs with `fetch_files`).
+    """
     p = Path(source).expanduser()
     if p.exists():
         if not p.is_dir():
@@ -54,16 +61,28 @@ def resolve_source(source: str, revision: str | None = None, allow_patterns: lis
         return Source(root=p.resolve(), id=None, revision=None, path=str(p.resolve()))
     if not is_hub_id(source):
         raise UserError(f"SOURCE {source} not found: no such directory, and it is not a hub repo id (org/name)")
-    return _download(source, revision, allow_patterns or ALLOW_PATTERNS)
+    patterns = allow_patterns or ALLOW_PATTERNS
+    if not weights:
+        patterns = [p for p in patterns if not p.endswith(".safetensors")]
+    return _download(source, revision, patterns)
 
 
 def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> Source:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+
+    with _hub_errors(repo_id, revision):
+        root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns))
+    return Source(root=root, id=repo_id, revision=root.name, path=None)
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: str | None, what: str = ""):
+    """Turn huggingface_hub's exceptions into one-line UserErrors that say what to do."""
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
-        root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns))
+        yield
     except GatedRepoError:
         raise UserError(f"{repo_id} is gated; accept its licence on the hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
@@ -71,14 +90,63 @@ def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> 
                         f"repo") from None
     except RevisionNotFoundError:
         raise UserError(f"revision {revision} of {repo_id} not found; check --revision") from None
+    except EntryNotFoundError:
+        raise UserError(f"{repo_id}{'@' + revision if revision else ''} has no file {what}; the repo's index names "
+                        f"a file it does not hold, re-upload or pick another revision") from None
     except LocalEntryNotFoundError:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         hint = ("it is not in the HF cache and HF_HUB_OFFLINE is set; download it first or unset HF_HUB_OFFLINE"
                 if offline else "the hub cannot be reached and it is not in the HF cache; check the network")
-        raise UserError(f"{repo_id}{'@' + revision if revision else ''}: {hint}") from None
+        target = f"{what} of " if what else ""
+        raise UserError(f"{target}{repo_id}{'@' + revision if revision else ''}: {hint}") from None
     except OSError as e:
         raise UserError(f"{repo_id}: download failed ({e}); check the network, disk space and HF_TOKEN") from None
-    return Source(root=root, id=repo_id, revision=root.name, path=None)
+
+
+def fetch_files(src: Source, names: list[str]) -> None:
+    """Make sure the named files of SOURCE are on disk: downloaded one by one for a hub id (at the exact
+    revision already resolved), present for a local directory."""
+    for name in names:
+        if (src.root / name).exists():
+            continue
+        if src.id is None:
+            raise UserError(f"{src.root / name} is missing; the checkpoint is incomplete, restore the file")
+        from huggingface_hub import hf_hub_download
+
+        with _hub_errors(src.id, src.revision, name):
+            got = Path(hf_hub_download(src.id, name, revision=src.revision))
+        if got.parent != src.root:
+            raise UserError(f"{src.id}: {name} was fetched into {got.parent}, not the snapshot {src.root}; the HF "
+                            f"cache moved during the run, run again")
+
+
+def weight_map(src: Source) -> dict[str, str]:
+    """Tensor name -> file, from the index (or the header of a single model.safetensors), reading no tensor."""
+    if (src.root / INDEX_NAME).exists() and not (src.root / SINGLE_NAME).exists():
+        return read_index(src.root / INDEX_NAME)
+    fetch_files(src, [SINGLE_NAME])
+    infos, _ = read_header(src.root / SINGLE_NAME)
+    return {name: SINGLE_NAME for name in infos}
+
+
+class PartialCheckpoint(Checkpoint):
+    """Only the files of a checkpoint that hold the given tensors (what an overlay reads)."""
+
+    def __init__(self, root: Path, wmap: dict[str, str], names: list[str]):
+        self.root = Path(root)
+        self.files = sorted({wmap[n] for n in names if n in wmap})
+        self.tensors = {}
+        self.metadata = {}
+        for fname in self.files:
+            infos, meta = read_header(self.root / fname)
+            self.metadata[fname] = meta
+            for name, info in infos.items():
+                if wmap.get(name) == fname:
+                    self.tensors[name] = info
+        for name in names:
+            if wmap.get(name) in self.files and name not in self.tensors:
+                raise UserError(f"{self.root / INDEX_NAME} maps {name} to {wmap[name]}, which does not hold it; "
+                                f"the checkpoint is incomplete, re-download it")
 
 
 def read_config(root: Path) -> dict:

@@ -1,0 +1,45 @@
+"""`materialize`: turn an overlay into a full conversion, byte for byte what `convert` would write.
+
+The base is resolved and fully checked as the loader does, then converted with the
+overlay's recorded options, copying the overlay's table instead of recomputing it
+(a table computed on another device may differ in rounding from a fresh one).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .convert import ConvertResult, convert, plan_conversion
+from .errors import UserError
+from .layout import TABLE_FILE
+from .loader import overlay_base, read_manifest
+from .progress import Progress
+from .source import file_sha256
+
+
+def materialize(overlay_dir: str | os.PathLike, full_dir: str | os.PathLike, *, base: str | os.PathLike | None = None,
+                profile: str | None = None, force: bool = False, link: str = "auto",
+                progress: Progress | None = None) -> ConvertResult:
+    """Write FULL_DIR: the overlay's base without the eliminated tensors, plus the overlay's table."""
+    progress = progress or Progress(quiet=True)
+    overlay_dir = Path(overlay_dir)
+    manifest = read_manifest(overlay_dir)
+    if manifest.get("kind") != "overlay":
+        raise UserError(f"{overlay_dir} is already a full conversion; copy it instead of materializing it")
+    table = overlay_dir / TABLE_FILE
+    if file_sha256(table) != manifest["outputs"].get(TABLE_FILE):
+        raise UserError(f"{table} differs from the sha256 in its manifest; the overlay is damaged, convert again")
+    progress.log("checking the base against the overlay's manifest")
+    root = overlay_base(overlay_dir, base, full=True, manifest=manifest)
+    src = manifest["source"]
+    hub = base is None and src.get("id")
+    opts = manifest["options"]
+    kw = dict(revision=src["revision"] if hub else None, profile=profile, dtype=opts["dtype"],
+              compute_dtype=opts["compute_dtype"])
+    source = src["id"] if hub else str(root)
+    plan = plan_conversion(source, **kw)
+    if plan.profile.name != manifest["profile"]["name"]:
+        raise UserError(f"the base reads as profile {plan.profile.name}, but the overlay was made with "
+                        f"{manifest['profile']['name']}; pass --profile with the overlay's profile")
+    return convert(source, full_dir, device="cpu", force=force, link=link, progress=progress, table=table, **kw)
