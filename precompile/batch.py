@@ -333,7 +333,11 @@ def dry_run(zoo: str | Path, out_root: str | Path, shard: str | None = None) -> 
     out: list[tuple[Entry, str]] = []
     for e in select_shard(load_zoo(zoo), parse_shard(shard)):
         try:
-            action = "skip (up to date)" if up_to_date(e, Path(out_root) / e.out) else "convert"
+            if up_to_date(e, Path(out_root) / e.out):
+                action = "skip (up to date)"
+            else:
+                plan_conversion(e.source, **_convert_options(e))  # reads headers only: finds what would fail
+                action = "convert"
         except (UserError, PrecompileLoadError) as err:
             action = f"fail: {err}"
         out.append((e, action))

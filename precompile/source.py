@@ -90,15 +90,16 @@ def _hub_errors(repo_id: str, revision: str | None, what: str = ""):
                         f"repo") from None
     except RevisionNotFoundError:
         raise UserError(f"revision {revision} of {repo_id} not found; check --revision") from None
-    except EntryNotFoundError:
-        raise UserError(f"{repo_id}{'@' + revision if revision else ''} has no file {what}; the repo's index names "
-                        f"a file it does not hold, re-upload or pick another revision") from None
+    # LocalEntryNotFoundError subclasses EntryNotFoundError in huggingface_hub: catch it first
     except LocalEntryNotFoundError:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         hint = ("it is not in the HF cache and HF_HUB_OFFLINE is set; download it first or unset HF_HUB_OFFLINE"
                 if offline else "the hub cannot be reached and it is not in the HF cache; check the network")
         target = f"{what} of " if what else ""
         raise UserError(f"{target}{repo_id}{'@' + revision if revision else ''}: {hint}") from None
+    except EntryNotFoundError:
+        raise UserError(f"{repo_id}{'@' + revision if revision else ''} has no file {what}; the repo's index names "
+                        f"a file it does not hold, re-upload or pick another revision") from None
     except OSError as e:
         raise UserError(f"{repo_id}: download failed ({e}); check the network, disk space and HF_TOKEN") from None
 

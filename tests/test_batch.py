@@ -96,7 +96,8 @@ def test_dry_run_writes_nothing(zoo, tmp_path, cli):
     out = tmp_path / "out"
     r = cli("batch", zoo, "--out-root", out, "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count(": convert") == 3 and "FooForCausalLM" in r.stdout
+    actions = [line.rsplit(": ", 1)[-1] for line in r.stdout.splitlines()]
+    assert actions.count("convert") == 3 and "FooForCausalLM" in r.stdout
     assert not out.exists()
 
 
