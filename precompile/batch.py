@@ -38,10 +38,9 @@ OPTION_CHECKS: dict[str, tuple[str, Any]] = {
     "prompts": ("a prompts file path or a list of strings",
                 lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(p, str) for p in v))),
     "verify": ("true or false", lambda v: isinstance(v, bool)),
+    "overlay": ("true or false", lambda v: isinstance(v, bool)),
 }
 ENTRY_ONLY = {"source": "a hub id or a local path", "out": "a directory name under --out-root"}
-# Options that change the bytes written: an entry is up to date only if its manifest recorded the same.
-OUTPUT_OPTIONS = ("dtype", "compute_dtype", "profile")
 
 
 @dataclass
@@ -161,7 +160,7 @@ def select_shard(entries: list[Entry], shard: tuple[int, int] | None) -> list[En
 def _convert_options(entry: Entry) -> dict:
     o = entry.options
     return {"revision": o.get("revision"), "profile": o.get("profile"), "dtype": o.get("dtype", "auto"),
-            "compute_dtype": o.get("compute_dtype", "float32")}
+            "compute_dtype": o.get("compute_dtype", "float32"), "overlay": bool(o.get("overlay", False))}
 
 
 def up_to_date(entry: Entry, out_dir: Path) -> bool:
@@ -184,7 +183,7 @@ def up_to_date(entry: Entry, out_dir: Path) -> bool:
     want_dtype = str(plan.model_dtype).removeprefix("torch.")
     if recorded.get("dtype") != want_dtype or recorded.get("compute_dtype") != opts["compute_dtype"]:
         return False
-    if manifest.get("profile", {}).get("name") != plan.profile.name:
+    if manifest.get("kind", "full") != plan.kind or manifest.get("profile", {}).get("name") != plan.profile.name:
         return False
     files = src.get("files", {})
     root = plan.source.root

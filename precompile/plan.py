@@ -216,28 +216,11 @@ def _read_json_file(path: Path) -> dict:
 def _hub_config(repo_id: str, revision: str | None) -> Path:
     """Only config.json of a hub repo (from the HF cache when offline)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
 
-    try:  # LocalEntryNotFoundError is an EntryNotFoundError: it must be caught first
+    from .source import _hub_errors
+
+    with _hub_errors(repo_id, revision, "config.json"):
         return Path(hf_hub_download(repo_id, "config.json", revision=revision))
-    except GatedRepoError:
-        raise UserError(f"{repo_id} is gated; accept its licence on the hub and set HF_TOKEN") from None
-    except RepositoryNotFoundError:
-        raise UserError(f"{repo_id} not found on the hub; check the repo id, or set HF_TOKEN for a private "
-                        f"repo") from None
-    except RevisionNotFoundError:
-        raise UserError(f"revision {revision} of {repo_id} not found; check --revision") from None
-    except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        hint = ("its config.json is not in the HF cache and HF_HUB_OFFLINE is set; unset HF_HUB_OFFLINE or pass "
-                "a local config.json" if offline else "the hub cannot be reached and its config.json is not in "
-                "the HF cache; check the network")
-        raise UserError(f"{repo_id}{'@' + revision if revision else ''}: {hint}") from None
-    except EntryNotFoundError:
-        raise UserError(f"{repo_id} has no config.json; it is not a transformers model") from None
-    except OSError as e:
-        raise UserError(f"{repo_id}: download of config.json failed ({e}); check the network and HF_TOKEN") from None
 
 
 def _has_weights(root: Path) -> bool:

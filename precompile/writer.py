@@ -165,15 +165,6 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def check_out_dir(out_dir: Path, force: bool) -> None:
-    """Refuse an OUT_DIR that would be clobbered, before any work is spent on the conversion."""
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise UserError(f"OUT_DIR {out_dir} is a file; choose a directory path")
-        if any(out_dir.iterdir()) and not force:
-            raise UserError(f"OUT_DIR {out_dir} exists and is not empty; pass --force to replace it")
-
-
 @contextmanager
 def atomic_dir(out_dir: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary directory beside OUT_DIR; rename it into place only if the body succeeds.

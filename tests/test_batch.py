@@ -118,3 +118,18 @@ def test_schema_errors_name_index_and_field(tmp_path, cli, models, expect):
 def test_bad_shard_is_bad_input(zoo, tmp_path, cli):
     r = cli("batch", zoo, "--out-root", tmp_path / "out", "--shard", "3/2")
     assert r.returncode == 2 and "--shard 3/2" in r.stderr
+
+
+def test_overlay_entries(checkpoint, tmp_path, cli):
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text(yaml.safe_dump({"defaults": {"overlay": True}, "models": [{"source": str(checkpoint("qwen2"))}]}))
+    out = tmp_path / "out"
+    r = cli("batch", zoo, "--out-root", out, "--report", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    (entry_dir,) = out.iterdir()
+    assert json.loads((entry_dir / "precompile.json").read_text())["kind"] == "overlay"
+    assert not list(entry_dir.glob("model-*.safetensors"))
+    before = tree_snapshot(out)
+    r = cli("batch", zoo, "--out-root", out, "--report", tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["summary"] == {"ok": 0, "skipped": 1, "failed": 0}
+    assert tree_snapshot(out) == before

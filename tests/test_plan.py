@@ -26,44 +26,7 @@ from precompile.plan import parse_batch_sizes, plan_model
 REF = json.loads((Path(__file__).parent / "data" / "model_configs.json").read_text())
 
 # A minimal GPT-NeoX profile (parallel block, fused qkv, LayerNorm, two-layer MLP) for Pythia.
-GPT_NEOX_YAML = """
-name: gpt_neox_test
-match: {architectures: [GPTNeoXForCausalLM], model_types: [gpt_neox]}
-block: parallel
-sizes:
-  hidden_size: [hidden_size]
-  num_heads: [num_attention_heads]
-  vocab_size: [vocab_size]
-  n_layers: [num_hidden_layers]
-  intermediate_size: [intermediate_size]
-embedding: {tensor: gpt_neox.embed_in.weight, module: gpt_neox.embed_in}
-attn_norm:
-  kind: layer
-  weight: gpt_neox.layers.0.input_layernorm.weight
-  bias: gpt_neox.layers.0.input_layernorm.bias
-  eps: [layer_norm_eps]
-  module: gpt_neox.layers.0.input_layernorm
-projections:
-  - {role: qkv, weight: gpt_neox.layers.0.attention.query_key_value.weight,
-     bias: gpt_neox.layers.0.attention.query_key_value.bias, heads_interleaved: true,
-     module: gpt_neox.layers.0.attention.query_key_value}
-attention_module: gpt_neox.layers.0.attention
-ffn:
-  kind: mlp
-  activation: {config: hidden_act, default: gelu}
-  norm:
-    kind: layer
-    weight: gpt_neox.layers.0.post_attention_layernorm.weight
-    bias: gpt_neox.layers.0.post_attention_layernorm.bias
-    eps: [layer_norm_eps]
-    module: gpt_neox.layers.0.post_attention_layernorm
-  up: {weight: gpt_neox.layers.0.mlp.dense_h_to_4h.weight, bias: gpt_neox.layers.0.mlp.dense_h_to_4h.bias}
-  down: {weight: gpt_neox.layers.0.mlp.dense_4h_to_h.weight, bias: gpt_neox.layers.0.mlp.dense_4h_to_h.bias}
-  module: gpt_neox.layers.0.mlp
-variants:
-  - when: {use_parallel_residual: false}
-    set: {block: serial}
-"""
+GPT_NEOX_YAML = (Path(__file__).resolve().parent.parent / "configs" / "gpt_neox.yaml").read_text()
 
 # The paper's parameters (Pythia's vocab as the paper counts it: 50400).
 PYTHIA = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": 4096,

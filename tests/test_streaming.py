@@ -25,43 +25,7 @@ from precompile.progress import Progress
 from precompile.tensors import read_header
 from precompile.writer import write_table
 
-GPT_NEOX_PROFILE = """
-name: gpt_neox_test
-match: {architectures: [GPTNeoXForCausalLM], model_types: [gpt_neox]}
-block: parallel
-sizes:
-  hidden_size: [hidden_size]
-  num_heads: [num_attention_heads]
-  vocab_size: [vocab_size]
-  n_layers: [num_hidden_layers]
-  intermediate_size: [intermediate_size]
-embedding: {tensor: gpt_neox.embed_in.weight, module: gpt_neox.embed_in}
-attn_norm:
-  kind: layer
-  weight: gpt_neox.layers.0.input_layernorm.weight
-  bias: gpt_neox.layers.0.input_layernorm.bias
-  eps: [layer_norm_eps]
-  module: gpt_neox.layers.0.input_layernorm
-projections:
-  - role: qkv
-    weight: gpt_neox.layers.0.attention.query_key_value.weight
-    bias: gpt_neox.layers.0.attention.query_key_value.bias
-    module: gpt_neox.layers.0.attention.query_key_value
-    heads_interleaved: true
-attention_module: gpt_neox.layers.0.attention
-ffn:
-  kind: mlp
-  activation: {config: hidden_act, default: gelu}
-  norm:
-    kind: layer
-    weight: gpt_neox.layers.0.post_attention_layernorm.weight
-    bias: gpt_neox.layers.0.post_attention_layernorm.bias
-    eps: [layer_norm_eps]
-    module: gpt_neox.layers.0.post_attention_layernorm
-  up: {weight: gpt_neox.layers.0.mlp.dense_h_to_4h.weight, bias: gpt_neox.layers.0.mlp.dense_h_to_4h.bias}
-  down: {weight: gpt_neox.layers.0.mlp.dense_4h_to_h.weight, bias: gpt_neox.layers.0.mlp.dense_4h_to_h.bias}
-  module: gpt_neox.layers.0.mlp
-"""
+GPT_NEOX_PROFILE = (Path(__file__).resolve().parent.parent / "configs" / "gpt_neox.yaml").read_text()
 
 
 def _in_memory_table(plan, chunk_size: int) -> torch.Tensor:
