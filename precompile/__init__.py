@@ -11,19 +11,11 @@ Library API (the CLI is a thin layer over it):
 
 __version__ = "0.1.0"
 
-# Imported on first use: `precompile --help`, `plan` and `profiles` need neither torch's models nor
-# transformers, which take seconds to import.
-_API = {
-    "convert": "convert", "plan_conversion": "convert", "ConversionPlan": "convert", "ConvertResult": "convert",
-    "UserError": "errors", "VerificationError": "errors", "load": "loader", "PrecompileLoadError": "loader",
-    "materialize": "materialize", "verify": "verify",
-}
-__all__ = [*_API, "__version__"]
+from .convert import ConversionPlan, ConvertResult, convert, plan_conversion  # noqa: E402
+from .errors import UserError, VerificationError  # noqa: E402
+from .loader import PrecompileLoadError, load  # noqa: E402
+from .materialize import materialize  # noqa: E402
+from .verify import verify  # noqa: E402
 
-
-def __getattr__(name: str):
-    if name in _API:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
-    raise AttributeError(f"module 'precompile' has no attribute {name!r}")
+__all__ = ["convert", "plan_conversion", "load", "verify", "materialize", "ConversionPlan", "ConvertResult",
+           "UserError", "VerificationError", "PrecompileLoadError", "__version__"]

@@ -134,8 +134,9 @@ class PartialCheckpoint(Checkpoint):
     """Only the files of a checkpoint that hold the given tensors (what an overlay reads)."""
 
     def __init__(self, root: Path, wmap: dict[str, str], names: list[str]):
-        self.root = Path(root)
+        self.root = self.source_root = Path(root)
         self.files = sorted({wmap[n] for n in names if n in wmap})
+        self.source_files = list(self.files)
         self.tensors = {}
         self.metadata = {}
         for fname in self.files:

@@ -92,7 +92,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             dtype, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
             if not all(isinstance(x, int) and not isinstance(x, bool) for x in (b, e, *info["shape"])):
                 raise TypeError
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: JSON Infinity as a size
             raise UserError(f"{path}: tensor {name} has a malformed header entry; the file is corrupt") from None
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise UserError(f"{path}: tensor {name} has unsupported dtype {dtype}")
