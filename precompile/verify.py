@@ -532,7 +532,18 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
     progress.log("hashing reference files")
     checks.append(check_reference_files(ref, manifest))
 
+    overlay = manifest.get("kind") == "overlay"
+
     def copied() -> Check:
+        if overlay:  # the kept tensors are read from the reference's own files: check those are the base's
+            from .loader import overlay_base
+
+            try:
+                overlay_base(out, base=ref.root, full=True, manifest=manifest)
+            except PrecompileLoadError as e:
+                return Check("copied-tensors", False, {"error": str(e).splitlines()[0]}, {"identical": True})
+            return Check("copied-tensors", True, {"overlay": "kept tensors load from the reference itself"},
+                         {"identical": True})
         out_ckpt = Checkpoint(out)
         copied_bytes = sum(t.nbytes for n, t in out_ckpt.tensors.items() if n != manifest["table"]["tensor"])
         with progress.bar(copied_bytes, "comparing copied tensors", "B") as bar:
@@ -547,7 +558,7 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
                                                                 progress, extra)))
     with _quiet_transformers():
         checks += _model_checks(out, ref, ref_ckpt, dtype, dev, tok, prompt_list, max_new_tokens, th,
-                                fp32_reference, half, batch_size, progress)
+                                fp32_reference, half, batch_size, progress, overlay)
     passed = all(c.passed for c in checks)
     return {"passed": passed, "out_dir": str(out), "reference": ref.id or ref.path, "reference_root": str(ref.root),
             "revision": ref.revision, "device": str(dev), "dtype": table_dtype_name, "prompts": len(prompt_list),
@@ -556,7 +567,7 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
 
 def _model_checks(out: Path, ref: Source, ref_ckpt: Checkpoint, dtype: torch.dtype, dev: torch.device, tok,
                   prompts: list[str], max_new: int, th: dict, fp32_reference: bool, half: bool, batch_size: int,
-                  progress: Progress) -> list[Check]:
+                  progress: Progress, overlay: bool = False) -> list[Check]:
     from .loader import load
 
     logit_th = {"max_abs_diff": th["max_abs_diff"], "mean_abs_diff": th["mean_abs_diff"], "kl": th["kl"],
@@ -567,7 +578,7 @@ def _model_checks(out: Path, ref: Source, ref_ckpt: Checkpoint, dtype: torch.dty
     progress.log("loading the converted model")
     t0 = time.monotonic()
     try:
-        conv = load(out, device=dev)
+        conv = load(out, device=dev, **({"base": ref.root, "verify_base": True} if overlay else {}))
     except (PrecompileLoadError, OSError, RuntimeError, ValueError, KeyError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         return [Check("load", False, {"error": msg}, {}),
@@ -676,6 +687,8 @@ def _fmt_metrics(c: dict) -> str:
         s = f"{m['files']} files" + (f"; changed: {', '.join(m['changed'])}" if m["changed"] else "") + \
             (f"; missing: {', '.join(m['missing'])}" if m["missing"] else "")
         return s if bad or m["files"] else "no file hashes recorded"
+    if name == "copied-tensors" and "overlay" in m:
+        return f"overlay: {m['overlay']}"
     if name == "copied-tensors":
         s = f"{m['tensors']} tensors, {m['bytes'] / 2**20:.1f} MiB"
         if m["n_mismatched"]:

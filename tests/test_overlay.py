@@ -249,3 +249,20 @@ def test_overlay_of_single_file_tied_model(checkpoint, tmp_path):
     precompile.convert(str(src), tmp_path / "full", device="cpu")
     with pytest.raises(PrecompileLoadError, match="takes no base"):
         precompile.load(tmp_path / "full", base=src)
+
+
+def test_verify_passes_on_overlay_and_fails_on_changed_base(checkpoint, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(checkpoint("llama"), base)
+    out = tmp_path / "ov"
+    precompile.convert(str(base), out, overlay=True, device="cpu")
+    r = run_cli("verify", out, "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "copied-tensors  PASS    overlay" in r.stdout
+    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = base / index["model.layers.0.self_attn.q_proj.weight"]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x40  # a different weight in a file the table was computed from
+    shard.write_bytes(bytes(data))
+    r = run_cli("verify", out, "--quiet")
+    assert r.returncode == 1 and "reference" in r.stderr, r.stdout + r.stderr
