@@ -120,12 +120,14 @@ def test_bad_shard_is_bad_input(zoo, tmp_path, cli):
     assert r.returncode == 2 and "--shard 3/2" in r.stderr
 
 
-def test_overlay_entries(checkpoint, tmp_path, cli):
+def test_overlay_entries_with_verify(checkpoint, tmp_path, cli):
     zoo = tmp_path / "zoo.yaml"
     zoo.write_text(yaml.safe_dump({"defaults": {"overlay": True}, "models": [{"source": str(checkpoint("qwen2"))}]}))
     out = tmp_path / "out"
-    r = cli("batch", zoo, "--out-root", out, "--report", tmp_path / "r.json")
+    r = cli("batch", zoo, "--out-root", out, "--report", tmp_path / "r.json", "--verify")
     assert r.returncode == 0, r.stderr
+    (entry,) = json.loads((tmp_path / "r.json").read_text())["entries"]
+    assert entry["verify"]["passed"] and {c["name"] for c in entry["verify"]["checks"]} >= {"table-rows", "logits"}
     (entry_dir,) = out.iterdir()
     assert json.loads((entry_dir / "precompile.json").read_text())["kind"] == "overlay"
     assert not list(entry_dir.glob("model-*.safetensors"))
