@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .convert import COMPUTE_CHOICES, DTYPE_CHOICES, LINK_MODES, convert, plan_conversion
 from .errors import UserError, VerificationError
 from .loader import FORMAT_VERSION, MANIFEST, PrecompileLoadError
+from .profiles import read_yaml
 from .progress import Progress
 from .source import file_sha256
 
@@ -76,16 +75,7 @@ def default_out_name(source: str) -> str:
 def load_zoo(path: str | Path) -> list[Entry]:
     """Read and validate ZOO.yaml up front: a bad field is named with its entry index before any work."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"zoo file {path} not found; pass an existing YAML file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"zoo file {path} cannot be read ({e}); pass a readable UTF-8 YAML file") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise UserError(f"zoo file {path} is not valid YAML{f' at line {mark.line + 1}' if mark else ''}; "
-                        f"fix its syntax") from None
+    data = read_yaml(path, "zoo file")
     if not isinstance(data, dict) or not isinstance(data.get("models"), list) or not data["models"]:
         raise UserError(f"zoo file {path} must be a mapping with a non-empty 'models:' list "
                         f"(and optional 'defaults:')")

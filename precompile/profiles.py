@@ -383,21 +383,26 @@ def _apply_patch(base: dict, patch: dict) -> dict:
     return out
 
 
-def load_profile(path: str | Path) -> Profile:
-    """Read and validate one YAML profile."""
-    path = Path(path)
+def read_yaml(path: Path, what: str, flag: str = "") -> Any:
+    """Parse a user's YAML file (a profile, a zoo); every failure is one line naming the file."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"profile {path} not found; pass an existing YAML file to --profile") from None
+        raise UserError(f"{what} {path} not found; pass an existing YAML file{flag}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"profile {path} cannot be read ({e}); pass a readable UTF-8 YAML file") from None
+        raise UserError(f"{what} {path} cannot be read ({e}); pass a readable UTF-8 YAML file") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"profile {path} is not valid YAML{where}; fix its syntax") from None
+        raise UserError(f"{what} {path} is not valid YAML{where}; fix its syntax") from None
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate one YAML profile."""
+    path = Path(path)
+    data = read_yaml(path, "profile", " to --profile")
     validate_profile(data, str(path))
     return Profile(name=data["name"], path=str(path), data=data)
 
