@@ -5,13 +5,21 @@ d 4096, SwiGLU 14336, vocab 32000) and Pythia-6.9B (parallel block, MHA, d 4096,
 vocab 50432), sharded like the published ones (layer 0 in the first shard, ~1 GiB shards), with
 a chosen number of layers, in a temporary directory that is removed afterwards. Then, in one run:
 
-- cp:      `cp -r` of the checkpoint (gives the copy throughput of this disk);
-- matmul:  the bare table matmuls (same FLOPs, device and dtype as convert's compute);
+The checkpoint is read as `precompile convert org/name` reads it, from a Hugging Face cache
+(`--source hub`: blobs named by their sha256, so the manifest's source hashes cost nothing), or
+from a plain directory (`--source dir`: every source byte is hashed for the manifest as well).
+Run with `--tmp` on a copy-on-write filesystem (XFS, Btrfs) to see shared shards cloned for free.
+
+- cp:      `cp -rL --reflink=never` of the checkpoint (the copy throughput of this disk);
+- matmul:  the bare table matmuls (same FLOPs, device and dtype as convert's compute), timed right
+           before and right after convert, the mean of the two (a shared machine's speed drifts);
 - convert: `python -m precompile convert` in a subprocess, wall time;
 - peak RssAnon of that subprocess, sampled from /proc/PID/status every 5 ms;
-- ratios:  convert / (cp time of the bytes convert writes + matmul), and 8-layer vs 2-layer memory.
+- ratios:  convert / (cp time of the bytes convert writes + matmul), and 8-layer vs 2-layer memory;
+           shards cloned by reflink or hard-linked are not written, so they are not in the cp baseline.
 
-Usage: python benchmarks/bench_convert.py [--shapes mistral,pythia] [--layers 2,8] [--device auto]
+Usage: python benchmarks/bench_convert.py [--shapes mistral,pythia] [--layers 2,8] [--source hub|dir]
+       [--device auto] [--tmp DIR]
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from precompile.source import file_sha256  # noqa: E402
 from precompile.tensors import write_header  # noqa: E402
 
 SHARD_BYTES = 1 << 30
@@ -139,14 +148,31 @@ def build_checkpoint(shape: str, layers: int, root: Path) -> int:
     return total
 
 
+def into_hub_cache(src: Path, hf_home: Path, repo_id: str) -> Path:
+    """Move a checkpoint into an HF cache as huggingface_hub lays it out; returns the snapshot directory."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    revision = "0" * 40
+    snap = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    for f in sorted(src.iterdir()):
+        blob = repo / "blobs" / file_sha256(f)
+        os.rename(f, blob)
+        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
+    src.rmdir()
+    return snap
+
+
 def tree_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in path.iterdir())  # follows the snapshot's links
 
 
 def time_cp(src: Path, dst: Path) -> float:
     os.sync()
     t = time.perf_counter()
-    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    subprocess.run(["cp", "-rL", "--reflink=never", str(src), str(dst)], check=True)  # a real copy, even on XFS
     secs = time.perf_counter() - t
     shutil.rmtree(dst)
     return secs
@@ -180,13 +206,13 @@ def bare_matmul_seconds(shape: str, device: torch.device, chunk: int) -> tuple[f
     return time.perf_counter() - t, flops / 1e12
 
 
-def run_convert(src: Path, out: Path, args, profile: Path | None) -> dict:
+def run_convert(source: str, out: Path, args, profile: Path | None, env: dict) -> dict:
     """convert in a subprocess; wall time and peak RssAnon (sampled every 5 ms), VmHWM for reference."""
-    cmd = [sys.executable, "-m", "precompile", "convert", str(src), str(out), "--device", args.device,
+    cmd = [sys.executable, "-m", "precompile", "convert", source, str(out), "--device", args.device,
            "--chunk-size", str(args.chunk_size), "--link", args.link]
     if profile:
         cmd += ["--profile", str(profile)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     os.sync()
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -214,9 +240,17 @@ def run_convert(src: Path, out: Path, args, profile: Path | None) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"convert failed ({proc.returncode}):\n{stderr[-3000:]}")
     m = re.search(r"in ([0-9.]+)s\s*$", stderr.strip())
-    manifest = json.loads((out / "precompile.json").read_text())
+    # "shards: 1 rewritten (1004.2 MiB), 7 cloned by reflink (2637.5 MiB)": clones and links write nothing
+    unwritten = sum(float(mib) for mib in re.findall(r"\d+ (?:cloned by reflink|hard-linked) \(([0-9.]+) MiB\)",
+                                                      stderr)) * 2**20
+    shards = re.search(r"^shards: .*$", stderr, re.M)
     return {"wall": wall, "inproc": float(m.group(1)) if m else float("nan"), "rss_anon": peak["RssAnon"],
-            "hwm": peak["VmHWM"], "log": stderr, "manifest": manifest}
+            "hwm": peak["VmHWM"], "log": stderr, "unwritten": unwritten, "shards": shards.group(0) if shards else ""}
+
+
+def _filesystem(path: str) -> str:
+    r = subprocess.run(["df", "--output=fstype", path], capture_output=True, text=True)
+    return f"{path} on {r.stdout.split()[-1] if r.returncode == 0 else 'unknown filesystem'}"
 
 
 def main() -> None:
@@ -229,7 +263,10 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=None,
                     help="override the vocabulary size (default: the real one; time and matmul scale with it, "
                          "memory does not)")
-    ap.add_argument("--tmp", default=None, help="where to build the checkpoints (default: system temp dir)")
+    ap.add_argument("--source", default="hub", choices=["hub", "dir"],
+                    help="read the checkpoint from an HF cache by repo id (default) or from a plain directory")
+    ap.add_argument("--tmp", default=None, help="where to build the checkpoints (default: system temp dir); "
+                    "OUT_DIR is written beside them")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     layers = [int(x) for x in args.layers.split(",")]
@@ -237,7 +274,8 @@ def main() -> None:
         for shape in SHAPES.values():
             shape["config"]["vocab_size"] = args.vocab
     print(f"device {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
-          f"chunk {args.chunk_size} rows, float32 compute, --link {args.link}", flush=True)
+          f"chunk {args.chunk_size} rows, float32 compute, --link {args.link}, source: {args.source}, "
+          f"{_filesystem(args.tmp or tempfile.gettempdir())}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-convert-", dir=args.tmp) as tmpd:
         tmp = Path(tmpd)
@@ -248,32 +286,36 @@ def main() -> None:
                 src, out = tmp / f"{shape}-{n}", tmp / f"{shape}-{n}-out"
                 t = time.perf_counter()
                 size = build_checkpoint(shape, n, src)
+                source, env = str(src), {}
+                if args.source == "hub":
+                    source, env = f"bench/{shape}-{n}", {"HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1"}
+                    src = into_hub_cache(src, tmp / "hf", source)
                 print(f"{shape} {n} layers, vocab {SHAPES[shape]['config']['vocab_size']}: built "
                       f"{size / 2**30:.2f} GiB in {time.perf_counter() - t:.0f}s", flush=True)
                 # the baselines are measured right before convert, so a shared machine's load hits all alike
                 cp_s = time_cp(src, tmp / "cp")
-                mm_s, tflop = bare_matmul_seconds(shape, device, args.chunk_size)
+                mm_before, tflop = bare_matmul_seconds(shape, device, args.chunk_size)
                 ckpt_bytes = tree_bytes(src)
-                r = run_convert(src, out, args, prof if shape == "pythia" else None)
-                outputs = r["manifest"]["outputs"]
-                shared = [s for s in outputs if s.endswith(".safetensors") and
-                          os.stat(out / s).st_ino == os.stat(src / s).st_ino] if args.link == "hardlink" else []
-                out_bytes = tree_bytes(out)
-                written = out_bytes - sum((out / s).stat().st_size for s in shared)
+                r = run_convert(source, out, args, prof if shape == "pythia" else None, env)
+                mm_after, _ = bare_matmul_seconds(shape, device, args.chunk_size)
+                mm_s = (mm_before + mm_after) / 2
+                written = tree_bytes(out) - r["unwritten"]
                 cp_written = cp_s * written / ckpt_bytes
                 target = cp_written + mm_s
                 rows.append(dict(shape=shape, layers=n, gib=ckpt_bytes / 2**30, cp=cp_s, written=written,
                                  cp_written=cp_written, mm=mm_s, conv=r["wall"], inproc=r["inproc"],
                                  ratio=r["wall"] / target, ratio_in=r["inproc"] / target, rss=r["rss_anon"],
                                  hwm=r["hwm"]))
-                print(f"  cp -r {cp_s:.1f}s ({ckpt_bytes / cp_s / 2**30:.2f} GiB/s); bare table matmuls "
-                      f"{tflop:.2f} TFLOP in {mm_s:.1f}s ({tflop / mm_s * 1e3:.0f} GFLOP/s); convert wrote "
+                print(f"  cp -rL {cp_s:.1f}s ({ckpt_bytes / cp_s / 2**30:.2f} GiB/s); bare table matmuls "
+                      f"{tflop:.2f} TFLOP in {mm_s:.1f}s ({mm_before:.1f}s before convert, {mm_after:.1f}s after; "
+                      f"{tflop / mm_s * 1e3:.0f} GFLOP/s); convert wrote "
                       f"{written / 2**30:.2f} GiB: {r['wall']:.1f}s wall ({r['inproc']:.1f}s after start-up), "
-                      f"peak RssAnon {r['rss_anon'] / 2**20:.0f} MiB, VmHWM {r['hwm'] / 2**20:.0f} MiB", flush=True)
-                shutil.rmtree(src)
+                      f"peak RssAnon {r['rss_anon'] / 2**20:.0f} MiB, VmHWM {r['hwm'] / 2**20:.0f} MiB\n"
+                      f"  {r['shards']}", flush=True)
+                shutil.rmtree(tmp / "hf" if args.source == "hub" else src)
                 shutil.rmtree(out)
     print()
-    print("| shape | layers | ckpt GiB | cp -r s | written GiB | cp(written) s | matmul s | convert s (after "
+    print("| shape | layers | ckpt GiB | cp -rL s | written GiB | cp(written) s | matmul s | convert s (after "
           "start-up) | convert / (cp + matmul) (after start-up) | peak RssAnon MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -10,6 +10,7 @@ time; only the files holding the tensors layer 0 needs are fetched and read).
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import threading
@@ -27,8 +28,8 @@ from .loader import FORMAT_VERSION, MANIFEST
 from .precompute import compute_rows, layer0_tensor_names
 from .profiles import ModelSpec, Profile, resolve, select_profile
 from .progress import Progress
-from .source import (ALLOW_PATTERNS, PartialCheckpoint, Source, carried_files, check_native, check_tokenizer, fetch_files,
-                     file_sha256, read_config, resolve_source, weight_map)
+from .source import (ALLOW_PATTERNS, PartialCheckpoint, Source, blob_sha256, carried_files, check_native,
+                     check_tokenizer, fetch_files, file_sha256, read_config, resolve_source, weight_map)
 from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo,
                       has_safetensors, open_checkpoint)
 from .writer import (TMP_PREFIX, atomic_dir, check_free_space, check_out_dir, scratch_dir, share_file, write_json,
@@ -224,9 +225,10 @@ def _layer0_weights(plan: ConversionPlan, device: torch.device) -> dict[str, tor
 
 
 def _first_non_finite(out: torch.Tensor) -> int | None:
-    """Index of the first row holding NaN/Inf, or None. One float32 row sum screens the chunk (NaN and
-    Inf propagate through it); only a chunk that fails the screen is checked element by element."""
-    if bool(torch.isfinite(out.sum(dim=-1, dtype=torch.float32)).all()):
+    """Index of the first row holding NaN/Inf, or None. The chunk's min and max screen it (NaN propagates
+    through both, an Inf becomes one of them) in one pass without a copy; only a chunk that fails the
+    screen is checked element by element."""
+    if out.numel() == 0 or all(bool(torch.isfinite(m)) for m in torch.aminmax(out)):
         return None
     finite = torch.isfinite(out).all(dim=-1)
     return None if bool(finite.all()) else int((~finite).nonzero()[0, 0])
@@ -269,17 +271,13 @@ def _table_chunks(plan: ConversionPlan, device: torch.device, chunk_size: int, p
             bar.update(1)
 
 
-def _overlap_io(device: torch.device) -> bool:
-    """Whether shard copies can run beside the table computation without taking its cores."""
-    return device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
-
-
 def _write_shards(plan: ConversionPlan, tmp: Path, link: str, progress: Progress,
                   cancel: threading.Event) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
-    """Share or rewrite every kept shard, hashing each file once; stops early on cancel.
+    """Share or rewrite every kept shard, reading each source file once; stops early on cancel.
 
-    Returns how each shared shard was placed, and the sha256 of source and output shards (a shared
-    shard has its source's bytes, so its hash is not computed twice).
+    Returns how each shared shard was placed, and the sha256 of source and output shards: a shared
+    shard has its source's bytes (one hash), a rewritten one is hashed as it is written, and the
+    source is hashed in the same read (or not at all: a hub blob is named by its hash).
     """
     methods: dict[str, str] = {}
     src_hashes: dict[str, str] = {}
@@ -291,16 +289,31 @@ def _write_shards(plan: ConversionPlan, tmp: Path, link: str, progress: Progress
             if cancel.is_set():
                 break
             src = plan.checkpoint.root / s.source_file
-            src_hashes[s.source_file] = file_sha256(src)
             if s.action == "share":
-                methods[s.out_file] = share_file(src, tmp / s.out_file, link)
-                out_hashes[s.out_file] = src_hashes[s.source_file]
+                methods[s.out_file], out_hashes[s.out_file] = share_file(src, tmp / s.out_file, link)
+                src_hashes[s.source_file] = out_hashes[s.out_file]
             else:
-                write_shard(src, tmp / s.out_file, s.keep, plan.checkpoint.metadata[s.source_file],
-                            str(DTYPE_NAMES[plan.model_dtype]))
-                out_hashes[s.out_file] = file_sha256(tmp / s.out_file)
+                known = blob_sha256(src)
+                digest = None if known else hashlib.sha256()
+                out_hashes[s.out_file] = write_shard(src, tmp / s.out_file, s.keep,
+                                                     plan.checkpoint.metadata[s.source_file],
+                                                     str(DTYPE_NAMES[plan.model_dtype]), digest)
+                src_hashes[s.source_file] = known or digest.hexdigest()
             bar.update(s.out_bytes)
     return methods, src_hashes, out_hashes
+
+
+PLACED = {"reflink": "cloned by reflink", "copy": "copied", "hardlink": "hard-linked"}
+
+
+def describe_shards(plan: ConversionPlan, methods: dict[str, str]) -> str:
+    """How the shards entered OUT_DIR, e.g. `shards: 1 rewritten (1004.2 MiB), 7 cloned by reflink (2637.5 MiB)`."""
+    groups: dict[str, list[ShardPlan]] = {"rewritten": [s for s in plan.shards if s.action == "rewrite"]}
+    for s in plan.shards:
+        if s.out_file in methods:
+            groups.setdefault(PLACED[methods[s.out_file]], []).append(s)
+    return "shards: " + ", ".join(f"{len(g)} {what} ({sum(s.out_bytes for s in g) / 2**20:.1f} MiB)"
+                                  for what, g in groups.items())
 
 
 def _out_config(plan: ConversionPlan) -> dict:
@@ -432,20 +445,19 @@ def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, de
         return _write_overlay(plan, out_dir, options, force, result, t0,
                               lambda tmp: _write_table_file(plan, tmp, dev, chunk_size, progress, table), progress)
     with atomic_dir(out_dir, force) as tmp:
-        # Shards are copied and hashed in the background while the table is computed when a CPU core is
-        # left for it (the table on CUDA, or fewer compute threads than cores); on a CPU whose cores all
-        # run the matmuls, a copy beside them only stalls every compute thread, so it runs afterwards.
+        # Shards are copied and hashed in the background while the table is computed, on CUDA and on the
+        # CPU alike: the copies mostly wait on the page cache and the disk, so beside the matmuls they cost
+        # far less than after them (benchmarks/bench_convert.py: 17.5 s against 22.5 s on 2 cores).
         cancel = threading.Event()
         with ThreadPoolExecutor(1, thread_name_prefix="precompile-shards") as pool:
-            shards = pool.submit(_write_shards, plan, tmp, link, progress, cancel) if _overlap_io(dev) else None
+            shards = pool.submit(_write_shards, plan, tmp, link, progress, cancel)
             try:
                 table_hash = _write_table_file(plan, tmp, dev, chunk_size, progress, table)
             except BaseException:
                 cancel.set()
                 raise
-            if shards is None:
-                shards = pool.submit(_write_shards, plan, tmp, link, progress, cancel)
             result.methods, src_hashes, out_hashes = shards.result()
+        progress.log(describe_shards(plan, result.methods))
         out_hashes[TABLE_FILE] = table_hash
         index_map = {plan.layout.tensor_name: TABLE_FILE}
         total = plan.table_bytes
@@ -483,8 +495,7 @@ def _write_table_file(plan: ConversionPlan, tmp: Path, dev: torch.device, chunk_
     if info is None or len(infos) != 1 or (info.name, tuple(info.shape), info.dtype) != want:
         raise UserError(f"{table} does not hold the table this source needs ({want[0]} {list(want[1])} {want[2]}); "
                         f"the overlay and the base do not belong together")
-    share_file(Path(table), tmp / TABLE_FILE, "copy")
-    return file_sha256(tmp / TABLE_FILE)
+    return share_file(Path(table), tmp / TABLE_FILE, "copy")[1]
 
 
 def _write_overlay(plan: ConversionPlan, out_dir: Path, options: dict, force: bool, result: ConvertResult,

@@ -2,6 +2,8 @@
 
 This one file is both `precompile.loader` and the shim written into every output
 directory, so it imports only torch, safetensors, transformers and huggingface_hub.
+transformers' model code is imported when a model is loaded, not with this module:
+every CLI start imports it, and that import alone takes seconds.
 
 The model is the original transformers class with a few layer-0 modules swapped
 for lookups, so attention, RoPE, the KV cache, masks, generate() and every
@@ -30,10 +32,13 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 FORMAT_VERSION = 1
 MANIFEST = "precompile.json"
@@ -452,26 +457,42 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
     return model
 
 
-class PrecompiledConfig(PretrainedConfig):
-    """OUT_DIR's own config type, so that plain transformers never mistakes it for the original model."""
+def _entry_classes() -> dict[str, type]:
+    """OUT_DIR's config and model classes for `trust_remote_code`, built on first use (see module doc)."""
+    from transformers import PretrainedConfig, PreTrainedModel
 
-    model_type = "precompiled"
+    class PrecompiledConfig(PretrainedConfig):
+        """OUT_DIR's own config type, so that plain transformers never mistakes it for the original model."""
+
+        model_type = "precompiled"
+
+    class PrecompiledForCausalLM(PreTrainedModel):
+        """Entry point for `AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`."""
+
+        config_class = PrecompiledConfig
+
+        @classmethod
+        def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+            path = Path(pretrained_model_name_or_path)
+            if not path.is_dir():
+                from huggingface_hub import snapshot_download
+
+                path = Path(snapshot_download(str(pretrained_model_name_or_path), revision=kwargs.get("revision")))
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            device = kwargs.get("device_map")
+            return load(path, device=device if isinstance(device, (str, torch.device)) else None,
+                        dtype=None if dtype in (None, "auto") else dtype, base=kwargs.get("base"),
+                        verify_base=bool(kwargs.get("verify_base", False)))
+
+    classes = {"PrecompiledConfig": PrecompiledConfig, "PrecompiledForCausalLM": PrecompiledForCausalLM}
+    for name, c in classes.items():
+        c.__qualname__ = name
+    return classes
 
 
-class PrecompiledForCausalLM(PreTrainedModel):
-    """Entry point for `AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`."""
-
-    config_class = PrecompiledConfig
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        path = Path(pretrained_model_name_or_path)
-        if not path.is_dir():
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(str(pretrained_model_name_or_path), revision=kwargs.get("revision")))
-        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-        device = kwargs.get("device_map")
-        return load(path, device=device if isinstance(device, (str, torch.device)) else None,
-                    dtype=None if dtype in (None, "auto") else dtype, base=kwargs.get("base"),
-                    verify_base=bool(kwargs.get("verify_base", False)))
+def __getattr__(name: str) -> type:
+    """`precompile_loader.PrecompiledConfig` / `.PrecompiledForCausalLM`, as config.json's auto_map names them."""
+    if name in ("PrecompiledConfig", "PrecompiledForCausalLM"):
+        globals().update(_entry_classes())
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,10 +21,11 @@ def apply_norm(norm: Norm, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch
         y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
     else:
         y = F.layer_norm(x, (x.shape[-1],), eps=norm.eps)
+    # in place on y, which is new: the same values without another pass-sized temporary
     if norm.weight:
-        y = y * (w[norm.weight] + norm.offset)
+        y.mul_(w[norm.weight] + norm.offset)
     if norm.bias:
-        y = y + w[norm.bias]
+        y.add_(w[norm.bias])
     return y
 
 

@@ -170,13 +170,21 @@ def read_config(root: Path) -> dict:
     return config
 
 
+def blob_sha256(path: Path) -> str | None:
+    """The sha256 of a hub cache file without reading it: its blob is named by it (None elsewhere)."""
+    real = Path(os.path.realpath(path))
+    if Path(path).is_symlink() and real.parent.name == "blobs" and _SHA256.match(real.name):
+        return real.name
+    return None
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file; a hub cache blob is named by its sha256, which saves reading it."""
-    real = Path(os.path.realpath(path))
-    if path.is_symlink() and real.parent.name == "blobs" and _SHA256.match(real.name):
-        return real.name
+    known = blob_sha256(path)
+    if known:
+        return known
     h = hashlib.sha256()
-    with open(real, "rb") as f:
+    with open(os.path.realpath(path), "rb") as f:
         for block in iter(lambda: f.read(16 << 20), b""):
             h.update(block)
     return h.hexdigest()

@@ -8,6 +8,7 @@ ranges, and shards without eliminated tensors are cloned or copied whole.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import queue
@@ -21,7 +22,10 @@ from typing import Iterable, Iterator
 import torch
 
 from .errors import UserError
+from .source import blob_sha256, file_sha256
 from .tensors import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, TensorInfo, copy_range, element_size, write_header
+
+BLOCK = 8 << 20  # bytes read at a time when copying through a hash
 
 TMP_PREFIX = ".precompile-tmp-"
 
@@ -89,7 +93,7 @@ def _write_tensor(f, t: torch.Tensor, digest=None) -> None:
             digest.update(raw)
 
 
-def _convert_range(fin, fout, t: TensorInfo, target: torch.dtype, block: int = 16 << 20) -> None:
+def _convert_range(fin, fout, t: TensorInfo, target: torch.dtype, digest, block: int = 16 << 20) -> None:
     """Write tensor t of fin converted to `target`, `block` bytes at a time (never the whole tensor)."""
     src = DTYPES[t.dtype]
     step = max(1, block // element_size(t.dtype)) * element_size(t.dtype)
@@ -99,46 +103,86 @@ def _convert_range(fin, fout, t: TensorInfo, target: torch.dtype, block: int = 1
         buf = bytearray(min(step, t.nbytes - done))
         if fin.readinto(buf) != len(buf):
             raise UserError(f"{fin.name}: unexpected end of file; the file is truncated, re-download it")
-        _write_tensor(fout, torch.frombuffer(buf, dtype=src).to(target))
+        _write_tensor(fout, torch.frombuffer(buf, dtype=src).to(target), digest)
         done += len(buf)
 
 
-def write_shard(src: Path, dst: Path, keep: list[TensorInfo], metadata: dict[str, str],
-                out_dtype: str | None) -> int:
-    """Write `keep` from src into a new safetensors file, in their original order; returns bytes written.
+def copy_hashed(fin, fout, ranges: list[tuple[int, int]], out_digest, src_digest=None) -> None:
+    """Copy the byte ranges [start, stop) of fin (sorted, disjoint) to fout, hashing what is written.
 
-    Tensors keep their bytes (an in-kernel range copy) unless out_dtype asks for a float
-    conversion, which is streamed in blocks.
+    With src_digest, the whole of fin is read once, in order, and hashed too: one read serves the
+    source's sha256 and the output's, which the manifest records both.
+    """
+    spans = [(0, os.fstat(fin.fileno()).st_size)] if src_digest is not None else ranges
+    buf = memoryview(bytearray(BLOCK))
+    i = 0
+    for start, stop in spans:
+        fin.seek(start)
+        pos = start
+        while pos < stop:
+            n = fin.readinto(buf[: min(BLOCK, stop - pos)])
+            if not n:
+                raise UserError(f"{fin.name}: unexpected end of file; the file is truncated, re-download it")
+            if src_digest is not None:
+                src_digest.update(buf[:n])
+            while i < len(ranges) and ranges[i][1] <= pos:
+                i += 1
+            j = i
+            while j < len(ranges) and ranges[j][0] < pos + n:  # the parts of this block that are kept
+                part = buf[max(ranges[j][0], pos) - pos: min(ranges[j][1], pos + n) - pos]
+                fout.write(part)
+                out_digest.update(part)
+                j += 1
+            pos += n
+
+
+def write_shard(src: Path, dst: Path, keep: list[TensorInfo], metadata: dict[str, str],
+                out_dtype: str | None, src_digest=None) -> str:
+    """Write `keep` from src into a new safetensors file, in their original order; returns its sha256.
+
+    The output is hashed as it is written, never read back. Tensors keep their bytes unless
+    out_dtype asks for a float conversion, which is streamed in blocks. With src_digest (a
+    hashlib object) src is hashed too, in the same read when no tensor changes dtype.
     """
     keep = sorted(keep, key=lambda t: t.start)
 
     def target(t: TensorInfo) -> str:
         return out_dtype if (out_dtype and t.dtype in FLOAT_DTYPES) else t.dtype
 
-    def nbytes(t: TensorInfo) -> int:
-        return t.numel * element_size(target(t))
-
-    entries = [(t.name, target(t), t.shape, nbytes(t)) for t in keep]
+    entries = [(t.name, target(t), t.shape, t.numel * element_size(target(t))) for t in keep]
+    digest = hashlib.sha256()
+    head = io.BytesIO()
+    write_header(head, entries, metadata)
+    same = all(target(t) == t.dtype for t in keep)
     with open(src, "rb") as fin, open(dst, "wb") as fout:
-        write_header(fout, entries, metadata)
+        fout.write(head.getvalue())
+        digest.update(head.getvalue())
+        if same:
+            copy_hashed(fin, fout, [(t.start, t.start + t.nbytes) for t in keep], digest, src_digest)
+            return digest.hexdigest()
         for t in keep:
             if target(t) == t.dtype:
-                copy_range(fin, fout, t.start, t.nbytes)
+                copy_hashed(fin, fout, [(t.start, t.start + t.nbytes)], digest)
             else:
-                _convert_range(fin, fout, t, DTYPES[target(t)])
-        return fout.tell()
+                _convert_range(fin, fout, t, DTYPES[target(t)], digest)
+        if src_digest is not None:
+            copy_hashed(fin, fout, [], digest, src_digest)  # hashes src, writes nothing
+    return digest.hexdigest()
 
 
-def share_file(src: Path, dst: Path, mode: str) -> str:
+def share_file(src: Path, dst: Path, mode: str) -> tuple[str, str]:
     """Place an unchanged file in OUT_DIR: reflink when possible, else copy (hardlink only when asked).
 
-    Returns the method used. A hard link shares the inode: editing OUT_DIR then edits the source.
+    Returns the method used and the file's sha256, found the cheapest way: a hub blob's name, else
+    hashed while copying (one read), else read once after a clone or link (which read nothing).
+    A hard link shares the inode: editing OUT_DIR then edits the source.
     """
+    known = blob_sha256(src)
     src = Path(os.path.realpath(src))
     if mode == "hardlink":
         try:
             os.link(src, dst)
-            return "hardlink"
+            return "hardlink", known or file_sha256(src)
         except OSError as e:
             raise UserError(f"cannot hard-link {src} into {dst.parent} ({e.strerror}); they must be on one "
                             f"filesystem, or use --link copy") from None
@@ -148,7 +192,7 @@ def share_file(src: Path, dst: Path, mode: str) -> str:
 
             with open(src, "rb") as fin, open(dst, "wb") as fout:
                 fcntl.ioctl(fout.fileno(), 0x40049409, fin.fileno())  # FICLONE
-            return "reflink"
+            return "reflink", known or file_sha256(src)
         except (OSError, ImportError) as e:
             if mode == "reflink":
                 dst.unlink(missing_ok=True)
@@ -156,8 +200,13 @@ def share_file(src: Path, dst: Path, mode: str) -> str:
                                 f"support copy-on-write clones; use --link auto or copy") from None
             dst.unlink(missing_ok=True)
     with open(src, "rb") as fin, open(dst, "wb") as fout:
-        copy_range(fin, fout, 0, os.fstat(fin.fileno()).st_size)
-    return "copy"
+        size = os.fstat(fin.fileno()).st_size
+        if known:  # nothing to hash: the kernel copies without a user-space buffer
+            copy_range(fin, fout, 0, size)
+            return "copy", known
+        digest = hashlib.sha256()
+        copy_hashed(fin, fout, [(0, size)], digest)
+    return "copy", digest.hexdigest()
 
 
 def write_json(path: Path, data: dict) -> None:

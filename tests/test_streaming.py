@@ -7,23 +7,29 @@ mechanisms are in place and that streaming changes no byte of the output.
 from __future__ import annotations
 
 import gc
+import hashlib
 import importlib
+import json
 import os
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from precompile.convert import FFN_BLOCK, _table_chunks, convert, plan_conversion
+from precompile.convert import FFN_BLOCK, _table_chunks, convert, describe_shards, plan_conversion
 from precompile.errors import UserError
 from precompile.layout import TABLE_FILE
 from precompile.precompute import compute_rows, folded_ffn
 from precompile.progress import Progress
 from precompile.tensors import read_header
 from precompile.writer import write_table
+
+import tiny
 
 GPT_NEOX_PROFILE = (Path(__file__).resolve().parent.parent / "configs" / "gpt_neox.yaml").read_text()
 
@@ -87,10 +93,9 @@ def test_table_chunks_are_lazy(checkpoint):
     assert sizes == [16] * (plan.layout.vocab_size // 16) + [plan.layout.vocab_size % 16]
 
 
-@pytest.mark.parametrize("dtype,overlap", [("float32", True), ("bfloat16", False)])
-def test_streamed_output_is_byte_identical_to_the_in_memory_path(checkpoint, tmp_path, monkeypatch, dtype, overlap):
-    """Whether shards are written beside the table computation or after it, no byte changes."""
-    monkeypatch.setattr(importlib.import_module("precompile.convert"), "_overlap_io", lambda device: overlap)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streamed_output_is_byte_identical_to_the_in_memory_path(checkpoint, tmp_path, dtype):
+    """Shards written beside the table computation, the table streamed: no byte differs."""
     src = checkpoint("llama", dtype)
     out = tmp_path / "out"
     res = convert(str(src), out, chunk_size=16, link="auto")
@@ -138,12 +143,71 @@ def test_untouched_shards_are_shared_not_rewritten(checkpoint, tmp_path):
     assert set(res.methods) == {s.out_file for s in shared}  # rewritten shards are never "shared"
 
     res = convert(str(src), tmp_path / "hard", chunk_size=64, link="hardlink")
+    rewritten = [s for s in res.plan.shards if s.action == "rewrite"]
+    mib = sum(s.out_bytes for s in shared) / 2**20  # the log line benchmarks/bench_convert.py reads
+    assert describe_shards(res.plan, res.methods) == (f"shards: {len(rewritten)} rewritten "
+                                                      f"({sum(s.out_bytes for s in rewritten) / 2**20:.1f} MiB), "
+                                                      f"{len(shared)} hard-linked ({mib:.1f} MiB)")
     for s in shared:
         assert res.methods[s.out_file] == "hardlink"
         assert os.stat(src / s.source_file).st_ino == os.stat(tmp_path / "hard" / s.out_file).st_ino
     for s in res.plan.shards:
         if s.action == "rewrite":
             assert os.stat(src / s.source_file).st_ino != os.stat(tmp_path / "hard" / s.out_file).st_ino
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("layout,link,dtype", [("dir", "auto", "auto"), ("dir", "hardlink", "auto"),
+                                               ("dir", "copy", "bfloat16"), ("hub", "copy", "auto"),
+                                               ("hub", "auto", "bfloat16")])
+def test_manifest_hashes_are_the_files_hashes(checkpoint, tmp_path, monkeypatch, layout, link, dtype):
+    """Hashed while copying, in the same read as the source, or from a blob's name: always the file's sha256."""
+    src = checkpoint("llama")
+    source = str(src)
+    if layout == "hub":
+        import huggingface_hub.constants as c
+
+        monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+        monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+        src = tiny.lay_out_hub_cache(tmp_path / "hf", "org/tiny", src)
+        source = "org/tiny"
+    res = convert(source, tmp_path / "out", chunk_size=64, link=link, dtype=dtype)
+    m = json.loads((tmp_path / "out" / "precompile.json").read_text())
+    assert {s.action for s in res.plan.shards} >= ({"rewrite"} if dtype != "auto" else {"share", "rewrite"})
+    assert m["source"]["files"] == {n: _sha(src / n) for n in m["source"]["files"]}
+    assert set(m["source"]["files"]) >= {s.source_file for s in res.plan.shards}
+    out = tmp_path / "out"
+    assert m["outputs"] == {p.name: _sha(p) for p in out.iterdir() if p.name != "precompile.json"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(min_size=0, max_size=3000), cuts=st.lists(st.integers(0, 3000), max_size=12),
+       whole=st.booleans(), block=st.sampled_from([1, 7, 64, 4096]))
+def test_copy_hashed_writes_the_ranges_and_hashes_both_sides(tmp_path_factory, data, cuts, whole, block):
+    """Any sorted, disjoint ranges (empty ones too), any block size: the output is their bytes in order,
+    its digest theirs, and the source digest (when asked) the whole file's."""
+    import precompile.writer as writer
+
+    d = tmp_path_factory.mktemp("copy")
+    (d / "src").write_bytes(data)
+    points = sorted(min(c, len(data)) for c in cuts)
+    ranges = [(points[i], points[i + 1]) for i in range(0, len(points) - 1, 2)]
+    out_h, src_h = hashlib.sha256(), (hashlib.sha256() if whole else None)
+    old = writer.BLOCK
+    writer.BLOCK = block
+    try:
+        with open(d / "src", "rb") as fin, open(d / "dst", "wb") as fout:
+            writer.copy_hashed(fin, fout, ranges, out_h, src_h)
+    finally:
+        writer.BLOCK = old
+    want = b"".join(data[a:b] for a, b in ranges)
+    assert (d / "dst").read_bytes() == want
+    assert out_h.hexdigest() == hashlib.sha256(want).hexdigest()
+    if whole:
+        assert src_h.hexdigest() == hashlib.sha256(data).hexdigest()
 
 
 def test_reflink_only_fails_cleanly_where_unsupported(checkpoint, tmp_path):
@@ -161,8 +225,6 @@ def test_reflink_only_fails_cleanly_where_unsupported(checkpoint, tmp_path):
 def neox(tmp_path_factory):
     """A tiny GPT-NeoX (parallel block) checkpoint and a profile for it."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    import tiny
 
     d = tmp_path_factory.mktemp("neox")
     cfg = AutoConfig.for_model("gpt_neox", hidden_size=64, intermediate_size=96, num_attention_heads=4,
@@ -213,3 +275,8 @@ def test_non_finite_rows_are_found():
     assert _first_non_finite(out) == 4
     big = torch.full((2, 4), 3e38, dtype=torch.bfloat16)  # finite values whose row sum overflows
     assert _first_non_finite(big) is None
+    for bad in (float("nan"), float("-inf"), float("inf")):  # each alone, in the model dtypes
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            one = torch.zeros(5, 3, dtype=dtype)
+            one[3, 1] = bad
+            assert _first_non_finite(one) == 3, (bad, dtype)
