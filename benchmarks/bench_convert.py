@@ -12,14 +12,14 @@ Run with `--tmp` on a copy-on-write filesystem (XFS, Btrfs) to see shared shards
 
 - cp:      `cp -rL --reflink=never` of the checkpoint (the copy throughput of this disk);
 - matmul:  the bare table matmuls (same FLOPs, device and dtype as convert's compute), timed right
-           before and right after convert, the mean of the two (a shared machine's speed drifts);
-- convert: `python -m precompile convert` in a subprocess, wall time;
+           before the first convert and right after each (a shared machine's speed drifts): the median;
+- convert: `python -m precompile convert` in a subprocess, wall time (the median of --repeat runs);
 - peak RssAnon of that subprocess, sampled from /proc/PID/status every 5 ms;
 - ratios:  convert / (cp time of the bytes convert writes + matmul), and 8-layer vs 2-layer memory;
            shards cloned by reflink or hard-linked are not written, so they are not in the cp baseline.
 
 Usage: python benchmarks/bench_convert.py [--shapes mistral,pythia] [--layers 2,8] [--source hub|dir]
-       [--device auto] [--tmp DIR]
+       [--repeat N] [--device auto] [--tmp DIR]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -263,6 +264,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=None,
                     help="override the vocabulary size (default: the real one; time and matmul scale with it, "
                          "memory does not)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="convert this many times per checkpoint and report medians (a shared machine drifts)")
     ap.add_argument("--source", default="hub", choices=["hub", "dir"],
                     help="read the checkpoint from an HF cache by repo id (default) or from a plain directory")
     ap.add_argument("--tmp", default=None, help="where to build the checkpoints (default: system temp dir); "
@@ -294,11 +297,19 @@ def main() -> None:
                       f"{size / 2**30:.2f} GiB in {time.perf_counter() - t:.0f}s", flush=True)
                 # the baselines are measured right before convert, so a shared machine's load hits all alike
                 cp_s = time_cp(src, tmp / "cp")
-                mm_before, tflop = bare_matmul_seconds(shape, device, args.chunk_size)
+                # convert --repeat times; the bare matmuls before the first and after each: medians of each
+                mms, tflop = [bare_matmul_seconds(shape, device, args.chunk_size)[0]], 0.0
                 ckpt_bytes = tree_bytes(src)
-                r = run_convert(source, out, args, prof if shape == "pythia" else None, env)
-                mm_after, _ = bare_matmul_seconds(shape, device, args.chunk_size)
-                mm_s = (mm_before + mm_after) / 2
+                runs = []
+                for _ in range(args.repeat):
+                    shutil.rmtree(out, ignore_errors=True)
+                    runs.append(run_convert(source, out, args, prof if shape == "pythia" else None, env))
+                    mm, tflop = bare_matmul_seconds(shape, device, args.chunk_size)
+                    mms.append(mm)
+                mm_s = statistics.median(mms)
+                r = dict(runs[-1], wall=statistics.median(x["wall"] for x in runs),
+                         inproc=statistics.median(x["inproc"] for x in runs),
+                         rss_anon=max(x["rss_anon"] for x in runs), hwm=max(x["hwm"] for x in runs))
                 written = tree_bytes(out) - r["unwritten"]
                 cp_written = cp_s * written / ckpt_bytes
                 target = cp_written + mm_s
@@ -306,10 +317,11 @@ def main() -> None:
                                  cp_written=cp_written, mm=mm_s, conv=r["wall"], inproc=r["inproc"],
                                  ratio=r["wall"] / target, ratio_in=r["inproc"] / target, rss=r["rss_anon"],
                                  hwm=r["hwm"]))
+                each = ", ".join(f"{x['wall']:.1f}" for x in runs)
                 print(f"  cp -rL {cp_s:.1f}s ({ckpt_bytes / cp_s / 2**30:.2f} GiB/s); bare table matmuls "
-                      f"{tflop:.2f} TFLOP in {mm_s:.1f}s ({mm_before:.1f}s before convert, {mm_after:.1f}s after; "
-                      f"{tflop / mm_s * 1e3:.0f} GFLOP/s); convert wrote "
-                      f"{written / 2**30:.2f} GiB: {r['wall']:.1f}s wall ({r['inproc']:.1f}s after start-up), "
+                      f"{tflop:.2f} TFLOP in {mm_s:.1f}s (median of {', '.join(f'{m:.1f}' for m in mms)}; "
+                      f"{tflop / mm_s * 1e3:.0f} GFLOP/s); convert wrote {written / 2**30:.2f} GiB: "
+                      f"{r['wall']:.1f}s wall (median of {each}; {r['inproc']:.1f}s after start-up), "
                       f"peak RssAnon {r['rss_anon'] / 2**20:.0f} MiB, VmHWM {r['hwm'] / 2**20:.0f} MiB\n"
                       f"  {r['shards']}", flush=True)
                 shutil.rmtree(tmp / "hf" if args.source == "hub" else src)

@@ -26,7 +26,7 @@ from .errors import UserError
 from .layout import TABLE_FILE, TableLayout, table_layout
 from .loader import FORMAT_VERSION, MANIFEST
 from .precompute import compute_rows, layer0_tensor_names
-from .profiles import ModelSpec, Profile, resolve, select_profile
+from .profiles import ModelSpec, Profile, builtin_profiles, resolve, select_profile
 from .progress import Progress
 from .source import (ALLOW_PATTERNS, PartialCheckpoint, Source, blob_sha256, carried_files, check_native,
                      check_tokenizer, fetch_files, file_sha256, read_config, resolve_source, weight_map)
@@ -150,7 +150,7 @@ def plan_conversion(source: str, *, revision: str | None = None, profile: str | 
         raise UserError(f"--compute-dtype {compute_dtype} is not one of {', '.join(COMPUTE_CHOICES)}")
     src = resolve_source(source, revision, weights=not overlay)
     config = read_config(src.root)
-    check_native(config, src.root)
+    check_native(config, src.root, {t for p in builtin_profiles() for t in p.model_types})
     prof = select_profile(config, profile)
     spec = resolve(prof, config)
     if allow_pickle and src.id is not None and not has_safetensors(src.root):

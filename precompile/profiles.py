@@ -383,6 +383,11 @@ def _apply_patch(base: dict, patch: dict) -> dict:
     return out
 
 
+# libyaml's safe loader where PyYAML was built with it: the same documents, parsed ~10x faster (every
+# command reads the shipped profiles)
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def read_yaml(path: Path, what: str, flag: str = "") -> Any:
     """Parse a user's YAML file (a profile, a zoo); every failure is one line naming the file."""
     try:
@@ -392,7 +397,7 @@ def read_yaml(path: Path, what: str, flag: str = "") -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{what} {path} cannot be read ({e}); pass a readable UTF-8 YAML file") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=YAML_LOADER)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -414,7 +419,7 @@ def builtin_profiles() -> list[Profile]:
 
 def refusals() -> dict[str, str]:
     """model_type -> why the trick does not apply to it (configs/_refused.yaml)."""
-    data = yaml.safe_load((_configs_dir() / "_refused.yaml").read_text(encoding="utf-8"))
+    data = read_yaml(_configs_dir() / "_refused.yaml", "refusal list")
     out = {}
     for entry in data["refused"]:
         for mt in entry["model_types"]:

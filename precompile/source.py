@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Collection
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,20 +196,25 @@ def carried_files(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_file() and CARRIED.match(p.name))
 
 
-def check_native(config: dict, root: Path) -> None:
+def check_native(config: dict, root: Path, native_types: Collection[str] = ()) -> None:
     """Refuse what only runs with trust_remote_code: this tool never runs code shipped with a checkpoint.
 
     The loader builds the model from transformers' own class for `model_type`; an auto_map whose
     architectures all have native classes is ignored (older repos kept one after upstreaming).
+    A model type in `native_types` (the shipped profiles': native in every transformers release this
+    package accepts, as tests/test_profiles.py checks) without an auto_map needs no look into
+    transformers, whose import would cost 1.5 s of every conversion.
     """
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     p = root / "config.json"
     model_type = config.get("model_type")
     if model_type == "precompiled":
         raise UserError(f"{root} is already a precompiled model (see its precompile.json); convert the original "
                         f"checkpoint instead")
+    if isinstance(model_type, str) and model_type in native_types and not config.get("auto_map"):
+        return
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     remote = " and an auto_map to code shipped in the checkpoint" if config.get("auto_map") else ""
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         archs = config.get("architectures") or []
