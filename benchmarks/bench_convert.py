@@ -10,7 +10,8 @@ The checkpoint is read as `precompile convert org/name` reads it, from a Hugging
 from a plain directory (`--source dir`: every source byte is hashed for the manifest as well).
 Run with `--tmp` on a copy-on-write filesystem (XFS, Btrfs) to see shared shards cloned for free.
 
-- cp:      `cp -rL --reflink=never` of the checkpoint (the copy throughput of this disk);
+- cp:      `cp -rL --reflink=never` of the checkpoint (the copy throughput of this disk), right before each
+           convert: the median;
 - matmul:  the bare table matmuls (same FLOPs, device and dtype as convert's compute), timed right
            before the first convert and right after each (a shared machine's speed drifts): the median;
 - convert: `python -m precompile convert` in a subprocess, wall time (the median of --repeat runs);
@@ -295,18 +296,18 @@ def main() -> None:
                     src = into_hub_cache(src, tmp / "hf", source)
                 print(f"{shape} {n} layers, vocab {SHAPES[shape]['config']['vocab_size']}: built "
                       f"{size / 2**30:.2f} GiB in {time.perf_counter() - t:.0f}s", flush=True)
-                # the baselines are measured right before convert, so a shared machine's load hits all alike
-                cp_s = time_cp(src, tmp / "cp")
-                # convert --repeat times; the bare matmuls before the first and after each: medians of each
+                # convert --repeat times, each right after a cp (a shared machine's load hits both alike);
+                # the bare matmuls before the first convert and after each: medians of each
                 mms, tflop = [bare_matmul_seconds(shape, device, args.chunk_size)[0]], 0.0
                 ckpt_bytes = tree_bytes(src)
-                runs = []
+                runs, cps = [], []
                 for _ in range(args.repeat):
                     shutil.rmtree(out, ignore_errors=True)
+                    cps.append(time_cp(src, tmp / "cp"))
                     runs.append(run_convert(source, out, args, prof if shape == "pythia" else None, env))
                     mm, tflop = bare_matmul_seconds(shape, device, args.chunk_size)
                     mms.append(mm)
-                mm_s = statistics.median(mms)
+                mm_s, cp_s = statistics.median(mms), statistics.median(cps)
                 r = dict(runs[-1], wall=statistics.median(x["wall"] for x in runs),
                          inproc=statistics.median(x["inproc"] for x in runs),
                          rss_anon=max(x["rss_anon"] for x in runs), hwm=max(x["hwm"] for x in runs))
@@ -318,7 +319,8 @@ def main() -> None:
                                  ratio=r["wall"] / target, ratio_in=r["inproc"] / target, rss=r["rss_anon"],
                                  hwm=r["hwm"]))
                 each = ", ".join(f"{x['wall']:.1f}" for x in runs)
-                print(f"  cp -rL {cp_s:.1f}s ({ckpt_bytes / cp_s / 2**30:.2f} GiB/s); bare table matmuls "
+                print(f"  cp -rL {cp_s:.1f}s (median of {', '.join(f'{c:.1f}' for c in cps)}; "
+                      f"{ckpt_bytes / cp_s / 2**30:.2f} GiB/s); bare table matmuls "
                       f"{tflop:.2f} TFLOP in {mm_s:.1f}s (median of {', '.join(f'{m:.1f}' for m in mms)}; "
                       f"{tflop / mm_s * 1e3:.0f} GFLOP/s); convert wrote {written / 2**30:.2f} GiB: "
                       f"{r['wall']:.1f}s wall (median of {each}; {r['inproc']:.1f}s after start-up), "
@@ -348,7 +350,7 @@ def main() -> None:
             lo, hi = rs[0], rs[-1]
             mem = hi["rss"] / lo["rss"]
             extra = hi["inproc"] - lo["inproc"]
-            extra_cp = hi["cp_written"] - lo["cp_written"]
+            extra_cp = (hi["gib"] - lo["gib"]) * hi["cp"] / hi["gib"]  # cp of the extra checkpoint bytes
             ok &= mem <= 1.10
             print(f"{shape}: peak RssAnon {hi['layers']} vs {lo['layers']} layers: {mem:.3f}x (target <= 1.10); "
                   f"convert time for the extra shared shards: {extra:+.1f}s (cp of those bytes alone: "
