@@ -272,6 +272,8 @@ def main() -> None:
     ap.add_argument("--tmp", default=None, help="where to build the checkpoints (default: system temp dir); "
                     "OUT_DIR is written beside them")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error(f"--repeat must be at least 1, got {args.repeat}")
     device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     layers = [int(x) for x in args.layers.split(",")]
     if args.vocab:
@@ -298,7 +300,8 @@ def main() -> None:
                       f"{size / 2**30:.2f} GiB in {time.perf_counter() - t:.0f}s", flush=True)
                 # convert --repeat times, each right after a cp (a shared machine's load hits both alike);
                 # the bare matmuls before the first convert and after each: medians of each
-                mms, tflop = [bare_matmul_seconds(shape, device, args.chunk_size)[0]], 0.0
+                mm, tflop = bare_matmul_seconds(shape, device, args.chunk_size)
+                mms = [mm]
                 ckpt_bytes = tree_bytes(src)
                 runs, cps = [], []
                 for _ in range(args.repeat):

@@ -150,8 +150,9 @@ def plan_conversion(source: str, *, revision: str | None = None, profile: str | 
         raise UserError(f"--compute-dtype {compute_dtype} is not one of {', '.join(COMPUTE_CHOICES)}")
     src = resolve_source(source, revision, weights=not overlay)
     config = read_config(src.root)
-    check_native(config, src.root, {t for p in builtin_profiles() for t in p.model_types})
-    prof = select_profile(config, profile)
+    shipped = builtin_profiles()
+    check_native(config, src.root, {t for p in shipped for t in p.model_types})
+    prof = select_profile(config, profile, shipped)
     spec = resolve(prof, config)
     if allow_pickle and src.id is not None and not has_safetensors(src.root):
         src = resolve_source(source, revision, ALLOW_PATTERNS + PICKLE_PATTERNS)

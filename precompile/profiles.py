@@ -427,8 +427,12 @@ def refusals() -> dict[str, str]:
     return out
 
 
-def select_profile(config: dict, profile_path: str | Path | None = None) -> Profile:
-    """Pick the profile for a config.json: an explicit file, else by architectures, then model_type."""
+def select_profile(config: dict, profile_path: str | Path | None = None,
+                   shipped: list[Profile] | None = None) -> Profile:
+    """Pick the profile for a config.json: an explicit file, else by architectures, then model_type.
+
+    `shipped`: builtin_profiles() when the caller has already read them.
+    """
     if profile_path is not None:
         return load_profile(profile_path)
     archs = config.get("architectures") or []
@@ -436,7 +440,7 @@ def select_profile(config: dict, profile_path: str | Path | None = None) -> Prof
     reason = refusals().get(model_type or "")
     if reason:
         raise UserError(f"model type '{model_type}' cannot be precompiled: {reason}")
-    profiles = builtin_profiles()
+    profiles = builtin_profiles() if shipped is None else shipped
     for arch in archs:
         for p in profiles:
             if arch in p.architectures:
