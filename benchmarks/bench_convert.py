@@ -12,8 +12,9 @@ Run with `--tmp` on a copy-on-write filesystem (XFS, Btrfs) to see shared shards
 
 - cp:      `cp -rL --reflink=never` of the checkpoint (the copy throughput of this disk), right before each
            convert: the median;
-- matmul:  the bare table matmuls (same FLOPs, device and dtype as convert's compute), timed right
-           before the first convert and right after each (a shared machine's speed drifts): the median;
+- matmul:  the bare table matmuls (same FLOPs, device and dtype as convert's compute, into output
+           buffers allocated once), timed right before the first convert and right after each (a
+           shared machine's speed drifts): the median;
 - convert: `python -m precompile convert` in a subprocess, wall time (the median of --repeat runs);
 - peak RssAnon of that subprocess, sampled from /proc/PID/status every 5 ms;
 - ratios:  convert / (cp time of the bytes convert writes + matmul), and 8-layer vs 2-layer memory;
@@ -192,25 +193,30 @@ def bare_matmul_seconds(shape: str, device: torch.device, chunk: int) -> tuple[f
         f = c["intermediate_size"]
         mats = [[torch.randn(3 * d, d, generator=g)], [torch.randn(f, d, generator=g), torch.randn(d, f, generator=g)]]
     mats = [[m.to(device) for m in chain] for chain in mats]
+    # outputs go into buffers allocated once: the limit is the arithmetic, not the allocator's page faults
+    outs = [[torch.empty(chunk, m.shape[0], device=device) for m in chain] for chain in mats]
     flops = 0
     x = torch.randn(chunk, d, generator=g).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t = time.perf_counter()
     for start in range(0, v, chunk):
-        rows = x[: min(chunk, v - start)]
-        for chain in mats:
-            h = rows
-            for m in chain:
-                h = h @ m.t()
-                flops += 2 * h.shape[0] * m.shape[0] * m.shape[1]
+        n = min(chunk, v - start)
+        for chain, bufs in zip(mats, outs):
+            h = x[:n]
+            for m, buf in zip(chain, bufs):
+                h = torch.matmul(h, m.t(), out=buf[:n])
+                flops += 2 * n * m.shape[0] * m.shape[1]
     sync()
     return time.perf_counter() - t, flops / 1e12
 
 
-def run_convert(source: str, out: Path, args, profile: Path | None, env: dict) -> dict:
+PROGRAM = [sys.executable, "-m", "precompile"]  # the `precompile` command: precompile.cli.run
+
+
+def run_convert(source: str, out: Path, args, profile: Path | None, env: dict, entry: list[str] = PROGRAM) -> dict:
     """convert in a subprocess; wall time and peak RssAnon (sampled every 5 ms), VmHWM for reference."""
-    cmd = [sys.executable, "-m", "precompile", "convert", source, str(out), "--device", args.device,
+    cmd = [*entry, "convert", source, str(out), "--device", args.device,
            "--chunk-size", str(args.chunk_size), "--link", args.link]
     if profile:
         cmd += ["--profile", str(profile)]

@@ -12,6 +12,7 @@ import click
 
 from . import __version__
 from .errors import UserError, VerificationError
+from .process import skip_exit_collection, use_huge_pages
 from .progress import Progress
 
 _DEVICE = click.Choice(["auto", "cpu", "cuda"])
@@ -334,5 +335,15 @@ def profiles():
     click.echo("other architectures: write a profile (configs/README.md) and pass it with --profile")
 
 
+def run() -> None:
+    """The `precompile` program (console script and `python -m precompile`): `main` plus the tuning
+    that only a whole process may apply to itself (see precompile/process.py)."""
+    use_huge_pages()
+    try:
+        main()
+    finally:
+        skip_exit_collection()
+
+
 if __name__ == "__main__":
-    main()
+    run()
