@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from precompile.process import THP_ENV
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 THP_MODE = THP.read_text().split("[")[1].split("]")[0] if THP.exists() else "never"
@@ -34,7 +35,7 @@ def test_the_program_alone_backs_large_tensors_with_huge_pages(setup, huge):
     """The order `run` has: everything imported, then the tuning, then the first tensor. A fresh 64 MiB
     tensor faults in 16384 pages of 4 KiB, or 32 of 2 MiB; it fails if an import ever allocates a
     tensor (torch reads its setting at the first allocation)."""
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env = {k: v for k, v in os.environ.items() if k != THP_ENV}
     r = subprocess.run([sys.executable, "-c", FAULTS.format(setup=setup)], capture_output=True, text=True,
                        cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert r.returncode == 0, r.stderr
