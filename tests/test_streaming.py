@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from precompile.convert import FFN_BLOCK, _table_chunks, convert, describe_shards, plan_conversion
 from precompile.errors import UserError
 from precompile.layout import TABLE_FILE
-from precompile.precompute import compute_rows, folded_ffn
+from precompile.precompute import Scratch, activation, apply_norm, compute_rows, ffn_output, folded_ffn
+from precompile.profiles import ACTIVATIONS
 from precompile.progress import Progress
 from precompile.tensors import read_header
 from precompile.writer import write_table
@@ -252,6 +253,69 @@ def test_blocked_ffn_matches_the_whole_ffn(neox):
     wb = {k: v.to(torch.bfloat16) if "mlp" in k else v for k, v in w.items()}
     wf = {k: v.to(torch.float32) for k, v in wb.items()}
     assert torch.equal(folded_ffn(plan.spec, x, h, wb), folded_ffn(plan.spec, x, h, wf))
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gptj", "falcon_new", "cohere"])  # MLP (gelu) and GLU (silu) FFNs
+def test_blocked_ffn_of_each_parallel_family(checkpoint, family):
+    """Blocks that do not divide the FFN, over bfloat16 weights, give what the plain FFN formula
+    (`ffn_output`: out-of-place, float32 weights) gives; the in-place activation touches only the
+    FFN's own buffers, never x or h."""
+    src = checkpoint(family)
+    plan = plan_conversion(str(src))
+    w = {k: v for f in plan.checkpoint.files for k, v in load_file(src / f).items()}
+    ffn = {n for ref in plan.spec.ffn.refs() for n in ref if n}
+    wb = {k: v.to(torch.bfloat16).float() for k, v in w.items()}  # values a bfloat16 checkpoint holds
+    stored = {k: v.to(torch.bfloat16) if k in ffn else v for k, v in wb.items()}
+    x, h = torch.randn(9, 64), torch.randn(9, 64)
+    x0, h0 = x.clone(), h.clone()
+    ffn_norm = plan.spec.ffn.norm
+    whole = x + ffn_output(plan.spec.ffn, h if ffn_norm is None else apply_norm(ffn_norm, x, wb), wb)
+    for block in (None, 7, 50):
+        got = folded_ffn(plan.spec, x, h, stored, block)
+        assert torch.allclose(got, whole, atol=1e-5, rtol=1e-5), block
+    assert torch.equal(x, x0) and torch.equal(h, h0)
+
+
+def test_blocked_ffn_reuses_its_buffers(neox, monkeypatch):
+    """Each role's buffer is made once, however many blocks the FFN is cut into (a new 64 MiB tensor
+    per block and role cost 5-20 ms of page faults per Pythia chunk)."""
+    src, prof = neox
+    plan = plan_conversion(str(src), profile=str(prof))
+    w = {k: v.to(torch.bfloat16) for f in plan.checkpoint.files for k, v in load_file(src / f).items()}
+    made: list[str] = []
+    take = Scratch.take
+
+    def counting(self, role, shape, dtype, device):
+        before = self._buffers.get(role)
+        t = take(self, role, shape, dtype, device)
+        if self._buffers[role] is not before:
+            made.append(role)
+        return t
+
+    monkeypatch.setattr(Scratch, "take", counting)
+    x, h = torch.randn(7, 64), torch.randn(7, 64)
+    for block in (48, 8):  # 2 and 12 blocks
+        made.clear()
+        folded_ffn(plan.spec, x, h, w, block)
+        assert sorted(made) == ["acc", "down", "up", "up out"], (block, made)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_in_place_is_the_same_kernel(name):
+    x = torch.randn(1000) * 4
+    y = x.clone()
+    out = activation(name, y, inplace=True)
+    assert out.data_ptr() == y.data_ptr() and torch.equal(y, activation(name, x))
+
+
+def test_scratch_reuses_and_grows():
+    s = Scratch()
+    a = s.take("r", (4, 8), torch.float32, torch.device("cpu"))
+    assert s.take("r", (2, 8), torch.float32, torch.device("cpu")).data_ptr() == a.data_ptr()
+    assert s.take("r", (8, 8), torch.float32, torch.device("cpu")).numel() == 64
+    t = torch.ones(3)
+    assert s.cast("c", t, torch.float32) is t
+    assert torch.equal(s.cast("c", t, torch.bfloat16), t.to(torch.bfloat16))
 
 
 def test_parallel_block_conversion_matches_in_memory_path(neox, tmp_path, monkeypatch):
