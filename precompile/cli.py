@@ -313,8 +313,8 @@ def _dry_run_files(plan) -> str:
     for s in plan.shards:
         if s.out_file is None:
             lines.append(f"  (drops {s.source_file}: every tensor in it is eliminated)")
-    lines.append(f"  + index, config.json, precompile.json, precompile_loader.py, {len(plan.carried)} tokenizer/"
-                 f"generation files")
+    lines.append(f"  + index, config.json, precompile.json, precompile_loader.py, README.md, {len(plan.carried)} "
+                 f"tokenizer/generation files")
     lines.append(f"total: {sum(files.values()):,} bytes in weight files; tensor data {plan.out_bytes:,} bytes")
     lines.append("nothing written (--dry-run)")
     return "\n".join(lines)

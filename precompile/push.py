@@ -2,9 +2,9 @@
 
 Only the files the manifest records (plus the manifest) are uploaded, in one commit with
 `HfApi.upload_folder`: the hub revision then shows either the previous state or the whole
-model, never half of it, which is what OUT_DIR's own atomic write promises locally. (The
-huggingface_hub this project supports does not all ship `upload_large_folder`, whose many
-commits would give up that property; upload_folder already streams large files.)
+model, never half of it, which is what OUT_DIR's own atomic write promises locally. Hence no
+`upload_large_folder` at any size: its many commits would give up that property, and not every
+huggingface_hub this project supports has it (2.4 has none); upload_folder uploads large files itself.
 HF_TOKEN, HF_ENDPOINT and the login in HF_HOME are huggingface_hub's own business; its
 failures become one-line `UserError`s that say what to do.
 """
@@ -24,6 +24,9 @@ from .loader import MANIFEST, PrecompileLoadError, read_manifest
 from .progress import Progress
 
 PUBLIC_HUB = "huggingface.co"
+# Weight files already in the repo that this OUT_DIR does not hold are deleted in the same commit: a revision
+# never mixes two conversions' shards (the repo's other files, e.g. images a user added, stay).
+STALE_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,8 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
         total = sum(s for _, s in plan.files)
         progress.log(f"uploading {len(plan.files)} files ({total / 2**20:.1f} MiB) to {repo_id}@{plan.revision}")
         api.upload_folder(repo_id=repo_id, folder_path=str(plan.out_dir), repo_type="model", revision=plan.revision,
-                          commit_message=plan.commit_message, allow_patterns=[glob.escape(n) for n, _ in plan.files])
+                          commit_message=plan.commit_message, allow_patterns=[glob.escape(n) for n, _ in plan.files],
+                          delete_patterns=STALE_PATTERNS)
     progress.log(f"pushed {plan.out_dir} to {repo_id}@{plan.revision}")
     return plan
 

@@ -328,6 +328,7 @@ def test_push_creates_repo_and_branch_then_uploads_once(full, monkeypatch):
     _, _, kw = rec.calls[2]
     assert kw["repo_id"] == TARGET and Path(kw["folder_path"]) == full and kw["revision"] == "dev"
     assert kw["commit_message"] == "hello"
+    assert kw["delete_patterns"] == ["*.safetensors", "*.safetensors.index.json"]  # stale shards of older pushes
     assert sorted(kw["allow_patterns"]) == sorted(set(manifest(full)["outputs"]) | {"precompile.json"})
     rec.calls.clear()
     push(full, TARGET)
