@@ -19,7 +19,7 @@ import yaml
 
 from . import __version__
 from .errors import UserError
-from .loader import FORMAT_VERSION, MANIFEST, PrecompileLoadError, read_manifest
+from .loader import FORMAT_VERSION, MANIFEST
 from .plan import exact_figures, model_figures, to_markdown
 from .source import file_sha256
 from .writer import _signals_deferred, write_json
@@ -231,10 +231,9 @@ def write_card(out_dir: Path, plan: ConversionPlan, self_check: SelfCheckSummary
 
 def check_card(out_dir: Path) -> None:
     """`--update-card` needs a card the manifest records; say so before verify runs for minutes."""
-    try:
-        manifest = read_manifest(out_dir)
-    except PrecompileLoadError as e:
-        raise UserError(str(e)) from None
+    from .verify import read_out_dir
+
+    out_dir, manifest = read_out_dir(out_dir)
     if CARD_FILE not in (manifest.get("outputs") or {}) or not (out_dir / CARD_FILE).is_file():
         raise UserError(f"{out_dir} has no {CARD_FILE} model card recorded in its {MANIFEST} (converted by an older "
                         f"precompile); convert again to get one, or drop --update-card")

@@ -20,10 +20,11 @@ from urllib.parse import urlsplit
 
 from . import __version__
 from .errors import UserError
-from .loader import MANIFEST, PrecompileLoadError, read_manifest
+from .loader import MANIFEST
 from .progress import Progress
 
 PUBLIC_HUB = "huggingface.co"
+NO_TOKEN = "no Hugging Face token: set HF_TOKEN to a token with write access, or run `hf auth login`"
 # Weight files already in the repo that this OUT_DIR does not hold are deleted in the same commit: a revision
 # never mixes two conversions' shards (the repo's other files, e.g. images a user added, stay).
 STALE_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
@@ -74,8 +75,7 @@ def check_token() -> None:
     from huggingface_hub import constants, get_token
 
     if urlsplit(constants.ENDPOINT).hostname == PUBLIC_HUB and not get_token():
-        raise UserError("no Hugging Face token: set HF_TOKEN to a token with write access, or run "
-                        "`hf auth login`")
+        raise UserError(NO_TOKEN)
 
 
 def check_target(repo_id: str) -> None:
@@ -96,16 +96,10 @@ def check_push_source(repo_id: str, source: str, overlay: bool) -> None:
 def plan_push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
               commit_message: str | None = None) -> PushPlan:
     """Check OUT_DIR (manifest, every recorded sha256, overlay base on the hub) and list what would be uploaded."""
-    from .verify import check_outputs
+    from .verify import check_outputs, read_out_dir
 
-    out = Path(out_dir)
     check_repo_id(repo_id)
-    if not out.is_dir():
-        raise UserError(f"OUT_DIR {out} is not a directory; pass the output directory of `precompile convert`")
-    try:
-        manifest = read_manifest(out)
-    except PrecompileLoadError as e:
-        raise UserError(str(e)) from None
+    out, manifest = read_out_dir(out_dir)
     integrity = check_outputs(out, manifest)
     if not integrity.passed:
         m = integrity.metrics
@@ -166,8 +160,7 @@ def hub_errors(repo_id: str, revision: str):
     except HfHubHTTPError as e:
         raise UserError(_http_message(e, repo_id)) from None
     except LocalTokenNotFoundError:
-        raise UserError("no Hugging Face token: set HF_TOKEN to a token with write access, or run "
-                        "`hf auth login`") from None
+        raise UserError(NO_TOKEN) from None
     except OfflineModeIsEnabled:
         raise UserError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it to push") from None
     except (transport, ConnectionError, TimeoutError, OSError) as e:
