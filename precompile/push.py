@@ -163,12 +163,18 @@ def hub_errors(repo_id: str, revision: str):
         raise UserError(NO_TOKEN) from None
     except OfflineModeIsEnabled:
         raise UserError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it to push") from None
-    except (transport, ConnectionError, TimeoutError, OSError) as e:
+    except (transport, ConnectionError, TimeoutError) as e:
         from huggingface_hub import constants
 
-        raise UserError(f"cannot reach the hub at {constants.ENDPOINT} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else 'no detail'}); check the network and HF_ENDPOINT, "
-                        f"then push again") from None
+        raise UserError(f"cannot reach the hub at {constants.ENDPOINT} ({_first_line(e)}); check the network and "
+                        f"HF_ENDPOINT, then push again") from None
+    except OSError as e:  # a local file or cache problem while uploading
+        raise UserError(f"uploading to {repo_id} failed ({_first_line(e)}); check OUT_DIR and the disk, then push "
+                        f"again") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
 
 
 def _http_message(e, repo_id: str) -> str:

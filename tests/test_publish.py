@@ -357,6 +357,8 @@ def transport_error() -> Exception:
     (http_error(402), ["quota exceeded"]),
     (http_error(500, "Internal Error"), ["(500: Internal Error)"]),
     (transport_error(), ["cannot reach the hub", "Connection refused"]),
+    (http_error(429, "Too many requests"), ["rate-limiting", "wait"]),
+    (OSError(5, "Input/output error"), ["uploading to", "Input/output error"]),
 ])
 def test_hub_failures_are_one_line_exit_2(full, monkeypatch, capsys, error, words):
     rec = Recorder(monkeypatch, fail={"upload_folder": error})
