@@ -25,6 +25,17 @@ from .profiles import read_yaml
 from .progress import Progress
 from .source import file_sha256
 
+
+def _is_repo_id(v: str) -> bool:
+    from .push import check_repo_id
+
+    try:
+        check_repo_id(v)
+    except UserError:
+        return False
+    return True
+
+
 # Options an entry (or `defaults:`) may set, with a check for each value.
 OPTION_CHECKS: dict[str, tuple[str, Any]] = {
     "revision": ("a string", lambda v: isinstance(v, str)),
@@ -38,7 +49,9 @@ OPTION_CHECKS: dict[str, tuple[str, Any]] = {
                 lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(p, str) for p in v))),
     "verify": ("true or false", lambda v: isinstance(v, bool)),
     "overlay": ("true or false", lambda v: isinstance(v, bool)),
+    "push_to": ("a hub repo id (namespace/name)", lambda v: isinstance(v, str) and _is_repo_id(v)),
 }
+
 ENTRY_ONLY = {"source": "a hub id or a local path", "out": "a directory name under --out-root"}
 
 
@@ -59,11 +72,12 @@ class EntryResult:
     plan: dict | None = None
     verify: dict | None = None
     error: str | None = None
+    pushed: str | None = None  # the hub repo OUT_DIR was uploaded to
 
     def as_dict(self) -> dict:
         return {"source": self.entry.source, "out": self.entry.out, "status": self.status,
                 "seconds": round(self.seconds, 3), "bytes": self.bytes, "plan": self.plan, "verify": self.verify,
-                "error": self.error}
+                "error": self.error, "pushed": self.pushed}
 
 
 def default_out_name(source: str) -> str:
@@ -230,7 +244,12 @@ def _run_entry(entry: Entry, out_root: Path, verify_all: bool, progress: Progres
     result = EntryResult(entry)
     t0 = time.monotonic()
     out_dir = out_root / entry.out
+    push_to = entry.options.get("push_to")
     try:
+        if push_to:  # a missing token or a local overlay fails before the conversion, not after it
+            from .push import check_push_source
+
+            check_push_source(push_to, entry.source, bool(entry.options.get("overlay")))
         if up_to_date(entry, out_dir):
             result.status = "skipped"
         else:
@@ -246,6 +265,11 @@ def _run_entry(entry: Entry, out_root: Path, verify_all: bool, progress: Progres
             if not result.verify.get("passed"):
                 failed = [c["name"] for c in result.verify.get("checks", []) if not c.get("passed")]
                 raise VerificationError(f"verify failed: {', '.join(failed) or 'see report'}")
+        if push_to:  # after verify: a failed verify never uploads
+            from .push import push
+
+            push(out_dir, push_to, progress=progress)
+            result.pushed = push_to
     except (UserError, VerificationError, PrecompileLoadError) as e:
         result.status, result.error = "failed", str(e)
     except Exception as e:  # an entry's internal failure must not stop the zoo
@@ -329,6 +353,8 @@ def dry_run(zoo: str | Path, out_root: str | Path, shard: str | None = None) -> 
                 action = "convert"
         except (UserError, PrecompileLoadError) as err:
             action = f"fail: {err}"
+        if e.options.get("push_to") and not action.startswith("fail"):
+            action += f", then push to {e.options['push_to']}"
         out.append((e, action))
     return out
 

@@ -89,13 +89,19 @@ def main(debug: bool) -> None:
               "over the unchanged SOURCE; fetch only the files layer 0 needs.")
 @click.option("--allow-pickle", is_flag=True, help="Read PyTorch *.bin/*.pt weights when there are no safetensors "
               "(loaded with torch.load(weights_only=True): tensors only, no code runs).")
+@click.option("--push-to-hub", "push_to", metavar="REPO_ID", help="Then upload OUT_DIR to this hub repo, as "
+              "`precompile push` does (the token and an overlay's base are checked before converting).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def convert(source, out_dir, revision, profile_path, device, dtype, compute_dtype, chunk_size, link, force,
-            dry_run, overlay, allow_pickle, quiet):
+            dry_run, overlay, allow_pickle, push_to, quiet):
     """Convert SOURCE (hub id or local directory) into OUT_DIR."""
     from .convert import convert as run_convert, describe_plan, plan_conversion
 
     progress = Progress(quiet=quiet)
+    if push_to and not dry_run:
+        from .push import check_push_source
+
+        check_push_source(push_to, source, overlay)
     if dry_run:
         import tempfile
         from pathlib import Path
@@ -112,6 +118,10 @@ def convert(source, out_dir, revision, profile_path, device, dtype, compute_dtyp
     run_convert(source, out_dir, revision=revision, profile=profile_path, device=device, dtype=dtype,
                 compute_dtype=compute_dtype, chunk_size=chunk_size, force=force, link=link, progress=progress,
                 allow_pickle=allow_pickle, overlay=overlay)
+    if push_to:
+        from .push import push as run_push
+
+        run_push(out_dir, push_to, progress=progress)
 
 
 @main.command()
@@ -158,10 +168,12 @@ def materialize(overlay_dir, full_dir, base, profile_path, link, force, quiet):
 @click.option("--rows-lambda", type=float, help="Safety factor of the table rows' accumulation bound (default 2).")
 @click.option("--rows-z", type=float, help="Largest allowed row-mean error statistic (default 4.5).")
 @click.option("--max-fp32-ratio", type=float, help="Largest allowed converted/original RMS distance to float32.")
+@click.option("--update-card", is_flag=True, help="Write the checks, thresholds and outcome into OUT_DIR's "
+              "README.md model card (and its sha256 into precompile.json); no other file changes.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device, fp32_reference, profile_path,
            json_path, max_abs_diff, max_mean_diff, max_kl, min_top1, generation_tie, rows_lambda, rows_z,
-           max_fp32_ratio, quiet):
+           max_fp32_ratio, update_card, quiet):
     """Check OUT_DIR against its original model: files, table rows, logits, generation.
 
     Exit 0 when every check passes, 1 when any fails, 2 for bad input.
@@ -178,10 +190,18 @@ def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device,
     thresholds = {"max_abs_diff": max_abs_diff, "mean_abs_diff": max_mean_diff, "kl": max_kl, "top1": min_top1,
                   "generation_tie": generation_tie, "rows_lambda": rows_lambda, "rows_z": rows_z,
                   "fp32_ratio": max_fp32_ratio}
+    if update_card:
+        from .card import check_card
+
+        check_card(Path(out_dir))
     result = run_verify(out_dir, prompts=prompts_file, reference=reference, max_new_tokens=max_new_tokens,
                         rows=rows, seed=seed, device=device, fp32_reference=fp32_reference, thresholds=thresholds,
                         profile=profile_path, progress=Progress(quiet=quiet))
     click.echo(format_report(result))
+    if update_card:
+        from .card import update_card as run_update_card
+
+        click.echo(run_update_card(out_dir, result))
     if json_path is not None:
         Path(json_path).write_text(_json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if not result["passed"]:
@@ -257,6 +277,29 @@ def bench(out_dir, source, device, dtype, batches, prompt_len, decode_tokens, re
         click.echo(note)
 
 
+@main.command()
+@click.argument("out_dir")
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", metavar="BRANCH", help="Branch to commit to, created if needed (default: main).")
+@click.option("--commit-message", metavar="M", help="The commit's message (default: names the source and tool).")
+@click.option("--dry-run", is_flag=True, help="Check OUT_DIR and print the repo, revision and every file with its "
+              "size; upload nothing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def push(out_dir, repo_id, private, revision, commit_message, dry_run, quiet):
+    """Upload OUT_DIR to the hub repo REPO_ID after checking every sha256 in its manifest.
+
+    HF_TOKEN (or `hf auth login`) gives the write access; HF_ENDPOINT picks another hub.
+    """
+    from .push import push as run_push
+
+    plan = run_push(out_dir, repo_id, private=private, revision=revision, commit_message=commit_message,
+                    dry_run=dry_run, progress=Progress(quiet=quiet))
+    if dry_run:
+        click.echo(plan.describe())
+        click.echo("nothing uploaded (--dry-run)")
+
+
 def _dry_run_files(plan) -> str:
     from .plan import output_files
 
@@ -270,8 +313,8 @@ def _dry_run_files(plan) -> str:
     for s in plan.shards:
         if s.out_file is None:
             lines.append(f"  (drops {s.source_file}: every tensor in it is eliminated)")
-    lines.append(f"  + index, config.json, precompile.json, precompile_loader.py, {len(plan.carried)} tokenizer/"
-                 f"generation files")
+    lines.append(f"  + index, config.json, precompile.json, precompile_loader.py, README.md, {len(plan.carried)} "
+                 f"tokenizer/generation files")
     lines.append(f"total: {sum(files.values()):,} bytes in weight files; tensor data {plan.out_bytes:,} bytes")
     lines.append("nothing written (--dry-run)")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .card import CARD_FILE, write_card
 from .errors import UserError
 from .layout import TABLE_FILE, TableLayout, table_layout
 from .loader import FORMAT_VERSION, MANIFEST
@@ -475,6 +476,7 @@ def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, de
         progress.log("hashing source and output files")
         outputs = {p.name: out_hashes.get(p.name) or file_sha256(p) for p in sorted(tmp.iterdir())}
         write_json(tmp / MANIFEST, build_manifest(plan, options, _source_hashes(plan, src_hashes), outputs))
+        outputs[CARD_FILE] = write_card(tmp, plan)  # after any self-check: it records the card's sha256
         result.files = outputs
     result.seconds = time.monotonic() - t0
     progress.log(f"wrote {out_dir} ({plan.out_bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s")
@@ -517,6 +519,7 @@ def _write_overlay(plan: ConversionPlan, out_dir: Path, options: dict, force: bo
         manifest = build_manifest(plan, options, _source_hashes(plan), outputs, kind="overlay")
         manifest["source"].update(_base_stats(plan))
         write_json(tmp / MANIFEST, manifest)
+        outputs[CARD_FILE] = write_card(tmp, plan)
         result.files = outputs
     result.seconds = time.monotonic() - t0
     progress.log(f"wrote overlay {out_dir} ({plan.table_bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s; "

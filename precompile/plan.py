@@ -268,6 +268,14 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def model_figures(source: str, kind: str, profile: str, config: dict, spec: ModelSpec,
+                  batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES, assume_parallel: bool = False) -> dict[str, Any]:
+    """`plan --json`'s object without `exact`: the paper's figures of a resolved model (also the model card's)."""
+    return {"source": source, "source_kind": kind, "profile": profile,
+            "architecture": (config.get("architectures") or [None])[0], "model_type": config.get("model_type"),
+            "assume_parallel": assume_parallel, **figures(sizes_from_spec(spec), batch_sizes)}
+
+
 def plan_model(source: str, *, profile: str | None = None, assume_parallel: bool = False,
                batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES, revision: str | None = None) -> dict[str, Any]:
     """The paper's figures for SOURCE (hub id, model dir, converted OUT_DIR or config.json path).
@@ -282,16 +290,7 @@ def plan_model(source: str, *, profile: str | None = None, assume_parallel: bool
     config, kind, weights = load_config(source, revision)
     prof = select_profile(config, profile)
     spec = resolve(prof, config, assume_parallel=assume_parallel)
-    s = sizes_from_spec(spec)
-    out: dict[str, Any] = {
-        "source": source,
-        "source_kind": kind,
-        "profile": prof.name,
-        "architecture": (config.get("architectures") or [None])[0],
-        "model_type": config.get("model_type"),
-        "assume_parallel": assume_parallel,
-        **figures(s, batch_sizes),
-    }
+    out = model_figures(source, kind, prof.name, config, spec, batch_sizes, assume_parallel)
     if weights is not None and not assume_parallel:
         from .convert import plan_conversion
 
@@ -448,5 +447,5 @@ def supported_architectures() -> list[dict[str, Any]]:
     return sorted(out, key=lambda x: (x["architecture"] or "", x["profile"]))
 
 
-__all__ = ["Sizes", "sizes_from_spec", "figures", "exact_figures", "output_files", "plan_model", "load_config",
-           "parse_batch_sizes", "to_text", "to_markdown", "plot", "supported_architectures"]
+__all__ = ["Sizes", "sizes_from_spec", "figures", "model_figures", "exact_figures", "output_files", "plan_model",
+           "load_config", "parse_batch_sizes", "to_text", "to_markdown", "plot", "supported_architectures"]

@@ -21,7 +21,7 @@ from .errors import UserError
 from .tensors import INDEX_NAME, SINGLE_NAME, Checkpoint, read_header, read_index
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt",
-                  "spiece.model", "*.jinja"]
+                  "spiece.model", "*.jinja", "README.md"]  # README.md: the source card's license/language
 # Files carried into OUT_DIR unchanged: tokenizer and generation files (config.json is rewritten).
 CARRIED = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|generation_config\.json|"
                      r"vocab\.(json|txt)|merges\.txt|spiece\.model|.*\.tiktoken|chat_template\.(jinja|json)|"

@@ -478,6 +478,17 @@ def _generate(model: nn.Module, enc: dict, n: int, pad: int, eos) -> tuple[torch
 # ----------------------------------------------------------------------------------------------- verify
 
 
+def read_out_dir(out_dir: str | Path) -> tuple[Path, dict]:
+    """OUT_DIR and its manifest, or a UserError saying what OUT_DIR is not (verify, push, --update-card)."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise UserError(f"OUT_DIR {out} is not a directory; pass the output directory of `precompile convert`")
+    try:
+        return out, read_manifest(out)
+    except PrecompileLoadError as e:
+        raise UserError(str(e)) from None
+
+
 def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None, reference: str | None = None,
            max_new_tokens: int = 16, rows: int | str = DEFAULT_ROWS, seed: int = DEFAULT_SEED,
            device: str = "auto", fp32_reference: bool | None = None, thresholds: dict | None = None,
@@ -491,13 +502,7 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
 
     progress = progress or Progress(quiet=True)
     t_start = time.monotonic()
-    out = Path(out_dir)
-    if not out.is_dir():
-        raise UserError(f"OUT_DIR {out} is not a directory; pass the output directory of `precompile convert`")
-    try:
-        manifest = read_manifest(out)
-    except PrecompileLoadError as e:
-        raise UserError(str(e)) from None
+    out, manifest = read_out_dir(out_dir)
     prompt_list = _prompt_list(prompts)
     n_rows = _rows_arg(rows)
     if max_new_tokens < 1:

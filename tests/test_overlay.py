@@ -110,7 +110,7 @@ def test_overlay_fetches_only_layer0_files(base, tmp_path, hub):
     precompile.convert(REPO, out, overlay=True, device="cpu")
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["precompile_table.safetensors", "precompile.json", "config.json", "precompile_loader.py",
-         "generation_config.json", "tokenizer.json", "tokenizer_config.json"])
+         "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md"])
     m = tiny.read_json(out / "precompile.json")
     assert m["kind"] == "overlay" and m["source"]["id"] == REPO and m["source"]["revision"] == REV
     assert sorted(f for f in m["source"]["files"] if f.endswith(".safetensors")) == sorted(layer0_files(base))

@@ -1,0 +1,195 @@
+"""`push`: upload a converted OUT_DIR to the Hugging Face hub, after checking every hash in its manifest.
+
+Only the files the manifest records (plus the manifest) are uploaded, in one commit with
+`HfApi.upload_folder`: the hub revision then shows either the previous state or the whole
+model, never half of it, which is what OUT_DIR's own atomic write promises locally. Hence no
+`upload_large_folder` at any size: its many commits would give up that property, and not every
+huggingface_hub this project supports has it (2.4 has none); upload_folder uploads large files itself.
+HF_TOKEN, HF_ENDPOINT and the login in HF_HOME are huggingface_hub's own business; its
+failures become one-line `UserError`s that say what to do.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from . import __version__
+from .errors import UserError
+from .loader import MANIFEST
+from .progress import Progress
+
+PUBLIC_HUB = "huggingface.co"
+NO_TOKEN = "no Hugging Face token: set HF_TOKEN to a token with write access, or run `hf auth login`"
+# Weight files already in the repo that this OUT_DIR does not hold are deleted in the same commit: a revision
+# never mixes two conversions' shards (the repo's other files, e.g. images a user added, stay).
+STALE_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+
+
+@dataclass(frozen=True)
+class PushPlan:
+    """What `push` uploads: checked before anything leaves the machine."""
+
+    out_dir: Path
+    repo_id: str
+    revision: str  # the branch the commit goes to
+    private: bool
+    commit_message: str
+    files: tuple[tuple[str, int], ...]  # (name, bytes), the manifest last
+    left_out: tuple[str, ...]  # files in OUT_DIR that the manifest does not record
+
+    def describe(self) -> str:
+        lines = [f"repo: {self.repo_id} (model{', private if created' if self.private else ''})",
+                 f"revision: {self.revision}",
+                 f"files ({len(self.files)}, {sum(s for _, s in self.files):,} bytes):"]
+        lines += [f"  {name}  {size:,} bytes" for name, size in self.files]
+        if self.left_out:
+            lines.append(f"not uploaded (not recorded in {MANIFEST}): {', '.join(self.left_out)}")
+        return "\n".join(lines)
+
+
+def local_overlay_reason(where: str) -> str:
+    return (f"{where} is an overlay of a local directory: from_pretrained on the hub could not find its base; "
+            f"convert the overlay from the base's hub id, or push a full conversion (precompile materialize)")
+
+
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise UserError(f"REPO_ID {repo_id!r} is not a valid hub repo id ({str(e).splitlines()[0]}); "
+                        f"pass namespace/name") from None
+
+
+def check_token() -> None:
+    """The public hub takes no anonymous writes: refuse before anything is converted or uploaded.
+
+    Another HF_ENDPOINT (a private hub mirror) may not need a token; its own 401 is mapped later.
+    """
+    from huggingface_hub import constants, get_token
+
+    if urlsplit(constants.ENDPOINT).hostname == PUBLIC_HUB and not get_token():
+        raise UserError(NO_TOKEN)
+
+
+def check_target(repo_id: str) -> None:
+    """Everything about the destination that can be checked without the network."""
+    check_repo_id(repo_id)
+    check_token()
+
+
+def check_push_source(repo_id: str, source: str, overlay: bool) -> None:
+    """`convert --push-to-hub`: refuse what push would refuse, before the conversion runs."""
+    from .source import is_hub_id
+
+    check_target(repo_id)
+    if overlay and not is_hub_id(source):
+        raise UserError(local_overlay_reason(f"--overlay of {source}"))
+
+
+def plan_push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
+              commit_message: str | None = None) -> PushPlan:
+    """Check OUT_DIR (manifest, every recorded sha256, overlay base on the hub) and list what would be uploaded."""
+    from .verify import check_outputs, read_out_dir
+
+    check_repo_id(repo_id)
+    out, manifest = read_out_dir(out_dir)
+    integrity = check_outputs(out, manifest)
+    if not integrity.passed:
+        m = integrity.metrics
+        bad = "; ".join(f"{what}: {', '.join(m[what])}" for what in ("changed", "missing") if m[what]) \
+            or "no output hashes recorded"
+        raise UserError(f"{out} does not match its {MANIFEST} ({bad}); it is damaged or half-written, convert "
+                        f"again before pushing")
+    src = manifest.get("source") or {}
+    if manifest.get("kind") == "overlay" and not src.get("id"):
+        raise UserError(local_overlay_reason(str(out)))
+    names = sorted(manifest["outputs"]) + [MANIFEST]
+    label = src.get("id") or Path(str(src.get("path") or out)).name
+    return PushPlan(out, repo_id, revision or "main", private,
+                    commit_message or f"Upload {label} with layer 0 precomputed (precompile {__version__})",
+                    tuple((n, (out / n).stat().st_size) for n in names),
+                    tuple(integrity.metrics["unrecorded"]))
+
+
+def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
+         commit_message: str | None = None, dry_run: bool = False, progress: Progress | None = None) -> PushPlan:
+    """Upload OUT_DIR to REPO_ID (created if needed; the branch too) in one commit; dry_run uploads nothing."""
+    progress = progress or Progress(quiet=True)
+    plan = plan_push(out_dir, repo_id, private=private, revision=revision, commit_message=commit_message)
+    if dry_run:
+        return plan
+    check_token()
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    with hub_errors(repo_id, plan.revision):
+        progress.log(f"creating {repo_id} if needed")
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if plan.revision != "main":
+            api.create_branch(repo_id, branch=plan.revision, repo_type="model", exist_ok=True)
+        total = sum(s for _, s in plan.files)
+        progress.log(f"uploading {len(plan.files)} files ({total / 2**20:.1f} MiB) to {repo_id}@{plan.revision}")
+        api.upload_folder(repo_id=repo_id, folder_path=str(plan.out_dir), repo_type="model", revision=plan.revision,
+                          commit_message=plan.commit_message, allow_patterns=[glob.escape(n) for n, _ in plan.files],
+                          delete_patterns=STALE_PATTERNS)
+    progress.log(f"pushed {plan.out_dir} to {repo_id}@{plan.revision}")
+    return plan
+
+
+@contextmanager
+def hub_errors(repo_id: str, revision: str):
+    """huggingface_hub's failures as one line each: auth, permission, quota, missing repo, network."""
+    from huggingface_hub.errors import (HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    transport = HfHubHTTPError.__bases__[0]  # the HTTP library's own error (httpx, httpx2 or requests)
+    try:
+        yield
+    except RevisionNotFoundError:
+        raise UserError(f"branch {revision} of {repo_id} not found and not created; check --revision") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{repo_id} not found and could not be created: the namespace does not exist or the token "
+                        f"cannot write to it; check REPO_ID and HF_TOKEN") from None
+    except HfHubHTTPError as e:
+        raise UserError(_http_message(e, repo_id)) from None
+    except LocalTokenNotFoundError:
+        raise UserError(NO_TOKEN) from None
+    except OfflineModeIsEnabled:
+        raise UserError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it to push") from None
+    except (transport, ConnectionError, TimeoutError) as e:
+        from huggingface_hub import constants
+
+        raise UserError(f"cannot reach the hub at {constants.ENDPOINT} ({_first_line(e)}); check the network and "
+                        f"HF_ENDPOINT, then push again") from None
+    except OSError as e:  # a local file or cache problem while uploading
+        raise UserError(f"uploading to {repo_id} failed ({_first_line(e)}); check OUT_DIR and the disk, then push "
+                        f"again") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
+
+
+def _http_message(e, repo_id: str) -> str:
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    detail = (getattr(e, "server_message", None) or str(e)).strip().splitlines()
+    detail = detail[0] if detail else ""
+    if status == 401:
+        return (f"authentication failed (401): HF_TOKEN is missing, invalid or expired; set HF_TOKEN to a write "
+                f"token or run `hf auth login` ({detail})")
+    if status in (402, 413) or any(w in detail.lower() for w in ("quota", "storage limit", "exceeded")):
+        return (f"the hub refused the upload to {repo_id}: quota exceeded ({status}: {detail}); free space in the "
+                f"account or organization, or push to another namespace")
+    if status == 403:
+        return (f"permission denied (403) for {repo_id}: the token cannot write to this namespace; use a token "
+                f"with write access to it, or another REPO_ID ({detail})")
+    if status == 429:
+        return f"the hub is rate-limiting requests (429: {detail}); wait a few minutes and push again"
+    return f"the hub refused the request for {repo_id} ({status}: {detail}); check REPO_ID and push again"
