@@ -319,20 +319,11 @@ def plan(source, batch_sizes, assume_parallel, profile_path, revision, json_path
 
 @main.command()
 def profiles():
-    """List the supported architectures: class name, profile and block kind."""
-    from .plan import supported_architectures
-    from .profiles import refusals
+    """How each causal LM of the installed transformers stands: supported (profile, block), refused or not yet
+    (the reason); the same classification as docs/support.md."""
+    from .support import support_matrix, to_text
 
-    rows = [(r["architecture"] or "-", r["profile"], r["block"], ", ".join(r["model_types"]))
-            for r in supported_architectures()]
-    head = ("ARCHITECTURE", "PROFILE", "BLOCK", "MODEL TYPES")
-    widths = [max(len(x[i]) for x in rows + [head]) for i in range(3)]
-    for row in [head] + rows:
-        click.echo("  ".join(f"{c:<{w}}" for c, w in zip(row, widths)) + "  " + row[3])
-    refused = sorted(refusals())
-    if refused:
-        click.echo(f"refused model types (the trick does not apply to them): {', '.join(refused)}")
-    click.echo("other architectures: write a profile (configs/README.md) and pass it with --profile")
+    click.echo(to_text(support_matrix()))
 
 
 def run() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .profiles import ModelSpec, builtin_profiles, resolve, select_profile
+from .profiles import ModelSpec, resolve, select_profile
 
 if TYPE_CHECKING:  # convert imports torch and transformers: plans from a config need neither
     from .convert import ConversionPlan
@@ -433,20 +433,5 @@ def plot(r: dict[str, Any], path: str | os.PathLike) -> None:
         plt.close(fig)
 
 
-def supported_architectures() -> list[dict[str, Any]]:
-    """One entry per architecture class of the built-in profiles, with its profile and block kind."""
-    out = []
-    for p in builtin_profiles():
-        blocks = {p.block}
-        for v in p.data.get("variants") or []:
-            if "block" in v["set"]:
-                blocks.add(v["set"]["block"])
-        block = p.block if len(blocks) == 1 else " or ".join(sorted(blocks)) + " (by config)"
-        for arch in p.architectures or [None]:
-            out.append({"architecture": arch, "profile": p.name, "block": block, "model_types": p.model_types,
-                        "description": p.data.get("description", "")})
-    return sorted(out, key=lambda x: (x["architecture"] or "", x["profile"]))
-
-
 __all__ = ["Sizes", "sizes_from_spec", "figures", "exact_figures", "output_files", "plan_model", "load_config",
-           "parse_batch_sizes", "to_text", "to_markdown", "plot", "supported_architectures"]
+           "parse_batch_sizes", "to_text", "to_markdown", "plot"]
