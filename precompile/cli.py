@@ -119,8 +119,8 @@ def convert(source, out_dir, revision, profile_path, device, dtype, compute_dtyp
 @click.argument("full_dir", type=click.Path(file_okay=True, dir_okay=True))
 @click.option("--base", type=click.Path(file_okay=False), help="The base model's directory (default: the source "
               "recorded in the overlay, from the HF cache at its revision or its local path).")
-@click.option("--profile", "profile_path", type=click.Path(), help="The profile YAML the overlay was made with, "
-              "when it was not chosen from config.json.")
+@click.option("--profile", "profile_path", type=click.Path(), help="Architecture profile YAML (default: the one "
+              "recorded in the overlay's precompile.json).")
 @click.option("--link", type=click.Choice(["auto", "reflink", "hardlink", "copy"]), default="auto",
               show_default=True, help="How unchanged shards enter FULL_DIR.")
 @click.option("--force", is_flag=True, help="Replace an existing FULL_DIR (only once the new one is complete).")
@@ -284,7 +284,7 @@ def _dry_run_files(plan) -> str:
 @click.option("--assume-parallel", is_flag=True, help="Size the model as if its blocks were parallel (the paper's "
               "hypothetical Mixtral column).")
 @click.option("--profile", "profile_path", type=click.Path(), help="Architecture profile YAML (default: chosen "
-              "from config.json).")
+              "from config.json; for a converted OUT_DIR, the one recorded in its precompile.json).")
 @click.option("--revision", help="Hub revision (branch, tag or commit) for a hub SOURCE.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True),
               help="Write every figure as one JSON object to FILE ('-': stdout).")

@@ -134,7 +134,7 @@ def _validate(spec: ModelSpec, ckpt: Checkpoint, layout: TableLayout) -> None:
             ckpt.info(ref[0])
 
 
-def plan_conversion(source: str, *, revision: str | None = None, profile: str | None = None,
+def plan_conversion(source: str, *, revision: str | None = None, profile: str | Profile | None = None,
                     dtype: str = "auto", compute_dtype: str = "float32", allow_pickle: bool = False,
                     scratch: Path | None = None, overlay: bool = False) -> ConversionPlan:
     """Everything a conversion will read, eliminate and write, from headers alone.
@@ -348,7 +348,8 @@ def build_manifest(plan: ConversionPlan, options: dict, source_files: dict[str, 
         "format_version": FORMAT_VERSION,
         "tool_version": __version__,
         "kind": kind,
-        "profile": {"name": plan.profile.name, "block": spec.block, "attention": spec.attention_kind},
+        "profile": {"name": plan.profile.name, "block": spec.block, "attention": spec.attention_kind,
+                    "path": plan.profile.path, "text": plan.profile.text},
         "source": {**plan.source.describe(), "files": source_files, "config": cfg},
         "options": options,
         "table": {
@@ -386,7 +387,8 @@ def _source_hashes(plan: ConversionPlan, known: dict[str, str] | None = None) ->
     return {n: known.get(n) or file_sha256(plan.source.root / n) for n in _source_hashes_names(plan)}
 
 
-def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = None, profile: str | None = None,
+def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = None,
+            profile: str | Profile | None = None,
             device: str = "auto", dtype: str = "auto", compute_dtype: str = "float32", chunk_size: int = 4096,
             force: bool = False, link: str = "auto", progress: Progress | None = None,
             allow_pickle: bool = False, overlay: bool = False, table: str | os.PathLike | None = None

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .profiles import ModelSpec, resolve, select_profile
+from .profiles import ModelSpec, conversion_profile, resolve, select_profile
 
 if TYPE_CHECKING:  # convert imports torch and transformers: plans from a config need neither
     from .convert import ConversionPlan
@@ -280,7 +280,11 @@ def plan_model(source: str, *, profile: str | None = None, assume_parallel: bool
     if not batch_sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in batch_sizes):
         raise UserError(f"batch sizes {list(batch_sizes)} must be positive integers; pass e.g. 1,16,256,1024")
     config, kind, weights = load_config(source, revision)
-    prof = select_profile(config, profile)
+    if kind == "converted":  # the profile the conversion recorded, unless --profile overrides it
+        manifest = Path(source).expanduser() / MANIFEST
+        prof = conversion_profile(_read_json_file(manifest), config, str(manifest), profile)
+    else:
+        prof = select_profile(config, profile)
     spec = resolve(prof, config, assume_parallel=assume_parallel)
     s = sizes_from_spec(spec)
     out: dict[str, Any] = {

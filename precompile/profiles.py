@@ -164,6 +164,7 @@ class Profile:
     name: str
     path: str
     data: dict
+    text: str = ""  # the YAML as written: recorded in a conversion's manifest
 
     @property
     def architectures(self) -> list[str]:
@@ -409,7 +410,37 @@ def load_profile(path: str | Path) -> Profile:
     path = Path(path)
     data = read_yaml(path, "profile", " to --profile")
     validate_profile(data, str(path))
-    return Profile(name=data["name"], path=str(path), data=data)
+    return Profile(name=data["name"], path=str(path), data=data, text=path.read_text(encoding="utf-8"))
+
+
+def recorded_profile(manifest: dict, where: str) -> Profile | None:
+    """The profile a conversion was made with, from its manifest (`where`); None for manifests without it."""
+    rec = manifest.get("profile") or {}
+    text = rec.get("text")
+    if not isinstance(text, str):
+        return None
+    label = f"{where} (the profile recorded from {rec.get('path')})"
+    try:
+        data = yaml.load(text, Loader=YAML_LOADER)
+    except yaml.YAMLError:
+        raise UserError(f"{label} is not valid YAML; the manifest is damaged, pass --profile or convert again") from None
+    validate_profile(data, label)
+    return Profile(name=data["name"], path=str(rec.get("path") or where), data=data, text=text)
+
+
+def conversion_profile(manifest: dict, config: dict, where: str, profile_path: str | Path | None = None) -> Profile:
+    """The profile of an existing conversion: --profile, else the one its manifest records, else (older
+    manifests) the shipped profile of the recorded name, else the one config.json selects."""
+    if profile_path is not None:
+        return load_profile(profile_path)
+    recorded = recorded_profile(manifest, where)
+    if recorded is not None:
+        return recorded
+    name = (manifest.get("profile") or {}).get("name")
+    for p in builtin_profiles():
+        if p.name == name:
+            return p
+    return select_profile(config)
 
 
 def builtin_profiles() -> list[Profile]:
@@ -427,12 +458,15 @@ def refusals() -> dict[str, str]:
     return out
 
 
-def select_profile(config: dict, profile_path: str | Path | None = None,
+def select_profile(config: dict, profile_path: str | Path | Profile | None = None,
                    shipped: list[Profile] | None = None) -> Profile:
-    """Pick the profile for a config.json: an explicit file, else by architectures, then model_type.
+    """Pick the profile for a config.json: an explicit file (or an already loaded Profile, e.g. one recorded
+    in a manifest), else by architectures, then model_type.
 
     `shipped`: builtin_profiles() when the caller has already read them.
     """
+    if isinstance(profile_path, Profile):
+        return profile_path
     if profile_path is not None:
         return load_profile(profile_path)
     archs = config.get("architectures") or []
