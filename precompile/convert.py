@@ -26,6 +26,7 @@ from .errors import UserError
 from .layout import TABLE_FILE, TableLayout, table_layout
 from .loader import FORMAT_VERSION, MANIFEST
 from .precompute import compute_rows, layer0_tensor_names
+from .profile_check import check_tensors
 from .profiles import ModelSpec, Profile, builtin_profiles, resolve, select_profile
 from .progress import Progress
 from .source import (ALLOW_PATTERNS, PartialCheckpoint, Source, blob_sha256, carried_files, check_native,
@@ -158,6 +159,7 @@ def plan_conversion(source: str, *, revision: str | None = None, profile: str | 
         src = resolve_source(source, revision, ALLOW_PATTERNS + PICKLE_PATTERNS)
     ckpt = _layer0_checkpoint(src, spec) if overlay else open_checkpoint(src.root, allow_pickle, scratch)
     layout = table_layout(spec, frozenset(ckpt.tensors))
+    check_tensors(prof, config, spec, ckpt.tensors, ckpt.root)  # names the profile key of a wrong name or size
     _validate(spec, ckpt, layout)
     check_tokenizer(src.root, spec.vocab_size)
     emb_dtype = ckpt.info(spec.embedding_tensor).dtype
