@@ -30,7 +30,7 @@ BLOCKS = ("serial", "parallel")
 
 _TOP_KEYS = {
     "name", "description", "match", "block", "sizes", "tie_word_embeddings", "embedding",
-    "attn_norm", "projections", "qk_norm", "attention_module", "ffn", "variants", "logits", "defaults",
+    "attn_norm", "projections", "qk_norm", "attention_module", "ffn", "variants", "defaults",
     "refuse",
 }
 _REQUIRED_TOP = ("name", "match", "block", "sizes", "embedding", "attn_norm", "projections",

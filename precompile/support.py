@@ -17,6 +17,7 @@ profiles` prints the same classification.
 from __future__ import annotations
 
 import ast
+import copy
 import re
 import warnings
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from .errors import UserError
-from .profiles import Profile, _configs_dir, builtin_profiles, read_yaml, refusals, resolve, select_profile
+from .profiles import (Profile, _configs_dir, builtin_profiles, read_yaml, refusals, resolve, select_profile,
+                       validate_profile)
 
 SUPPORTED, REFUSED, NOT_YET = "supported", "refused", "not yet"
 STATUSES = (SUPPORTED, REFUSED, NOT_YET)
@@ -354,29 +356,54 @@ def _composite(cfg) -> bool:
         return True
 
 
-def _missing(cfg, facts: _Facts | None) -> list[str]:
-    """What the profile schema lacks for this layer 0, from config defaults and source facts."""
-    out = []
-    text = _text_dict(cfg)
-    if text.get("kv_lora_rank"):
-        out.append("latent attention (MLA: low-rank q/kv projections with a norm between, split rotary part)")
+# Layer-0 shapes the source facts can find, each with a probe: the change to the shipped llama profile that
+# expresses it. The schema can express the shape when validate_profile and resolve accept the changed profile,
+# so the matrix follows the schema as it grows instead of a list kept by hand.
+_PROBE_CONFIG = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 8,
+                 "num_hidden_layers": 1, "rms_norm_eps": 1e-6, "intermediate_size": 8, "head_dim": 16}
+_PROBES = {
+    "no norm before attention": lambda d: d.pop("attn_norm"),
+    "q/k norms over the whole projection width": lambda d: d.update(
+        qk_norm={"over": "projection", "q": d["attn_norm"], "k": d["attn_norm"]}),
+    "q/k norms after a fused qkv projection": lambda d: d.update(
+        projections=[{"role": "qkv", "weight": "qkv.weight", "module": "qkv"}],
+        qk_norm={"q": d["attn_norm"], "k": d["attn_norm"]}),
+    "embedding multiplier applied outside the embedding module": lambda d: d["embedding"].update(
+        multiplier={"value": 2.0}),
+}
+
+
+@lru_cache(maxsize=None)
+def expressible(shape: str) -> bool:
+    """Whether the profile schema can express a layer-0 shape named in _PROBES."""
+    llama = next(p for p in builtin_profiles() if p.name == "llama")
+    data = copy.deepcopy(llama.data)
+    _PROBES[shape](data)
+    try:
+        validate_profile(data, "probe")
+        resolve(Profile("probe", "probe", data), _PROBE_CONFIG)
+    except (UserError, KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _shapes(cfg, facts: _Facts | None) -> tuple[list[str], list[str]]:
+    """(what the profile schema lacks for this layer 0, the special shapes it has that the schema expresses)."""
+    lacks: list[str] = []
+    found: list[str] = []
+    if _text_dict(cfg).get("kv_lora_rank"):
+        lacks.append("latent attention (MLA: low-rank q/kv projections with a norm between, split rotary part)")
     if facts is not None:
         s = facts.shape
         if s.mixer not in ATTENTION_LAYERS:
-            return out + [f"layer 0's sequence mixer is not softmax attention (layer_types[0] = {s.mixer})"]
-        if s.norm == "none":
-            out.append("no norm before attention")
-        if s.qk_norm == "full width":
-            out.append("q/k norms over the whole projection width")
-        elif s.qk_norm != "-" and s.projections == "fused":
-            out.append("q/k norms after a fused qkv projection")
-        if s.embedding_scale == "outside the module":
-            out.append("embedding multiplier applied outside the embedding module")
-        if s.block == "parallel" and any(text.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts")):
-            out.append("MoE FFN in a parallel block")
-    if "clip_qkv" in text:
-        out.append("clamped projection outputs (clip_qkv)")
-    return out
+            return lacks + [f"layer 0's sequence mixer is not softmax attention (layer_types[0] = {s.mixer})"], found
+        found += [shape for shape, present in (
+            ("no norm before attention", s.norm == "none"),
+            ("q/k norms over the whole projection width", s.qk_norm == "full width"),
+            ("q/k norms after a fused qkv projection", s.qk_norm == "per head" and s.projections == "fused"),
+            ("embedding multiplier applied outside the embedding module", s.embedding_scale == "outside the module"),
+        ) if present]
+    return lacks + [f for f in found if not expressible(f)], [f for f in found if expressible(f)]
 
 
 def _native(model_type: str, arch: str) -> bool:
@@ -414,7 +441,8 @@ def classify(model_type: str, arch: str, shipped: list[Profile], refused: dict[s
                 return Support(model_type, arch, NOT_YET, f"transformers builds {arch} from "
                                f"{type(cfg).__name__}, and no shipped profile lists "
                                f"model type {model_type}", shape)
-            shape = Layer0Shape(shape.mixer, _profile_blocks(prof), spec.attn_norm.kind, shape.projections,
+            shape = Layer0Shape(shape.mixer, _profile_blocks(prof),
+                                spec.attn_norm.kind if spec.attn_norm else "none", shape.projections,
                                 "per head" if spec.qk_norms else shape.qk_norm,
                                 "module" if spec.embedding_scale is not None else shape.embedding_scale)
             return Support(model_type, arch, SUPPORTED, prof.name, shape, prof)
@@ -426,7 +454,7 @@ def classify(model_type: str, arch: str, shipped: list[Profile], refused: dict[s
     if facts is not None and facts.absolute_positions:
         return Support(model_type, arch, REFUSED, "absolute position embeddings are added before layer 0, so its "
                        "input depends on the position, not on the token id alone", shape)
-    missing = _missing(cfg, facts)
+    missing, special = _shapes(cfg, facts)
     if _composite(cfg):
         missing.append("a composite (multimodal) config: the language model's sizes sit under text_config, and a "
                        "profile's sizes name top-level config.json keys")
@@ -435,7 +463,8 @@ def classify(model_type: str, arch: str, shipped: list[Profile], refused: dict[s
     if facts is None or not facts.found:
         return Support(model_type, arch, "unclassified", "the source signals do not decide; add an entry to "
                        f"configs/{OVERRIDES_FILE}", shape)
-    return Support(model_type, arch, NOT_YET, "no shipped profile (layer 0 uses known parts: a YAML profile "
+    known = f"; the schema expresses its {', '.join(special)}" if special else ""
+    return Support(model_type, arch, NOT_YET, f"no shipped profile (layer 0 uses known parts{known}: a YAML profile "
                    "should do)", shape)
 
 
