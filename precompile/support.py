@@ -2,13 +2,14 @@
 
 Every model type of transformers' causal-LM registry (`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`) is
 classified from facts: its config class's defaults (`is_encoder_decoder`, `kv_lora_rank`,
-`layer_types`, `clip_qkv`, ...) and the source of its modeling module, read as text and parsed
+`layer_types`, a nested `text_config`) and the source of its modeling module, read as text and parsed
 (never imported): what layer 0's decoder layer feeds its attention, whether the FFN reads the same
 normed input (a parallel block), how the embedding is scaled, how q/k are projected and normed, and
 whether absolute position embeddings are added before layer 0. A shipped profile that
 `select_profile` picks and `resolve` accepts makes a type *supported*; configs/_refused.yaml and
-the signals name *refused* types; everything else is *not yet*, with what the schema lacks. What
-the signals cannot decide is data in configs/_support.yaml, each entry with its reason.
+the signals name *refused* types; everything else is *not yet*, with what the schema lacks (probed
+by validating a changed profile, so the matrix follows the schema as it grows). What the signals
+cannot decide is data in configs/_support.yaml, each entry with its reason.
 
 `python -m precompile.support --write docs/support.md` regenerates the matrix; `precompile
 profiles` prints the same classification.
@@ -18,15 +19,24 @@ from __future__ import annotations
 
 import ast
 import copy
+import itertools
 import re
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 from .errors import UserError
-from .profiles import (Profile, _configs_dir, builtin_profiles, read_yaml, refusals, resolve, select_profile,
-                       validate_profile)
+from .profiles import (
+    Profile,
+    _configs_dir,
+    builtin_profiles,
+    read_yaml,
+    refusals,
+    resolve,
+    select_profile,
+    validate_profile,
+)
 
 SUPPORTED, REFUSED, NOT_YET = "supported", "refused", "not yet"
 STATUSES = (SUPPORTED, REFUSED, NOT_YET)
@@ -61,7 +71,6 @@ class Support:
     status: str  # supported | refused | not yet
     detail: str  # supported: the profile's name; otherwise the reason
     shape: Layer0Shape
-    profile: Profile | None = None
 
 
 # ----------------------------------------------------------------------------------------- source facts
@@ -69,7 +78,7 @@ class Support:
 
 @dataclass(frozen=True)
 class _Facts:
-    """Facts read from a modeling module's source; None fields: not found."""
+    """Facts read from a modeling module's source."""
 
     shape: Layer0Shape
     absolute_positions: bool
@@ -86,7 +95,7 @@ def _models_dir() -> Path:
 def _class_index() -> dict[str, Path]:
     """Class name -> the modeling file defining it (a text scan; nothing is imported)."""
     out: dict[str, Path] = {}
-    pattern = re.compile(r"^class (\w+)\(", re.M)
+    pattern = re.compile(r"^class (\w+)\(", re.MULTILINE)
     for f in sorted(_models_dir().glob("*/modeling_*.py")):
         for name in pattern.findall(f.read_text(encoding="utf-8")):
             out.setdefault(name, f)
@@ -100,8 +109,8 @@ class _Module:
         text = path.read_text(encoding="utf-8")
         self._text: dict[str, str] = {}
         self._tree: dict[str, ast.ClassDef | None] = {}
-        starts = [m.start() for m in re.finditer(r"^[^\s#)\]}]", text, re.M)] + [len(text)]
-        for a, b in zip(starts, starts[1:]):
+        starts = [m.start() for m in re.finditer(r"^[^\s#)\]}]", text, re.MULTILINE)] + [len(text)]
+        for a, b in itertools.pairwise(starts):
             m = re.match(r"class (\w+)\b", text[a:b])
             if m:
                 self._text.setdefault(m.group(1), text[a:b])
@@ -126,7 +135,7 @@ class _Module:
         return "\n".join(lines[node.lineno - 1:node.end_lineno])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _module(path: Path) -> _Module:
     return _Module(path)
 
@@ -373,7 +382,7 @@ _PROBES = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def expressible(shape: str) -> bool:
     """Whether the profile schema can express a layer-0 shape named in _PROBES."""
     llama = next(p for p in builtin_profiles() if p.name == "llama")
@@ -445,7 +454,7 @@ def classify(model_type: str, arch: str, shipped: list[Profile], refused: dict[s
                                 spec.attn_norm.kind if spec.attn_norm else "none", shape.projections,
                                 "per head" if spec.qk_norms else shape.qk_norm,
                                 "module" if spec.embedding_scale is not None else shape.embedding_scale)
-            return Support(model_type, arch, SUPPORTED, prof.name, shape, prof)
+            return Support(model_type, arch, SUPPORTED, prof.name, shape)
     if model_type in overrides:
         o = overrides[model_type]
         return Support(model_type, arch, o["status"], o["reason"], shape)
@@ -518,20 +527,20 @@ def to_markdown(rows: list[Support]) -> str:
     lines = [
         "# Support matrix",
         "",
-        f"Generated from transformers {transformers.__version__}'s causal-LM registry by "
-        "`python -m precompile.support --write docs/support.md`; do not edit by hand "
-        "(`tests/test_support.py` fails when this file is stale). `precompile profiles` prints the same.",
+        (f"Generated from transformers {transformers.__version__}'s causal-LM registry by "
+         "`python -m precompile.support --write docs/support.md`; do not edit by hand "
+         "(`tests/test_support.py` fails when this file is stale). `precompile profiles` prints the same."),
         "",
         f"{len(rows)} model types: {c[SUPPORTED]} supported, {c[REFUSED]} refused, {c[NOT_YET]} not yet.",
         "",
-        "- **supported**: a shipped profile (configs/) is chosen for the type and resolves against its config "
-        "defaults; every supported type is converted and compared with transformers by the tests.",
+        ("- **supported**: a shipped profile (configs/) is chosen for the type and resolves against its config "
+         "defaults; every supported type is converted and compared with transformers by the tests."),
         "- **refused**: the trick cannot apply (configs/_refused.yaml, or the facts below).",
         "- **not yet**: what the profile schema lacks for this layer 0, or that no profile ships yet.",
         "",
-        "Block: serial or parallel (the FFN reads the same normed input as the attention). Layer 0: the norm "
-        "before the sequence mixer, how q/k/v are projected, q/k norms, the embedding scale. Read from the "
-        "config class's defaults and the modeling source; `?` where the source does not tell.",
+        ("Block: serial or parallel (the FFN reads the same normed input as the attention). Layer 0: the norm "
+         "before the sequence mixer, how q/k/v are projected, q/k norms, the embedding scale. Read from the "
+         "config class's defaults and the modeling source; `?` where the source does not tell."),
         "",
         "| model type | architecture | block | layer 0 | status | profile or reason |",
         "|---|---|---|---|---|---|",

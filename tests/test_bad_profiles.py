@@ -6,9 +6,8 @@ import copy
 from pathlib import Path
 
 import pytest
-import yaml
-
 import tiny
+import yaml
 from test_bad_inputs import check_refused
 
 LLAMA = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "llama.yaml").read_text())
@@ -29,7 +28,7 @@ def _profile(tmp_path: Path, change) -> Path:
     data["name"] = "my-llama"
     change(data)
     p = tmp_path / "my-llama.yaml"
-    p.write_text(yaml.safe_dump(data) if isinstance(data, dict) else yaml.safe_dump(data), encoding="utf-8")
+    p.write_text(yaml.safe_dump(data), encoding="utf-8")
     return p
 
 

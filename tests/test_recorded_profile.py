@@ -7,41 +7,17 @@ from pathlib import Path
 
 import torch
 import yaml
+from conftest import run_cli
+from test_families_parallel import QWEN3_PROFILE
 from transformers import AutoModelForCausalLM
 
 import precompile
-from conftest import run_cli
 from precompile.batch import run_batch
 
-# A user's profile for a family without a shipped one when this test was written (Qwen3: per-head q/k norms),
-# named so that only the recorded profile can give this name back.
-PROFILE = """\
-# my own Qwen3 profile
-name: my-qwen3
-match: {model_types: [qwen3]}
-block: serial
-sizes:
-  hidden_size: [hidden_size]
-  num_heads: [num_attention_heads]
-  num_kv_heads: [num_key_value_heads]
-  head_dim: [head_dim]
-  vocab_size: [vocab_size]
-  n_layers: [num_hidden_layers]
-  intermediate_size: [intermediate_size]
-embedding: {tensor: model.embed_tokens.weight, module: model.embed_tokens}
-attn_norm: {kind: rms, weight: model.layers.0.input_layernorm.weight, eps: [rms_norm_eps],
-            module: model.layers.0.input_layernorm}
-projections:
-  - {role: q, weight: model.layers.0.self_attn.q_proj.weight, module: model.layers.0.self_attn.q_proj}
-  - {role: k, weight: model.layers.0.self_attn.k_proj.weight, module: model.layers.0.self_attn.k_proj}
-  - {role: v, weight: model.layers.0.self_attn.v_proj.weight, module: model.layers.0.self_attn.v_proj}
-qk_norm:
-  q: {kind: rms, weight: model.layers.0.self_attn.q_norm.weight, eps: [rms_norm_eps],
-      module: model.layers.0.self_attn.q_norm}
-  k: {kind: rms, weight: model.layers.0.self_attn.k_norm.weight, eps: [rms_norm_eps],
-      module: model.layers.0.self_attn.k_norm}
-attention_module: model.layers.0.self_attn
-"""
+# A user's profile (test_families_parallel's hand-written Qwen3 one, with the FFN width `plan` needs), named
+# so that only the recorded profile can give this name back.
+PROFILE = "# my own Qwen3 profile" + QWEN3_PROFILE.replace("name: qwen3-custom", "name: my-qwen3").replace(
+    "  n_layers: [num_hidden_layers]\n", "  n_layers: [num_hidden_layers]\n  intermediate_size: [intermediate_size]\n")
 
 
 def _write_profile(tmp_path: Path) -> Path:
