@@ -38,7 +38,15 @@ def test_an_undecidable_type_is_reported_unclassified():
     assert r.status == "unclassified" and "configs/_support.yaml" in r.detail
 
 
+def _doc_version() -> str:
+    return re.search(r"Generated from transformers (\S+)'s", DOC.read_text(encoding="utf-8")).group(1)
+
+
 def test_docs_support_md_is_up_to_date(matrix):
+    import transformers
+
+    if _doc_version() != transformers.__version__:  # the drift test above still runs on this version
+        pytest.skip(f"docs/support.md describes transformers {_doc_version()}, {transformers.__version__} is installed")
     assert DOC.read_text(encoding="utf-8") == support.to_markdown(matrix), \
         "docs/support.md is stale: run python -m precompile.support --write docs/support.md"
 
@@ -118,10 +126,14 @@ def test_generator_runs_from_the_command_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "precompile.support", "--write", str(out)], capture_output=True,
                        text=True, cwd=ROOT, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
-    assert out.read_text() == DOC.read_text()
-    r = subprocess.run([sys.executable, "-m", "precompile.support", "--check", str(DOC)], capture_output=True,
+    assert out.read_text().startswith("# Support matrix\n") and "| llama | LlamaForCausalLM |" in out.read_text()
+    r = subprocess.run([sys.executable, "-m", "precompile.support", "--check", str(out)], capture_output=True,
                        text=True, cwd=ROOT, timeout=300, check=False)
     assert r.returncode == 0 and "up to date" in r.stdout, r.stdout + r.stderr
+    out.write_text(out.read_text().replace("| llama |", "| llama2 |"))
+    r = subprocess.run([sys.executable, "-m", "precompile.support", "--check", str(out)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300, check=False)
+    assert r.returncode == 1 and "stale" in r.stdout, r.stdout + r.stderr
 
 
 # ---------------------------------------------------------------- configs/README.md documents every key
