@@ -23,7 +23,7 @@ TENSOR_KEYS = ("tensor", "weight", "bias", "up", "gate", "down", "router")
 
 
 def tensor_keys(data: Any, path: str = "") -> list[tuple[str, str]]:
-    """(key path, tensor name or {e} template) for every tensor a profile's data names."""
+    """(key path, tensor name or a template with an index such as {e}) for every tensor a profile's data names."""
     out: list[tuple[str, str]] = []
     items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
     for k, v in items:
@@ -36,9 +36,8 @@ def tensor_keys(data: Any, path: str = "") -> list[tuple[str, str]]:
 
 
 def _key_of(keys: list[tuple[str, str]], name: str) -> str:
-    for where, template in keys:
-        if template == name or ("{e}" in template and re.fullmatch(
-                re.escape(template).replace(r"\{e\}", r"\d+"), name)):
+    for where, template in keys:  # a template holds an index such as {e} (expert) or {h} (head)
+        if template == name or re.fullmatch(re.sub(r"\\\{\w+\\\}", r"\\d+", re.escape(template)), name):
             return where
     return "?"
 
