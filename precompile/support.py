@@ -452,7 +452,7 @@ def classify(model_type: str, arch: str, shipped: list[Profile], refused: dict[s
                                f"model type {model_type}", shape)
             shape = Layer0Shape(shape.mixer, _profile_blocks(prof),
                                 spec.attn_norm.kind if spec.attn_norm else "none", shape.projections,
-                                "per head" if spec.qk_norms else shape.qk_norm,
+                                shape.qk_norm if shape.qk_norm != "-" or not spec.qk_norms else "per head",
                                 "module" if spec.embedding_scale is not None else shape.embedding_scale)
             return Support(model_type, arch, SUPPORTED, prof.name, shape)
     if model_type in overrides:
