@@ -189,6 +189,8 @@ def up_to_date(entry: Entry, out_dir: Path) -> bool:
         return False
     if manifest.get("kind", "full") != plan.kind or manifest.get("profile", {}).get("name") != plan.profile.name:
         return False
+    if manifest["profile"].get("text", plan.profile.text) != plan.profile.text:  # the profile file was edited
+        return False
     files = src.get("files", {})
     root = plan.source.root
     if any(not (root / name).exists() or file_sha256(root / name) != sha for name, sha in files.items()):

@@ -129,8 +129,8 @@ def convert(source, out_dir, revision, profile_path, device, dtype, compute_dtyp
 @click.argument("full_dir", type=click.Path(file_okay=True, dir_okay=True))
 @click.option("--base", type=click.Path(file_okay=False), help="The base model's directory (default: the source "
               "recorded in the overlay, from the HF cache at its revision or its local path).")
-@click.option("--profile", "profile_path", type=click.Path(), help="The profile YAML the overlay was made with, "
-              "when it was not chosen from config.json.")
+@click.option("--profile", "profile_path", type=click.Path(), help="Architecture profile YAML (default: the one "
+              "recorded in the overlay's precompile.json).")
 @click.option("--link", type=click.Choice(["auto", "reflink", "hardlink", "copy"]), default="auto",
               show_default=True, help="How unchanged shards enter FULL_DIR.")
 @click.option("--force", is_flag=True, help="Replace an existing FULL_DIR (only once the new one is complete).")
@@ -327,7 +327,7 @@ def _dry_run_files(plan) -> str:
 @click.option("--assume-parallel", is_flag=True, help="Size the model as if its blocks were parallel (the paper's "
               "hypothetical Mixtral column).")
 @click.option("--profile", "profile_path", type=click.Path(), help="Architecture profile YAML (default: chosen "
-              "from config.json).")
+              "from config.json; for a converted OUT_DIR, the one recorded in its precompile.json).")
 @click.option("--revision", help="Hub revision (branch, tag or commit) for a hub SOURCE.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True),
               help="Write every figure as one JSON object to FILE ('-': stdout).")
@@ -362,20 +362,11 @@ def plan(source, batch_sizes, assume_parallel, profile_path, revision, json_path
 
 @main.command()
 def profiles():
-    """List the supported architectures: class name, profile and block kind."""
-    from .plan import supported_architectures
-    from .profiles import refusals
+    """How each causal LM of the installed transformers stands: supported (profile, block), refused or not yet
+    (the reason); the same classification as docs/support.md."""
+    from .support import support_matrix, to_text
 
-    rows = [(r["architecture"] or "-", r["profile"], r["block"], ", ".join(r["model_types"]))
-            for r in supported_architectures()]
-    head = ("ARCHITECTURE", "PROFILE", "BLOCK", "MODEL TYPES")
-    widths = [max(len(x[i]) for x in rows + [head]) for i in range(3)]
-    for row in [head] + rows:
-        click.echo("  ".join(f"{c:<{w}}" for c, w in zip(row, widths)) + "  " + row[3])
-    refused = sorted(refusals())
-    if refused:
-        click.echo(f"refused model types (the trick does not apply to them): {', '.join(refused)}")
-    click.echo("other architectures: write a profile (configs/README.md) and pass it with --profile")
+    click.echo(to_text(support_matrix()))
 
 
 def run() -> None:

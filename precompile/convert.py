@@ -27,6 +27,7 @@ from .errors import UserError
 from .layout import TABLE_FILE, TableLayout, table_layout
 from .loader import FORMAT_VERSION, MANIFEST
 from .precompute import compute_rows, layer0_tensor_names
+from .profile_check import check_tensors
 from .profiles import ModelSpec, Profile, builtin_profiles, resolve, select_profile
 from .progress import Progress
 from .source import (ALLOW_PATTERNS, PartialCheckpoint, Source, blob_sha256, carried_files, check_native,
@@ -135,7 +136,7 @@ def _validate(spec: ModelSpec, ckpt: Checkpoint, layout: TableLayout) -> None:
             ckpt.info(ref[0])
 
 
-def plan_conversion(source: str, *, revision: str | None = None, profile: str | None = None,
+def plan_conversion(source: str, *, revision: str | None = None, profile: str | Profile | None = None,
                     dtype: str = "auto", compute_dtype: str = "float32", allow_pickle: bool = False,
                     scratch: Path | None = None, overlay: bool = False) -> ConversionPlan:
     """Everything a conversion will read, eliminate and write, from headers alone.
@@ -159,6 +160,7 @@ def plan_conversion(source: str, *, revision: str | None = None, profile: str | 
         src = resolve_source(source, revision, ALLOW_PATTERNS + PICKLE_PATTERNS)
     ckpt = _layer0_checkpoint(src, spec) if overlay else open_checkpoint(src.root, allow_pickle, scratch)
     layout = table_layout(spec, frozenset(ckpt.tensors))
+    check_tensors(prof, config, spec, ckpt.tensors, ckpt.root)  # names the profile key of a wrong name or size
     _validate(spec, ckpt, layout)
     check_tokenizer(src.root, spec.vocab_size)
     emb_dtype = ckpt.info(spec.embedding_tensor).dtype
@@ -349,7 +351,8 @@ def build_manifest(plan: ConversionPlan, options: dict, source_files: dict[str, 
         "format_version": FORMAT_VERSION,
         "tool_version": __version__,
         "kind": kind,
-        "profile": {"name": plan.profile.name, "block": spec.block, "attention": spec.attention_kind},
+        "profile": {"name": plan.profile.name, "block": spec.block, "attention": spec.attention_kind,
+                    "path": plan.profile.path, "text": plan.profile.text},
         "source": {**plan.source.describe(), "files": source_files, "config": cfg},
         "options": options,
         "table": {
@@ -387,7 +390,8 @@ def _source_hashes(plan: ConversionPlan, known: dict[str, str] | None = None) ->
     return {n: known.get(n) or file_sha256(plan.source.root / n) for n in _source_hashes_names(plan)}
 
 
-def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = None, profile: str | None = None,
+def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = None,
+            profile: str | Profile | None = None,
             device: str = "auto", dtype: str = "auto", compute_dtype: str = "float32", chunk_size: int = 4096,
             force: bool = False, link: str = "auto", progress: Progress | None = None,
             allow_pickle: bool = False, overlay: bool = False, table: str | os.PathLike | None = None

@@ -13,7 +13,8 @@ from pathlib import Path
 from .convert import ConvertResult, convert, plan_conversion
 from .errors import UserError
 from .layout import TABLE_FILE
-from .loader import overlay_base, read_manifest
+from .loader import MANIFEST, overlay_base, read_manifest
+from .profiles import load_profile, recorded_profile
 from .progress import Progress
 from .source import file_sha256
 
@@ -35,7 +36,9 @@ def materialize(overlay_dir: str | os.PathLike, full_dir: str | os.PathLike, *, 
     src = manifest["source"]
     hub = base is None and src.get("id")
     opts = manifest["options"]
-    kw = dict(revision=src["revision"] if hub else None, profile=profile, dtype=opts["dtype"],
+    # the profile the overlay was made with (recorded in its manifest) needs no --profile
+    prof = load_profile(profile) if profile is not None else recorded_profile(manifest, str(overlay_dir / MANIFEST))
+    kw = dict(revision=src["revision"] if hub else None, profile=prof, dtype=opts["dtype"],
               compute_dtype=opts["compute_dtype"])
     source = src["id"] if hub else str(root)
     plan = plan_conversion(source, **kw)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .profiles import ModelSpec, builtin_profiles, resolve, select_profile
+from .profiles import ModelSpec, conversion_profile, resolve, select_profile
 
 if TYPE_CHECKING:  # convert imports torch and transformers: plans from a config need neither
     from .convert import ConversionPlan
@@ -288,7 +288,11 @@ def plan_model(source: str, *, profile: str | None = None, assume_parallel: bool
     if not batch_sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in batch_sizes):
         raise UserError(f"batch sizes {list(batch_sizes)} must be positive integers; pass e.g. 1,16,256,1024")
     config, kind, weights = load_config(source, revision)
-    prof = select_profile(config, profile)
+    if kind == "converted":  # the profile the conversion recorded, unless --profile overrides it
+        manifest = Path(source).expanduser() / MANIFEST
+        prof = conversion_profile(_read_json_file(manifest), config, str(manifest), profile)
+    else:
+        prof = select_profile(config, profile)
     spec = resolve(prof, config, assume_parallel=assume_parallel)
     out = model_figures(source, kind, prof.name, config, spec, batch_sizes, assume_parallel)
     if weights is not None and not assume_parallel:
@@ -432,20 +436,5 @@ def plot(r: dict[str, Any], path: str | os.PathLike) -> None:
         plt.close(fig)
 
 
-def supported_architectures() -> list[dict[str, Any]]:
-    """One entry per architecture class of the built-in profiles, with its profile and block kind."""
-    out = []
-    for p in builtin_profiles():
-        blocks = {p.block}
-        for v in p.data.get("variants") or []:
-            if "block" in v["set"]:
-                blocks.add(v["set"]["block"])
-        block = p.block if len(blocks) == 1 else " or ".join(sorted(blocks)) + " (by config)"
-        for arch in p.architectures or [None]:
-            out.append({"architecture": arch, "profile": p.name, "block": block, "model_types": p.model_types,
-                        "description": p.data.get("description", "")})
-    return sorted(out, key=lambda x: (x["architecture"] or "", x["profile"]))
-
-
 __all__ = ["Sizes", "sizes_from_spec", "figures", "model_figures", "exact_figures", "output_files", "plan_model",
-           "load_config", "parse_batch_sizes", "to_text", "to_markdown", "plot", "supported_architectures"]
+           "load_config", "parse_batch_sizes", "to_text", "to_markdown", "plot"]

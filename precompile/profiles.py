@@ -30,7 +30,7 @@ BLOCKS = ("serial", "parallel")
 
 _TOP_KEYS = {
     "name", "description", "match", "block", "sizes", "tie_word_embeddings", "embedding",
-    "attn_norm", "projections", "qk_norm", "attention_module", "ffn", "variants", "logits", "defaults",
+    "attn_norm", "projections", "qk_norm", "attention_module", "ffn", "variants", "defaults",
     "refuse",
 }
 _REQUIRED_TOP = ("name", "match", "block", "sizes", "embedding", "attn_norm", "projections",
@@ -164,6 +164,7 @@ class Profile:
     name: str
     path: str
     data: dict
+    text: str = ""  # the YAML as written: recorded in a conversion's manifest
 
     @property
     def architectures(self) -> list[str]:
@@ -198,7 +199,8 @@ def _check_keys(obj: Any, allowed: set[str], required: tuple[str, ...], path: st
             raise _fail(path, f"{where}.{k}" if where else k, "is missing")
     for k in obj:
         if k not in allowed:
-            raise _fail(path, f"{where}.{k}" if where else str(k), "is not a known key")
+            raise _fail(path, f"{where}.{k}" if where else str(k),
+                        f"is not a known key (known here: {', '.join(sorted(allowed))})")
 
 
 def _is_num(v: Any) -> bool:
@@ -249,9 +251,13 @@ def _check_tensor_ref(obj: Any, path: str, where: str) -> None:
 
 def validate_profile(data: Any, path: str) -> None:
     """Check a profile's structure so that mistakes are named by key and file, not by a KeyError later."""
+    if not isinstance(data, dict):
+        raise _fail(path, "", f"(the whole file) must be a mapping of profile keys ({', '.join(_REQUIRED_TOP)}, ...)")
     _check_keys(data, _TOP_KEYS, _REQUIRED_TOP, path, "")
     if not isinstance(data["name"], str) or not data["name"]:
         raise _fail(path, "name", "must be a non-empty string")
+    if not isinstance(data.get("description", ""), str):
+        raise _fail(path, "description", "must be a string")
     _check_keys(data["match"], {"architectures", "model_types"}, (), path, "match")
     for k, v in data["match"].items():
         if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
@@ -262,6 +268,8 @@ def validate_profile(data: Any, path: str) -> None:
         raise _fail(path, "defaults", "must map config keys to the values used when config.json lacks them")
     for i, entry in enumerate(data.get("refuse") or []):
         _check_keys(entry, {"when", "reason"}, ("when", "reason"), path, f"refuse[{i}]")
+        if not isinstance(entry["reason"], str):
+            raise _fail(path, f"refuse[{i}].reason", "must be a string (shown to the user)")
         if not isinstance(entry["when"], dict):
             raise _fail(path, f"refuse[{i}].when", "must map config keys to values")
     _check_body(data, path)
@@ -345,6 +353,11 @@ def _check_body(data: dict, path: str) -> None:
                 if k not in ffn:
                     raise _fail(path, f"ffn.{k}", "is missing (a mixture-of-experts FFN needs router, experts, top_k)")
             _check_tensor_ref(ffn["router"], path, "ffn.router")
+            for k in ("experts", "top_k"):
+                _check_config_ref(ffn[k], path, f"ffn.{k}", _is_num)
+            ntk = ffn.get("normalize_topk", True)
+            if not isinstance(ntk, bool):
+                _check_keys(ntk, {"config", "default"}, ("config",), path, "ffn.normalize_topk")
             if ffn.get("expert_kind", "glu") not in EXPERT_KINDS:
                 raise _fail(path, "ffn.expert_kind", f"is '{ffn['expert_kind']}', expected mlp or glu")
             for part in ("up", "gate", "down"):
@@ -409,7 +422,37 @@ def load_profile(path: str | Path) -> Profile:
     path = Path(path)
     data = read_yaml(path, "profile", " to --profile")
     validate_profile(data, str(path))
-    return Profile(name=data["name"], path=str(path), data=data)
+    return Profile(name=data["name"], path=str(path), data=data, text=path.read_text(encoding="utf-8"))
+
+
+def recorded_profile(manifest: dict, where: str) -> Profile | None:
+    """The profile a conversion was made with, from its manifest (`where`); None for manifests without it."""
+    rec = manifest.get("profile") or {}
+    text = rec.get("text")
+    if not isinstance(text, str):
+        return None
+    label = f"{where} (the profile recorded from {rec.get('path')})"
+    try:
+        data = yaml.load(text, Loader=YAML_LOADER)
+    except yaml.YAMLError:
+        raise UserError(f"{label} is not valid YAML; the manifest is damaged, pass --profile or convert again") from None
+    validate_profile(data, label)
+    return Profile(name=data["name"], path=str(rec.get("path") or where), data=data, text=text)
+
+
+def conversion_profile(manifest: dict, config: dict, where: str, profile_path: str | Path | None = None) -> Profile:
+    """The profile of an existing conversion: --profile, else the one its manifest records, else (older
+    manifests) the shipped profile of the recorded name, else the one config.json selects."""
+    if profile_path is not None:
+        return load_profile(profile_path)
+    recorded = recorded_profile(manifest, where)
+    if recorded is not None:
+        return recorded
+    name = (manifest.get("profile") or {}).get("name")
+    for p in builtin_profiles():
+        if p.name == name:
+            return p
+    return select_profile(config)
 
 
 def builtin_profiles() -> list[Profile]:
@@ -427,12 +470,15 @@ def refusals() -> dict[str, str]:
     return out
 
 
-def select_profile(config: dict, profile_path: str | Path | None = None,
+def select_profile(config: dict, profile_path: str | Path | Profile | None = None,
                    shipped: list[Profile] | None = None) -> Profile:
-    """Pick the profile for a config.json: an explicit file, else by architectures, then model_type.
+    """Pick the profile for a config.json: an explicit file (or an already loaded Profile, e.g. one recorded
+    in a manifest), else by architectures, then model_type.
 
     `shipped`: builtin_profiles() when the caller has already read them.
     """
+    if isinstance(profile_path, Profile):
+        return profile_path
     if profile_path is not None:
         return load_profile(profile_path)
     archs = config.get("architectures") or []
@@ -475,8 +521,9 @@ def _norm(obj: dict | None, config: dict, profile: Profile, where: str) -> Norm 
     if isinstance(eps, (list, dict)):
         eps_val = _config_value(config, eps, f"{where}.eps", profile)
         if eps_val is None:
-            raise UserError(f"config.json has none of {eps if isinstance(eps, list) else eps['keys']} "
-                            f"needed for {where}.eps of profile {profile.name}; add it to config.json")
+            raise UserError(f"config.json has none of {eps if isinstance(eps, list) else eps['keys']}, read by key "
+                            f"'{where}.eps' of profile {profile.path}; add it to config.json, or name the key the "
+                            f"model's config.json uses (or a number) in the profile")
         eps = eps_val
     if not _is_num(eps):
         raise UserError(f"{where}.eps of profile {profile.name} resolves to {eps!r}, not a number; fix config.json "
@@ -570,8 +617,9 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
         if val is None and required:
             spec = sizes.get(name)
             keys = spec if isinstance(spec, list) else (spec or {}).get("keys", [name])
-            raise UserError(f"config.json lacks {' or '.join(map(str, keys))} (needed for {name} by profile "
-                            f"{profile.name}); add it to config.json or pass a matching --profile")
+            raise UserError(f"config.json lacks {' or '.join(map(str, keys))}, read by key 'sizes.{name}' of profile "
+                            f"{profile.path}; add it to config.json, or name the key the model's config.json uses in "
+                            f"the profile")
         return val
 
     def count(name: str, required: bool = True) -> int | None:

@@ -30,7 +30,7 @@ from .errors import UserError
 from .layout import table_layout
 from .loader import MANIFEST, PrecompileLoadError, read_manifest
 from .precompute import layer0_tensor_names
-from .profiles import builtin_profiles, load_profile, resolve, select_profile
+from .profiles import conversion_profile, resolve
 from .progress import Progress
 from .rowcheck import check_rows
 from .source import Source, file_sha256, read_config, resolve_source
@@ -170,16 +170,6 @@ def resolve_reference(manifest: dict, reference: str | None) -> Source:
         except UserError as e:
             raise UserError(f"reference not found: {e}; or pass --reference") from None
     raise UserError(f"{MANIFEST} records no source; pass --reference with the original checkpoint")
-
-
-def _profile(manifest: dict, config: dict, profile: str | None):
-    if profile is not None:
-        return load_profile(profile)
-    name = (manifest.get("profile") or {}).get("name")
-    for p in builtin_profiles():
-        if p.name == name:
-            return p
-    return select_profile(config)
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -514,7 +504,8 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
     th = _thresholds(table_dtype_name, thresholds)
     ref = resolve_reference(manifest, reference)
     ref_config = read_config(ref.root)
-    spec = resolve(_profile(manifest, ref_config, profile), ref_config)
+    prof = conversion_profile(manifest, ref_config, str(out / MANIFEST), profile)
+    spec = resolve(prof, ref_config)
     ref_ckpt = Checkpoint(ref.root)
     layout = table_layout(spec, frozenset(ref_ckpt.tensors))
     dtype = _dtype(table_dtype_name)
@@ -566,7 +557,8 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
                                 fp32_reference, half, batch_size, progress, overlay)
     passed = all(c.passed for c in checks)
     return {"passed": passed, "out_dir": str(out), "reference": ref.id or ref.path, "reference_root": str(ref.root),
-            "revision": ref.revision, "device": str(dev), "dtype": table_dtype_name, "prompts": len(prompt_list),
+            "revision": ref.revision, "profile": prof.name, "device": str(dev), "dtype": table_dtype_name,
+            "prompts": len(prompt_list),
             "seconds": round(time.monotonic() - t_start, 2), "checks": [c.as_dict() for c in checks]}
 
 

@@ -1,0 +1,602 @@
+"""Which of transformers' causal LMs precompile supports, derived from transformers itself.
+
+Every model type of transformers' causal-LM registry (`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`) is
+classified from facts: its config class's defaults (`is_encoder_decoder`, `kv_lora_rank`,
+`layer_types`, a nested `text_config`) and the source of its modeling module, read as text and parsed
+(never imported): what layer 0's decoder layer feeds its attention, whether the FFN reads the same
+normed input (a parallel block), how the embedding is scaled, how q/k are projected and normed, and
+whether absolute position embeddings are added before layer 0. A shipped profile that
+`select_profile` picks and `resolve` accepts makes a type *supported*; configs/_refused.yaml and
+the signals name *refused* types; everything else is *not yet*, with what the schema lacks (probed
+by validating a changed profile, so the matrix follows the schema as it grows). What the signals
+cannot decide is data in configs/_support.yaml, each entry with its reason.
+
+`python -m precompile.support --write docs/support.md` regenerates the matrix; `precompile
+profiles` prints the same classification.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import itertools
+import re
+import warnings
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from pathlib import Path
+
+from .errors import UserError
+from .profiles import (
+    Profile,
+    _configs_dir,
+    builtin_profiles,
+    read_yaml,
+    refusals,
+    resolve,
+    select_profile,
+    validate_profile,
+)
+
+SUPPORTED, REFUSED, NOT_YET = "supported", "refused", "not yet"
+STATUSES = (SUPPORTED, REFUSED, NOT_YET)
+ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention", "attention")
+OVERRIDES_FILE = "_support.yaml"
+
+_POSITION_ATTR = re.compile(r"^(wpe|embed_positions|positions_embed|position_embeddings?|positional_embeddings?|pos_emb\w*|"
+                            r"embed_pos\w*|pos_embed\w*)$")
+_FUSED = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "W_pack", "in_proj", "qkv_linear")
+_SEPARATE = ("q_proj", "query", "q", "wq", "q_linear")
+_LATENT = ("q_a_proj", "kv_a_proj_with_mqa", "kv_a_proj")
+_QK_NORM = re.compile(r"self\.(q_norm|q_layernorm|query_layernorm|q_ln|query_norm)\s*=\s*([\w.]+)\((.*)")
+_OUTSIDE_SCALE = re.compile(r"inputs_embeds\s*\*(?!\*)|\*\s*inputs_embeds\b")
+
+
+@dataclass(frozen=True)
+class Layer0Shape:
+    """What layer 0 looks like before its sequence mixer; '?' where the source does not tell."""
+
+    mixer: str  # "attention", or the type transformers gives layer 0 (linear_attention, hybrid, ...)
+    block: str  # serial | parallel | ?
+    norm: str  # rms | layer | none | ?  (the norm in front of the mixer)
+    projections: str  # separate | fused | latent | ?
+    qk_norm: str  # - | per head | full width
+    embedding_scale: str  # - | module | outside the module
+
+
+@dataclass(frozen=True)
+class Support:
+    model_type: str
+    architecture: str
+    status: str  # supported | refused | not yet
+    detail: str  # supported: the profile's name; otherwise the reason
+    shape: Layer0Shape
+
+
+# ----------------------------------------------------------------------------------------- source facts
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """Facts read from a modeling module's source."""
+
+    shape: Layer0Shape
+    absolute_positions: bool
+    found: bool  # the decoder layer and its attention call were found
+
+
+def _models_dir() -> Path:
+    import transformers
+
+    return Path(transformers.__file__).parent / "models"
+
+
+@lru_cache(maxsize=1)
+def _class_index() -> dict[str, Path]:
+    """Class name -> the modeling file defining it (a text scan; nothing is imported)."""
+    out: dict[str, Path] = {}
+    pattern = re.compile(r"^class (\w+)\(", re.MULTILINE)
+    for f in sorted(_models_dir().glob("*/modeling_*.py")):
+        for name in pattern.findall(f.read_text(encoding="utf-8")):
+            out.setdefault(name, f)
+    return out
+
+
+class _Module:
+    """A modeling file's top-level classes, each parsed only when asked for (whole files take seconds)."""
+
+    def __init__(self, path: Path):
+        text = path.read_text(encoding="utf-8")
+        self._text: dict[str, str] = {}
+        self._tree: dict[str, ast.ClassDef | None] = {}
+        starts = [m.start() for m in re.finditer(r"^[^\s#)\]}]", text, re.MULTILINE)] + [len(text)]
+        for a, b in itertools.pairwise(starts):
+            m = re.match(r"class (\w+)\b", text[a:b])
+            if m:
+                self._text.setdefault(m.group(1), text[a:b])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._text
+
+    def get(self, name: str | None) -> ast.ClassDef | None:
+        if name not in self._text:
+            return None
+        if name not in self._tree:
+            try:
+                node = ast.parse(self._text[name]).body[0]
+            except SyntaxError:
+                node = None
+            self._tree[name] = node if isinstance(node, ast.ClassDef) else None
+        return self._tree[name]
+
+    def source(self, name: str, node: ast.AST) -> str:
+        """The source text of a node inside class `name`."""
+        lines = self._text[name].splitlines()
+        return "\n".join(lines[node.lineno - 1:node.end_lineno])
+
+
+@cache
+def _module(path: Path) -> _Module:
+    return _Module(path)
+
+
+def _method(cls: ast.ClassDef, name: str) -> ast.FunctionDef | None:
+    return next((n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == name), None)
+
+
+def _self_assigns(cls: ast.ClassDef) -> dict[str, ast.expr]:
+    """`self.attr = value` in __init__ (the first assignment of each attr)."""
+    init = _method(cls, "__init__")
+    out: dict[str, ast.expr] = {}
+    for node in ast.walk(init) if init else ():
+        if isinstance(node, ast.Assign):
+            for t in node.targets:
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                    out.setdefault(t.attr, node.value)
+    return out
+
+
+def _called_class(value: ast.expr) -> str | None:
+    """`Foo(...)` / `nn.Foo(...)` -> 'Foo'."""
+    if isinstance(value, ast.Call):
+        f = value.func
+        return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+    return None
+
+
+def _names_in(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+
+def _classify_attr(cls_name: str | None, attr: str) -> str | None:
+    """'norm', 'attn' or 'mlp' for a submodule of a decoder layer, from its class and attribute names."""
+    name = (cls_name or "").lower()
+    if "norm" in name:
+        return "norm"
+    if "attention" in name or "attn" in name or attr in ("self_attn", "attn", "attention", "self_attention"):
+        return "attn"
+    if any(k in name for k in ("mlp", "moe", "feedforward", "experts", "ffn")) or attr in (
+            "mlp", "feed_forward", "ffn", "block_sparse_moe", "moe"):
+        return "mlp"
+    return None
+
+
+class _Flow:
+    """Follows a decoder layer's forward: what the attention and the FFN read, in terms of the input."""
+
+    def __init__(self, roles: dict[str, str], first_arg: str):
+        self.roles = roles
+        self.env = {first_arg: "in"}
+        self.attn_in: str | None = None
+        self.mlp_in: list[str] = []  # every FFN call's input (a block may be serial or parallel by config)
+
+    def label(self, e: ast.expr) -> str:
+        if isinstance(e, ast.Name):
+            return self.env.get(e.id, "other")
+        if isinstance(e, ast.Call) and isinstance(e.func, ast.Attribute) and isinstance(e.func.value, ast.Name) \
+                and e.func.value.id == "self":
+            role = self.roles.get(e.func.attr)
+            arg = e.args[0] if e.args else next((k.value for k in e.keywords if k.arg == "hidden_states"), None)
+            inner = self.label(arg) if arg is not None else "other"
+            if role == "norm":
+                return f"norm({e.func.attr}):{inner}"
+            if role == "attn" and self.attn_in is None:
+                self.attn_in = inner
+                return "attn"
+            if role == "mlp":
+                self.mlp_in.append(inner)
+                return "mlp"
+            return "other"
+        if isinstance(e, ast.BinOp):
+            self.label(e.left), self.label(e.right)
+            return "sum" if isinstance(e.op, ast.Add) else "other"
+        for child in ast.iter_child_nodes(e):
+            if isinstance(child, ast.expr):
+                self.label(child)
+        return "other"
+
+    def run(self, body: list[ast.stmt]) -> None:
+        for st in body:
+            if isinstance(st, ast.Assign):
+                val = self.label(st.value)
+                for t in st.targets:
+                    if isinstance(t, ast.Name):
+                        self.env[t.id] = val
+                    elif isinstance(t, ast.Tuple) and t.elts and isinstance(t.elts[0], ast.Name):
+                        self.env[t.elts[0].id] = val
+            elif isinstance(st, (ast.If, ast.With, ast.For)):
+                self.run(st.body)
+                self.run(getattr(st, "orelse", []))
+            elif isinstance(st, (ast.Expr, ast.Return, ast.AugAssign)) and st.value is not None:
+                self.label(st.value)
+
+
+def _root(label: str) -> str:
+    while label.startswith("norm("):
+        label = label.split(":", 1)[1]
+    return label
+
+
+def _norm_kind(cls_name: str | None) -> str:
+    name = (cls_name or "").lower()
+    return "rms" if "rms" in name else "layer" if "layernorm" in name or "layer_norm" in name else "?"
+
+
+def _layer_classes(base: ast.ClassDef, mod: _Module) -> list[ast.ClassDef]:
+    """Decoder-layer classes the base model builds, those whose forward calls an attention module first."""
+    init = _method(base, "__init__")
+    names = sorted(n for n in (_names_in(init) if init else ()) if n in mod and n.endswith(("Layer", "Block")))
+    layers = [c for c in map(mod.get, names) if c is not None and _method(c, "forward")]
+    return sorted(layers, key=lambda c: not any(_classify_attr(_called_class(v), a) == "attn"
+                                                for a, v in _self_assigns(c).items()))
+
+
+def _attention_facts(layer: ast.ClassDef, mod: _Module) -> tuple[str, str]:
+    """(projections, qk_norm) of the layer's attention class."""
+    name = next((c for a, v in _self_assigns(layer).items()
+                 if _classify_attr(c := _called_class(v), a) == "attn" and c in mod), None)
+    attn_cls = mod.get(name)
+    attrs = set(_self_assigns(attn_cls)) if attn_cls else set()
+    proj = "latent" if attrs & set(_LATENT) else "fused" if attrs & set(_FUSED) else \
+        "separate" if attrs & set(_SEPARATE) else "?"
+    qk = "-"
+    m = _QK_NORM.search(mod.source(name, attn_cls) if attn_cls else "")
+    if m:
+        args = m.group(3)
+        full = re.search(r"num_(attention_)?heads|hidden_size|\bdim\b|embed_dim", args) and "head_dim" not in args \
+            or re.search(r"num_(attention_)?heads\s*\*|\*\s*self\.head_dim", args)
+        qk = "full width" if full else "per head"
+    return proj, qk
+
+
+def _source_facts(arch: str, mixer: str) -> _Facts | None:
+    """Facts about `arch`'s layer 0 from its modeling source; None when the class is not found."""
+    path = _class_index().get(arch)
+    if path is None:
+        return None
+    mod = _module(path)
+    top = mod.get(arch)
+    base_name = next((c for c in (_called_class(v) for v in (_self_assigns(top) if top else {}).values())
+                      if c in mod and any("embedding" in (_called_class(v) or "").lower()
+                                          for v in _self_assigns(mod.get(c)).values())), None)
+    base = mod.get(base_name)
+    if base is None:
+        return _Facts(Layer0Shape(mixer, "?", "?", "?", "-", "-"), False, False)
+    assigns = _self_assigns(base)
+    absolute = any(_POSITION_ATTR.match(a) and "rotary" not in (_called_class(v) or "").lower()
+                   and "rope" not in (_called_class(v) or "").lower() for a, v in assigns.items())
+    emb_cls = next((_called_class(v) for v in assigns.values() if "embedding" in (_called_class(v) or "").lower()), None)
+    if emb_cls in mod:  # an embeddings module of its own (BERT-style): positions may live inside it
+        absolute = absolute or any(_POSITION_ATTR.match(a) for a in _self_assigns(mod.get(emb_cls)))
+    fwd = _method(base, "forward")
+    fwd_src = mod.source(base_name, fwd) if fwd else ""
+    scale = "module" if "scaled" in (emb_cls or "").lower() else \
+        "outside the module" if _OUTSIDE_SCALE.search(fwd_src) else "-"
+    for layer in _layer_classes(base, mod):
+        sub = {a: _called_class(v) for a, v in _self_assigns(layer).items()}
+        roles = {a: r for a, c in sub.items() if (r := _classify_attr(c, a))}
+        fn = _method(layer, "forward")
+        args = [a.arg for a in fn.args.args[1:]]
+        if not args:
+            continue
+        flow = _Flow(roles, args[0])
+        flow.run(fn.body)
+        if flow.attn_in is None:
+            continue
+        norm_attr = flow.attn_in.split(":", 1)[0][5:-1] if flow.attn_in.startswith("norm(") else None
+        norm = _norm_kind(sub.get(norm_attr)) if norm_attr else "none" if flow.attn_in == "in" else "?"
+        kinds = {"parallel" if _root(m) == "in" else "serial" for m in flow.mlp_in}
+        block = "?" if not kinds else kinds.pop() if len(kinds) == 1 else "serial or parallel"
+        proj, qk = _attention_facts(layer, mod)
+        return _Facts(Layer0Shape(mixer, block, norm, proj, qk, scale), absolute, True)
+    return _Facts(Layer0Shape(mixer, "?", "?", "?", "-", scale), absolute, False)
+
+
+# --------------------------------------------------------------------------------------------- classify
+
+
+def _overrides() -> dict[str, dict]:
+    """configs/_support.yaml: model_type -> {status, reason} for what the signals cannot decide."""
+    path = _configs_dir() / OVERRIDES_FILE
+    data = read_yaml(path, "support overrides") or {}
+    out = {}
+    for mt, entry in (data.get("overrides") or {}).items():
+        if not (isinstance(entry, dict) and entry.get("status") in (REFUSED, NOT_YET) and entry.get("reason")):
+            raise UserError(f"{path}: overrides.{mt} must be {{status: refused or not yet, reason: text}}; fix it")
+        out[mt] = entry
+    return out
+
+
+def _config(model_type: str):
+    from transformers import AutoConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return AutoConfig.for_model(model_type)
+        except Exception:  # noqa: BLE001 - a config class whose defaults do not validate: no facts from it
+            return None
+
+
+def _text_dict(cfg) -> dict:
+    """The (text) config's values as config.json would hold them; {} without a config."""
+    if cfg is None:
+        return {}
+    try:
+        return cfg.get_text_config().to_dict()
+    except ValueError:  # several text configs (e.g. an encoder and a decoder): the top-level values
+        return cfg.to_dict()
+
+
+def _layer0_mixer(cfg) -> str:
+    """The kind transformers gives layer 0 (`layer_types[0]`: full_attention, linear_attention, ...)."""
+    try:
+        types = getattr(cfg.get_text_config(), "layer_types", None) if cfg is not None else None
+    except (ValueError, AttributeError):  # several text configs, or a per-layer attribute
+        types = None
+    return str(types[0]) if isinstance(types, (list, tuple)) and types else "attention"
+
+
+def _composite(cfg) -> bool:
+    """config.json nests the language model's sizes (text_config), where a profile reads top-level keys."""
+    try:
+        return cfg is not None and cfg.get_text_config() is not cfg
+    except ValueError:
+        return True
+
+
+# Layer-0 shapes the source facts can find, each with a probe: the change to the shipped llama profile that
+# expresses it. The schema can express the shape when validate_profile and resolve accept the changed profile,
+# so the matrix follows the schema as it grows instead of a list kept by hand.
+_PROBE_CONFIG = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 8,
+                 "num_hidden_layers": 1, "rms_norm_eps": 1e-6, "intermediate_size": 8, "head_dim": 16}
+_PROBES = {
+    "no norm before attention": lambda d: d.pop("attn_norm"),
+    "q/k norms over the whole projection width": lambda d: d.update(
+        qk_norm={"over": "projection", "q": d["attn_norm"], "k": d["attn_norm"]}),
+    "q/k norms after a fused qkv projection": lambda d: d.update(
+        projections=[{"role": "qkv", "weight": "qkv.weight", "module": "qkv"}],
+        qk_norm={"q": d["attn_norm"], "k": d["attn_norm"]}),
+    "embedding multiplier applied outside the embedding module": lambda d: d["embedding"].update(
+        multiplier={"value": 2.0}),
+}
+
+
+@cache
+def expressible(shape: str) -> bool:
+    """Whether the profile schema can express a layer-0 shape named in _PROBES."""
+    llama = next(p for p in builtin_profiles() if p.name == "llama")
+    data = copy.deepcopy(llama.data)
+    _PROBES[shape](data)
+    try:
+        validate_profile(data, "probe")
+        resolve(Profile("probe", "probe", data), _PROBE_CONFIG)
+    except (UserError, KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _shapes(cfg, facts: _Facts | None) -> tuple[list[str], list[str]]:
+    """(what the profile schema lacks for this layer 0, the special shapes it has that the schema expresses)."""
+    lacks: list[str] = []
+    found: list[str] = []
+    if _text_dict(cfg).get("kv_lora_rank"):
+        lacks.append("latent attention (MLA: low-rank q/kv projections with a norm between, split rotary part)")
+    if facts is not None:
+        s = facts.shape
+        if s.mixer not in ATTENTION_LAYERS:
+            return lacks + [f"layer 0's sequence mixer is not softmax attention (layer_types[0] = {s.mixer})"], found
+        found += [shape for shape, present in (
+            ("no norm before attention", s.norm == "none"),
+            ("q/k norms over the whole projection width", s.qk_norm == "full width"),
+            ("q/k norms after a fused qkv projection", s.qk_norm == "per head" and s.projections == "fused"),
+            ("embedding multiplier applied outside the embedding module", s.embedding_scale == "outside the module"),
+        ) if present]
+    return lacks + [f for f in found if not expressible(f)], [f for f in found if expressible(f)]
+
+
+def _native(model_type: str, arch: str) -> bool:
+    """True when `arch` is defined by the model type's own modeling module (not borrowed from another)."""
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    path = _class_index().get(arch)
+    return path is not None and path.parent.name == model_type_to_module_name(model_type)
+
+
+def _profile_blocks(prof: Profile) -> str:
+    """The block kinds a profile can resolve to: its own, and those its variants set."""
+    blocks = {prof.block} | {v["set"]["block"] for v in prof.data.get("variants") or [] if "block" in v["set"]}
+    return prof.block if len(blocks) == 1 else " or ".join(sorted(blocks)) + " (by config)"
+
+
+def classify(model_type: str, arch: str, shipped: list[Profile], refused: dict[str, str],
+             overrides: dict[str, dict]) -> Support:
+    """One registry entry's status, from the shipped profiles, refusals, overrides and the facts."""
+    cfg = _config(model_type)
+    mixer = _layer0_mixer(cfg)
+    facts = _source_facts(arch, mixer)
+    shape = facts.shape if facts else Layer0Shape(mixer, "?", "?", "?", "-", "-")
+    if model_type in refused:
+        return Support(model_type, arch, REFUSED, refused[model_type], shape)
+    if cfg is not None:
+        config = {**cfg.to_dict(), "architectures": [arch], "model_type": model_type}
+        try:
+            prof = select_profile(config, shipped=shipped)
+            spec = resolve(prof, config)
+        except UserError:
+            pass
+        else:
+            if model_type not in prof.model_types and not _native(model_type, arch):
+                return Support(model_type, arch, NOT_YET, f"transformers builds {arch} from "
+                               f"{type(cfg).__name__}, and no shipped profile lists "
+                               f"model type {model_type}", shape)
+            shape = Layer0Shape(shape.mixer, _profile_blocks(prof),
+                                spec.attn_norm.kind if spec.attn_norm else "none", shape.projections,
+                                shape.qk_norm if shape.qk_norm != "-" or not spec.qk_norms else "per head",
+                                "module" if spec.embedding_scale is not None else shape.embedding_scale)
+            return Support(model_type, arch, SUPPORTED, prof.name, shape)
+    if model_type in overrides:
+        o = overrides[model_type]
+        return Support(model_type, arch, o["status"], o["reason"], shape)
+    if cfg is not None and cfg.to_dict().get("is_encoder_decoder"):
+        return Support(model_type, arch, REFUSED, "not decoder-only: an encoder-decoder model", shape)
+    if facts is not None and facts.absolute_positions:
+        return Support(model_type, arch, REFUSED, "absolute position embeddings are added before layer 0, so its "
+                       "input depends on the position, not on the token id alone", shape)
+    missing, special = _shapes(cfg, facts)
+    if _composite(cfg):
+        missing.append("a composite (multimodal) config: the language model's sizes sit under text_config, and a "
+                       "profile's sizes name top-level config.json keys")
+    if missing:
+        return Support(model_type, arch, NOT_YET, "; ".join(missing), shape)
+    if facts is None or not facts.found:
+        return Support(model_type, arch, "unclassified", "the source signals do not decide; add an entry to "
+                       f"configs/{OVERRIDES_FILE}", shape)
+    known = f"; the schema expresses its {', '.join(special)}" if special else ""
+    return Support(model_type, arch, NOT_YET, f"no shipped profile (layer 0 uses known parts{known}: a YAML profile "
+                   "should do)", shape)
+
+
+def registry() -> dict[str, str]:
+    """transformers' causal-LM registry: model type -> architecture class."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return {t: a if isinstance(a, str) else a[0] for t, a in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()}
+
+
+def support_matrix() -> list[Support]:
+    """Every model type of the installed transformers' causal-LM registry, classified, by model type."""
+    from transformers.utils import logging as hf_logging
+
+    shipped, refused, overrides = builtin_profiles(), refusals(), _overrides()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # default configs warn about their own token ids; they are not the user's
+    try:
+        return [classify(t, a, shipped, refused, overrides) for t, a in sorted(registry().items())]
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def counts(rows: list[Support]) -> dict[str, int]:
+    out = {s: 0 for s in STATUSES}
+    for r in rows:
+        out[r.status] = out.get(r.status, 0) + 1
+    return out
+
+
+def _shape_text(s: Layer0Shape) -> str:
+    parts = [f"{s.norm} norm" if s.norm not in ("?", "none") else "no norm" if s.norm == "none" else "norm ?",
+             f"{s.projections} q/k/v" if s.projections != "latent" else "latent q/kv"]
+    if s.qk_norm != "-":
+        parts.append(f"q/k norm {s.qk_norm}")
+    if s.embedding_scale != "-":
+        parts.append(f"embedding scaled {'by the module' if s.embedding_scale == 'module' else s.embedding_scale}")
+    if s.mixer not in ATTENTION_LAYERS:
+        parts.insert(0, f"{s.mixer} mixer")
+    return ", ".join(parts)
+
+
+def to_markdown(rows: list[Support]) -> str:
+    """docs/support.md: one row per model type, generated (never edited by hand)."""
+    import transformers
+
+    c = counts(rows)
+    lines = [
+        "# Support matrix",
+        "",
+        (f"Generated from transformers {transformers.__version__}'s causal-LM registry by "
+         "`python -m precompile.support --write docs/support.md`; do not edit by hand "
+         "(`tests/test_support.py` fails when this file is stale). `precompile profiles` prints the same."),
+        "",
+        f"{len(rows)} model types: {c[SUPPORTED]} supported, {c[REFUSED]} refused, {c[NOT_YET]} not yet.",
+        "",
+        ("- **supported**: a shipped profile (configs/) is chosen for the type and resolves against its config "
+         "defaults; every supported type is converted and compared with transformers by the tests."),
+        "- **refused**: the trick cannot apply (configs/_refused.yaml, or the facts below).",
+        "- **not yet**: what the profile schema lacks for this layer 0, or that no profile ships yet.",
+        "",
+        ("Block: serial or parallel (the FFN reads the same normed input as the attention). Layer 0: the norm "
+         "before the sequence mixer, how q/k/v are projected, q/k norms, the embedding scale. Read from the "
+         "config class's defaults and the modeling source; `?` where the source does not tell."),
+        "",
+        "| model type | architecture | block | layer 0 | status | profile or reason |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        reason = r.detail.replace("|", "\\|")
+        lines.append(f"| {r.model_type} | {r.architecture} | {r.shape.block} | {_shape_text(r.shape)} | "
+                     f"{r.status} | {reason} |")
+    return "\n".join(lines) + "\n"
+
+
+def to_text(rows: list[Support]) -> str:
+    """`precompile profiles`: supported types with profile and block, then refused and not-yet ones with why."""
+    out = []
+    for status, head in ((SUPPORTED, ("MODEL TYPE", "ARCHITECTURE", "PROFILE", "BLOCK")),
+                         (REFUSED, ("MODEL TYPE", "ARCHITECTURE", "REASON")),
+                         (NOT_YET, ("MODEL TYPE", "ARCHITECTURE", "MISSING"))):
+        sel = [r for r in rows if r.status == status]
+        if not sel:
+            continue
+        table = [head] + [(r.model_type, r.architecture, r.detail, r.shape.block) if status == SUPPORTED
+                          else (r.model_type, r.architecture, r.detail) for r in sel]
+        widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
+        out.append(f"{status} ({len(sel)}):")
+        for row in table:
+            out.append("  " + "  ".join(f"{c:<{w}}" for c, w in zip(row, widths)) + "  " + row[-1])
+        out.append("")
+    other = [r for r in rows if r.status not in STATUSES]
+    for r in other:
+        out.append(f"unclassified: {r.model_type} ({r.architecture}): {r.detail}")
+    out.append("any other architecture: write a profile (configs/README.md) and pass it with --profile")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m precompile.support [--write FILE | --check FILE]`: print, write or check the matrix."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m precompile.support", description=main.__doc__)
+    ap.add_argument("--write", metavar="FILE", help="write the Markdown matrix (docs/support.md)")
+    ap.add_argument("--check", metavar="FILE", help="exit 1 when FILE differs from what would be written")
+    args = ap.parse_args(argv)
+    rows = support_matrix()
+    md = to_markdown(rows)
+    if args.check:
+        same = Path(args.check).is_file() and Path(args.check).read_text(encoding="utf-8") == md
+        print(f"{args.check} is {'up to date' if same else 'stale: run python -m precompile.support --write ' + args.check}")
+        return 0 if same else 1
+    if args.write:
+        Path(args.write).write_text(md, encoding="utf-8")
+        c = counts(rows)
+        print(f"wrote {args.write}: {len(rows)} model types, " + ", ".join(f"{v} {k}" for k, v in c.items()))
+        return 0
+    print(to_text(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""The support matrix: every causal LM of the installed transformers is classified, docs/support.md is what the
+generator writes now, and every type it calls supported is converted and compared with transformers by a test."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tiny
+from conftest import ROOT
+
+from precompile import support
+from precompile.profiles import builtin_profiles, refusals
+
+DOC = ROOT / "docs" / "support.md"
+
+
+@pytest.fixture(scope="module")
+def matrix() -> list[support.Support]:
+    return support.support_matrix()
+
+
+def test_every_registry_type_is_classified(matrix):
+    """A transformers upgrade that adds a model type the facts cannot decide fails here (drift)."""
+    assert [r.model_type for r in matrix] == sorted(support.registry())
+    unclassified = [f"{r.model_type} ({r.architecture}): {r.detail}" for r in matrix if r.status not in support.STATUSES]
+    assert not unclassified, "add configs/_support.yaml entries or signals for: " + "; ".join(unclassified)
+    assert all(r.detail for r in matrix)
+
+
+def test_an_undecidable_type_is_reported_unclassified():
+    """The drift check can fail: a registry entry whose source the facts cannot read stays unclassified."""
+    r = support.classify("no_such_type", "NoSuchForCausalLM", builtin_profiles(), refusals(), {})
+    assert r.status == "unclassified" and "configs/_support.yaml" in r.detail
+
+
+def _doc_version() -> str:
+    return re.search(r"Generated from transformers (\S+)'s", DOC.read_text(encoding="utf-8")).group(1)
+
+
+def test_docs_support_md_is_up_to_date(matrix):
+    import transformers
+
+    if _doc_version() != transformers.__version__:  # the drift test above still runs on this version
+        pytest.skip(f"docs/support.md describes transformers {_doc_version()}, {transformers.__version__} is installed")
+    assert DOC.read_text(encoding="utf-8") == support.to_markdown(matrix), \
+        "docs/support.md is stale: run python -m precompile.support --write docs/support.md"
+
+
+def test_classification_follows_the_facts(matrix):
+    """Representative rows, each decided by a different fact."""
+    by = {r.model_type: r for r in matrix}
+    assert by["llama"].status == support.SUPPORTED and by["llama"].detail == "llama"
+    assert by["gpt2"].status == support.REFUSED and "absolute position" in by["gpt2"].detail  # _refused.yaml
+    assert by["bert"].status == support.REFUSED and "absolute position" in by["bert"].detail  # source signal
+    assert by["bart"].status == support.REFUSED and "encoder-decoder" in by["bart"].detail  # is_encoder_decoder
+    assert by["deepseek_v3"].status == support.NOT_YET and "latent attention" in by["deepseek_v3"].detail
+    assert by["mamba"].status == support.NOT_YET and "not softmax attention" in by["mamba"].detail
+    assert by["rwkv"].status == support.REFUSED and "token shift" in by["rwkv"].detail  # configs/_support.yaml
+    olmo2, gptj, granite = by["olmo2"].shape, by["gptj"].shape, by["granite"].shape
+    assert (olmo2.norm, olmo2.qk_norm) == ("none", "full width")
+    assert (gptj.block, gptj.norm) == ("parallel", "layer")
+    assert granite.embedding_scale == "outside the module"
+    for shape in ("no norm before attention", "q/k norms over the whole projection width"):
+        if not support.expressible(shape):  # until the schema expresses it, the matrix says it is missing
+            assert shape in by["olmo2"].detail or by["olmo2"].status == support.SUPPORTED
+
+
+def test_overrides_name_registry_types():
+    """configs/_support.yaml decides only types transformers has, and never one the facts already refuse."""
+    registry = support.registry()
+    assert set(support._overrides()) <= set(registry)
+
+
+def _tiny_model_types() -> dict[str, str]:
+    """tiny family name -> model type, over every *FAMILIES registry of tests/tiny.py."""
+    out = {}
+    for name, value in vars(tiny).items():
+        if name.endswith("FAMILIES") and isinstance(value, dict):
+            out.update({fam: kw["model_type"] for fam, kw in value.items() if "model_type" in kw})
+    return out
+
+
+def _tested_types() -> dict[str, set[str]]:
+    """model type -> dtypes ('float32', 'bfloat16') of the collected tests parametrized with a tiny family of it."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    types = _tiny_model_types()
+    out: dict[str, set[str]] = {}
+    for line in r.stdout.splitlines():
+        m = re.fullmatch(r"tests/\S+::(\w+)\[(.+)\]", line.strip())
+        if not m:
+            continue
+        params = m.group(2).split("-")
+        dtypes = {d for d in ("float32", "bfloat16") if d in m.group(1) or d in params}
+        for p in params:
+            if p in types:
+                out.setdefault(types[p], set()).update(dtypes)
+    return out
+
+
+def test_every_supported_type_is_compared_with_transformers(matrix):
+    """'supported' cannot lie: each supported model type has a tiny-model test in float32 and in bfloat16
+    (a collected test parametrized with a tiny family of that type, the dtype in its name or parameters)."""
+    tested = _tested_types()
+    assert tested.get("llama") == {"float32", "bfloat16"}  # the collection itself works
+    missing = {r.model_type: sorted({"float32", "bfloat16"} - tested.get(r.model_type, set()))
+               for r in matrix if r.status == support.SUPPORTED}
+    assert not {t: d for t, d in missing.items() if d}, "supported types without tests: " + str(missing)
+
+
+def test_cli_profiles_prints_the_matrix(matrix):
+    text = support.to_text(matrix)
+    for r in matrix:
+        assert re.search(rf"^  {re.escape(r.model_type)} +{re.escape(r.architecture)} ", text, re.MULTILINE), r.model_type
+    assert "not yet (" in text and "refused (" in text and "supported (" in text
+
+
+def test_generator_runs_from_the_command_line(tmp_path):
+    out = tmp_path / "support.md"
+    r = subprocess.run([sys.executable, "-m", "precompile.support", "--write", str(out)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text().startswith("# Support matrix\n") and "| llama | LlamaForCausalLM |" in out.read_text()
+    r = subprocess.run([sys.executable, "-m", "precompile.support", "--check", str(out)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300, check=False)
+    assert r.returncode == 0 and "up to date" in r.stdout, r.stdout + r.stderr
+    out.write_text(out.read_text().replace("| llama |", "| llama2 |"))
+    r = subprocess.run([sys.executable, "-m", "precompile.support", "--check", str(out)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300, check=False)
+    assert r.returncode == 1 and "stale" in r.stdout, r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------- configs/README.md documents every key
+
+
+def _validator_keys() -> set[str]:
+    """Every key validate_profile accepts: the key sets passed to _check_keys in precompile/profiles.py
+    (set literals, or module constants), read from the validator's own code."""
+    from precompile import profiles
+
+    tree = ast.parse(Path(profiles.__file__).read_text(encoding="utf-8"))
+    keys: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_check_keys" and len(node.args) > 1:
+            arg = node.args[1]
+            if isinstance(arg, ast.Name):
+                keys |= set(getattr(profiles, arg.id, ()))
+            else:
+                keys |= {n.value for n in ast.walk(arg) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    return keys
+
+
+def test_readme_key_table_lists_every_key():
+    keys = _validator_keys()
+    assert {"name", "match", "sizes", "attn_norm", "bias_when", "eps", "offset", "top_k"} <= keys  # the parse works
+    text = (ROOT / "configs" / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("## Keys"):text.index("\n## ", text.index("## Keys") + 1)]
+    documented = set(re.findall(r"`(\w+)(?:`|:)", table))  # `key` or `key: value`
+    assert not sorted(keys - documented), "configs/README.md's key table lacks these keys"
