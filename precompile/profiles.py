@@ -33,8 +33,9 @@ _TOP_KEYS = {
     "attn_norm", "projections", "qk_norm", "attention_module", "ffn", "variants", "logits", "defaults",
     "refuse",
 }
-_REQUIRED_TOP = ("name", "match", "block", "sizes", "embedding", "attn_norm", "projections",
-                 "attention_module")
+_REQUIRED_TOP = ("name", "match", "block", "sizes", "embedding", "projections", "attention_module")
+QK_NORM_SPANS = ("head", "projection")
+HEAD = "{h}"  # in a per-head norm's tensor names: one tensor per head (StableLM's q_layernorm.norms.{h})
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Projection:
     bias_required: bool
     module: str
     heads_interleaved: bool = False
+    clip: float | None = None  # the output is clamped to [-clip, clip] (OLMo's and DBRX's clip_qkv)
 
 
 @dataclass(frozen=True)
@@ -121,12 +123,14 @@ class ModelSpec:
     embedding_module: str
     embedding_scale: float | None
     embedding_norm: Norm | None
-    attn_norm: Norm
+    attn_norm: Norm | None  # None: the sequence mixer reads the residual stream itself (OLMo 2's post-norms)
     projections: tuple[Projection, ...]
     attention_module: str
     ffn: Ffn | None  # described for every block; folded into the table only for parallel ones
     identity_modules: tuple[str, ...] = field(default=())
-    qk_norms: dict[str, Norm] = field(default_factory=dict)  # role ("q"/"k") -> per-head norm after the projection
+    qk_norms: dict[str, Norm] = field(default_factory=dict)  # role ("q"/"k") -> norm after the projection
+    qk_norm_span: str = "head"  # the q/k norms act over each head ("head") or the whole output ("projection")
+    embedding_multiplier: float | None = None  # applied by the model's forward to the embedding module's output
 
     @property
     def q_width(self) -> int:
@@ -144,10 +148,24 @@ class ModelSpec:
     def attention_kind(self) -> str:
         return attention_kind(self.num_heads, self.num_kv_heads)
 
+    def qk_norm_heads(self, role: str) -> int:
+        """How many heads the q or k projection has (one per-head norm tensor each, when stored per head)."""
+        return self.num_heads if role == "q" else self.num_kv_heads
+
+    def qk_norm_tensors(self, role: str) -> list[str]:
+        """The tensor names of a q/k norm, one per head where the profile names them with {h}."""
+        norm = self.qk_norms[role]
+        return [n for t in (norm.weight, norm.bias) if t for n in expand_heads(t, self.qk_norm_heads(role))]
+
     @property
     def x_is_stored_row(self) -> bool:
         """True when the residual input is exactly the stored embedding row."""
         return self.embedding_scale is None and self.embedding_norm is None and self.block == "serial"
+
+
+def expand_heads(name: str, heads: int) -> list[str]:
+    """A tensor name, or one per head when it holds {h} (per-head norms stored as separate modules)."""
+    return [name.replace(HEAD, str(h)) for h in range(heads)] if HEAD in name else [name]
 
 
 def attention_kind(num_heads: int, num_kv_heads: int) -> str:
@@ -228,7 +246,8 @@ def _check_config_ref(v: Any, path: str, where: str, value_ok) -> None:
         raise _fail(path, where, "must be a list of config.json keys, {keys, default}, or a value")
 
 
-def _check_norm(obj: Any, path: str, where: str) -> None:
+def _check_norm(obj: Any, path: str, where: str, per_head: bool = False) -> None:
+    """A norm's keys; `per_head`: its tensor names may hold {h} (one tensor per head)."""
     _check_keys(obj, {"kind", "weight", "bias", "eps", "offset", "module"}, ("kind", "eps"), path, where)
     if obj["kind"] not in NORM_KINDS:
         raise _fail(path, f"{where}.kind", f"is '{obj['kind']}', expected one of {', '.join(NORM_KINDS)}")
@@ -236,6 +255,9 @@ def _check_norm(obj: Any, path: str, where: str) -> None:
         raise _fail(path, f"{where}.offset", "must be a number")
     for key in ("weight", "bias", "module"):
         _check_name(obj, key, path, where)
+    for key in ("weight", "bias"):
+        if not per_head and HEAD in (obj.get(key) or ""):
+            raise _fail(path, f"{where}.{key}", f"holds {HEAD}, which only a per-head q/k norm may use")
     _check_config_ref(obj["eps"], path, f"{where}.eps", _is_num)
 
 
@@ -292,28 +314,33 @@ def _check_body(data: dict, path: str) -> None:
     if tie is not None:
         _check_config_ref(tie, path, "tie_word_embeddings", lambda x: isinstance(x, bool))
     emb = data["embedding"]
-    _check_keys(emb, {"tensor", "module", "scale", "norm"}, ("tensor", "module"), path, "embedding")
+    _check_keys(emb, {"tensor", "module", "scale", "multiplier", "norm"}, ("tensor", "module"), path, "embedding")
     _check_name(emb, "tensor", path, "embedding", optional=False)
     _check_name(emb, "module", path, "embedding", optional=False)
-    if emb.get("scale") is not None:
-        scale = emb["scale"]
-        _check_keys(scale, {"sqrt", "config", "value"}, (), path, "embedding.scale")
+    for key in ("scale", "multiplier"):
+        if emb.get(key) is None:
+            continue
+        scale = emb[key]
+        _check_keys(scale, {"sqrt", "config", "value"}, (), path, f"embedding.{key}")
         if len(scale) != 1:
-            raise _fail(path, "embedding.scale", "must hold exactly one of sqrt, config, value")
+            raise _fail(path, f"embedding.{key}", "must hold exactly one of sqrt, config, value")
         (k, v), = scale.items()
         if (k == "value" and not _is_num(v)) or (k != "value" and not (isinstance(v, str) and v)):
-            raise _fail(path, f"embedding.scale.{k}", "must be a number" if k == "value" else "must be a key name")
+            raise _fail(path, f"embedding.{key}.{k}", "must be a number" if k == "value" else "must be a key name")
     if emb.get("norm") is not None:
         _check_norm(emb["norm"], path, "embedding.norm")
-    _check_norm(data["attn_norm"], path, "attn_norm")
+    if data.get("attn_norm") is not None:
+        _check_norm(data["attn_norm"], path, "attn_norm")
     _check_name(data, "attention_module", path, "", optional=False)
     projs = data["projections"]
     if not isinstance(projs, list) or not projs:
         raise _fail(path, "projections", "must be a non-empty list")
     for i, p in enumerate(projs):
         where = f"projections[{i}]"
-        _check_keys(p, {"role", "weight", "bias", "bias_when", "module", "heads_interleaved"},
+        _check_keys(p, {"role", "weight", "bias", "bias_when", "module", "heads_interleaved", "clip"},
                     ("role", "weight", "module"), path, where)
+        if "clip" in p:
+            _check_config_ref(p["clip"], path, f"{where}.clip", _is_num)
         if p["role"] not in PROJ_ROLES:
             raise _fail(path, f"{where}.role", f"is '{p['role']}', expected one of q, k, v, qkv")
         for key in ("weight", "module"):
@@ -325,9 +352,12 @@ def _check_body(data: dict, path: str) -> None:
             raise _fail(path, f"{where}.heads_interleaved", "must be true or false")
     qk = data.get("qk_norm")
     if qk is not None:
-        _check_keys(qk, {"q", "k"}, (), path, "qk_norm")
-        for role, norm in qk.items():
-            _check_norm(norm, path, f"qk_norm.{role}")
+        _check_keys(qk, {"q", "k", "over"}, (), path, "qk_norm")
+        if qk.get("over", "head") not in QK_NORM_SPANS:
+            raise _fail(path, "qk_norm.over", f"is '{qk['over']}', expected head or projection")
+        for role in ("q", "k"):
+            if role in qk:
+                _check_norm(qk[role], path, f"qk_norm.{role}", per_head=qk.get("over", "head") == "head")
     roles = sorted(p["role"] for p in projs)
     if roles not in (["k", "q", "v"], ["qkv"]):
         raise _fail(path, "projections", "must hold q, k and v, or one fused qkv")
@@ -461,11 +491,20 @@ def _config_value(config: dict, spec: Any, name: str, profile: Profile) -> Any:
     keys, default, has_default = (spec, None, False) if isinstance(spec, list) else (
         spec["keys"], spec.get("default"), "default" in spec)
     for k in keys:
-        if config.get(k) is not None:
-            return config[k]
+        if config_get(config, k) is not None:
+            return config_get(config, k)
     if has_default:
         return default
     return None
+
+
+def config_get(config: dict, key: str) -> Any:
+    """config[key]; a dotted key reads a nested section (DBRX's `attn_config.kv_n_heads`)."""
+    if key in config:
+        return config[key]
+    head, dot, rest = key.partition(".")
+    sub = config.get(head) if dot else None
+    return config_get(sub, rest) if isinstance(sub, dict) else None
 
 
 def _norm(obj: dict | None, config: dict, profile: Profile, where: str) -> Norm | None:
@@ -601,37 +640,51 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
     tie_spec = data.get("tie_word_embeddings", {"keys": ["tie_word_embeddings"], "default": False})
     tied = bool(_config_value(config, tie_spec, "tie_word_embeddings", profile))
     emb = data["embedding"]
-    scale = None
-    if emb.get("scale"):
-        s = emb["scale"]
+
+    def factor(key: str) -> float | None:
+        """embedding.scale or embedding.multiplier: sqrt of a size, a config value, or a number."""
+        s = emb.get(key)
+        if not s:
+            return None
         if "sqrt" in s:
-            base = count(s["sqrt"]) if s["sqrt"] in sizes else config.get(s["sqrt"])
+            base = count(s["sqrt"]) if s["sqrt"] in sizes else config_get(config, s["sqrt"])
             if not _is_num(base) or base <= 0:
                 raise UserError(f"config.json gives {s['sqrt']} = {base!r}, needed as a positive number for the "
-                                f"embedding scale of profile {profile.name}; fix config.json")
-            scale = math.sqrt(float(base))
-        elif "config" in s:
-            scale = config.get(s["config"], 1.0)
-            if not _is_num(scale):
-                raise UserError(f"config.json gives {s['config']} = {scale!r}, needed as a number for the embedding "
-                                f"scale of profile {profile.name}; fix config.json")
-            scale = float(scale)
-        else:
-            scale = float(s["value"])
+                                f"embedding {key} of profile {profile.name}; fix config.json")
+            return math.sqrt(float(base))
+        if "config" in s:
+            val = config_get(config, s["config"])
+            val = 1.0 if val is None else val
+            if not _is_num(val):
+                raise UserError(f"config.json gives {s['config']} = {val!r}, needed as a number for the embedding "
+                                f"{key} of profile {profile.name}; fix config.json")
+            return float(val)
+        return float(s["value"])
+
+    scale, multiplier = factor("scale"), factor("multiplier")
+    if multiplier is not None and block == "parallel":
+        raise UserError(f"profile {profile.name}: embedding.multiplier with a parallel block is not supported (the "
+                        f"table's x + FFN would have to be divided by it); drop one of them")
     ffn = _ffn(data["ffn"], config, profile) if data.get("ffn") else None
     projections = []
     for p in data["projections"]:
         when = p.get("bias_when", True)
         required = bool(config.get(when, False)) if isinstance(when, str) else bool(when)
+        clip = _config_value(config, p["clip"], f"{p['role']}.clip", profile) if "clip" in p else None
+        if clip is not None and (not _is_num(clip) or clip <= 0):
+            raise UserError(f"profile {profile.name}: the clip of projection {p['role']} resolves to {clip!r}; it "
+                            f"must be a positive number (or null in config.json for no clip)")
         projections.append(Projection(role=p["role"], weight=p["weight"], bias=p.get("bias"),
                                       bias_required=required and p.get("bias") is not None,
-                                      module=p["module"], heads_interleaved=bool(p.get("heads_interleaved"))))
-    qk_norms = {role: _norm(n, config, profile, f"qk_norm.{role}") for role, n in (data.get("qk_norm") or {}).items()}
+                                      module=p["module"], heads_interleaved=bool(p.get("heads_interleaved")),
+                                      clip=None if clip is None else float(clip)))
+    qk = data.get("qk_norm") or {}
+    qk_norms = {role: _norm(qk[role], config, profile, f"qk_norm.{role}") for role in ("q", "k") if role in qk}
     if qk_norms and any(p.role == "qkv" for p in projections):
         raise UserError(f"profile {profile.name}: qk_norm needs separate q and k projections; fix the YAML")
-    attn_norm = _norm(data["attn_norm"], config, profile, "attn_norm")
+    attn_norm = _norm(data.get("attn_norm"), config, profile, "attn_norm")
     emb_norm = _norm(emb.get("norm"), config, profile, "embedding.norm")
-    identity = [m for m in (emb_norm.module if emb_norm else None, attn_norm.module) if m]
+    identity = [m for m in (emb_norm.module if emb_norm else None, attn_norm.module if attn_norm else None) if m]
     if block == "parallel" and ffn is not None and ffn.norm is not None and ffn.norm.module:
         identity.append(ffn.norm.module)
     identity += [n.module for n in qk_norms.values() if n.module]
@@ -646,5 +699,6 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
         tied=tied, embedding_tensor=emb["tensor"], embedding_module=emb["module"], embedding_scale=scale,
         embedding_norm=emb_norm, attn_norm=attn_norm,
         projections=tuple(projections), attention_module=data["attention_module"], ffn=ffn,
-        identity_modules=tuple(identity), qk_norms=qk_norms,
+        identity_modules=tuple(identity), qk_norms=qk_norms, qk_norm_span=qk.get("over", "head"),
+        embedding_multiplier=multiplier,
     )

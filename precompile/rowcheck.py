@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from .layout import TableLayout
-from .precompute import activation, apply_norm, compute_rows, embedding_output
-from .profiles import ModelSpec
+from .precompute import activation, apply_norm, compute_rows, embedding_output, layer_input, qk_norm_weights
+from .profiles import ModelSpec, Projection
 
 ACT_SLOPE = 1.2  # bound on |act'(x)| for silu, gelu, gelu_tanh and relu (1.1, 1.13, 1.13, 1)
 
@@ -71,8 +71,9 @@ def magnitudes(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: dict
     """
     f64 = torch.float64
     w32 = w32 if w32 is not None else {k: v.float() for k, v in w.items()}
-    x = embedding_output(spec, rows, model_dtype, w, f64).to(f64)
-    h = apply_norm(spec.attn_norm, x, w).float()
+    x_model = embedding_output(spec, rows, model_dtype, w, f64)
+    x = layer_input(spec, x_model).to(f64)
+    h = (x if spec.attn_norm is None else apply_norm(spec.attn_norm, x, w)).float()
     m, m2 = [], []
     if layout.x_in_table:
         if spec.folds_ffn:
@@ -90,12 +91,42 @@ def magnitudes(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: dict
             m.append(x32.abs() + _lin(inner, w32, ffn.down, "abs"))
             m2.append(torch.sqrt(x32 * x32 + _lin(inner, w32, ffn.down, "sq")))
         else:
-            m.append(x.abs().float())
-            m2.append(x.abs().float())
+            m.append(x_model.abs().float())
+            m2.append(x_model.abs().float())
     for p in spec.projections:
-        m.append(_lin(h, w32, (p.weight, p.bias), "abs"))
-        m2.append(torch.sqrt(_lin(h, w32, (p.weight, p.bias), "sq")))
+        pm, pm2 = _lin(h, w32, (p.weight, p.bias), "abs"), torch.sqrt(_lin(h, w32, (p.weight, p.bias), "sq"))
+        if p.role in spec.qk_norms:
+            pm, pm2 = _qk_normed_magnitudes(spec, p, h, w32, pm, pm2)
+        m.append(pm)
+        m2.append(pm2)
     return torch.cat(m, dim=-1).double(), torch.cat(m2, dim=-1).double()
+
+
+def _qk_normed_magnitudes(spec: ModelSpec, p: Projection, h: torch.Tensor, w32: dict[str, torch.Tensor],
+                          m: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projection's magnitudes carried through its q/k norm to first order.
+
+    The norm divides each group (a head, or the whole projection) by its spread sigma and scales by |w|:
+    an error d in y moves the output by at most |w|/sigma * (|d_i| + |y_hat_i| * mean|d|), the second
+    term from sigma's own change.
+    """
+    norm = spec.qk_norms[p.role]
+    y = F.linear(h, w32[p.weight], w32[p.bias] if p.bias and p.bias in w32 else None)
+    if p.clip is not None:
+        y = y.clamp(-p.clip, p.clip)
+    group = y.shape[-1] if spec.qk_norm_span == "projection" else spec.head_dim
+    shape = (*y.shape[:-1], -1, group)
+    y, m, m2 = y.reshape(shape), m.reshape(shape), m2.reshape(shape)
+    if norm.kind == "layer":
+        y = y - y.mean(-1, keepdim=True)
+    sigma = torch.sqrt(y.pow(2).mean(-1, keepdim=True) + norm.eps)
+    y_hat = (y / sigma).abs()
+    gain = torch.ones((), dtype=y.dtype)
+    if norm.weight:
+        heads = spec.qk_norm_heads(p.role) if spec.qk_norm_span == "head" else 1
+        gain = (qk_norm_weights(norm, heads, w32)[norm.weight] + norm.offset).abs()
+    out = [(gain / sigma * (v + y_hat * v.mean(-1, keepdim=True))).reshape(*v.shape[:-2], -1) for v in (m, m2)]
+    return out[0], out[1]
 
 
 def dot_length(spec: ModelSpec) -> int:
