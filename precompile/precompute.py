@@ -40,6 +40,8 @@ def activation(name: str, x: torch.Tensor, inplace: bool = False) -> torch.Tenso
         return torch.ops.aten.gelu_(x, approximate=approximate) if inplace else F.gelu(x, approximate=approximate)
     if name == "relu":
         return F.relu(x, inplace=inplace)
+    if name == "relu2":  # squared ReLU (Nemotron, Persimmon, Arcee)
+        return F.relu(x, inplace=inplace).square_() if inplace else F.relu(x).square()
     raise ValueError(f"unknown activation {name}")
 
 
@@ -125,12 +127,12 @@ def qk_normed(spec: ModelSpec, role: str, y: torch.Tensor, w: dict[str, torch.Te
 
 
 def projection_output(spec: ModelSpec, p, h: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-    """What layer 0's projection module returns for normed input h, with the clamp and q/k norm that follow it."""
+    """Layer 0's projection of normed input h, with the q/k norm and then the clamp that follow it (OLMoE)."""
     y = _linear(h, w, (p.weight, p.bias))
-    if p.clip is not None:
-        y = y.clamp_(-p.clip, p.clip)
     if p.role in spec.qk_norms:
         y = qk_normed(spec, p.role, y, w)
+    if p.clip is not None:
+        y = y.clamp_(-p.clip, p.clip)
     return y
 
 

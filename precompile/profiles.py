@@ -22,7 +22,7 @@ import yaml
 from .errors import UserError
 
 NORM_KINDS = ("rms", "layer")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
 FFN_KINDS = ("mlp", "glu", "moe")
 EXPERT_KINDS = ("mlp", "glu")
 PROJ_ROLES = ("q", "k", "v", "qkv")
@@ -60,7 +60,7 @@ class Projection:
     bias_required: bool
     module: str
     heads_interleaved: bool = False
-    clip: float | None = None  # the output is clamped to [-clip, clip] (OLMo's and DBRX's clip_qkv)
+    clip: float | None = None  # the output (after a q/k norm) is clamped to [-clip, clip] (OLMo's clip_qkv)
 
 
 @dataclass(frozen=True)

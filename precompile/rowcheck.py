@@ -38,6 +38,11 @@ from .profiles import ModelSpec, Projection
 ACT_SLOPE = 1.2  # bound on |act'(x)| for silu, gelu, gelu_tanh and relu (1.1, 1.13, 1.13, 1)
 
 
+def act_slope(name: str, pre: torch.Tensor) -> torch.Tensor | float:
+    """A bound on |act'| at the pre-activation values: ACT_SLOPE, or 2 relu(x) for the squared ReLU."""
+    return 2 * pre.clamp_min(0) if name == "relu2" else ACT_SLOPE
+
+
 def unit_roundoff(dtype: torch.dtype) -> float:
     """u = eps / 2: the largest relative error of one rounding in dtype."""
     return torch.finfo(dtype).eps / 2
@@ -67,7 +72,7 @@ def magnitudes(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: dict
     The values come from float64 (`w`); the magnitudes only scale a bound, so their sums run in
     float32 (`w32`, the same weights), which halves the cost of `--rows all`. For a folded FFN, the
     errors of the inner activations are carried through the down projection to first order
-    (|act'| <= ACT_SLOPE).
+    (|act'| <= act_slope).
     """
     f64 = torch.float64
     w32 = w32 if w32 is not None else {k: v.float() for k, v in w.items()}
@@ -85,9 +90,10 @@ def magnitudes(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: dict
             if ffn.kind == "glu":
                 g = F.linear(h2, w32[ffn.gate[0]], w32[ffn.gate[1]] if ffn.gate[1] and ffn.gate[1] in w32 else None)
                 a = activation(ffn.activation, g)
-                inner = (a * up).abs() + a.abs() * mu + ACT_SLOPE * up.abs() * _lin(h2, w32, ffn.gate, "abs")
+                inner = (a * up).abs() + a.abs() * mu + act_slope(ffn.activation, g) * up.abs() * _lin(
+                    h2, w32, ffn.gate, "abs")
             else:
-                inner = activation(ffn.activation, up).abs() + ACT_SLOPE * mu
+                inner = activation(ffn.activation, up).abs() + act_slope(ffn.activation, up) * mu
             m.append(x32.abs() + _lin(inner, w32, ffn.down, "abs"))
             m2.append(torch.sqrt(x32 * x32 + _lin(inner, w32, ffn.down, "sq")))
         else:
@@ -112,8 +118,6 @@ def _qk_normed_magnitudes(spec: ModelSpec, p: Projection, h: torch.Tensor, w32: 
     """
     norm = spec.qk_norms[p.role]
     y = F.linear(h, w32[p.weight], w32[p.bias] if p.bias and p.bias in w32 else None)
-    if p.clip is not None:
-        y = y.clamp(-p.clip, p.clip)
     group = y.shape[-1] if spec.qk_norm_span == "projection" else spec.head_dim
     shape = (*y.shape[:-1], -1, group)
     y, m, m2 = y.reshape(shape), m.reshape(shape), m2.reshape(shape)

@@ -70,6 +70,74 @@ FAMILIES: dict[str, dict] = {
 }
 
 
+_SMALL = dict(_COMMON, num_hidden_layers=2)
+_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+# Families of issue #17 (tests/test_families_more.py): 2 layers; head_dim 24 (q width 96 != hidden 64) where
+# the config has the key; GQA 4/2; tied where transformers ties by default.
+MORE_FAMILIES: dict[str, dict] = {
+    "smollm3": dict(model_type="smollm3", num_key_value_heads=2, tie_word_embeddings=True, **_SMALL),
+    "helium": dict(model_type="helium", num_key_value_heads=2, head_dim=16, attention_bias=True,  # o_proj: d x d
+                   tie_word_embeddings=False, **_SMALL),
+    "arcee": dict(model_type="arcee", num_key_value_heads=2, head_dim=24, tie_word_embeddings=False, **_SMALL),
+    "seed_oss": dict(model_type="seed_oss", num_key_value_heads=2, head_dim=24, attention_bias=True,
+                     tie_word_embeddings=False, **_SMALL),
+    "ministral": dict(model_type="ministral", num_key_value_heads=2, head_dim=24, tie_word_embeddings=False,
+                      **_SMALL),
+    "cwm": dict(model_type="cwm", num_key_value_heads=2, head_dim=24, tie_word_embeddings=False, **_SMALL),
+    "ernie4_5": dict(model_type="ernie4_5", num_key_value_heads=2, head_dim=24, use_bias=True,
+                     tie_word_embeddings=True, **_SMALL),
+    "diffllama": dict(model_type="diffllama", num_key_value_heads=2, head_dim=24, tie_word_embeddings=False,
+                      **_SMALL),
+    "glm": dict(model_type="glm", num_key_value_heads=2, head_dim=24, attention_bias=True,
+                tie_word_embeddings=False, **_SMALL),
+    "glm4": dict(model_type="glm4", num_key_value_heads=2, head_dim=24, attention_bias=True,
+                 tie_word_embeddings=False, **_SMALL),
+    "qwen3_tied": dict(model_type="qwen3", num_key_value_heads=2, head_dim=24, tie_word_embeddings=True, **_SMALL),
+    "qwen3_moe": dict(model_type="qwen3_moe", num_key_value_heads=2, head_dim=24, num_experts=4,
+                      tie_word_embeddings=False, **_MOE, **_SMALL),
+    "qwen2_moe": dict(model_type="qwen2_moe", num_key_value_heads=2, num_experts=4, shared_expert_intermediate_size=48,
+                      tie_word_embeddings=False, **_MOE, **_SMALL),
+    # the forward multiplies the embedding by a multiplier that bfloat16 cannot hold exactly
+    "granite": dict(model_type="granite", num_key_value_heads=2, embedding_multiplier=1.7, residual_multiplier=0.6,
+                    attention_multiplier=0.3, logits_scaling=2.0, tie_word_embeddings=False, **_SMALL),
+    "granitemoe": dict(model_type="granitemoe", num_key_value_heads=2, embedding_multiplier=1.7, num_local_experts=4,
+                       num_experts_per_tok=2, tie_word_embeddings=False, **_SMALL),
+    "granitemoeshared": dict(model_type="granitemoeshared", num_key_value_heads=2, embedding_multiplier=1.7,
+                             num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
+                             tie_word_embeddings=False, **_SMALL),
+    "apertus": dict(model_type="apertus", num_key_value_heads=2, tie_word_embeddings=False, **_SMALL),
+    "gemma2": dict(model_type="gemma2", num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=24,
+                   tie_word_embeddings=True, **_SMALL),
+    "gemma3_text": dict(model_type="gemma3_text", num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=24,
+                        tie_word_embeddings=True, **_SMALL),
+    "vaultgemma": dict(model_type="vaultgemma", num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=24,
+                       tie_word_embeddings=True, **_SMALL),
+    "exaone4": dict(model_type="exaone4", num_key_value_heads=2, head_dim=24, tie_word_embeddings=False, **_SMALL),
+    "olmo2": dict(model_type="olmo2", num_key_value_heads=2, tie_word_embeddings=False, **_SMALL),
+    "olmo3": dict(model_type="olmo3", num_key_value_heads=2, tie_word_embeddings=False, **_SMALL),
+    "olmoe": dict(model_type="olmoe", num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, clip_qkv=1.5,
+                  tie_word_embeddings=False, **_SMALL),
+    "olmo": dict(model_type="olmo", num_key_value_heads=2, clip_qkv=1.0, tie_word_embeddings=False, **_SMALL),
+    "phimoe": dict(model_type="phimoe", num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                   tie_word_embeddings=False, **_SMALL),
+    "nemotron": dict(model_type="nemotron", num_key_value_heads=2, head_dim=24, partial_rotary_factor=0.5,
+                     tie_word_embeddings=False, **_SMALL),
+    "starcoder2": dict(model_type="starcoder2", num_key_value_heads=2, use_bias=True, tie_word_embeddings=True,
+                       **_SMALL),
+    "stablelm": dict(model_type="stablelm", num_key_value_heads=2, qk_layernorm=True, use_qkv_bias=True,
+                     use_parallel_residual=False, tie_word_embeddings=False, **_SMALL),
+    "stablelm_parallel": dict(model_type="stablelm", num_key_value_heads=4, qk_layernorm=False,
+                              use_parallel_residual=True, tie_word_embeddings=False, **_SMALL),
+    "cohere2": dict(model_type="cohere2", num_key_value_heads=2, head_dim=24, logit_scale=0.5,
+                    tie_word_embeddings=True, **_SMALL),
+    "phi3": dict(model_type="phi3", num_key_value_heads=2, tie_word_embeddings=False, **_SMALL),
+}
+FAMILIES.update(MORE_FAMILIES)
+# Every model type a test converts and compares against transformers (the support matrix reads this).
+TESTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted({f["model_type"] for f in FAMILIES.values()}))
+OFFSET_NORM_TYPES = ("gemma", "gemma2", "gemma3_text", "vaultgemma", "nemotron")  # norms scale by (1 + w)
+
+
 def make_config(family: str, **overrides):
     kw = dict(FAMILIES[family])
     kw.update(overrides)
@@ -83,7 +151,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
     GPT-J's `ln_1`, Falcon's `ln_attn` and Cohere's per-head [heads, head_dim] q/k norm weights count.
     """
     g = torch.Generator().manual_seed(seed)
-    offset_norm = model.config.model_type in ("gemma",)
+    offset_norm = model.config.model_type in OFFSET_NORM_TYPES
     norm_weights = {f"{m_name}.weight" if m_name else "weight" for m_name, m in model.named_modules()
                     if "norm" in type(m).__name__.lower()}
     with torch.no_grad():
