@@ -127,13 +127,9 @@ def qk_normed(spec: ModelSpec, role: str, y: torch.Tensor, w: dict[str, torch.Te
 
 
 def projection_output(spec: ModelSpec, p, h: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Layer 0's projection of normed input h, with the q/k norm and then the clamp that follow it (OLMoE)."""
+    """Layer 0's projection of normed input h, with the q/k norm that follows it."""
     y = _linear(h, w, (p.weight, p.bias))
-    if p.role in spec.qk_norms:
-        y = qk_normed(spec, p.role, y, w)
-    if p.clip is not None:
-        y = y.clamp_(-p.clip, p.clip)
-    return y
+    return qk_normed(spec, p.role, y, w) if p.role in spec.qk_norms else y
 
 
 def embedding_output(spec: ModelSpec, rows: torch.Tensor, model_dtype: torch.dtype,

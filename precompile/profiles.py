@@ -60,7 +60,6 @@ class Projection:
     bias_required: bool
     module: str
     heads_interleaved: bool = False
-    clip: float | None = None  # the output (after a q/k norm) is clamped to [-clip, clip] (OLMo's clip_qkv)
 
 
 @dataclass(frozen=True)
@@ -337,10 +336,8 @@ def _check_body(data: dict, path: str) -> None:
         raise _fail(path, "projections", "must be a non-empty list")
     for i, p in enumerate(projs):
         where = f"projections[{i}]"
-        _check_keys(p, {"role", "weight", "bias", "bias_when", "module", "heads_interleaved", "clip"},
+        _check_keys(p, {"role", "weight", "bias", "bias_when", "module", "heads_interleaved"},
                     ("role", "weight", "module"), path, where)
-        if "clip" in p:
-            _check_config_ref(p["clip"], path, f"{where}.clip", _is_num)
         if p["role"] not in PROJ_ROLES:
             raise _fail(path, f"{where}.role", f"is '{p['role']}', expected one of q, k, v, qkv")
         for key in ("weight", "module"):
@@ -670,14 +667,9 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
     for p in data["projections"]:
         when = p.get("bias_when", True)
         required = bool(config.get(when, False)) if isinstance(when, str) else bool(when)
-        clip = _config_value(config, p["clip"], f"{p['role']}.clip", profile) if "clip" in p else None
-        if clip is not None and (not _is_num(clip) or clip <= 0):
-            raise UserError(f"profile {profile.name}: the clip of projection {p['role']} resolves to {clip!r}; it "
-                            f"must be a positive number (or null in config.json for no clip)")
         projections.append(Projection(role=p["role"], weight=p["weight"], bias=p.get("bias"),
                                       bias_required=required and p.get("bias") is not None,
-                                      module=p["module"], heads_interleaved=bool(p.get("heads_interleaved")),
-                                      clip=None if clip is None else float(clip)))
+                                      module=p["module"], heads_interleaved=bool(p.get("heads_interleaved"))))
     qk = data.get("qk_norm") or {}
     qk_norms = {role: _norm(qk[role], config, profile, f"qk_norm.{role}") for role in ("q", "k") if role in qk}
     if qk_norms and any(p.role == "qkv" for p in projections):

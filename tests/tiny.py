@@ -98,6 +98,12 @@ MORE_FAMILIES: dict[str, dict] = {
     "qwen2_moe": dict(model_type="qwen2_moe", num_key_value_heads=2, num_experts=4, shared_expert_intermediate_size=48,
                       tie_word_embeddings=False, **_MOE, **_SMALL),
     # the forward multiplies the embedding by a multiplier that bfloat16 cannot hold exactly
+    "hunyuan_v1_dense": dict(model_type="hunyuan_v1_dense", num_key_value_heads=2, head_dim=24,
+                             tie_word_embeddings=False, **_SMALL),
+    "dbrx": dict(model_type="dbrx", d_model=64, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=256,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                 attn_config={"kv_n_heads": 2, "clip_qkv": 1.0, "rope_theta": 10000.0},
+                 ffn_config={"ffn_hidden_size": 96, "moe_num_experts": 4, "moe_top_k": 2}),
     "granite": dict(model_type="granite", num_key_value_heads=2, embedding_multiplier=1.7, residual_multiplier=0.6,
                     attention_multiplier=0.3, logits_scaling=2.0, tie_word_embeddings=False, **_SMALL),
     "granitemoe": dict(model_type="granitemoe", num_key_value_heads=2, embedding_multiplier=1.7, num_local_experts=4,
