@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .layout import TableLayout
-from .profiles import HEAD, Expert, Ffn, ModelSpec, Norm, expand_heads
+from .profiles import HEAD, Expert, Ffn, ModelSpec, Norm, Projection, expand_heads
 
 
 def apply_norm(norm: Norm, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -126,10 +126,28 @@ def qk_normed(spec: ModelSpec, role: str, y: torch.Tensor, w: dict[str, torch.Te
     return apply_norm(norm, heads, qk_norm_weights(norm, spec.qk_norm_heads(role), w)).reshape(y.shape)
 
 
-def projection_output(spec: ModelSpec, p, h: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Layer 0's projection of normed input h, with the q/k norm that follows it."""
+def normed_parts(spec: ModelSpec, p: Projection, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """role -> a view of the values of projection output y that the role's q/k norm acts on.
+
+    A fused qkv holds q and k as [q | k | v] along its output or, with `heads_interleaved`, per head as
+    [heads, (q, k, v), head_dim] (Persimmon): then the views are [..., heads, head_dim], not contiguous.
+    """
+    if p.role != "qkv":
+        return {p.role: y} if p.role in spec.qk_norms else {}
+    if p.heads_interleaved:
+        per_head = y.view(*y.shape[:-1], spec.num_heads, 3, spec.head_dim)
+        return {r: per_head[..., i, :] for i, r in enumerate("qk") if r in spec.qk_norms}
+    qw, kw = spec.q_width, spec.kv_width
+    return {r: v for r, v in (("q", y[..., :qw]), ("k", y[..., qw:qw + kw])) if r in spec.qk_norms}
+
+
+def projection_output(spec: ModelSpec, p: Projection, h: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Layer 0's projection of normed input h, with the q/k norms that follow it."""
     y = _linear(h, w, (p.weight, p.bias))
-    return qk_normed(spec, p.role, y, w) if p.role in spec.qk_norms else y
+    for role, part in normed_parts(spec, p, y).items():
+        flat = part.reshape(*y.shape[:-1], -1)
+        part.copy_(qk_normed(spec, role, flat, w).view(part.shape))
+    return y
 
 
 def embedding_output(spec: ModelSpec, rows: torch.Tensor, model_dtype: torch.dtype,

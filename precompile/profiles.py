@@ -672,8 +672,10 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
                                       module=p["module"], heads_interleaved=bool(p.get("heads_interleaved"))))
     qk = data.get("qk_norm") or {}
     qk_norms = {role: _norm(qk[role], config, profile, f"qk_norm.{role}") for role in ("q", "k") if role in qk}
-    if qk_norms and any(p.role == "qkv" for p in projections):
-        raise UserError(f"profile {profile.name}: qk_norm needs separate q and k projections; fix the YAML")
+    if qk_norms and any(p.role == "qkv" and p.heads_interleaved for p in projections) and (
+            heads != kv or qk.get("over", "head") != "head"):
+        raise UserError(f"profile {profile.name}: qk_norm on a heads_interleaved qkv needs as many key/value heads as "
+                        f"heads and per-head norms; fix the YAML or config.json")
     attn_norm = _norm(data.get("attn_norm"), config, profile, "attn_norm")
     emb_norm = _norm(emb.get("norm"), config, profile, "embedding.norm")
     identity = [m for m in (emb_norm.module if emb_norm else None, attn_norm.module if attn_norm else None) if m]

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from .layout import TableLayout
-from .precompute import activation, apply_norm, compute_rows, embedding_output, layer_input, qk_norm_weights
-from .profiles import ModelSpec, Projection
+from .precompute import (activation, apply_norm, compute_rows, embedding_output, layer_input, normed_parts,
+                         qk_norm_weights)
+from .profiles import ModelSpec
 
 ACT_SLOPE = 1.2  # bound on |act'(x)| for silu, gelu, gelu_tanh and relu (1.1, 1.13, 1.13, 1)
 
@@ -101,23 +102,27 @@ def magnitudes(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: dict
             m2.append(x_model.abs().float())
     for p in spec.projections:
         pm, pm2 = _lin(h, w32, (p.weight, p.bias), "abs"), torch.sqrt(_lin(h, w32, (p.weight, p.bias), "sq"))
-        if p.role in spec.qk_norms:
-            pm, pm2 = _qk_normed_magnitudes(spec, p, h, w32, pm, pm2)
+        y = F.linear(h, w32[p.weight], w32[p.bias] if p.bias and p.bias in w32 else None)
+        for (role, yp), mp, mp2 in zip(normed_parts(spec, p, y).items(), normed_parts(spec, p, pm).values(),
+                                       normed_parts(spec, p, pm2).values()):
+            flat = (*y.shape[:-1], -1)
+            for part, normed in zip((mp, mp2), _qk_normed_magnitudes(spec, role, yp.reshape(flat), mp.reshape(flat),
+                                                                     mp2.reshape(flat), w32)):
+                part.copy_(normed.view(part.shape))
         m.append(pm)
         m2.append(pm2)
     return torch.cat(m, dim=-1).double(), torch.cat(m2, dim=-1).double()
 
 
-def _qk_normed_magnitudes(spec: ModelSpec, p: Projection, h: torch.Tensor, w32: dict[str, torch.Tensor],
-                          m: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The projection's magnitudes carried through its q/k norm to first order.
+def _qk_normed_magnitudes(spec: ModelSpec, role: str, y: torch.Tensor, m: torch.Tensor, m2: torch.Tensor,
+                          w32: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The magnitudes of q or k (projection output y) carried through the role's norm to first order.
 
     The norm divides each group (a head, or the whole projection) by its spread sigma and scales by |w|:
     an error d in y moves the output by at most |w|/sigma * (|d_i| + |y_hat_i| * mean|d|), the second
     term from sigma's own change.
     """
-    norm = spec.qk_norms[p.role]
-    y = F.linear(h, w32[p.weight], w32[p.bias] if p.bias and p.bias in w32 else None)
+    norm = spec.qk_norms[role]
     group = y.shape[-1] if spec.qk_norm_span == "projection" else spec.head_dim
     shape = (*y.shape[:-1], -1, group)
     y, m, m2 = y.reshape(shape), m.reshape(shape), m2.reshape(shape)
@@ -127,7 +132,7 @@ def _qk_normed_magnitudes(spec: ModelSpec, p: Projection, h: torch.Tensor, w32: 
     y_hat = (y / sigma).abs()
     gain = torch.ones((), dtype=y.dtype)
     if norm.weight:
-        heads = spec.qk_norm_heads(p.role) if spec.qk_norm_span == "head" else 1
+        heads = spec.qk_norm_heads(role) if spec.qk_norm_span == "head" else 1
         gain = (qk_norm_weights(norm, heads, w32)[norm.weight] + norm.offset).abs()
     out = [(gain / sigma * (v + y_hat * v.mean(-1, keepdim=True))).reshape(*v.shape[:-2], -1) for v in (m, m2)]
     return out[0], out[1]

@@ -134,6 +134,8 @@ MORE_FAMILIES: dict[str, dict] = {
                      use_parallel_residual=False, tie_word_embeddings=False, **_SMALL),
     "stablelm_parallel": dict(model_type="stablelm", num_key_value_heads=4, qk_layernorm=False,
                               use_parallel_residual=True, tie_word_embeddings=False, **_SMALL),
+    "persimmon": dict(model_type="persimmon", qk_layernorm=True, partial_rotary_factor=0.5,
+                      tie_word_embeddings=False, **_SMALL),
     "cohere2": dict(model_type="cohere2", num_key_value_heads=2, head_dim=24, logit_scale=0.5,
                     tie_word_embeddings=True, **_SMALL),
     "phi3": dict(model_type="phi3", num_key_value_heads=2, tie_word_embeddings=False, **_SMALL),
