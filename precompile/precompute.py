@@ -132,7 +132,7 @@ def normed_parts(spec: ModelSpec, p: Projection, y: torch.Tensor) -> dict[str, t
     A fused qkv holds q and k as [q | k | v] along its output or, with `heads_interleaved`, per head as
     [heads, (q, k, v), head_dim] (Persimmon): then the views are [..., heads, head_dim], not contiguous.
     """
-    if p.role != "qkv":
+    if p.role != "qkv" or not spec.qk_norms:
         return {p.role: y} if p.role in spec.qk_norms else {}
     if p.heads_interleaved:
         per_head = y.view(*y.shape[:-1], spec.num_heads, 3, spec.head_dim)

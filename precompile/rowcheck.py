@@ -32,8 +32,15 @@ import torch
 import torch.nn.functional as F
 
 from .layout import TableLayout
-from .precompute import (activation, apply_norm, compute_rows, embedding_output, layer_input, normed_parts,
-                         qk_norm_weights)
+from .precompute import (
+    activation,
+    apply_norm,
+    compute_rows,
+    embedding_output,
+    layer_input,
+    normed_parts,
+    qk_norm_weights,
+)
 from .profiles import ModelSpec
 
 ACT_SLOPE = 1.2  # bound on |act'(x)| for silu, gelu, gelu_tanh and relu (1.1, 1.13, 1.13, 1)

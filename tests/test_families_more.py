@@ -15,12 +15,12 @@ import json
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import precompile
-import tiny
 from precompile.convert import plan_conversion
 from precompile.rowcheck import check_rows
 
