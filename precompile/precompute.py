@@ -96,17 +96,30 @@ def ffn_output(ffn: Ffn, h: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.T
     if ffn.kind != "moe":
         return expert_output(Expert(ffn.kind, ffn.up, ffn.gate, ffn.down), ffn.activation, h, w)
     flat = h.reshape(-1, h.shape[-1])
-    probs = torch.softmax(_linear(flat, w, ffn.router).float(), dim=-1)
-    top_w, top_i = probs.topk(ffn.top_k, dim=-1)
-    if ffn.normalize_topk:
-        top_w = top_w / top_w.sum(-1, keepdim=True)
+    top_w, top_i = route(ffn, flat, w)
     out = torch.zeros_like(flat)
     for e, expert in enumerate(ffn.experts):
         tok, slot = (top_i == e).nonzero(as_tuple=True)
         if tok.numel():
             y = expert_output(expert, ffn.activation, flat[tok], w) * top_w[tok, slot, None].to(flat.dtype)
             out.index_add_(0, tok, y)
+    if ffn.shared is not None:  # a dense expert every token takes, added or averaged (Cohere 2 MoE)
+        out += expert_output(ffn.shared, ffn.activation, flat, w)
+        if ffn.shared_combine == "average":
+            out /= 2
     return out.reshape(h.shape)
+
+
+def route(ffn: Ffn, flat: torch.Tensor, w: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's top-k experts per token and their weights: softmax (in float32 or wider) over all
+    experts, renormalised over the picked ones when `normalize_topk` (the same as a softmax over the top-k
+    logits)."""
+    logits = _linear(flat, w, ffn.router)
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    top_w, top_i = probs.topk(ffn.top_k, dim=-1)
+    if ffn.normalize_topk:
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+    return top_w, top_i
 
 
 def qk_norm_weights(norm: Norm, heads: int, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

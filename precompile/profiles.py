@@ -94,11 +94,14 @@ class Ffn:
     router: tuple[str, str | None] | None = None
     top_k: int = 1
     normalize_topk: bool = True
+    shared: Expert | None = None  # moe only: a dense expert every token takes besides the routed ones
+    shared_combine: str = "sum"  # "sum": routed + shared; "average": (routed + shared) / 2
 
     def refs(self) -> list[tuple[str, str | None]]:
         """Every (weight, bias) tensor reference of the FFN, router first."""
         if self.kind == "moe":
-            return [self.router, *(r for e in self.experts for r in e.refs())]
+            shared = self.shared.refs() if self.shared else []
+            return [self.router, *(r for e in self.experts for r in e.refs()), *shared]
         return [r for r in (self.up, self.gate, self.down) if r is not None]
 
 
@@ -363,7 +366,7 @@ def _check_body(data: dict, path: str) -> None:
     if data.get("ffn"):
         ffn = data["ffn"]
         _check_keys(ffn, {"kind", "activation", "norm", "up", "gate", "down", "module", "router", "experts",
-                          "expert_kind", "top_k", "normalize_topk"},
+                          "expert_kind", "top_k", "normalize_topk", "shared"},
                     ("kind", "activation", "up", "down", "module"), path, "ffn")
         if ffn["kind"] not in FFN_KINDS:
             raise _fail(path, "ffn.kind", f"is '{ffn['kind']}', expected one of {', '.join(FFN_KINDS)}")
@@ -378,6 +381,18 @@ def _check_body(data: dict, path: str) -> None:
                 ref = ffn.get(part)
                 if ref is not None and "{e}" not in (ref if isinstance(ref, str) else ref.get("weight", "")):
                     raise _fail(path, f"ffn.{part}", "must contain {e} (the expert index) in a moe FFN")
+            if ffn.get("shared") is not None:
+                sh = ffn["shared"]
+                _check_keys(sh, {"up", "gate", "down", "combine"}, ("up", "down"), path, "ffn.shared")
+                for part in ("up", "gate", "down"):
+                    if part in sh:
+                        _check_tensor_ref(sh[part], path, f"ffn.shared.{part}")
+                if sh.get("combine", "sum") not in ("sum", "average"):
+                    raise _fail(path, "ffn.shared.combine", f"is '{sh['combine']}', expected sum or average")
+                if ffn.get("expert_kind", "glu") == "glu" and "gate" not in sh:
+                    raise _fail(path, "ffn.shared.gate", "is missing (the experts are GLUs)")
+        elif ffn.get("shared") is not None:
+            raise _fail(path, "ffn.shared", "applies to a moe FFN only")
         act = ffn["activation"]
         if isinstance(act, dict):
             _check_keys(act, {"config", "default"}, ("config",), path, "ffn.activation")
@@ -585,10 +600,15 @@ def _ffn(f: dict, config: dict, profile: Profile) -> Ffn:
     def expand(ref: tuple[str, str | None] | None, e: int) -> tuple[str, str | None] | None:
         return None if ref is None else (ref[0].replace("{e}", str(e)), ref[1] and ref[1].replace("{e}", str(e)))
 
-    experts = tuple(Expert(kind=f.get("expert_kind", "glu"), up=expand(up, e), gate=expand(gate, e),
-                           down=expand(down, e)) for e in range(n))
+    kind = f.get("expert_kind", "glu")
+    experts = tuple(Expert(kind=kind, up=expand(up, e), gate=expand(gate, e), down=expand(down, e))
+                    for e in range(n))
+    sh = f.get("shared")
+    shared = None if not sh else Expert(kind=kind, up=_tensor_ref(sh["up"]), down=_tensor_ref(sh["down"]),
+                                        gate=_tensor_ref(sh["gate"]) if sh.get("gate") else None)
     return Ffn(kind="moe", activation=act, norm=fnorm, up=up, gate=gate, down=down, module=f["module"],
-               experts=experts, router=_tensor_ref(f["router"]), top_k=top_k, normalize_topk=bool(norm_topk))
+               experts=experts, router=_tensor_ref(f["router"]), top_k=top_k, normalize_topk=bool(norm_topk),
+               shared=shared, shared_combine=(sh or {}).get("combine", "sum"))
 
 
 def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> ModelSpec:

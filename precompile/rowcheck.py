@@ -40,8 +40,9 @@ from .precompute import (
     layer_input,
     normed_parts,
     qk_norm_weights,
+    route,
 )
-from .profiles import ModelSpec
+from .profiles import Expert, Ffn, ModelSpec
 
 ACT_SLOPE = 1.2  # bound on |act'(x)| for silu, gelu, gelu_tanh and relu (1.1, 1.13, 1.13, 1)
 
@@ -86,24 +87,17 @@ def magnitudes(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: dict
     w32 = w32 if w32 is not None else {k: v.float() for k, v in w.items()}
     x_model = embedding_output(spec, rows, model_dtype, w, f64)
     x = layer_input(spec, x_model).to(f64)
-    h = (x if spec.attn_norm is None else apply_norm(spec.attn_norm, x, w)).float()
+    h64 = x if spec.attn_norm is None else apply_norm(spec.attn_norm, x, w)
+    h = h64.float()
     m, m2 = [], []
     if layout.x_in_table:
         if spec.folds_ffn:
             ffn = spec.ffn
             x32 = x.float()
-            h2 = h if ffn.norm is None else apply_norm(ffn.norm, x, w).float()
-            up = F.linear(h2, w32[ffn.up[0]], w32[ffn.up[1]] if ffn.up[1] and ffn.up[1] in w32 else None)
-            mu = _lin(h2, w32, ffn.up, "abs")
-            if ffn.kind == "glu":
-                g = F.linear(h2, w32[ffn.gate[0]], w32[ffn.gate[1]] if ffn.gate[1] and ffn.gate[1] in w32 else None)
-                a = activation(ffn.activation, g)
-                inner = (a * up).abs() + a.abs() * mu + act_slope(ffn.activation, g) * up.abs() * _lin(
-                    h2, w32, ffn.gate, "abs")
-            else:
-                inner = activation(ffn.activation, up).abs() + act_slope(ffn.activation, up) * mu
-            m.append(x32.abs() + _lin(inner, w32, ffn.down, "abs"))
-            m2.append(torch.sqrt(x32 * x32 + _lin(inner, w32, ffn.down, "sq")))
+            h2_64 = h64 if ffn.norm is None else apply_norm(ffn.norm, x, w)
+            fm, fm2 = _ffn_magnitudes(ffn, h2_64.float(), w32, h2_64, w)
+            m.append(x32.abs() + fm)
+            m2.append(torch.sqrt(x32 * x32 + fm2))
         else:
             m.append(x_model.abs().float())
             m2.append(x_model.abs().float())
@@ -119,6 +113,44 @@ def magnitudes(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: dict
         m.append(pm)
         m2.append(pm2)
     return torch.cat(m, dim=-1).double(), torch.cat(m2, dim=-1).double()
+
+
+def _expert_magnitudes(expert: Expert, act: str, h2: torch.Tensor,
+                        w32: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum|terms| and sum terms^2 of one dense FFN's down projection, its inner errors carried to first order."""
+    up = F.linear(h2, w32[expert.up[0]], w32[expert.up[1]] if expert.up[1] and expert.up[1] in w32 else None)
+    mu = _lin(h2, w32, expert.up, "abs")
+    if expert.kind == "glu":
+        gate = expert.gate
+        g = F.linear(h2, w32[gate[0]], w32[gate[1]] if gate[1] and gate[1] in w32 else None)
+        a = activation(act, g)
+        inner = (a * up).abs() + a.abs() * mu + act_slope(act, g) * up.abs() * _lin(h2, w32, gate, "abs")
+    else:
+        inner = activation(act, up).abs() + act_slope(act, up) * mu
+    return _lin(inner, w32, expert.down, "abs"), _lin(inner, w32, expert.down, "sq")
+
+
+def _ffn_magnitudes(ffn: Ffn, h2: torch.Tensor, w32: dict[str, torch.Tensor], h64: torch.Tensor,
+                    w: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A folded FFN's sum|terms| and sum terms^2: dense, or the routed experts' weighted by the router (chosen in
+    float64 from h64, as the recomputation chooses them) plus the shared expert."""
+    if ffn.kind != "moe":
+        return _expert_magnitudes(Expert(ffn.kind, ffn.up, ffn.gate, ffn.down), ffn.activation, h2, w32)
+    flat = h2.reshape(-1, h2.shape[-1])
+    top_w, top_i = route(ffn, h64.reshape(-1, h64.shape[-1]), w)
+    m = torch.zeros_like(flat)
+    m2 = torch.zeros_like(flat)
+    for e, expert in enumerate(ffn.experts):
+        tok, slot = (top_i == e).nonzero(as_tuple=True)
+        if tok.numel():
+            em, em2 = _expert_magnitudes(expert, ffn.activation, flat[tok], w32)
+            weight = top_w[tok, slot, None].float()
+            m.index_add_(0, tok, em * weight)
+            m2.index_add_(0, tok, em2 * weight * weight)
+    if ffn.shared is not None:
+        sm, sm2 = _expert_magnitudes(ffn.shared, ffn.activation, flat, w32)
+        m, m2 = (m + sm, m2 + sm2) if ffn.shared_combine == "sum" else ((m + sm) / 2, (m2 + sm2) / 4)
+    return m.reshape(h2.shape), m2.reshape(h2.shape)
 
 
 def _qk_normed_magnitudes(spec: ModelSpec, role: str, y: torch.Tensor, m: torch.Tensor, m2: torch.Tensor,

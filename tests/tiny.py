@@ -138,6 +138,13 @@ MORE_FAMILIES: dict[str, dict] = {
                       tie_word_embeddings=False, **_SMALL),
     "cohere2": dict(model_type="cohere2", num_key_value_heads=2, head_dim=24, logit_scale=0.5,
                     tie_word_embeddings=True, **_SMALL),
+    # a parallel block with a top-k MoE FFN and a shared expert, all folded into the table
+    "cohere2_moe": dict(model_type="cohere2_moe", num_key_value_heads=2, head_dim=24, num_experts=4,
+                        num_experts_per_tok=2, num_shared_experts=1, shared_expert_combination_strategy="average",
+                        logit_scale=0.5, tie_word_embeddings=True, **dict(_SMALL, intermediate_size=32)),
+    "cohere2_moe_rms_sum": dict(model_type="cohere2_moe", num_key_value_heads=1, num_experts=4,
+                                num_experts_per_tok=1, num_shared_experts=2, shared_expert_combination_strategy="sum",
+                                rms_norm_eps=1e-6, tie_word_embeddings=False, **dict(_SMALL, intermediate_size=32)),
     "phi3": dict(model_type="phi3", num_key_value_heads=2, tie_word_embeddings=False, **_SMALL),
 }
 FAMILIES.update(MORE_FAMILIES)
