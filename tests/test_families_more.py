@@ -108,3 +108,45 @@ def test_bfloat16_no_farther_than_original(family, converted):
     dist = (_logits(model, enc) - upcast).pow(2).mean().sqrt().item()
     assert dist <= BF16_FACTOR * base, (dist, base)
     _check_table_rows(src, out)
+
+
+@pytest.mark.parametrize("profile, patch, words", [
+    ("olmo2", {"qk_norm": {"over": "layer"}}, "qk_norm.over"),
+    ("olmo2", {"attn_norm": {"kind": "rms", "eps": [1], "weight": "a.{h}.weight"}}, "attn_norm.weight"),
+    ("olmo2", {"qk_norm": {"over": "projection", "q": {"weight": "q.{h}.w"}}}, "qk_norm.q.weight"),
+    ("granite", {"embedding": {"multiplier": {"config": "embedding_multiplier", "value": 2}}},
+     "embedding.multiplier"),
+    ("granite", {"embedding": {"multiplier": {"config": None, "value": "x"}}}, "embedding.multiplier.value"),
+    ("cohere2_moe", {"ffn": {"shared": {"combine": "max"}}}, "ffn.shared.combine"),
+    ("cohere2_moe", {"ffn": {"shared": {"gate": None}}}, "ffn.shared.gate"),
+    ("cohere2_moe", {"ffn": {"shared": {"bias": "b"}}}, "ffn.shared.bias"),
+    ("cohere2", {"ffn": {"shared": {"up": "u", "down": "d"}}}, "ffn.shared"),
+])
+def test_new_keys_are_validated(profile, patch, words, tmp_path):
+    """A mistake in a new key names the file and the key, as every profile error does."""
+    import yaml
+
+    from precompile.errors import UserError
+    from precompile.profiles import _apply_patch, _configs_dir, load_profile
+
+    data = _apply_patch(yaml.safe_load((_configs_dir() / f"{profile}.yaml").read_text()), patch)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError, match=str(path)) as e:
+        load_profile(path)
+    assert f"'{words}'" in str(e.value)
+
+
+def test_multiplier_with_a_parallel_block_is_refused(tmp_path):
+    """x + FFN cannot hold what the model multiplies after the lookup: refused by name, not converted wrong."""
+    import yaml
+
+    from precompile.errors import UserError
+    from precompile.profiles import _apply_patch, _configs_dir, load_profile, resolve
+
+    data = _apply_patch(yaml.safe_load((_configs_dir() / "cohere2.yaml").read_text()),
+                        {"embedding": {"multiplier": {"value": 2.0}}})
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError, match="embedding.multiplier with a parallel block"):
+        resolve(load_profile(path), tiny.make_config("cohere2").to_dict())
