@@ -19,7 +19,7 @@ import test_families_parallel
 import tiny
 import torch
 from safetensors import safe_open
-from test_families_parallel import _batch, _generate, _logits
+from test_families_parallel import _batch, _generate, _logits, bf16_baseline
 from transformers import AutoModelForCausalLM
 
 import precompile
@@ -72,10 +72,7 @@ def test_float32_matches_transformers(family, converted):
 def test_bfloat16_no_farther_than_original(family, converted):
     src, out = converted(family, "bfloat16")
     enc = _batch()
-    upcast = _logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), enc)
-    orig = _logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval(), enc)
-    base = (orig - upcast).pow(2).mean().sqrt().item()
-    assert base > 0
+    upcast, base = bf16_baseline(src, enc)
     model = precompile.load(out)
     assert model.dtype == torch.bfloat16
     dist = (_logits(model, enc) - upcast).pow(2).mean().sqrt().item()

@@ -92,6 +92,15 @@ def _generate(model, enc) -> torch.Tensor:
     return model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=0)
 
 
+def bf16_baseline(src: Path, enc) -> tuple[torch.Tensor, float]:
+    """The float32 upcast's logits and the bfloat16 original's RMS distance from them (> 0)."""
+    upcast = _logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), enc)
+    orig = _logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval(), enc)
+    base = (orig - upcast).pow(2).mean().sqrt().item()
+    assert base > 0
+    return upcast, base
+
+
 @pytest.fixture(scope="module")
 def converted(checkpoint, tmp_path_factory):
     """(family, dtype) -> (source dir, OUT_DIR), converted once per module."""
@@ -131,10 +140,7 @@ def test_float32_matches_transformers(family, converted):
 def test_bfloat16_no_farther_than_original(family, converted):
     src, out = converted(family, "bfloat16")
     enc = _batch()
-    upcast = _logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), enc)
-    orig = _logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval(), enc)
-    base = (orig - upcast).pow(2).mean().sqrt().item()
-    assert base > 0
+    upcast, base = bf16_baseline(src, enc)
     for model in (precompile.load(out), _shim(out).load()):
         assert model.dtype == torch.bfloat16
         dist = (_logits(model, enc) - upcast).pow(2).mean().sqrt().item()
