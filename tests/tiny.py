@@ -72,6 +72,7 @@ FAMILIES: dict[str, dict] = {
 
 _SMALL = dict(_COMMON, num_hidden_layers=2)
 _MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+_MOE_SMALL = dict(_SMALL, moe_intermediate_size=32)
 # Families of issue #17 (tests/test_families_more.py): 2 layers; head_dim 24 (q width 96 != hidden 64) where
 # the config has the key; GQA 4/2; tied where transformers ties by default.
 MORE_FAMILIES: dict[str, dict] = {
@@ -145,6 +146,23 @@ MORE_FAMILIES: dict[str, dict] = {
     "cohere2_moe_rms_sum": dict(model_type="cohere2_moe", num_key_value_heads=1, num_experts=4,
                                 num_experts_per_tok=1, num_shared_experts=2, shared_expert_combination_strategy="sum",
                                 rms_norm_eps=1e-6, tie_word_embeddings=False, **dict(_SMALL, intermediate_size=32)),
+    "gpt_oss": dict(model_type="gpt_oss", num_key_value_heads=2, head_dim=24, num_local_experts=4,
+                    num_experts_per_tok=2, tie_word_embeddings=False, **dict(_SMALL, intermediate_size=32)),
+    "flex_olmo": dict(model_type="flex_olmo", num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                      tie_word_embeddings=False, **dict(_SMALL, intermediate_size=32)),
+    "ernie4_5_moe": dict(model_type="ernie4_5_moe", num_key_value_heads=2, use_bias=True, moe_num_experts=4,
+                         moe_k=2, moe_intermediate_size=32, moe_layer_start_index=0, tie_word_embeddings=True,
+                         **_SMALL),
+    "exaone_moe": dict(model_type="exaone_moe", num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                       mlp_layer_types=["sparse", "sparse"], tie_word_embeddings=False, **_MOE_SMALL),
+    "solar_open": dict(model_type="solar_open", num_key_value_heads=2, head_dim=24, n_routed_experts=4,
+                       num_experts_per_tok=2, moe_intermediate_size=32, tie_word_embeddings=False, **_SMALL),
+    "jais2": dict(model_type="jais2", num_key_value_heads=2, head_dim=24, tie_word_embeddings=False, **_SMALL),
+    "glm4_moe": dict(model_type="glm4_moe", num_key_value_heads=2, use_qk_norm=True, attention_bias=True,
+                     n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=0,
+                     tie_word_embeddings=False, **_MOE_SMALL),
+    "minimax_m2": dict(model_type="minimax_m2", num_key_value_heads=2, head_dim=24, num_local_experts=4,
+                       num_experts_per_tok=2, tie_word_embeddings=False, **dict(_SMALL, intermediate_size=32)),
     "phi3": dict(model_type="phi3", num_key_value_heads=2, tie_word_embeddings=False, **_SMALL),
 }
 FAMILIES.update(MORE_FAMILIES)
