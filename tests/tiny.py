@@ -107,6 +107,9 @@ MORE_FAMILIES: dict[str, dict] = {
                  ffn_config={"ffn_hidden_size": 96, "moe_num_experts": 4, "moe_top_k": 2}),
     "granite": dict(model_type="granite", num_key_value_heads=2, embedding_multiplier=1.7, residual_multiplier=0.6,
                     attention_multiplier=0.3, logits_scaling=2.0, tie_word_embeddings=False, **_SMALL),
+    # tied: x is the stored row, left out of the table; the model multiplies the looked-up embedding itself
+    "granite_tied": dict(model_type="granite", num_key_value_heads=1, embedding_multiplier=12.0,
+                         tie_word_embeddings=True, **_SMALL),
     "granitemoe": dict(model_type="granitemoe", num_key_value_heads=2, embedding_multiplier=1.7, num_local_experts=4,
                        num_experts_per_tok=2, tie_word_embeddings=False, **_SMALL),
     "granitemoeshared": dict(model_type="granitemoeshared", num_key_value_heads=2, embedding_multiplier=1.7,
