@@ -654,7 +654,7 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
         raise UserError(f"config.json gives {heads} attention heads and {kv} key/value heads; "
                         f"the head count must be a positive multiple of the key/value head count")
     block = "parallel" if assume_parallel else data["block"]
-    tie_spec = data.get("tie_word_embeddings", {"keys": ["tie_word_embeddings"], "default": False})
+    tie_spec = data.get("tie_word_embeddings") or {"keys": ["tie_word_embeddings"], "default": False}
     tied = bool(_config_value(config, tie_spec, "tie_word_embeddings", profile))
     emb = data["embedding"]
 
