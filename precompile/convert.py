@@ -126,10 +126,12 @@ def _validate(spec: ModelSpec, ckpt: Checkpoint, layout: TableLayout) -> None:
             _check_shape(ckpt, p.bias, (w,), f"{p.role} width")
         elif p.bias_required:
             ckpt.info(p.bias)
-    for role, norm in spec.qk_norms.items():
-        heads = spec.num_heads if role == "q" else spec.num_kv_heads
-        for t in (norm.weight, norm.bias):
-            if t and tuple(ckpt.info(t).shape) != (heads, spec.head_dim):
+    for role in spec.qk_norms:
+        heads = spec.qk_norm_heads(role)
+        for t in spec.qk_norm_tensors(role):
+            if spec.qk_norm_span == "projection":
+                _check_shape(ckpt, t, (projection_width(spec, role),), f"{role} norm over the whole projection")
+            elif tuple(ckpt.info(t).shape) != (heads, spec.head_dim):
                 _check_shape(ckpt, t, (spec.head_dim,), f"{role} norm over head_dim")
     if spec.folds_ffn and spec.ffn:
         for ref in spec.ffn.refs():

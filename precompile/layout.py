@@ -74,7 +74,8 @@ def table_layout(spec: ModelSpec, present: set[str] | frozenset[str]) -> TableLa
         cols.append(Column(p.role, off, off + w, f"layer-0 {p.role} projection of the normed input", p.module))
         off += w
     eliminated = [] if keep_embedding else [spec.embedding_tensor]
-    norms = [spec.embedding_norm, spec.attn_norm, *spec.qk_norms.values()]
+    eliminated += [n for role in spec.qk_norms for n in spec.qk_norm_tensors(role)]
+    norms = [spec.embedding_norm, spec.attn_norm]
     if spec.folds_ffn and spec.ffn is not None:
         norms.append(spec.ffn.norm)
         for ref in spec.ffn.refs():

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .layout import TableLayout
-from .profiles import Expert, Ffn, ModelSpec, Norm
+from .profiles import HEAD, Expert, Ffn, ModelSpec, Norm, Projection, expand_heads
 
 
 def apply_norm(norm: Norm, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -40,6 +40,8 @@ def activation(name: str, x: torch.Tensor, inplace: bool = False) -> torch.Tenso
         return torch.ops.aten.gelu_(x, approximate=approximate) if inplace else F.gelu(x, approximate=approximate)
     if name == "relu":
         return F.relu(x, inplace=inplace)
+    if name == "relu2":  # squared ReLU (Nemotron, Persimmon, Arcee)
+        return F.relu(x, inplace=inplace).square_() if inplace else F.relu(x).square()
     raise ValueError(f"unknown activation {name}")
 
 
@@ -94,23 +96,71 @@ def ffn_output(ffn: Ffn, h: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.T
     if ffn.kind != "moe":
         return expert_output(Expert(ffn.kind, ffn.up, ffn.gate, ffn.down), ffn.activation, h, w)
     flat = h.reshape(-1, h.shape[-1])
-    probs = torch.softmax(_linear(flat, w, ffn.router).float(), dim=-1)
-    top_w, top_i = probs.topk(ffn.top_k, dim=-1)
-    if ffn.normalize_topk:
-        top_w = top_w / top_w.sum(-1, keepdim=True)
+    top_w, top_i = route(ffn, flat, w)
     out = torch.zeros_like(flat)
     for e, expert in enumerate(ffn.experts):
         tok, slot = (top_i == e).nonzero(as_tuple=True)
         if tok.numel():
             y = expert_output(expert, ffn.activation, flat[tok], w) * top_w[tok, slot, None].to(flat.dtype)
             out.index_add_(0, tok, y)
+    if ffn.shared is not None:  # a dense expert every token takes, added or averaged (Cohere 2 MoE)
+        out += expert_output(ffn.shared, ffn.activation, flat, w)
+        if ffn.shared_combine == "average":
+            out /= 2
     return out.reshape(h.shape)
 
 
-def qk_normed(norm: Norm, y: torch.Tensor, head_dim: int, w: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A per-head norm after a projection (over head_dim; its weight is [head_dim] or [heads, head_dim])."""
-    heads = y.reshape(*y.shape[:-1], -1, head_dim)
-    return apply_norm(norm, heads, w).reshape(y.shape)
+def route(ffn: Ffn, flat: torch.Tensor, w: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's top-k experts per token and their weights: softmax (in float32 or wider) over all
+    experts, renormalised over the picked ones when `normalize_topk` (the same as a softmax over the top-k
+    logits)."""
+    logits = _linear(flat, w, ffn.router)
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    top_w, top_i = probs.topk(ffn.top_k, dim=-1)
+    if ffn.normalize_topk:
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+    return top_w, top_i
+
+
+def qk_norm_weights(norm: Norm, heads: int, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """w, with a norm stored one tensor per head ({h} in its names) stacked into [heads, head_dim]."""
+    stacked = {t: torch.stack([w[n] for n in expand_heads(t, heads)]) for t in (norm.weight, norm.bias)
+               if t and HEAD in t}
+    return {**w, **stacked} if stacked else w
+
+
+def qk_normed(spec: ModelSpec, role: str, y: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A q/k norm after the projection: over each head (weight [head_dim], [heads, head_dim] or one tensor per
+    head) or, with `over: projection`, over the projection's whole output."""
+    norm = spec.qk_norms[role]
+    if spec.qk_norm_span == "projection":
+        return apply_norm(norm, y, w)
+    heads = y.reshape(*y.shape[:-1], -1, spec.head_dim)
+    return apply_norm(norm, heads, qk_norm_weights(norm, spec.qk_norm_heads(role), w)).reshape(y.shape)
+
+
+def normed_parts(spec: ModelSpec, p: Projection, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """role -> a view of the values of projection output y that the role's q/k norm acts on.
+
+    A fused qkv holds q and k as [q | k | v] along its output or, with `heads_interleaved`, per head as
+    [heads, (q, k, v), head_dim] (Persimmon): then the views are [..., heads, head_dim], not contiguous.
+    """
+    if p.role != "qkv" or not spec.qk_norms:
+        return {p.role: y} if p.role in spec.qk_norms else {}
+    if p.heads_interleaved:
+        per_head = y.view(*y.shape[:-1], spec.num_heads, 3, spec.head_dim)
+        return {r: per_head[..., i, :] for i, r in enumerate("qk") if r in spec.qk_norms}
+    qw, kw = spec.q_width, spec.kv_width
+    return {r: v for r, v in (("q", y[..., :qw]), ("k", y[..., qw:qw + kw])) if r in spec.qk_norms}
+
+
+def projection_output(spec: ModelSpec, p: Projection, h: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Layer 0's projection of normed input h, with the q/k norms that follow it."""
+    y = _linear(h, w, (p.weight, p.bias))
+    for role, part in normed_parts(spec, p, y).items():
+        flat = part.reshape(*y.shape[:-1], -1)
+        part.copy_(qk_normed(spec, role, flat, w).view(part.shape))
+    return y
 
 
 def embedding_output(spec: ModelSpec, rows: torch.Tensor, model_dtype: torch.dtype,
@@ -122,6 +172,18 @@ def embedding_output(spec: ModelSpec, rows: torch.Tensor, model_dtype: torch.dty
     if spec.embedding_norm is not None:
         x = apply_norm(spec.embedding_norm, x.to(compute_dtype), w).to(model_dtype)
     return x
+
+
+def layer_input(spec: ModelSpec, x_model: torch.Tensor) -> torch.Tensor:
+    """Layer 0's input: the embedding module's output times the model's `embedding.multiplier`, if any.
+
+    As transformers' `inputs_embeds * multiplier` with a Python float: computed in float32 (the opmath of
+    bfloat16/float16/float32), rounded once to the model dtype.
+    """
+    if spec.embedding_multiplier is None:
+        return x_model
+    wide = torch.float64 if x_model.dtype == torch.float64 else torch.float32
+    return (x_model.to(wide) * spec.embedding_multiplier).to(x_model.dtype)
 
 
 def folded_ffn(spec: ModelSpec, x: torch.Tensor, h: torch.Tensor, w: dict[str, torch.Tensor],
@@ -182,8 +244,8 @@ def compute_rows(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: di
     is made; the values are the same as `compute_rows(...).to(out.dtype)`.
     """
     x_model = embedding_output(spec, rows, model_dtype, w, compute_dtype)
-    x = x_model.to(compute_dtype)
-    h = apply_norm(spec.attn_norm, x, w)
+    x = layer_input(spec, x_model).to(compute_dtype)
+    h = x if spec.attn_norm is None else apply_norm(spec.attn_norm, x, w)
     if out is None:
         out = torch.empty(x.shape[:-1] + (layout.width,), dtype=compute_dtype, device=x.device)
     col = iter(layout.columns)
@@ -193,17 +255,14 @@ def compute_rows(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: di
         # from the narrower dtype it reads half the bytes (16 ms less per 4096-row Mistral chunk)
         out[..., c.start:c.stop] = folded_ffn(spec, x, h, w, ffn_block) if spec.folds_ffn else x_model
     for p, c in zip(spec.projections, col):
-        y = _linear(h, w, (p.weight, p.bias))
-        if p.role in spec.qk_norms:
-            y = qk_normed(spec.qk_norms[p.role], y, spec.head_dim, w)
-        out[..., c.start:c.stop] = y
+        out[..., c.start:c.stop] = projection_output(spec, p, h, w)
     return out
 
 
 def layer0_tensor_names(spec: ModelSpec, present: set[str] | frozenset[str]) -> list[str]:
     """The tensors (besides the embedding) that computing the table reads."""
-    names: list[str] = []
-    norms = [spec.embedding_norm, spec.attn_norm, *spec.qk_norms.values()]
+    names: list[str] = [n for role in spec.qk_norms for n in spec.qk_norm_tensors(role)]
+    norms = [spec.embedding_norm, spec.attn_norm]
     refs: list[tuple[str, str | None]] = [(p.weight, p.bias) for p in spec.projections]
     if spec.folds_ffn and spec.ffn is not None:
         norms.append(spec.ffn.norm)

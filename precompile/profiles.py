@@ -22,7 +22,7 @@ import yaml
 from .errors import UserError
 
 NORM_KINDS = ("rms", "layer")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
 FFN_KINDS = ("mlp", "glu", "moe")
 EXPERT_KINDS = ("mlp", "glu")
 PROJ_ROLES = ("q", "k", "v", "qkv")
@@ -33,8 +33,9 @@ _TOP_KEYS = {
     "attn_norm", "projections", "qk_norm", "attention_module", "ffn", "variants", "defaults",
     "refuse",
 }
-_REQUIRED_TOP = ("name", "match", "block", "sizes", "embedding", "attn_norm", "projections",
-                 "attention_module")
+_REQUIRED_TOP = ("name", "match", "block", "sizes", "embedding", "projections", "attention_module")
+QK_NORM_SPANS = ("head", "projection")
+HEAD = "{h}"  # in a per-head norm's tensor names: one tensor per head (StableLM's q_layernorm.norms.{h})
 
 
 @dataclass(frozen=True)
@@ -93,11 +94,14 @@ class Ffn:
     router: tuple[str, str | None] | None = None
     top_k: int = 1
     normalize_topk: bool = True
+    shared: Expert | None = None  # moe only: a dense expert every token takes besides the routed ones
+    shared_combine: str = "sum"  # "sum": routed + shared; "average": (routed + shared) / 2
 
     def refs(self) -> list[tuple[str, str | None]]:
         """Every (weight, bias) tensor reference of the FFN, router first."""
         if self.kind == "moe":
-            return [self.router, *(r for e in self.experts for r in e.refs())]
+            shared = self.shared.refs() if self.shared else []
+            return [self.router, *(r for e in self.experts for r in e.refs()), *shared]
         return [r for r in (self.up, self.gate, self.down) if r is not None]
 
 
@@ -121,12 +125,14 @@ class ModelSpec:
     embedding_module: str
     embedding_scale: float | None
     embedding_norm: Norm | None
-    attn_norm: Norm
+    attn_norm: Norm | None  # None: the sequence mixer reads the residual stream itself (OLMo 2's post-norms)
     projections: tuple[Projection, ...]
     attention_module: str
     ffn: Ffn | None  # described for every block; folded into the table only for parallel ones
     identity_modules: tuple[str, ...] = field(default=())
-    qk_norms: dict[str, Norm] = field(default_factory=dict)  # role ("q"/"k") -> per-head norm after the projection
+    qk_norms: dict[str, Norm] = field(default_factory=dict)  # role ("q"/"k") -> norm after the projection
+    qk_norm_span: str = "head"  # the q/k norms act over each head ("head") or the whole output ("projection")
+    embedding_multiplier: float | None = None  # applied by the model's forward to the embedding module's output
 
     @property
     def q_width(self) -> int:
@@ -144,10 +150,24 @@ class ModelSpec:
     def attention_kind(self) -> str:
         return attention_kind(self.num_heads, self.num_kv_heads)
 
+    def qk_norm_heads(self, role: str) -> int:
+        """How many heads the q or k projection has (one per-head norm tensor each, when stored per head)."""
+        return self.num_heads if role == "q" else self.num_kv_heads
+
+    def qk_norm_tensors(self, role: str) -> list[str]:
+        """The tensor names of a q/k norm, one per head where the profile names them with {h}."""
+        norm = self.qk_norms[role]
+        return [n for t in (norm.weight, norm.bias) if t for n in expand_heads(t, self.qk_norm_heads(role))]
+
     @property
     def x_is_stored_row(self) -> bool:
         """True when the residual input is exactly the stored embedding row."""
         return self.embedding_scale is None and self.embedding_norm is None and self.block == "serial"
+
+
+def expand_heads(name: str, heads: int) -> list[str]:
+    """A tensor name, or one per head when it holds {h} (per-head norms stored as separate modules)."""
+    return [name.replace(HEAD, str(h)) for h in range(heads)] if HEAD in name else [name]
 
 
 def attention_kind(num_heads: int, num_kv_heads: int) -> str:
@@ -230,7 +250,8 @@ def _check_config_ref(v: Any, path: str, where: str, value_ok) -> None:
         raise _fail(path, where, "must be a list of config.json keys, {keys, default}, or a value")
 
 
-def _check_norm(obj: Any, path: str, where: str) -> None:
+def _check_norm(obj: Any, path: str, where: str, per_head: bool = False) -> None:
+    """A norm's keys; `per_head`: its tensor names may hold {h} (one tensor per head)."""
     _check_keys(obj, {"kind", "weight", "bias", "eps", "offset", "module"}, ("kind", "eps"), path, where)
     if obj["kind"] not in NORM_KINDS:
         raise _fail(path, f"{where}.kind", f"is '{obj['kind']}', expected one of {', '.join(NORM_KINDS)}")
@@ -238,6 +259,9 @@ def _check_norm(obj: Any, path: str, where: str) -> None:
         raise _fail(path, f"{where}.offset", "must be a number")
     for key in ("weight", "bias", "module"):
         _check_name(obj, key, path, where)
+    for key in ("weight", "bias"):
+        if not per_head and HEAD in (obj.get(key) or ""):
+            raise _fail(path, f"{where}.{key}", f"holds {HEAD}, which only a per-head q/k norm may use")
     _check_config_ref(obj["eps"], path, f"{where}.eps", _is_num)
 
 
@@ -300,20 +324,23 @@ def _check_body(data: dict, path: str) -> None:
     if tie is not None:
         _check_config_ref(tie, path, "tie_word_embeddings", lambda x: isinstance(x, bool))
     emb = data["embedding"]
-    _check_keys(emb, {"tensor", "module", "scale", "norm"}, ("tensor", "module"), path, "embedding")
+    _check_keys(emb, {"tensor", "module", "scale", "multiplier", "norm"}, ("tensor", "module"), path, "embedding")
     _check_name(emb, "tensor", path, "embedding", optional=False)
     _check_name(emb, "module", path, "embedding", optional=False)
-    if emb.get("scale") is not None:
-        scale = emb["scale"]
-        _check_keys(scale, {"sqrt", "config", "value"}, (), path, "embedding.scale")
+    for key in ("scale", "multiplier"):
+        if emb.get(key) is None:
+            continue
+        scale = emb[key]
+        _check_keys(scale, {"sqrt", "config", "value"}, (), path, f"embedding.{key}")
         if len(scale) != 1:
-            raise _fail(path, "embedding.scale", "must hold exactly one of sqrt, config, value")
+            raise _fail(path, f"embedding.{key}", "must hold exactly one of sqrt, config, value")
         (k, v), = scale.items()
         if (k == "value" and not _is_num(v)) or (k != "value" and not (isinstance(v, str) and v)):
-            raise _fail(path, f"embedding.scale.{k}", "must be a number" if k == "value" else "must be a key name")
+            raise _fail(path, f"embedding.{key}.{k}", "must be a number" if k == "value" else "must be a key name")
     if emb.get("norm") is not None:
         _check_norm(emb["norm"], path, "embedding.norm")
-    _check_norm(data["attn_norm"], path, "attn_norm")
+    if data.get("attn_norm") is not None:
+        _check_norm(data["attn_norm"], path, "attn_norm")
     _check_name(data, "attention_module", path, "", optional=False)
     projs = data["projections"]
     if not isinstance(projs, list) or not projs:
@@ -333,9 +360,12 @@ def _check_body(data: dict, path: str) -> None:
             raise _fail(path, f"{where}.heads_interleaved", "must be true or false")
     qk = data.get("qk_norm")
     if qk is not None:
-        _check_keys(qk, {"q", "k"}, (), path, "qk_norm")
-        for role, norm in qk.items():
-            _check_norm(norm, path, f"qk_norm.{role}")
+        _check_keys(qk, {"q", "k", "over"}, (), path, "qk_norm")
+        if qk.get("over", "head") not in QK_NORM_SPANS:
+            raise _fail(path, "qk_norm.over", f"is '{qk['over']}', expected head or projection")
+        for role in ("q", "k"):
+            if role in qk:
+                _check_norm(qk[role], path, f"qk_norm.{role}", per_head=qk.get("over", "head") == "head")
     roles = sorted(p["role"] for p in projs)
     if roles not in (["k", "q", "v"], ["qkv"]):
         raise _fail(path, "projections", "must hold q, k and v, or one fused qkv")
@@ -344,7 +374,7 @@ def _check_body(data: dict, path: str) -> None:
     if data.get("ffn"):
         ffn = data["ffn"]
         _check_keys(ffn, {"kind", "activation", "norm", "up", "gate", "down", "module", "router", "experts",
-                          "expert_kind", "top_k", "normalize_topk"},
+                          "expert_kind", "top_k", "normalize_topk", "shared"},
                     ("kind", "activation", "up", "down", "module"), path, "ffn")
         if ffn["kind"] not in FFN_KINDS:
             raise _fail(path, "ffn.kind", f"is '{ffn['kind']}', expected one of {', '.join(FFN_KINDS)}")
@@ -364,6 +394,18 @@ def _check_body(data: dict, path: str) -> None:
                 ref = ffn.get(part)
                 if ref is not None and "{e}" not in (ref if isinstance(ref, str) else ref.get("weight", "")):
                     raise _fail(path, f"ffn.{part}", "must contain {e} (the expert index) in a moe FFN")
+            if ffn.get("shared") is not None:
+                sh = ffn["shared"]
+                _check_keys(sh, {"up", "gate", "down", "combine"}, ("up", "down"), path, "ffn.shared")
+                for part in ("up", "gate", "down"):
+                    if part in sh:
+                        _check_tensor_ref(sh[part], path, f"ffn.shared.{part}")
+                if sh.get("combine", "sum") not in ("sum", "average"):
+                    raise _fail(path, "ffn.shared.combine", f"is '{sh['combine']}', expected sum or average")
+                if ffn.get("expert_kind", "glu") == "glu" and "gate" not in sh:
+                    raise _fail(path, "ffn.shared.gate", "is missing (the experts are GLUs)")
+        elif ffn.get("shared") is not None:
+            raise _fail(path, "ffn.shared", "applies to a moe FFN only")
         act = ffn["activation"]
         if isinstance(act, dict):
             _check_keys(act, {"config", "default"}, ("config",), path, "ffn.activation")
@@ -507,11 +549,20 @@ def _config_value(config: dict, spec: Any, name: str, profile: Profile) -> Any:
     keys, default, has_default = (spec, None, False) if isinstance(spec, list) else (
         spec["keys"], spec.get("default"), "default" in spec)
     for k in keys:
-        if config.get(k) is not None:
-            return config[k]
+        if config_get(config, k) is not None:
+            return config_get(config, k)
     if has_default:
         return default
     return None
+
+
+def config_get(config: dict, key: str) -> Any:
+    """config[key]; a dotted key reads a nested section (DBRX's `attn_config.kv_n_heads`)."""
+    if key in config:
+        return config[key]
+    head, dot, rest = key.partition(".")
+    sub = config.get(head) if dot else None
+    return config_get(sub, rest) if isinstance(sub, dict) else None
 
 
 def _norm(obj: dict | None, config: dict, profile: Profile, where: str) -> Norm | None:
@@ -596,10 +647,15 @@ def _ffn(f: dict, config: dict, profile: Profile) -> Ffn:
     def expand(ref: tuple[str, str | None] | None, e: int) -> tuple[str, str | None] | None:
         return None if ref is None else (ref[0].replace("{e}", str(e)), ref[1] and ref[1].replace("{e}", str(e)))
 
-    experts = tuple(Expert(kind=f.get("expert_kind", "glu"), up=expand(up, e), gate=expand(gate, e),
-                           down=expand(down, e)) for e in range(n))
+    kind = f.get("expert_kind", "glu")
+    experts = tuple(Expert(kind=kind, up=expand(up, e), gate=expand(gate, e), down=expand(down, e))
+                    for e in range(n))
+    sh = f.get("shared")
+    shared = None if not sh else Expert(kind=kind, up=_tensor_ref(sh["up"]), down=_tensor_ref(sh["down"]),
+                                        gate=_tensor_ref(sh["gate"]) if sh.get("gate") else None)
     return Ffn(kind="moe", activation=act, norm=fnorm, up=up, gate=gate, down=down, module=f["module"],
-               experts=experts, router=_tensor_ref(f["router"]), top_k=top_k, normalize_topk=bool(norm_topk))
+               experts=experts, router=_tensor_ref(f["router"]), top_k=top_k, normalize_topk=bool(norm_topk),
+               shared=shared, shared_combine=(sh or {}).get("combine", "sum"))
 
 
 def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> ModelSpec:
@@ -646,26 +702,34 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
         raise UserError(f"config.json gives {heads} attention heads and {kv} key/value heads; "
                         f"the head count must be a positive multiple of the key/value head count")
     block = "parallel" if assume_parallel else data["block"]
-    tie_spec = data.get("tie_word_embeddings", {"keys": ["tie_word_embeddings"], "default": False})
+    tie_spec = data.get("tie_word_embeddings") or {"keys": ["tie_word_embeddings"], "default": False}
     tied = bool(_config_value(config, tie_spec, "tie_word_embeddings", profile))
     emb = data["embedding"]
-    scale = None
-    if emb.get("scale"):
-        s = emb["scale"]
+
+    def factor(key: str) -> float | None:
+        """embedding.scale or embedding.multiplier: sqrt of a size, a config value, or a number."""
+        s = emb.get(key)
+        if not s:
+            return None
         if "sqrt" in s:
-            base = count(s["sqrt"]) if s["sqrt"] in sizes else config.get(s["sqrt"])
+            base = count(s["sqrt"]) if s["sqrt"] in sizes else config_get(config, s["sqrt"])
             if not _is_num(base) or base <= 0:
                 raise UserError(f"config.json gives {s['sqrt']} = {base!r}, needed as a positive number for the "
-                                f"embedding scale of profile {profile.name}; fix config.json")
-            scale = math.sqrt(float(base))
-        elif "config" in s:
-            scale = config.get(s["config"], 1.0)
-            if not _is_num(scale):
-                raise UserError(f"config.json gives {s['config']} = {scale!r}, needed as a number for the embedding "
-                                f"scale of profile {profile.name}; fix config.json")
-            scale = float(scale)
-        else:
-            scale = float(s["value"])
+                                f"embedding {key} of profile {profile.name}; fix config.json")
+            return math.sqrt(float(base))
+        if "config" in s:
+            val = config_get(config, s["config"])
+            val = 1.0 if val is None else val
+            if not _is_num(val):
+                raise UserError(f"config.json gives {s['config']} = {val!r}, needed as a number for the embedding "
+                                f"{key} of profile {profile.name}; fix config.json")
+            return float(val)
+        return float(s["value"])
+
+    scale, multiplier = factor("scale"), factor("multiplier")
+    if multiplier is not None and block == "parallel":
+        raise UserError(f"profile {profile.name}: embedding.multiplier with a parallel block is not supported (the "
+                        f"table's x + FFN would have to be divided by it); drop one of them")
     ffn = _ffn(data["ffn"], config, profile) if data.get("ffn") else None
     projections = []
     for p in data["projections"]:
@@ -674,12 +738,15 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
         projections.append(Projection(role=p["role"], weight=p["weight"], bias=p.get("bias"),
                                       bias_required=required and p.get("bias") is not None,
                                       module=p["module"], heads_interleaved=bool(p.get("heads_interleaved"))))
-    qk_norms = {role: _norm(n, config, profile, f"qk_norm.{role}") for role, n in (data.get("qk_norm") or {}).items()}
-    if qk_norms and any(p.role == "qkv" for p in projections):
-        raise UserError(f"profile {profile.name}: qk_norm needs separate q and k projections; fix the YAML")
-    attn_norm = _norm(data["attn_norm"], config, profile, "attn_norm")
+    qk = data.get("qk_norm") or {}
+    qk_norms = {role: _norm(qk[role], config, profile, f"qk_norm.{role}") for role in ("q", "k") if role in qk}
+    if qk_norms and any(p.role == "qkv" and p.heads_interleaved for p in projections) and (
+            heads != kv or qk.get("over", "head") != "head"):
+        raise UserError(f"profile {profile.name}: qk_norm on a heads_interleaved qkv needs as many key/value heads as "
+                        f"heads and per-head norms; fix the YAML or config.json")
+    attn_norm = _norm(data.get("attn_norm"), config, profile, "attn_norm")
     emb_norm = _norm(emb.get("norm"), config, profile, "embedding.norm")
-    identity = [m for m in (emb_norm.module if emb_norm else None, attn_norm.module) if m]
+    identity = [m for m in (emb_norm.module if emb_norm else None, attn_norm.module if attn_norm else None) if m]
     if block == "parallel" and ffn is not None and ffn.norm is not None and ffn.norm.module:
         identity.append(ffn.norm.module)
     identity += [n.module for n in qk_norms.values() if n.module]
@@ -694,5 +761,6 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
         tied=tied, embedding_tensor=emb["tensor"], embedding_module=emb["module"], embedding_scale=scale,
         embedding_norm=emb_norm, attn_norm=attn_norm,
         projections=tuple(projections), attention_module=data["attention_module"], ffn=ffn,
-        identity_modules=tuple(identity), qk_norms=qk_norms,
+        identity_modules=tuple(identity), qk_norms=qk_norms, qk_norm_span=qk.get("over", "head"),
+        embedding_multiplier=multiplier,
     )

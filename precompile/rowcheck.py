@@ -32,10 +32,24 @@ import torch
 import torch.nn.functional as F
 
 from .layout import TableLayout
-from .precompute import activation, apply_norm, compute_rows, embedding_output
-from .profiles import ModelSpec
+from .precompute import (
+    activation,
+    apply_norm,
+    compute_rows,
+    embedding_output,
+    layer_input,
+    normed_parts,
+    qk_norm_weights,
+    route,
+)
+from .profiles import Expert, Ffn, ModelSpec
 
 ACT_SLOPE = 1.2  # bound on |act'(x)| for silu, gelu, gelu_tanh and relu (1.1, 1.13, 1.13, 1)
+
+
+def act_slope(name: str, pre: torch.Tensor) -> torch.Tensor | float:
+    """A bound on |act'| at the pre-activation values: ACT_SLOPE, or 2 relu(x) for the squared ReLU."""
+    return 2 * pre.clamp_min(0) if name == "relu2" else ACT_SLOPE
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -67,35 +81,100 @@ def magnitudes(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: dict
     The values come from float64 (`w`); the magnitudes only scale a bound, so their sums run in
     float32 (`w32`, the same weights), which halves the cost of `--rows all`. For a folded FFN, the
     errors of the inner activations are carried through the down projection to first order
-    (|act'| <= ACT_SLOPE).
+    (|act'| <= act_slope).
     """
     f64 = torch.float64
     w32 = w32 if w32 is not None else {k: v.float() for k, v in w.items()}
-    x = embedding_output(spec, rows, model_dtype, w, f64).to(f64)
-    h = apply_norm(spec.attn_norm, x, w).float()
+    x_model = embedding_output(spec, rows, model_dtype, w, f64)
+    x = layer_input(spec, x_model).to(f64)
+    h64 = x if spec.attn_norm is None else apply_norm(spec.attn_norm, x, w)
+    h = h64.float()
     m, m2 = [], []
     if layout.x_in_table:
         if spec.folds_ffn:
             ffn = spec.ffn
             x32 = x.float()
-            h2 = h if ffn.norm is None else apply_norm(ffn.norm, x, w).float()
-            up = F.linear(h2, w32[ffn.up[0]], w32[ffn.up[1]] if ffn.up[1] and ffn.up[1] in w32 else None)
-            mu = _lin(h2, w32, ffn.up, "abs")
-            if ffn.kind == "glu":
-                g = F.linear(h2, w32[ffn.gate[0]], w32[ffn.gate[1]] if ffn.gate[1] and ffn.gate[1] in w32 else None)
-                a = activation(ffn.activation, g)
-                inner = (a * up).abs() + a.abs() * mu + ACT_SLOPE * up.abs() * _lin(h2, w32, ffn.gate, "abs")
-            else:
-                inner = activation(ffn.activation, up).abs() + ACT_SLOPE * mu
-            m.append(x32.abs() + _lin(inner, w32, ffn.down, "abs"))
-            m2.append(torch.sqrt(x32 * x32 + _lin(inner, w32, ffn.down, "sq")))
+            h2_64 = h64 if ffn.norm is None else apply_norm(ffn.norm, x, w)
+            fm, fm2 = _ffn_magnitudes(ffn, h2_64.float(), w32, h2_64, w)
+            m.append(x32.abs() + fm)
+            m2.append(torch.sqrt(x32 * x32 + fm2))
         else:
-            m.append(x.abs().float())
-            m2.append(x.abs().float())
+            m.append(x_model.abs().float())
+            m2.append(x_model.abs().float())
     for p in spec.projections:
-        m.append(_lin(h, w32, (p.weight, p.bias), "abs"))
-        m2.append(torch.sqrt(_lin(h, w32, (p.weight, p.bias), "sq")))
+        pm, pm2 = _lin(h, w32, (p.weight, p.bias), "abs"), torch.sqrt(_lin(h, w32, (p.weight, p.bias), "sq"))
+        y = F.linear(h, w32[p.weight], w32[p.bias] if p.bias and p.bias in w32 else None)
+        for (role, yp), mp, mp2 in zip(normed_parts(spec, p, y).items(), normed_parts(spec, p, pm).values(),
+                                       normed_parts(spec, p, pm2).values()):
+            flat = (*y.shape[:-1], -1)
+            for part, normed in zip((mp, mp2), _qk_normed_magnitudes(spec, role, yp.reshape(flat), mp.reshape(flat),
+                                                                     mp2.reshape(flat), w32)):
+                part.copy_(normed.view(part.shape))
+        m.append(pm)
+        m2.append(pm2)
     return torch.cat(m, dim=-1).double(), torch.cat(m2, dim=-1).double()
+
+
+def _expert_magnitudes(expert: Expert, act: str, h2: torch.Tensor,
+                        w32: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum|terms| and sum terms^2 of one dense FFN's down projection, its inner errors carried to first order."""
+    up = F.linear(h2, w32[expert.up[0]], w32[expert.up[1]] if expert.up[1] and expert.up[1] in w32 else None)
+    mu = _lin(h2, w32, expert.up, "abs")
+    if expert.kind == "glu":
+        gate = expert.gate
+        g = F.linear(h2, w32[gate[0]], w32[gate[1]] if gate[1] and gate[1] in w32 else None)
+        a = activation(act, g)
+        inner = (a * up).abs() + a.abs() * mu + act_slope(act, g) * up.abs() * _lin(h2, w32, gate, "abs")
+    else:
+        inner = activation(act, up).abs() + act_slope(act, up) * mu
+    return _lin(inner, w32, expert.down, "abs"), _lin(inner, w32, expert.down, "sq")
+
+
+def _ffn_magnitudes(ffn: Ffn, h2: torch.Tensor, w32: dict[str, torch.Tensor], h64: torch.Tensor,
+                    w: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A folded FFN's sum|terms| and sum terms^2: dense, or the routed experts' weighted by the router (chosen in
+    float64 from h64, as the recomputation chooses them) plus the shared expert."""
+    if ffn.kind != "moe":
+        return _expert_magnitudes(Expert(ffn.kind, ffn.up, ffn.gate, ffn.down), ffn.activation, h2, w32)
+    flat = h2.reshape(-1, h2.shape[-1])
+    top_w, top_i = route(ffn, h64.reshape(-1, h64.shape[-1]), w)
+    m = torch.zeros_like(flat)
+    m2 = torch.zeros_like(flat)
+    for e, expert in enumerate(ffn.experts):
+        tok, slot = (top_i == e).nonzero(as_tuple=True)
+        if tok.numel():
+            em, em2 = _expert_magnitudes(expert, ffn.activation, flat[tok], w32)
+            weight = top_w[tok, slot, None].float()
+            m.index_add_(0, tok, em * weight)
+            m2.index_add_(0, tok, em2 * weight * weight)
+    if ffn.shared is not None:
+        sm, sm2 = _expert_magnitudes(ffn.shared, ffn.activation, flat, w32)
+        m, m2 = (m + sm, m2 + sm2) if ffn.shared_combine == "sum" else ((m + sm) / 2, (m2 + sm2) / 4)
+    return m.reshape(h2.shape), m2.reshape(h2.shape)
+
+
+def _qk_normed_magnitudes(spec: ModelSpec, role: str, y: torch.Tensor, m: torch.Tensor, m2: torch.Tensor,
+                          w32: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The magnitudes of q or k (projection output y) carried through the role's norm to first order.
+
+    The norm divides each group (a head, or the whole projection) by its spread sigma and scales by |w|:
+    an error d in y moves the output by at most |w|/sigma * (|d_i| + |y_hat_i| * mean|d|), the second
+    term from sigma's own change.
+    """
+    norm = spec.qk_norms[role]
+    group = y.shape[-1] if spec.qk_norm_span == "projection" else spec.head_dim
+    shape = (*y.shape[:-1], -1, group)
+    y, m, m2 = y.reshape(shape), m.reshape(shape), m2.reshape(shape)
+    if norm.kind == "layer":
+        y = y - y.mean(-1, keepdim=True)
+    sigma = torch.sqrt(y.pow(2).mean(-1, keepdim=True) + norm.eps)
+    y_hat = (y / sigma).abs()
+    gain = torch.ones((), dtype=y.dtype)
+    if norm.weight:
+        heads = spec.qk_norm_heads(role) if spec.qk_norm_span == "head" else 1
+        gain = (qk_norm_weights(norm, heads, w32)[norm.weight] + norm.offset).abs()
+    out = [(gain / sigma * (v + y_hat * v.mean(-1, keepdim=True))).reshape(*v.shape[:-2], -1) for v in (m, m2)]
+    return out[0], out[1]
 
 
 def dot_length(spec: ModelSpec) -> int:

@@ -70,6 +70,110 @@ FAMILIES: dict[str, dict] = {
 }
 
 
+_SMALL = dict(_COMMON, num_hidden_layers=2)
+_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+_MOE_SMALL = dict(_SMALL, moe_intermediate_size=32)
+# Families of issue #17 (tests/test_families_more.py): 2 layers; head_dim 24 (q width 96 != hidden 64) where
+# the config has the key; GQA 4/2; tied where transformers ties by default.
+MORE_FAMILIES: dict[str, dict] = {
+    "smollm3": dict(model_type="smollm3", num_key_value_heads=2, tie_word_embeddings=True, **_SMALL),
+    "helium": dict(model_type="helium", num_key_value_heads=2, head_dim=16, attention_bias=True,  # o_proj: d x d
+                   tie_word_embeddings=False, **_SMALL),
+    "arcee": dict(model_type="arcee", num_key_value_heads=2, head_dim=24, tie_word_embeddings=False, **_SMALL),
+    "seed_oss": dict(model_type="seed_oss", num_key_value_heads=2, head_dim=24, attention_bias=True,
+                     tie_word_embeddings=False, **_SMALL),
+    "ministral": dict(model_type="ministral", num_key_value_heads=2, head_dim=24, tie_word_embeddings=False,
+                      **_SMALL),
+    "cwm": dict(model_type="cwm", num_key_value_heads=2, head_dim=24, tie_word_embeddings=False, **_SMALL),
+    "ernie4_5": dict(model_type="ernie4_5", num_key_value_heads=2, head_dim=24, use_bias=True,
+                     tie_word_embeddings=True, **_SMALL),
+    "diffllama": dict(model_type="diffllama", num_key_value_heads=2, head_dim=24, tie_word_embeddings=False,
+                      **_SMALL),
+    "glm": dict(model_type="glm", num_key_value_heads=2, head_dim=24, attention_bias=True,
+                tie_word_embeddings=False, **_SMALL),
+    "glm4": dict(model_type="glm4", num_key_value_heads=2, head_dim=24, attention_bias=True,
+                 tie_word_embeddings=False, **_SMALL),
+    "qwen3_tied": dict(model_type="qwen3", num_key_value_heads=2, head_dim=24, tie_word_embeddings=True, **_SMALL),
+    "qwen3_moe": dict(model_type="qwen3_moe", num_key_value_heads=2, head_dim=24, num_experts=4,
+                      tie_word_embeddings=False, **_MOE, **_SMALL),
+    "qwen2_moe": dict(model_type="qwen2_moe", num_key_value_heads=2, num_experts=4, shared_expert_intermediate_size=48,
+                      tie_word_embeddings=False, **_MOE, **_SMALL),
+    # the forward multiplies the embedding by a multiplier that bfloat16 cannot hold exactly
+    "hunyuan_v1_dense": dict(model_type="hunyuan_v1_dense", num_key_value_heads=2, head_dim=24,
+                             tie_word_embeddings=False, **_SMALL),
+    "dbrx": dict(model_type="dbrx", d_model=64, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=256,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                 attn_config={"kv_n_heads": 2, "clip_qkv": 1.0, "rope_theta": 10000.0},
+                 ffn_config={"ffn_hidden_size": 96, "moe_num_experts": 4, "moe_top_k": 2}),
+    "granite": dict(model_type="granite", num_key_value_heads=2, embedding_multiplier=1.7, residual_multiplier=0.6,
+                    attention_multiplier=0.3, logits_scaling=2.0, tie_word_embeddings=False, **_SMALL),
+    # tied: x is the stored row, left out of the table; the model multiplies the looked-up embedding itself
+    "granite_tied": dict(model_type="granite", num_key_value_heads=1, embedding_multiplier=12.0,
+                         tie_word_embeddings=True, **_SMALL),
+    "granitemoe": dict(model_type="granitemoe", num_key_value_heads=2, embedding_multiplier=1.7, num_local_experts=4,
+                       num_experts_per_tok=2, tie_word_embeddings=False, **_SMALL),
+    "granitemoeshared": dict(model_type="granitemoeshared", num_key_value_heads=2, embedding_multiplier=1.7,
+                             num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
+                             tie_word_embeddings=False, **_SMALL),
+    "apertus": dict(model_type="apertus", num_key_value_heads=2, tie_word_embeddings=False, **_SMALL),
+    "gemma2": dict(model_type="gemma2", num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=24,
+                   tie_word_embeddings=True, **_SMALL),
+    "gemma3_text": dict(model_type="gemma3_text", num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=24,
+                        tie_word_embeddings=True, **_SMALL),
+    "vaultgemma": dict(model_type="vaultgemma", num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=24,
+                       tie_word_embeddings=True, **_SMALL),
+    "exaone4": dict(model_type="exaone4", num_key_value_heads=2, head_dim=24, tie_word_embeddings=False, **_SMALL),
+    "olmo2": dict(model_type="olmo2", num_key_value_heads=2, tie_word_embeddings=False, **_SMALL),
+    "olmo3": dict(model_type="olmo3", num_key_value_heads=2, tie_word_embeddings=False, **_SMALL),
+    "olmoe": dict(model_type="olmoe", num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, clip_qkv=1.5,
+                  tie_word_embeddings=False, **_SMALL),
+    "olmo": dict(model_type="olmo", num_key_value_heads=2, clip_qkv=1.0, tie_word_embeddings=False, **_SMALL),
+    "phimoe": dict(model_type="phimoe", num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                   tie_word_embeddings=False, **_SMALL),
+    "nemotron": dict(model_type="nemotron", num_key_value_heads=2, head_dim=24, partial_rotary_factor=0.5,
+                     tie_word_embeddings=False, **_SMALL),
+    "starcoder2": dict(model_type="starcoder2", num_key_value_heads=2, use_bias=True, tie_word_embeddings=True,
+                       **_SMALL),
+    "stablelm": dict(model_type="stablelm", num_key_value_heads=2, qk_layernorm=True, use_qkv_bias=True,
+                     use_parallel_residual=False, tie_word_embeddings=False, **_SMALL),
+    "stablelm_parallel": dict(model_type="stablelm", num_key_value_heads=4, qk_layernorm=False,
+                              use_parallel_residual=True, tie_word_embeddings=False, **_SMALL),
+    "persimmon": dict(model_type="persimmon", qk_layernorm=True, partial_rotary_factor=0.5,
+                      tie_word_embeddings=False, **_SMALL),
+    "cohere2": dict(model_type="cohere2", num_key_value_heads=2, head_dim=24, logit_scale=0.5,
+                    tie_word_embeddings=True, **_SMALL),
+    # a parallel block with a top-k MoE FFN and a shared expert, all folded into the table
+    "cohere2_moe": dict(model_type="cohere2_moe", num_key_value_heads=2, head_dim=24, num_experts=4,
+                        num_experts_per_tok=2, num_shared_experts=1, shared_expert_combination_strategy="average",
+                        logit_scale=0.5, tie_word_embeddings=True, **dict(_SMALL, intermediate_size=32)),
+    "cohere2_moe_rms_sum": dict(model_type="cohere2_moe", num_key_value_heads=1, num_experts=4,
+                                num_experts_per_tok=1, num_shared_experts=2, shared_expert_combination_strategy="sum",
+                                rms_norm_eps=1e-6, tie_word_embeddings=False, **dict(_SMALL, intermediate_size=32)),
+    "gpt_oss": dict(model_type="gpt_oss", num_key_value_heads=2, head_dim=24, num_local_experts=4,
+                    num_experts_per_tok=2, tie_word_embeddings=False, **dict(_SMALL, intermediate_size=32)),
+    "flex_olmo": dict(model_type="flex_olmo", num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                      tie_word_embeddings=False, **dict(_SMALL, intermediate_size=32)),
+    "ernie4_5_moe": dict(model_type="ernie4_5_moe", num_key_value_heads=2, use_bias=True, moe_num_experts=4,
+                         moe_k=2, moe_intermediate_size=32, moe_layer_start_index=0, tie_word_embeddings=True,
+                         **_SMALL),
+    "exaone_moe": dict(model_type="exaone_moe", num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                       mlp_layer_types=["sparse", "sparse"], tie_word_embeddings=False, **_MOE_SMALL),
+    "solar_open": dict(model_type="solar_open", num_key_value_heads=2, head_dim=24, n_routed_experts=4,
+                       num_experts_per_tok=2, moe_intermediate_size=32, tie_word_embeddings=False, **_SMALL),
+    "jais2": dict(model_type="jais2", num_key_value_heads=2, head_dim=24, tie_word_embeddings=False, **_SMALL),
+    "glm4_moe": dict(model_type="glm4_moe", num_key_value_heads=2, use_qk_norm=True, attention_bias=True,
+                     n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=0,
+                     tie_word_embeddings=False, **_MOE_SMALL),
+    "minimax_m2": dict(model_type="minimax_m2", num_key_value_heads=2, head_dim=24, num_local_experts=4,
+                       num_experts_per_tok=2, tie_word_embeddings=False, **dict(_SMALL, intermediate_size=32)),
+    "phi3": dict(model_type="phi3", num_key_value_heads=2, tie_word_embeddings=False, **_SMALL),
+}
+FAMILIES.update(MORE_FAMILIES)
+# Every model type a test converts and compares against transformers (the support matrix reads this).
+TESTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted({f["model_type"] for f in FAMILIES.values()}))
+OFFSET_NORM_TYPES = ("gemma", "gemma2", "gemma3_text", "vaultgemma", "nemotron")  # norms scale by (1 + w)
+
+
 def make_config(family: str, **overrides):
     kw = dict(FAMILIES[family])
     kw.update(overrides)
@@ -83,7 +187,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
     GPT-J's `ln_1`, Falcon's `ln_attn` and Cohere's per-head [heads, head_dim] q/k norm weights count.
     """
     g = torch.Generator().manual_seed(seed)
-    offset_norm = model.config.model_type in ("gemma",)
+    offset_norm = model.config.model_type in OFFSET_NORM_TYPES
     norm_weights = {f"{m_name}.weight" if m_name else "weight" for m_name, m in model.named_modules()
                     if "norm" in type(m).__name__.lower()}
     with torch.no_grad():
