@@ -12,6 +12,7 @@ import click
 
 from . import __version__
 from .errors import UserError, VerificationError
+from .generation import GENERATION_CONFIG
 from .process import skip_exit_collection, use_huge_pages
 from .progress import Progress
 
@@ -271,7 +272,8 @@ def _dry_run_files(plan) -> str:
         if s.out_file is None:
             lines.append(f"  (drops {s.source_file}: every tensor in it is eliminated)")
     lines.append(f"  + index, config.json, precompile.json, precompile_loader.py, {len(plan.carried)} tokenizer/"
-                 f"generation files")
+                 f"generation files" + ("" if GENERATION_CONFIG in plan.carried else
+                                        f", {GENERATION_CONFIG} (derived from config.json, as transformers does)"))
     lines.append(f"total: {sum(files.values()):,} bytes in weight files; tensor data {plan.out_bytes:,} bytes")
     lines.append("nothing written (--dry-run)")
     return "\n".join(lines)
