@@ -151,14 +151,15 @@ def materialize(overlay_dir, full_dir, base, profile_path, link, force, quiet):
 @click.option("--profile", "profile_path", type=click.Path(), help="Architecture profile YAML (default: the one "
               "recorded in precompile.json).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
-@click.option("--max-abs-diff", type=float, help="Largest allowed |logit difference| (default per dtype).")
+@click.option("--max-abs-diff", type=float, help="Largest allowed |logit difference| (default: derived, see README).")
 @click.option("--max-mean-diff", type=float, help="Largest allowed mean |logit difference|.")
 @click.option("--max-kl", type=float, help="Largest allowed mean KL(original || converted).")
 @click.option("--min-top1", type=float, help="Smallest allowed top-1 agreement (0-1).")
 @click.option("--generation-tie", type=float, help="Logit gap under which a greedy divergence counts as a tie.")
 @click.option("--rows-lambda", type=float, help="Safety factor of the table rows' accumulation bound (default 2).")
 @click.option("--rows-z", type=float, help="Largest allowed row-mean error statistic (default 4.5).")
-@click.option("--max-fp32-ratio", type=float, help="Largest allowed converted/original RMS distance to float32.")
+@click.option("--max-fp32-ratio", type=float, help="Largest allowed converted/original mean and RMS distance to "
+              "float32; also the F of the derived logit limits (default 1.5).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device, fp32_reference, profile_path,
            json_path, max_abs_diff, max_mean_diff, max_kl, min_top1, generation_tie, rows_lambda, rows_z,

@@ -83,9 +83,9 @@ def test_auto_tokenizer_with_trust_remote_code_loads_silently(checkpoint, tmp_pa
     code = ("import sys; from transformers import AutoTokenizer; "
             "t = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True); "
             "print(t('hello world')['input_ids'])")
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code, str(out)], stdin=subprocess.DEVNULL, capture_output=True,
-                       text=True, timeout=300, cwd=tmp_path, env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
-                                                               "HF_HUB_OFFLINE": "1"})
+                       text=True, timeout=300, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert "custom code" not in r.stdout + r.stderr and "[y/N]" not in r.stdout + r.stderr
     assert json.loads(r.stdout) == AutoTokenizer.from_pretrained(str(src))("hello world")["input_ids"]
