@@ -10,7 +10,6 @@ generation settings, so any difference in the answers comes from the conversion.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -19,17 +18,16 @@ from transformers.utils import logging
 import precompile
 
 
-def answer(model, tok, question: str, max_new: int) -> tuple[str, float]:
+def answer(model, tok, question: str, max_new: int) -> str:
     if tok.chat_template:
         text = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                        tokenize=False)
         enc = tok(text, return_tensors="pt", add_special_tokens=False)
     else:
         enc = tok(question, return_tensors="pt")
-    t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=max_new, do_sample=False)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip(), time.perf_counter() - t0
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def main() -> None:
@@ -47,8 +45,7 @@ def main() -> None:
     dtype = str(converted.dtype).removeprefix("torch.")
     print(f"question: {args.question}")
     for name, model in (("original ", original), ("converted", converted)):
-        text, secs = answer(model, tok, args.question, args.max_new_tokens)
-        print(f"{name} ({dtype}, {secs:.1f}s): {text}")
+        print(f"{name} ({dtype}): {answer(model, tok, args.question, args.max_new_tokens)}")
 
 
 if __name__ == "__main__":
