@@ -22,8 +22,8 @@ import torch
 
 # Converted-to-float32 distance (mean, RMS) allowed per unit of the original's. Measured ratios
 # (converted/original): SmolLM2-135M bfloat16 mean 0.90, RMS 0.81; tiny llama/gemma/qwen2/mixtral
-# bfloat16 mean 0.82-0.99, RMS 0.83-1.01. 1.5 leaves half again as much for prompt sets and models
-# not measured; a conversion that lost the float32 table's precision altogether lands near sqrt(2).
+# bfloat16 mean 0.82-0.99, RMS 0.83-1.01. 1.5 leaves room for that spread; an added error as large as the
+# original's own rounding (independent: sqrt(2) = 1.41) comes close to it, one twice as large (sqrt(5)) fails.
 FACTOR = 1.5
 # Original-to-float32 distance per unit of u*sqrt(L)*scale, measured in bfloat16 (SmolLM2-135M,
 # 30 layers; tiny llama/gemma/qwen2/mixtral, 3 layers): mean / (u*sqrt(L)*rms) 1.1-2.4, max / (u*sqrt(L)*max|logit|)
