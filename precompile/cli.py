@@ -12,6 +12,7 @@ import click
 
 from . import __version__
 from .errors import UserError, VerificationError
+from .generation import GENERATION_CONFIG
 from .process import skip_exit_collection, use_huge_pages
 from .progress import Progress
 
@@ -160,14 +161,15 @@ def materialize(overlay_dir, full_dir, base, profile_path, link, force, quiet):
 @click.option("--profile", "profile_path", type=click.Path(), help="Architecture profile YAML (default: the one "
               "recorded in precompile.json).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
-@click.option("--max-abs-diff", type=float, help="Largest allowed |logit difference| (default per dtype).")
+@click.option("--max-abs-diff", type=float, help="Largest allowed |logit difference| (default: derived, see README).")
 @click.option("--max-mean-diff", type=float, help="Largest allowed mean |logit difference|.")
 @click.option("--max-kl", type=float, help="Largest allowed mean KL(original || converted).")
 @click.option("--min-top1", type=float, help="Smallest allowed top-1 agreement (0-1).")
 @click.option("--generation-tie", type=float, help="Logit gap under which a greedy divergence counts as a tie.")
 @click.option("--rows-lambda", type=float, help="Safety factor of the table rows' accumulation bound (default 2).")
 @click.option("--rows-z", type=float, help="Largest allowed row-mean error statistic (default 4.5).")
-@click.option("--max-fp32-ratio", type=float, help="Largest allowed converted/original RMS distance to float32.")
+@click.option("--max-fp32-ratio", type=float, help="Largest allowed converted/original mean and RMS distance to "
+              "float32; also the F of the derived logit limits (default 1.5).")
 @click.option("--update-card", is_flag=True, help="Write the checks, thresholds and outcome into OUT_DIR's "
               "README.md model card (and its sha256 into precompile.json); no other file changes.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
@@ -313,8 +315,9 @@ def _dry_run_files(plan) -> str:
     for s in plan.shards:
         if s.out_file is None:
             lines.append(f"  (drops {s.source_file}: every tensor in it is eliminated)")
-    lines.append(f"  + index, config.json, precompile.json, precompile_loader.py, README.md, {len(plan.carried)} "
-                 f"tokenizer/generation files")
+    lines.append(f"  + index, config.json, precompile.json, precompile_loader.py, README.md, {len(plan.carried)} tokenizer/"
+                 f"generation files" + ("" if GENERATION_CONFIG in plan.carried else
+                                        f", {GENERATION_CONFIG} (derived from config.json, as transformers does)"))
     lines.append(f"total: {sum(files.values()):,} bytes in weight files; tensor data {plan.out_bytes:,} bytes")
     lines.append("nothing written (--dry-run)")
     return "\n".join(lines)

@@ -24,6 +24,7 @@ import torch
 from . import __version__
 from .card import CARD_FILE, write_card
 from .errors import UserError
+from .generation import write_generation_config
 from .layout import TABLE_FILE, TableLayout, table_layout
 from .loader import FORMAT_VERSION, MANIFEST
 from .precompute import compute_rows, layer0_tensor_names
@@ -477,6 +478,7 @@ def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, de
                                       "weight_map": dict(sorted(index_map.items()))})
         for name in plan.carried:
             share_file(plan.source.root / name, tmp / name, "copy")
+        write_generation_config(plan.source.root, plan.carried, tmp)
         write_json(tmp / "config.json", _out_config(plan))
         (tmp / SHIM_FILE).write_bytes((Path(__file__).parent / "loader.py").read_bytes())
         progress.log("hashing source and output files")
@@ -518,6 +520,7 @@ def _write_overlay(plan: ConversionPlan, out_dir: Path, options: dict, force: bo
         write_table_file(tmp)
         for name in plan.carried:
             share_file(plan.source.root / name, tmp / name, "copy")
+        write_generation_config(plan.source.root, plan.carried, tmp)
         write_json(tmp / "config.json", _out_config(plan))
         (tmp / SHIM_FILE).write_bytes((Path(__file__).parent / "loader.py").read_bytes())
         progress.log("hashing the source files read and the output files")

@@ -26,6 +26,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .allowance import FACTOR, LOGIT_KEYS, Allowance, Distance, Scale, apply_given, fixed_float32, \
+    from_fp32, from_roundoff
 from .errors import UserError
 from .layout import table_layout
 from .loader import MANIFEST, PrecompileLoadError, read_manifest
@@ -49,16 +51,9 @@ BUILTIN_PROMPTS = [
 DEFAULT_ROWS = 1024
 DEFAULT_SEED = 0
 FP32_REFERENCE_MAX_BYTES = 2 * 10**9
-# Logit thresholds per model dtype. float32: the two models differ only by summation order.
-# Half precision: the original rounds layer 0's q/k/v to the model dtype after computing them in it,
-# the table rounds a float32 result once, so single logits can move by a few bf16 steps.
-DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
-    "float32": {"max_abs_diff": 1e-3, "mean_abs_diff": 1e-4, "kl": 1e-6, "top1": 1.0},
-    "float16": {"max_abs_diff": 0.5, "mean_abs_diff": 0.05, "kl": 1e-2, "top1": 0.9},
-    "bfloat16": {"max_abs_diff": 1.0, "mean_abs_diff": 0.1, "kl": 2e-2, "top1": 0.9},
-}
-COMMON_THRESHOLDS = {"rows_lambda": 2.0, "rows_z": 4.5, "fp32_ratio": 2.0}
-THRESHOLD_KEYS = sorted({*DEFAULT_THRESHOLDS["float32"], *COMMON_THRESHOLDS, "generation_tie"})
+# Logit thresholds are derived per run (see `allowance`); the user's --max-abs-diff etc. override them.
+COMMON_THRESHOLDS = {"rows_lambda": 2.0, "rows_z": 4.5, "fp32_ratio": FACTOR}
+THRESHOLD_KEYS = sorted({*LOGIT_KEYS, *COMMON_THRESHOLDS, "generation_tie"})
 
 
 @dataclass
@@ -136,9 +131,10 @@ def _rows_arg(rows: int | str) -> int | None:
     return rows
 
 
-def _thresholds(dtype: str, given: dict | None) -> dict[str, float]:
-    th = {**DEFAULT_THRESHOLDS.get(dtype, DEFAULT_THRESHOLDS["bfloat16"]), **COMMON_THRESHOLDS}
-    th["generation_tie"] = None  # default: twice the largest logit difference measured, at most max_abs_diff
+def _thresholds(given: dict | None) -> dict[str, float | None]:
+    """None: derived once the models ran (logit limits: `allowance`; tie: twice the largest logit
+    difference measured, at most the max-abs limit)."""
+    th: dict[str, float | None] = {**dict.fromkeys(LOGIT_KEYS), **COMMON_THRESHOLDS, "generation_tie": None}
     for k, v in (given or {}).items():
         if v is None:
             continue
@@ -444,16 +440,6 @@ def _logits(model: nn.Module, enc: dict) -> torch.Tensor:
     return out[enc["attention_mask"].bool()].float().cpu()
 
 
-def compare_logits(ref: torch.Tensor, conv: torch.Tensor) -> dict[str, float]:
-    a, b = ref.double(), conv.double()
-    diff = (a - b).abs()
-    la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
-    kl = (la.exp() * (la - lb)).sum(-1).clamp_min(0)
-    return {"positions": a.shape[0], "max_abs_diff": float(diff.max()), "sum_abs": float(diff.mean(-1).sum()),
-            "kl_sum": float(kl.sum()), "kl_max": float(kl.max()),
-            "top1_agree": int((a.argmax(-1) == b.argmax(-1)).sum())}
-
-
 @torch.inference_mode()
 def _generate(model: nn.Module, enc: dict, n: int, pad: int, eos) -> tuple[torch.Tensor, list[torch.Tensor]]:
     from transformers import GenerationConfig
@@ -501,7 +487,7 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     dev = pick_device(device)
     table_dtype_name = manifest["table"]["dtype"]
-    th = _thresholds(table_dtype_name, thresholds)
+    th = _thresholds(thresholds)
     ref = resolve_reference(manifest, reference)
     ref_config = read_config(ref.root)
     prof = conversion_profile(manifest, ref_config, str(out / MANIFEST), profile)
@@ -554,7 +540,7 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
                                                                 progress, extra)))
     with _quiet_transformers():
         checks += _model_checks(out, ref, ref_ckpt, dtype, dev, tok, prompt_list, max_new_tokens, th,
-                                fp32_reference, half, batch_size, progress, overlay)
+                                fp32_reference, half, batch_size, progress, overlay, spec.n_layers)
     passed = all(c.passed for c in checks)
     return {"passed": passed, "out_dir": str(out), "reference": ref.id or ref.path, "reference_root": str(ref.root),
             "revision": ref.revision, "profile": prof.name, "device": str(dev), "dtype": table_dtype_name,
@@ -564,13 +550,12 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
 
 def _model_checks(out: Path, ref: Source, ref_ckpt: Checkpoint, dtype: torch.dtype, dev: torch.device, tok,
                   prompts: list[str], max_new: int, th: dict, fp32_reference: bool, half: bool, batch_size: int,
-                  progress: Progress, overlay: bool = False) -> list[Check]:
+                  progress: Progress, overlay: bool = False, layers: int = 1) -> list[Check]:
     from .loader import load
 
-    logit_th = {"max_abs_diff": th["max_abs_diff"], "mean_abs_diff": th["mean_abs_diff"], "kl": th["kl"],
-                "top1": th["top1"]}
+    given = {k: th[k] for k in LOGIT_KEYS}
     gen_th = {"identical_or_tie": True, "generation_tie": th["generation_tie"]}  # filled in once logits ran
-    fp_th = {"converted_rms <= fp32_ratio * original_rms": th["fp32_ratio"]}
+    fp_th = {"converted <= fp32_ratio * original (mean, RMS)": th["fp32_ratio"]}
     not_run = "not run: the converted model did not load"
     progress.log("loading the converted model")
     t0 = time.monotonic()
@@ -579,7 +564,7 @@ def _model_checks(out: Path, ref: Source, ref_ckpt: Checkpoint, dtype: torch.dty
     except (PrecompileLoadError, OSError, RuntimeError, ValueError, KeyError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         return [Check("load", False, {"error": msg}, {}),
-                Check("logits", False, {"error": not_run}, logit_th),
+                Check("logits", False, {"error": not_run}, {}),
                 Check("generation", False, {"error": not_run}, gen_th),
                 Check("fp32-reference", False, {"error": not_run}, fp_th) if fp32_reference and half else
                 Check("fp32-reference", True, {}, fp_th, skipped="not applicable")]
@@ -590,7 +575,7 @@ def _model_checks(out: Path, ref: Source, ref_ckpt: Checkpoint, dtype: torch.dty
     eos = conv.generation_config.eos_token_id if conv.generation_config.eos_token_id is not None \
         else tok.eos_token_id
     keep = fp32_reference and half
-    agg = {"positions": 0, "max_abs_diff": 0.0, "sum_abs": 0.0, "kl_sum": 0.0, "kl_max": 0.0, "top1_agree": 0}
+    dist, scale = Distance(), Scale()
     kept: list[tuple[dict, torch.Tensor, torch.Tensor]] = []
     gens: list[dict] = []
     batches = list(_batches(prompts, batch_size))
@@ -598,11 +583,8 @@ def _model_checks(out: Path, ref: Source, ref_ckpt: Checkpoint, dtype: torch.dty
         for bi, batch in enumerate(batches):
             enc = _encode(tok, batch, dev)
             lo, lc = _logits(orig, enc), _logits(conv, enc)
-            m = compare_logits(lo, lc)
-            for k in ("positions", "sum_abs", "kl_sum", "top1_agree"):
-                agg[k] += m[k]
-            agg["max_abs_diff"] = max(agg["max_abs_diff"], m["max_abs_diff"])
-            agg["kl_max"] = max(agg["kl_max"], m["kl_max"])
+            dist.add(lo, lc)
+            scale.add(lo)
             if keep:
                 kept.append((enc, lo, lc))
             so, logits_o = _generate(orig, enc, max_new, pad, eos)
@@ -617,56 +599,74 @@ def _model_checks(out: Path, ref: Source, ref_ckpt: Checkpoint, dtype: torch.dty
                     g.update(first_diff=k, original=a, converted=b, gap=_r(gap))
                 gens.append(g)
             bar.update(1)
+    del orig, conv
+    gc.collect()
+    fp_check = None
+    if keep:
+        progress.log("running the float32 upcast of the original")
+        fp_check, to_fp32 = _fp32_check(ref.root, kept, dev, th, fp_th)
+        allow = from_fp32(to_fp32, th["fp32_ratio"])
+    elif half:
+        allow = from_roundoff(str(dtype).removeprefix("torch."), layers, scale, th["fp32_ratio"])
+    else:
+        allow = fixed_float32()
+    allow = apply_given(allow, given)
+    checks.append(_logits_check(dist, allow))
     tie = th["generation_tie"]
     if tie is None:
-        tie = min(th["max_abs_diff"], 2 * agg["max_abs_diff"])
+        tie = min(allow.max_abs_diff, 2 * dist.max_abs)
     gen_th["generation_tie"] = _r(tie)
     for g in gens:
         if g["first_diff"] is not None:
             g["tie"] = g["gap"] <= tie
-    n = max(agg["positions"], 1)
-    lm = {"positions": agg["positions"], "max_abs_diff": _r(agg["max_abs_diff"]),
-          "mean_abs_diff": _r(agg["sum_abs"] / n), "kl": _r(agg["kl_sum"] / n), "kl_max": _r(agg["kl_max"]),
-          "top1": _r(agg["top1_agree"] / n)}
-    ok = (lm["max_abs_diff"] <= th["max_abs_diff"] and lm["mean_abs_diff"] <= th["mean_abs_diff"]
-          and lm["kl"] <= th["kl"] and lm["top1"] >= th["top1"])
-    checks.append(Check("logits", ok, lm, logit_th))
     differ = [g for g in gens if g["first_diff"] is not None]
     real = [g for g in differ if not g["tie"]]
     checks.append(Check("generation", not real,
                         {"prompts": len(gens), "new_tokens": max_new, "identical": len(gens) - len(differ),
                          "diverged_at_tie": len(differ) - len(real), "differ": differ[:10]}, gen_th))
-    del orig, conv
-    gc.collect()
-    if not keep:
+    if fp_check is None:
         why = "model dtype is float32" if not half else "off (--no-fp32-reference, or the model is 2 GB or more)"
-        checks.append(Check("fp32-reference", True, {}, fp_th, skipped=why))
-        return checks
-    progress.log("running the float32 upcast of the original")
-    checks.append(_fp32_check(ref.root, kept, dev, th, fp_th))
+        fp_check = Check("fp32-reference", True, {}, fp_th, skipped=why)
+    checks.append(fp_check)
     return checks
 
 
-def _fp32_check(ref_root: Path, kept: list, dev: torch.device, th: dict, fp_th: dict) -> Check:
-    """RMS distance of the original and of the converted model's logits to the float32 upcast's."""
+def _logits_check(dist: Distance, allow: Allowance) -> Check:
+    """Original vs converted on every prompt position, against limits from `allowance` (rule reported)."""
+    lm = {"positions": dist.positions, "max_abs_diff": _r(dist.max_abs), "mean_abs_diff": _r(dist.mean_abs),
+          "rms": _r(dist.rms), "kl": _r(dist.kl), "kl_max": _r(dist.kl_max), "top1": _r(dist.top1)}
+    th = {k: _r(v) for k, v in allow.as_dict().items()}
+    ok = (dist.max_abs <= allow.max_abs_diff and dist.mean_abs <= allow.mean_abs_diff and dist.kl <= allow.kl
+          and dist.top1 >= allow.top1)
+    return Check("logits", ok, lm, {**th, "rule": allow.rule, "basis": {k: _r(v) if isinstance(v, float) else v
+                                                                          for k, v in allow.basis.items()}})
+
+
+def _fp32_check(ref_root: Path, kept: list, dev: torch.device, th: dict,
+                fp_th: dict) -> tuple[Check, Distance]:
+    """Distances of the original's and the converted model's logits to the float32 upcast's: the converted
+    model passes when its mean and RMS distances are at most fp32_ratio times the original's."""
     from transformers import AutoModelForCausalLM
 
     fp32 = AutoModelForCausalLM.from_pretrained(str(ref_root), dtype=torch.float32).to(dev).eval()
-    so = sc = 0.0
-    count = 0
+    do, dc = Distance(), Distance()
     for enc, lo, lc in kept:
-        lf = _logits(fp32, enc).double()
-        so += float(((lo.double() - lf) ** 2).sum())
-        sc += float(((lc.double() - lf) ** 2).sum())
-        count += lf.numel()
+        lf = _logits(fp32, enc)
+        do.add(lo, lf)
+        dc.add(lc, lf)
     del fp32
     gc.collect()
-    ro, rc = math.sqrt(so / max(count, 1)), math.sqrt(sc / max(count, 1))
-    ok = rc <= th["fp32_ratio"] * ro + 1e-6
-    return Check("fp32-reference", ok, {"original_rms": _r(ro), "converted_rms": _r(rc),
-                                        "ratio": _r(rc / ro) if ro > 0 else None,
-                                        "verdict": "precompute gained precision" if rc < ro else
-                                        "precompute cost precision" if rc > ro else "equal"}, fp_th)
+    f = th["fp32_ratio"]
+    ok = dc.mean_abs <= f * do.mean_abs + 1e-9 and dc.rms <= f * do.rms + 1e-9
+    ro, rc = do.rms, dc.rms
+    m = {"original_rms": _r(ro), "converted_rms": _r(rc), "ratio": _r(rc / ro) if ro > 0 else None,
+         "original_mean": _r(do.mean_abs), "converted_mean": _r(dc.mean_abs),
+         "mean_ratio": _r(dc.mean_abs / do.mean_abs) if do.mean_abs > 0 else None,
+         "original_max": _r(do.max_abs), "converted_max": _r(dc.max_abs),
+         "original_top1": _r(do.top1), "converted_top1": _r(dc.top1),
+         "verdict": "precompute gained precision" if rc < ro else
+         "precompute cost precision" if rc > ro else "equal"}
+    return Check("fp32-reference", ok, m, fp_th), do
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -720,8 +720,8 @@ def _fmt_metrics(c: dict) -> str:
             s += f"; prompt {g['prompt']} differs at token {g['first_diff']} ({g['original']} vs {g['converted']})"
         return s
     if name == "fp32-reference":
-        return (f"RMS to float32: original {m['original_rms']}, converted {m['converted_rms']} "
-                f"({m['verdict']})")
+        return (f"to float32: mean original {m['original_mean']}, converted {m['converted_mean']}; RMS "
+                f"{m['original_rms']}, {m['converted_rms']} ({m['verdict']})")
     return json.dumps(m)
 
 
@@ -731,7 +731,8 @@ def _fmt_threshold(c: dict) -> str:
     if not t:
         return ""
     if n == "logits":
-        return f"max<={t['max_abs_diff']:g} mean<={t['mean_abs_diff']:g} KL<={t['kl']:g} top1>={t['top1']:g}"
+        return (f"max<={t['max_abs_diff']:g} mean<={t['mean_abs_diff']:g} KL<={t['kl']:g} top1>={t['top1']:g}"
+                + (f" ({t['rule']} rule)" if t.get("rule") else ""))
     if n == "table-rows":
         return f"ulp/2+{t['lambda']:g}*sqrt(n)*u*M, z<={t['row_mean_z']:g}"
     if n == "generation":
