@@ -6,6 +6,7 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
@@ -172,9 +173,9 @@ def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device,
     from .verify import format_report, summary_line, verify as run_verify
 
     if json_path is not None:
-        parent = Path(json_path).resolve().parent
-        if not parent.is_dir():
-            raise UserError(f"--json {json_path}: directory {parent} does not exist; create it or choose another path")
+        from .files import check_report_path
+
+        check_report_path(json_path, "--json", Path(out_dir))
     thresholds = {"max_abs_diff": max_abs_diff, "mean_abs_diff": max_mean_diff, "kl": max_kl, "top1": min_top1,
                   "generation_tie": generation_tie, "rows_lambda": rows_lambda, "rows_z": rows_z,
                   "fp32_ratio": max_fp32_ratio}
@@ -210,7 +211,11 @@ def batch(zoo, out_root, shard, jobs, memory_budget, verify_all, report_path, ju
     from pathlib import Path
 
     from . import batch as b
+    from .files import check_report_path
 
+    for flag, path in (("--report", report_path), ("--junit", junit_path)):
+        if path:
+            check_report_path(path, flag)
     if dry_run:
         for entry, action in b.dry_run(zoo, out_root, shard):
             click.echo(f"[{entry.index + 1}] {entry.source} -> {Path(out_root) / entry.out}: {action}")
@@ -337,11 +342,32 @@ def profiles():
 
 def run() -> None:
     """The `precompile` program (console script and `python -m precompile`): `main` plus the tuning
-    that only a whole process may apply to itself (see precompile/process.py)."""
+    that only a whole process may apply to itself (see precompile/process.py).
+
+    SIGINT/SIGTERM handling comes first, before any heavy import (torch, transformers), so that an
+    interrupt at any moment ends as one `error: interrupted` line and exit status 130; one that a
+    library swallowed still turns a success into 130 (and atomic_dir never commits after one).
+    `python -m precompile` holds the signals back while this module is imported; they arrive here.
+    """
+    from .files import install_interrupt_handler, interrupted
+
+    previous = install_interrupt_handler()
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     use_huge_pages()
     try:
         main()
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except SystemExit as e:
+        if e.code in (0, None) and interrupted():
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        raise
     finally:
+        for sig, handler in previous.items():  # for a caller that runs the program in its own process
+            signal.signal(sig, handler)
         skip_exit_collection()
 
 

@@ -342,7 +342,7 @@ def _out_config(plan: ConversionPlan) -> dict:
 
 
 def build_manifest(plan: ConversionPlan, options: dict, source_files: dict[str, str],
-                   outputs: dict[str, str], kind: str = "full") -> dict:
+                   outputs: dict[str, str], kind: str = "full", sizes: dict[str, int] | None = None) -> dict:
     spec, layout = plan.spec, plan.layout
     cfg = dict(plan.config)
     cfg.pop("torch_dtype", None)
@@ -375,6 +375,7 @@ def build_manifest(plan: ConversionPlan, options: dict, source_files: dict[str, 
         },
         "eliminated": list(layout.eliminated),
         "outputs": outputs,
+        **({"output_sizes": sizes} if sizes is not None else {}),
     }
 
 
@@ -390,6 +391,11 @@ def _source_hashes(plan: ConversionPlan, known: dict[str, str] | None = None) ->
     """sha256 of every source file; `known` holds hashes already computed while copying."""
     known = known or {}
     return {n: known.get(n) or file_sha256(plan.source.root / n) for n in _source_hashes_names(plan)}
+
+
+def _sizes(tmp: Path, outputs: dict[str, str]) -> dict[str, int]:
+    """Each output file's size: `batch` finds a truncated output from these without reading it."""
+    return {n: (tmp / n).stat().st_size for n in outputs}
 
 
 def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = None, profile: str | None = None,
@@ -481,7 +487,8 @@ def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, de
         (tmp / SHIM_FILE).write_bytes((Path(__file__).parent / "loader.py").read_bytes())
         progress.log("hashing source and output files")
         outputs = {p.name: out_hashes.get(p.name) or file_sha256(p) for p in sorted(tmp.iterdir())}
-        write_json(tmp / MANIFEST, build_manifest(plan, options, _source_hashes(plan, src_hashes), outputs))
+        write_json(tmp / MANIFEST, build_manifest(plan, options, _source_hashes(plan, src_hashes), outputs,
+                                                  sizes=_sizes(tmp, outputs)))
         result.files = outputs
     result.seconds = time.monotonic() - t0
     progress.log(f"wrote {out_dir} ({plan.out_bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s")
@@ -521,7 +528,8 @@ def _write_overlay(plan: ConversionPlan, out_dir: Path, options: dict, force: bo
         (tmp / SHIM_FILE).write_bytes((Path(__file__).parent / "loader.py").read_bytes())
         progress.log("hashing the source files read and the output files")
         outputs = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
-        manifest = build_manifest(plan, options, _source_hashes(plan), outputs, kind="overlay")
+        manifest = build_manifest(plan, options, _source_hashes(plan), outputs, kind="overlay",
+                                  sizes=_sizes(tmp, outputs))
         manifest["source"].update(_base_stats(plan))
         write_json(tmp / MANIFEST, manifest)
         result.files = outputs

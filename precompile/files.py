@@ -91,10 +91,23 @@ def check_inside(root: Path, name: str, what: str) -> None:
                         f"files must lie inside it, fix the file or the link")
 
 
-def plain_name(name: object) -> bool:
-    """A bare file name: no folder, no `..`, not hidden by a path separator (what OUT_DIR may hold)."""
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
-        and "\0" not in name
+def check_report_path(path: str | os.PathLike, flag: str, protected: Path | None = None) -> None:
+    """Refuse, before any work, a report path that cannot be written or that lies inside `protected`
+    (a converted OUT_DIR, whose files a report would replace or add to)."""
+    p = Path(os.path.abspath(path))
+    parent = Path(os.path.realpath(p.parent))
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: directory {p.parent} does not exist; create it or choose another path")
+    if p.is_dir():
+        raise UserError(f"{flag} {path} is a directory; give a file path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: directory {p.parent} is not writable; choose another path")
+    if protected is not None:
+        guard = Path(os.path.realpath(protected))
+        real = Path(os.path.realpath(p))
+        if real == guard or guard in real.parents:
+            raise UserError(f"{flag} {path} is inside {protected}, whose files it would replace or add to; write "
+                            f"the report elsewhere")
 
 
 # ---------------------------------------------------------------------------------------------- OUT_DIR
@@ -254,23 +267,31 @@ def record_signal(signum: int) -> None:
     _received.append(signum)
 
 
-def interrupted() -> bool:
-    """True once SIGINT or SIGTERM reached this process, even when the KeyboardInterrupt it raised was
-    swallowed by a library: a commit (OUT_DIR's final rename) must not follow."""
-    if _received:
+def signals_seen() -> int:
+    """How many SIGINT/SIGTERM this process has recorded: a mark for `interrupted(since=...)`."""
+    return len(_received)
+
+
+def interrupted(since: int = 0) -> bool:
+    """True once SIGINT or SIGTERM reached this process after the mark `since`, even when the
+    KeyboardInterrupt it raised was swallowed by a library: a commit (OUT_DIR's final rename) must not
+    follow. Signals held back by a block that defers them count too."""
+    if len(_received) > since:
         return True
-    if hasattr(signal, "sigpending"):  # held back by a block that defers them (see writer._signals_deferred)
+    if hasattr(signal, "sigpending"):  # e.g. held back by writer._signals_deferred
         return bool(signal.sigpending() & {signal.SIGINT, signal.SIGTERM})
     return False
 
 
-def install_interrupt_handler() -> None:
+def install_interrupt_handler() -> dict:
     """SIGINT and SIGTERM raise KeyboardInterrupt and are recorded; installed first thing by the program,
-    before any heavy import, so that an interrupt at any moment ends as `error: interrupted`."""
+    before any heavy import, so that an interrupt at any moment ends as `error: interrupted`.
+    Returns the previous handlers, for `signal.signal` to put back."""
+
+    _received.clear()
 
     def handler(signum, frame):
         record_signal(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handler)
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

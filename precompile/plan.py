@@ -10,7 +10,6 @@ cannot disagree.
 from __future__ import annotations
 
 import io
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -202,12 +201,12 @@ def exact_figures(conv: ConversionPlan, batch_sizes: tuple[int, ...] = DEFAULT_B
 # --- sources ---------------------------------------------------------------------------------------------------
 
 def _read_json_file(path: Path) -> dict:
+    from .files import read_json
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); pass a config.json") from None
-    except OSError as e:
-        raise UserError(f"{path} cannot be read ({e.strerror}); check the path and its permissions") from None
+        data = read_json(path, "pass a config.json")
+    except FileNotFoundError:
+        raise UserError(f"{path} not found; check the path") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a JSON object; pass a config.json")
     return data

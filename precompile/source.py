@@ -1,8 +1,8 @@
 """Resolve SOURCE (a hub repo id or a local directory) to files on disk, and read its config.
 
-Hub ids go through huggingface_hub's snapshot_download, fetching only config,
-safetensors, tokenizer and generation files; HF_HOME, HF_HUB_OFFLINE and HF_TOKEN
-are honoured by huggingface_hub itself. An overlay fetches less: the small files
+Hub ids go through huggingface_hub's snapshot_download, fetching config, tokenizer
+and generation files first, then only the safetensors files the index names;
+HF_HOME, HF_HUB_OFFLINE and HF_TOKEN are honoured by huggingface_hub itself. An overlay fetches less: the small files
 first, then (`fetch_files`) only the shards that hold the tensors layer 0 needs.
 """
 
@@ -45,7 +45,17 @@ class Source:
 
 
 def is_hub_id(source: str) -> bool:
-    return bool(_HUB_ID.match(source)) and not Path(source).exists()
+    """A well-formed hub repo id (as huggingface_hub itself validates it) that is not a local path."""
+    if not _HUB_ID.match(source) or Path(source).exists():
+        return False
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return True
 
 
 def resolve_source(source: str, revision: str | None = None, allow_patterns: list[str] | None = None,
@@ -63,10 +73,24 @@ def resolve_source(source: str, revision: str | None = None, allow_patterns: lis
         return Source(root=p.resolve(), id=None, revision=None, path=str(p.resolve()))
     if not is_hub_id(source):
         raise UserError(f"SOURCE {source} not found: no such directory, and it is not a hub repo id (org/name)")
-    patterns = allow_patterns or ALLOW_PATTERNS
-    if not weights:
-        patterns = [p for p in patterns if not p.endswith(".safetensors")]
-    return _download(source, revision, patterns)
+    patterns = [p for p in allow_patterns or ALLOW_PATTERNS if not p.endswith(".safetensors")]
+    src = _download(source, revision, patterns)
+    if weights:
+        _fetch_weights(src)
+    return src
+
+
+def _fetch_weights(src: Source) -> None:
+    """The safetensors files the index names (or model.safetensors without one), at the revision already
+    resolved: never every `*.safetensors` of the repo (Mistral's repos also ship a consolidated.safetensors
+    of the whole model). A file the repo lacks is left for `checkpoint_files` to name."""
+    if (src.root / INDEX_NAME).exists():
+        names = sorted(set(read_index(src.root / INDEX_NAME).values()))
+    else:
+        names = [SINGLE_NAME]
+    missing = [n for n in names if not (src.root / n).exists()]
+    if missing:
+        _download(src.id, src.revision, missing)
 
 
 def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> Source:
@@ -80,11 +104,14 @@ def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> 
 @contextmanager
 def _hub_errors(repo_id: str, revision: str | None, what: str = ""):
     """Turn huggingface_hub's exceptions into one-line UserErrors that say what to do."""
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
         yield
+    except HFValidationError as e:
+        raise UserError(f"{repo_id}{'@' + revision if revision else ''}: not a valid hub repo id or revision "
+                        f"({str(e).splitlines()[0][:160]}); check SOURCE and --revision") from None
     except GatedRepoError:
         raise UserError(f"{repo_id} is gated; accept its licence on the hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:

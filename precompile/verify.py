@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .files import check_regular
 from .layout import table_layout
 from .loader import MANIFEST, PrecompileLoadError, read_manifest
 from .precompute import layer0_tensor_names
@@ -85,8 +86,7 @@ def read_prompts(path: str | Path) -> list[str]:
     hint = 'pass a UTF-8 text file with one prompt per line, or JSONL with a "prompt" field'
     if not p.exists():
         raise UserError(f"prompts file {path} not found; {hint}")
-    if p.is_dir():
-        raise UserError(f"prompts file {path} is a directory; {hint}")
+    check_regular(p, "prompts file ")
     try:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
@@ -101,7 +101,7 @@ def read_prompts(path: str | Path) -> list[str]:
         for i, line in lines:
             try:
                 obj = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise UserError(f"{path}:{i} is not valid JSON; fix the line or use a plain text file") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
                 raise UserError(f'{path}:{i} has no non-empty string "prompt" field; add one')
@@ -504,6 +504,8 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
+    if not 0 <= seed < 2**64:
+        raise UserError(f"--seed {seed} is out of range; use a whole number from 0 to 2**64 - 1")
     dev = pick_device(device)
     table_dtype_name = manifest["table"]["dtype"]
     th = _thresholds(table_dtype_name, thresholds)

@@ -24,7 +24,7 @@ import torch
 
 from .errors import UserError
 from .files import (TMP_PREFIX, interrupted, out_dir_lock, out_dir_target, record_signal, remove_empty,
-                    remove_tree, write_error)
+                    remove_tree, signals_seen, write_error)
 from .source import blob_sha256, file_sha256
 from .tensors import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, TensorInfo, copy_range, element_size, write_header
 
@@ -227,6 +227,7 @@ def atomic_dir(out_dir: Path, force: bool, log=None) -> Iterator[Path]:
     out_dir = out_dir_target(out_dir)
     parent = out_dir.parent
     check_out_dir(out_dir, force)
+    mark = signals_seen()
     with out_dir_lock(out_dir, log):
         tmp = parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -241,7 +242,7 @@ def atomic_dir(out_dir: Path, force: bool, log=None) -> Iterator[Path]:
             except OSError as e:
                 raise write_error(e, out_dir) from None
             with _signals_deferred():  # a signal between the two renames would leave no OUT_DIR at all
-                if interrupted():  # one a library swallowed, or one held back by this block: never commit
+                if interrupted(mark):  # one a library swallowed, or one held back by this block: never commit
                     raise KeyboardInterrupt("interrupted before the final rename")
                 _commit(tmp, out_dir, force)
         except BaseException as e:
