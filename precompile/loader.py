@@ -148,7 +148,6 @@ def read_manifest(path: str | os.PathLike) -> dict:
     problem = _manifest_problem(manifest)
     if problem:
         raise PrecompileLoadError(f"{p} is malformed: {problem}; the conversion is damaged, convert again")
-    _check_index_names_table(Path(path), manifest)
     return manifest
 
 
@@ -205,26 +204,28 @@ def _manifest_problem(m: dict) -> str | None:
     return next((why for ok, why in checks if not ok), None)
 
 
-def _check_index_names_table(path: Path, manifest: dict) -> None:
-    """A full conversion's index, which transformers loads from, must name the manifest's table file for the
-    table tensor: otherwise checks of the manifest's file would vouch for a table the model never uses."""
+def indexed_table_file(path: Path, manifest: dict) -> str:
+    """The file that OUT_DIR's index names for the table tensor: what transformers loads, and so what every
+    check must read (a manifest naming another file would vouch for a table the model never uses).
+    An overlay, or a directory without an index, loads the manifest's file."""
+    path = Path(path)
     if manifest.get("kind", "full") != "full" or not (path / INDEX).exists():
-        return
+        return manifest["table"]["file"]
     try:
         wm = json.loads((path / INDEX).read_text(encoding="utf-8"))["weight_map"]
         named = wm.get(manifest["table"]["tensor"])
-        files = set(wm.values())
+        files = sorted(map(str, wm.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise PrecompileLoadError(f"{path / INDEX} cannot be read ({type(e).__name__}); the conversion is damaged, "
                                   f"convert again") from None
-    bad = next((f for f in sorted(map(str, files)) if not _plain(f)), None)
+    bad = next((f for f in files if not _plain(f)), None)
     if bad is not None:
         raise PrecompileLoadError(f"{path / INDEX} names {bad!r}, which is not a file inside {path}; the conversion "
                                   f"is damaged, convert again")
-    if named != manifest["table"]["file"]:
-        raise PrecompileLoadError(f"{path / INDEX} maps the table {manifest['table']['tensor']} to {named!r}, but "
-                                  f"{MANIFEST} names {manifest['table']['file']!r}; the conversion is damaged, "
-                                  f"convert again")
+    if not isinstance(named, str):
+        raise PrecompileLoadError(f"{path / INDEX} does not name the table {manifest['table']['tensor']}; the "
+                                  f"conversion is damaged, convert again")
+    return named
 
 
 def original_config(manifest: dict) -> PretrainedConfig:
@@ -516,6 +517,10 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
 
     path = Path(path) if path is not None else Path(__file__).resolve().parent
     manifest = read_manifest(path)
+    named = indexed_table_file(path, manifest)
+    if named != manifest["table"]["file"]:
+        raise PrecompileLoadError(f"{path / INDEX} loads the table from {named!r}, but {MANIFEST} names "
+                                  f"{manifest['table']['file']!r}; the conversion is damaged, convert again")
     try:
         config = original_config(manifest)
         _check_table(path, manifest, config)

@@ -29,7 +29,7 @@ from torch import nn
 from .errors import UserError
 from .files import check_regular
 from .layout import table_layout
-from .loader import MANIFEST, PrecompileLoadError, read_manifest
+from .loader import MANIFEST, PrecompileLoadError, indexed_table_file, read_manifest
 from .precompute import layer0_tensor_names
 from .profiles import builtin_profiles, load_profile, resolve, select_profile
 from .progress import Progress
@@ -197,12 +197,18 @@ def _hash_files(root: Path, recorded: dict[str, str]) -> tuple[list[str], list[s
 
 
 def check_outputs(out: Path, manifest: dict) -> Check:
-    """Every OUT_DIR file recorded at conversion still has its sha256."""
+    """Every OUT_DIR file recorded at conversion still has its sha256, and the index loads the table from the
+    file the manifest names."""
     recorded = manifest.get("outputs") or {}
     changed, missing = _hash_files(out, recorded)
     extra = sorted(p.name for p in out.iterdir() if p.is_file() and p.name not in recorded and p.name != MANIFEST)
-    return Check("integrity", bool(recorded) and not changed and not missing,
-                 {"files": len(recorded), "changed": changed, "missing": missing, "unrecorded": extra},
+    table_file = indexed_table_file(out, manifest)
+    other_table = table_file != manifest["table"]["file"]
+    metrics = {"files": len(recorded), "changed": changed, "missing": missing, "unrecorded": extra}
+    if other_table:
+        metrics["table_file"] = f"the index loads the table from {table_file}, the manifest names " \
+                                f"{manifest['table']['file']}"
+    return Check("integrity", bool(recorded) and not changed and not missing and not other_table, metrics,
                  {"changed": 0, "missing": 0})
 
 
@@ -304,7 +310,7 @@ def check_table_rows(out: Path, manifest: dict, spec, layout, ref_ckpt: Checkpoi
     threshold = {"element": "|s-t| <= ulp(s)/2 + lambda*sqrt(n)*u*sum|terms|", "lambda": th["rows_lambda"],
                  "row_mean_z": th["rows_z"], "failed_rows": 0}
     metrics: dict[str, Any] = dict(extra or {})
-    tpath = out / table["file"]
+    tpath = out / indexed_table_file(out, manifest)  # what the model loads, whatever the manifest says
     with safe_open(tpath, framework="pt") as tf:
         sl = tf.get_slice(table["tensor"])
         shape = list(sl.get_shape())
@@ -530,7 +536,7 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
     progress.log(f"verifying {out} against {ref.id or ref.path}{'@' + ref.revision[:12] if ref.revision else ''} "
                  f"on {dev}")
     progress.log("hashing OUT_DIR files")
-    checks.append(check_outputs(out, manifest))
+    checks.append(_guard("integrity", lambda: check_outputs(out, manifest)))
     progress.log("hashing reference files")
     checks.append(check_reference_files(ref, manifest))
 
