@@ -238,7 +238,7 @@ def load_config(source: str, revision: str | None = None) -> tuple[dict, str, Pa
     p = Path(source).expanduser()
     if p.exists() and revision is not None:
         raise UserError(f"--revision applies to hub ids, but SOURCE {source} is a local path; drop it")
-    if p.is_file():
+    if p.exists() and not p.is_dir():  # a config.json (a FIFO or device is refused by the reader)
         return _read_json_file(p), "config", None
     if p.is_dir():
         manifest = p / MANIFEST
