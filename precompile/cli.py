@@ -352,10 +352,10 @@ def run() -> None:
     from .files import install_interrupt_handler, interrupted
 
     previous = install_interrupt_handler()
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    use_huge_pages()
     try:
+        if hasattr(signal, "pthread_sigmask"):  # a signal held back during start-up is raised here
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        use_huge_pages()
         main()
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)

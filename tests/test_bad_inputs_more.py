@@ -18,7 +18,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -42,10 +44,10 @@ UP2 = "model.layers.2.mlp.up_proj.weight"  # copied unchanged into OUT_DIR
 def no_hang():
     """A test that blocks (a FIFO opened for reading) fails after a minute instead of hanging the suite."""
     def fail(signum, frame):
-        raise TimeoutError("blocked for 60 s")
+        raise TimeoutError("blocked for 90 s")
 
     previous = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(60)
+    signal.alarm(90)
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)
@@ -208,10 +210,18 @@ def test_negative_dimensions_in_header(src, out, name):
 # ---------------------------------------------------------------- 4, 5: races with real processes
 
 
-def _start(source: Path, out: Path, *extra: str) -> subprocess.Popen:
+@contextmanager
+def _start(source: Path, out: Path, *extra: str) -> Iterator[subprocess.Popen]:
+    """`precompile convert` in a real process of its own, killed if the test leaves it running."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "precompile", "convert", str(source), str(out), "--device", "cpu", *extra]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def _wait_for(proc: subprocess.Popen, ready, what: str, seconds: float = 120) -> None:
@@ -236,11 +246,11 @@ def test_out_dir_filled_by_another_program_during_convert(slow_source, tmp_path)
     """Case 4: OUT_DIR appears and gets a file while the conversion runs; without --force it is kept."""
     out = tmp_path / "out"
     before = tree_snapshot(slow_source)
-    proc = _start(slow_source, out, "--chunk-size", "4", "--quiet")
-    _wait_for(proc, _table_started(tmp_path, "out"), "OUT_DIR could be filled")
-    out.mkdir()
-    (out / "theirs.txt").write_text("not yours")
-    _, err = proc.communicate(timeout=300)
+    with _start(slow_source, out, "--chunk-size", "64", "--quiet") as proc:
+        _wait_for(proc, _table_started(tmp_path, "out"), "OUT_DIR could be filled")
+        out.mkdir()
+        (out / "theirs.txt").write_text("not yours")
+        _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err
     one_error_line(err, str(out), "another program", "--force")
     assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"] and (out / "theirs.txt").read_text() == "not yours"
@@ -250,15 +260,13 @@ def test_out_dir_filled_by_another_program_during_convert(slow_source, tmp_path)
 def test_second_convert_into_the_same_out_dir_is_refused(slow_source, base, tmp_path):
     """Case 5: while one convert holds OUT_DIR's lock, another one (even with --force) is refused, naming it."""
     out = tmp_path / "out"
-    first = _start(slow_source, out, "--chunk-size", "1", "--quiet")
-    try:
+    with _start(slow_source, out, "--chunk-size", "1", "--quiet") as first:
         _wait_for(first, _table_started(tmp_path, "out"), "the second convert started")
         assert (tmp_path / ".precompile-lock-out").is_file()
         second = run_cli("convert", base, out, "--quiet", "--device", "cpu", "--force")
         assert second.returncode == 2, second.stderr
         one_error_line(second.stderr, f"pid {first.pid}", str(out))
         assert first.poll() is None
-    finally:
         first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=60)
     assert first.returncode == 130, err
@@ -267,10 +275,10 @@ def test_second_convert_into_the_same_out_dir_is_refused(slow_source, base, tmp_
 
 def test_stale_temp_of_a_killed_run_is_removed(slow_source, base, tmp_path):
     out = tmp_path / "out"
-    proc = _start(slow_source, out, "--chunk-size", "1", "--quiet")
-    _wait_for(proc, _table_started(tmp_path, "out"), "it could be killed")
-    proc.kill()
-    proc.communicate()
+    with _start(slow_source, out, "--chunk-size", "1", "--quiet") as proc:
+        _wait_for(proc, _table_started(tmp_path, "out"), "it could be killed")
+        proc.kill()
+        proc.communicate()
     assert any(p.name.startswith(".precompile-tmp-out-") for p in tmp_path.iterdir())
     r = invoke(base, out, "--device", "cpu")
     assert r.exit_code == 0, r.stderr
@@ -547,11 +555,11 @@ def test_sigint_at_any_moment_never_replaces(slow_source, base, tmp_path, delay)
     out = tmp_path / "out"
     CliRunner().invoke(main, ["convert", str(base), str(out), "--quiet", "--device", "cpu"])
     before = tree_snapshot(out)
-    proc = _start(slow_source, out, "--chunk-size", "64", "--quiet", "--force")
-    time.sleep(delay)
-    assert proc.poll() is None, f"finished within {delay} s: {proc.communicate()}"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    with _start(slow_source, out, "--chunk-size", "64", "--quiet", "--force") as proc:
+        time.sleep(delay)
+        assert proc.poll() is None, f"finished within {delay} s: {proc.communicate()}"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=50)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in err, err
     assert tree_snapshot(out) == before and not leftovers(tmp_path)
