@@ -199,7 +199,8 @@ def _manifest_problem(m: dict) -> str | None:
          "source.files must map paths inside the source to sha256"),
         (all(isinstance(src.get(k), (str, type(None))) for k in ("id", "revision", "path")),
          "source.id, revision and path must be strings"),
-        (isinstance(m.get("options", {}), dict), "options must be an object"),
+        (isinstance(m.get("options", {}), dict) and m.get("options", {}).get("compute_dtype", "float32") in _DTYPES,
+         "options must be an object whose compute_dtype is a float dtype"),
     ]
     return next((why for ok, why in checks if not ok), None)
 
