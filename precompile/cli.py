@@ -170,11 +170,10 @@ def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device,
     import json as _json
     from pathlib import Path
 
+    from .files import check_report_path, write_report
     from .verify import format_report, summary_line, verify as run_verify
 
     if json_path is not None:
-        from .files import check_report_path
-
         check_report_path(json_path, "--json", Path(out_dir))
     thresholds = {"max_abs_diff": max_abs_diff, "mean_abs_diff": max_mean_diff, "kl": max_kl, "top1": min_top1,
                   "generation_tie": generation_tie, "rows_lambda": rows_lambda, "rows_z": rows_z,
@@ -184,7 +183,7 @@ def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device,
                         profile=profile_path, progress=Progress(quiet=quiet))
     click.echo(format_report(result))
     if json_path is not None:
-        Path(json_path).write_text(_json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_report(json_path, _json.dumps(result, indent=2) + "\n", "--json")
     if not result["passed"]:
         raise VerificationError(summary_line(result))
 
@@ -211,7 +210,7 @@ def batch(zoo, out_root, shard, jobs, memory_budget, verify_all, report_path, ju
     from pathlib import Path
 
     from . import batch as b
-    from .files import check_report_path
+    from .files import check_report_path, write_report
 
     for flag, path in (("--report", report_path), ("--junit", junit_path)):
         if path:
@@ -224,9 +223,9 @@ def batch(zoo, out_root, shard, jobs, memory_budget, verify_all, report_path, ju
                           memory_budget=int(memory_budget * 2**30) if memory_budget else None,
                           progress=Progress(quiet=quiet))
     if report_path:
-        Path(report_path).write_text(_json.dumps(b.report(results), indent=2) + "\n", encoding="utf-8")
+        write_report(report_path, _json.dumps(b.report(results), indent=2) + "\n", "--report")
     if junit_path:
-        Path(junit_path).write_text(b.junit_xml(results), encoding="utf-8")
+        write_report(junit_path, b.junit_xml(results), "--junit")
     click.echo(b.summary_table(results))
     return 1 if b.summary(results)["failed"] else 0
 
@@ -314,11 +313,9 @@ def plan(source, batch_sizes, assume_parallel, profile_path, revision, json_path
         click.echo(text, nl=False)
         return
     if json_path:
-        try:
-            with open(json_path, "w", encoding="utf-8") as f:
-                f.write(text)
-        except OSError as e:
-            raise UserError(f"cannot write {json_path} ({e.strerror}); choose a writable path for --json") from None
+        from .files import write_report
+
+        write_report(json_path, text, "--json")
     click.echo(to_markdown(result) if markdown else to_text(result))
 
 

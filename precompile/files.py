@@ -110,6 +110,14 @@ def check_report_path(path: str | os.PathLike, flag: str, protected: Path | None
                             f"the report elsewhere")
 
 
+def write_report(path: str | os.PathLike, text: str, flag: str) -> None:
+    """Write a report file (already checked by `check_report_path`); an OSError is one line."""
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot write {flag} {path} ({e.strerror or e}); choose a writable path") from None
+
+
 # ---------------------------------------------------------------------------------------------- OUT_DIR
 
 

@@ -527,7 +527,7 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
         fp32_reference = half and ref_bytes < FP32_REFERENCE_MAX_BYTES
     try:
         tok = _tokenizer(out, manifest)
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
         raise UserError(f"{out}: cannot load its tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                         f"the conversion is incomplete, convert again") from None
     prompt_ids = {int(i) for p in prompt_list for i in tok(p)["input_ids"]}

@@ -321,6 +321,8 @@ def scratch_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
         remove_empty(created)
         trap.reraise(e)
+        if isinstance(e, OSError):
+            raise write_error(e, Path(path)) from None
         raise
     finally:
         shutil.rmtree(path, ignore_errors=True)
