@@ -6,6 +6,7 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -348,24 +349,28 @@ def run() -> None:
     """
     from .files import install_interrupt_handler, interrupted
 
-    previous = install_interrupt_handler()
+    undo = install_interrupt_handler()
     try:
-        if hasattr(signal, "pthread_sigmask"):  # a signal held back during start-up is raised here
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-        use_huge_pages()
-        main()
-    except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
-    except SystemExit as e:
-        if e.code in (0, None) and interrupted():
+        try:
+            if hasattr(signal, "pthread_sigmask"):  # a signal held back during start-up is raised here
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+            use_huge_pages()
+            main()
+        except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
-            sys.exit(130)
-        raise
+        except SystemExit as e:
+            if e.code != 130 and not interrupted():
+                raise
+            if e.code != 130:
+                click.echo("error: interrupted", err=True)
     finally:
-        for sig, handler in previous.items():  # for a caller that runs the program in its own process
-            signal.signal(sig, handler)
+        undo()
         skip_exit_collection()
+    # Interrupted: everything of ours is cleaned up already. Leave without the interpreter's finalization,
+    # where an interrupt that landed inside a callback can still end the process by SIGINT (status -2).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import stat
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -275,9 +276,14 @@ def record_signal(signum: int) -> None:
     _received.append(signum)
 
 
+_program: list[bool] = []  # set once the program (cli.run) handles the signals itself
+
+
 def signals_seen() -> int:
-    """How many SIGINT/SIGTERM this process has recorded: a mark for `interrupted(since=...)`."""
-    return len(_received)
+    """A mark for `interrupted(since=...)`: how many SIGINT/SIGTERM this process has recorded, or 0 in the
+    program, where any interrupt since start-up counts (one swallowed during planning must still stop the
+    commit)."""
+    return 0 if _program else len(_received)
 
 
 def interrupted(since: int = 0) -> bool:
@@ -291,15 +297,30 @@ def interrupted(since: int = 0) -> bool:
     return False
 
 
-def install_interrupt_handler() -> dict:
+def install_interrupt_handler() -> Callable[[], None]:
     """SIGINT and SIGTERM raise KeyboardInterrupt and are recorded; installed first thing by the program,
-    before any heavy import, so that an interrupt at any moment ends as `error: interrupted`.
-    Returns the previous handlers, for `signal.signal` to put back."""
-
+    before any heavy import, so that an interrupt at any moment ends as `error: interrupted`. A
+    KeyboardInterrupt that Python can only report as "Exception ignored" (raised inside a callback) is
+    not printed: it is recorded, and the program still ends as interrupted. Returns the undo."""
     _received.clear()
+    _program[:] = [True]
+    previous_hook = sys.unraisablehook
+
+    def quiet_interrupts(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous_hook(unraisable)
 
     def handler(signum, frame):
         record_signal(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    sys.unraisablehook = quiet_interrupts
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def undo() -> None:  # for a caller that runs the program inside its own process
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        sys.unraisablehook = previous_hook
+        _program.clear()
+
+    return undo
