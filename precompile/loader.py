@@ -208,7 +208,8 @@ def _manifest_problem(m: dict) -> str | None:
 def indexed_table_file(path: Path, manifest: dict) -> str:
     """The file that OUT_DIR's index names for the table tensor: what transformers loads, and so what every
     check must read (a manifest naming another file would vouch for a table the model never uses).
-    An overlay, or a directory without an index, loads the manifest's file."""
+    Every file the index names must be a regular file inside OUT_DIR. An overlay, or a directory
+    without an index, loads the manifest's file."""
     path = Path(path)
     if manifest.get("kind", "full") != "full" or not (path / INDEX).exists():
         return manifest["table"]["file"]
@@ -223,6 +224,10 @@ def indexed_table_file(path: Path, manifest: dict) -> str:
     if bad is not None:
         raise PrecompileLoadError(f"{path / INDEX} names {bad!r}, which is not a file inside {path}; the conversion "
                                   f"is damaged, convert again")
+    bad = next((f for f in files if not (path / f).is_file()), None)  # a FIFO would block the load
+    if bad is not None:
+        raise PrecompileLoadError(f"{path / bad} is missing or not a regular file; the conversion is damaged, "
+                                  f"convert again")
     if not isinstance(named, str):
         raise PrecompileLoadError(f"{path / INDEX} does not name the table {manifest['table']['tensor']}; the "
                                   f"conversion is damaged, convert again")
@@ -291,8 +296,8 @@ def _check_table(path: Path, manifest: dict, config: PretrainedConfig) -> None:
 
     table = manifest["table"]
     f = path / table["file"]
-    if not f.exists():
-        raise PrecompileLoadError(f"{f} is missing; the conversion is incomplete, convert again")
+    if not f.is_file():  # a FIFO or device would block or never end
+        raise PrecompileLoadError(f"{f} is missing or not a regular file; the conversion is incomplete, convert again")
     try:
         with safe_open(f, framework="pt") as sf:
             if table["tensor"] not in sf.keys():

@@ -311,6 +311,7 @@ def check_table_rows(out: Path, manifest: dict, spec, layout, ref_ckpt: Checkpoi
                  "row_mean_z": th["rows_z"], "failed_rows": 0}
     metrics: dict[str, Any] = dict(extra or {})
     tpath = out / indexed_table_file(out, manifest)  # what the model loads, whatever the manifest says
+    check_regular(tpath)
     with safe_open(tpath, framework="pt") as tf:
         sl = tf.get_slice(table["tensor"])
         shape = list(sl.get_shape())

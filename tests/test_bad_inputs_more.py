@@ -169,6 +169,17 @@ def test_fifo_in_source_is_refused(src, out, name):
     check_refused(src, out, words=(path.name, "FIFO"))
 
 
+@pytest.mark.parametrize("name", [TABLE_FILE, "shard"])
+def test_fifo_in_out_dir_fails_verify_and_load(converted, tmp_path, name):
+    out = tiny.copy_tree(converted, tmp_path / "out")
+    path = out / (json.loads((out / INDEX).read_text())["weight_map"][UP2] if name == "shard" else name)
+    make_fifo(path)
+    code, err, checks = verify_report(out, tmp_path)
+    assert code == 1 and not checks["integrity"]["passed"] and not checks["load"]["passed"], err
+    with pytest.raises(PrecompileLoadError, match="not a regular file"):
+        load(out)
+
+
 def test_fifo_profile_is_refused(src, out, tmp_path):
     make_fifo(tmp_path / "p.yaml")
     check_refused(src, out, "--profile", tmp_path / "p.yaml", words=("p.yaml", "FIFO"))
