@@ -155,7 +155,7 @@ def out_dir_lock(out_dir: Path, log: Callable[[str], None] | None = None) -> Ite
         finally:
             _held[lock] -= 1
         return
-    created = [a for a in lock.absolute().parents if not a.exists()]
+    created = missing_ancestors(lock)
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -235,6 +235,11 @@ def remove_stale_temps(out_dir: Path, log: Callable[[str], None]) -> None:
         else:
             shutil.rmtree(p, ignore_errors=True)
         log(f"removed {p}, left by an earlier run (pid {m.group(1)}) that no longer exists")
+
+
+def missing_ancestors(path: Path) -> list[Path]:
+    """The directories above `path` that do not exist yet, deepest first (what a failed run must remove)."""
+    return [a for a in Path(path).absolute().parents if not a.exists()]
 
 
 def remove_empty(dirs: list[Path]) -> None:

@@ -23,8 +23,8 @@ from typing import Iterable, Iterator
 import torch
 
 from .errors import UserError
-from .files import (TMP_PREFIX, interrupted, out_dir_lock, out_dir_target, record_signal, remove_empty,
-                    remove_tree, signals_seen, write_error)
+from .files import (TMP_PREFIX, interrupted, missing_ancestors, out_dir_lock, out_dir_target, record_signal,
+                    remove_empty, remove_tree, signals_seen, write_error)
 from .source import blob_sha256, file_sha256
 from .tensors import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, TensorInfo, copy_range, element_size, write_header
 
@@ -271,11 +271,6 @@ def _commit(tmp: Path, out_dir: Path, force: bool) -> None:
         raise UserError(f"OUT_DIR {out_dir} was created or filled by another program while this conversion ran; "
                         f"it was left untouched and this conversion discarded: pass --force to replace it, or "
                         f"choose another OUT_DIR") from None
-
-
-def missing_ancestors(path: Path) -> list[Path]:
-    """The directories above `path` that do not exist yet, deepest first (what a failed run must remove)."""
-    return [a for a in Path(path).absolute().parents if not a.exists()]
 
 
 def check_out_dir(out_dir: Path, force: bool) -> Path:
