@@ -356,13 +356,15 @@ def run() -> None:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
             use_huge_pages()
             main()
-        except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
         except SystemExit as e:
             if e.code != 130 and not interrupted():
                 raise
             if e.code != 130:
                 click.echo("error: interrupted", err=True)
+        except BaseException as e:  # after an interrupt, any error is its echo (an import it broke, say)
+            if not (isinstance(e, KeyboardInterrupt) or interrupted()):
+                raise
+            click.echo("error: interrupted", err=True)
     finally:
         undo()
         skip_exit_collection()

@@ -302,6 +302,13 @@ def interrupted(since: int = 0) -> bool:
     return False
 
 
+def raise_if_interrupted() -> None:
+    """In the program, an interrupt that a library swallowed stops the work at its next progress tick
+    (precompile.progress calls this) instead of at the final rename, minutes later."""
+    if _program and _received:
+        raise KeyboardInterrupt(f"signal {_received[-1]}")
+
+
 def install_interrupt_handler() -> Callable[[], None]:
     """SIGINT and SIGTERM raise KeyboardInterrupt and are recorded; installed first thing by the program,
     before any heavy import, so that an interrupt at any moment ends as `error: interrupted`. A

@@ -566,7 +566,7 @@ def test_sigint_at_any_moment_never_replaces(slow_source, base, tmp_path, delay)
     out = tmp_path / "out"
     CliRunner().invoke(main, ["convert", str(base), str(out), "--quiet", "--device", "cpu"])
     before = tree_snapshot(out)
-    with _start(slow_source, out, "--chunk-size", "64", "--quiet", "--force") as proc:
+    with _start(slow_source, out, "--chunk-size", "4", "--quiet", "--force") as proc:
         time.sleep(delay)
         assert proc.poll() is None, f"finished within {delay} s: {proc.communicate()}"
         proc.send_signal(signal.SIGINT)
