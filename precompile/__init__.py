@@ -9,13 +9,39 @@ Library API (the CLI is a thin layer over it):
 - `materialize(overlay_dir, full_dir)`: an overlay turned into a full conversion.
 """
 
-__version__ = "0.1.0"
+import sys
+import types
 
-from .convert import ConversionPlan, ConvertResult, convert, plan_conversion  # noqa: E402
-from .errors import UserError, VerificationError  # noqa: E402
-from .loader import PrecompileLoadError, load  # noqa: E402
-from .materialize import materialize  # noqa: E402
-from .verify import verify  # noqa: E402
+__version__ = "0.1.0"
 
 __all__ = ["convert", "plan_conversion", "load", "verify", "materialize", "ConversionPlan", "ConvertResult",
            "UserError", "VerificationError", "PrecompileLoadError", "__version__"]
+
+# Where each public name lives. They are imported on first use (PEP 562), so that `import precompile.cli`
+# (every command's start) costs no torch import before the CLI has installed its signal handling.
+_HOME = {"convert": "convert", "plan_conversion": "convert", "ConversionPlan": "convert", "ConvertResult": "convert",
+         "UserError": "errors", "VerificationError": "errors", "load": "loader", "PrecompileLoadError": "loader",
+         "materialize": "materialize", "verify": "verify"}
+
+
+class _Package(types.ModuleType):
+    """Keeps `precompile.convert`, `.verify` and `.materialize` the functions, as an eager import did: the
+    import system binds a submodule to its package's attribute when it is first imported."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _HOME.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

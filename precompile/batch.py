@@ -8,7 +8,6 @@ the results go to a JSON report and JUnit XML.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -20,7 +19,7 @@ from typing import Any
 
 from .convert import COMPUTE_CHOICES, DTYPE_CHOICES, LINK_MODES, convert, plan_conversion
 from .errors import UserError, VerificationError
-from .loader import FORMAT_VERSION, MANIFEST, PrecompileLoadError
+from .loader import MANIFEST, PrecompileLoadError, read_manifest
 from .profiles import read_yaml
 from .progress import Progress
 from .source import file_sha256
@@ -73,11 +72,12 @@ class EntryResult:
     verify: dict | None = None
     error: str | None = None
     pushed: str | None = None  # the hub repo OUT_DIR was uploaded to
+    reason: str | None = None  # why an existing OUT_DIR was converted again (see stale_reason)
 
     def as_dict(self) -> dict:
         return {"source": self.entry.source, "out": self.entry.out, "status": self.status,
                 "seconds": round(self.seconds, 3), "bytes": self.bytes, "plan": self.plan, "verify": self.verify,
-                "error": self.error, "pushed": self.pushed}
+                "error": self.error, "pushed": self.pushed, "reason": self.reason}
 
 
 def default_out_name(source: str) -> str:
@@ -168,35 +168,54 @@ def _convert_options(entry: Entry) -> dict:
 
 
 def up_to_date(entry: Entry, out_dir: Path) -> bool:
-    """True when OUT_DIR's manifest records this entry's source files, format version and options.
+    """True when OUT_DIR's manifest records this entry's source files, format version and options, and every
+    output file is intact (see `stale_reason`)."""
+    return stale_reason(entry, out_dir) is None
 
-    Planning resolves the source (from the HF cache for hub ids) and reads headers only.
+
+def stale_reason(entry: Entry, out_dir: Path) -> str | None:
+    """Why OUT_DIR must be converted again, or None when it is up to date.
+
+    Planning resolves the source (from the HF cache for hub ids) and reads headers only. Output files are
+    checked lazily: every size first (a truncated table fails without reading anything), then every sha256.
     """
+    if not (out_dir / MANIFEST).exists():
+        return "no manifest"
     try:
-        manifest = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if manifest.get("format_version") != FORMAT_VERSION:
-        return False
+        manifest = read_manifest(out_dir)
+    except PrecompileLoadError as e:
+        return f"manifest unusable ({e})"
     opts = _convert_options(entry)
     plan = plan_conversion(entry.source, **opts)
-    src = manifest.get("source", {})
+    src = manifest["source"]
     if plan.source.describe() != {k: src.get(k) for k in plan.source.describe()}:
-        return False
+        return "another source"
     recorded = manifest.get("options", {})
     want_dtype = str(plan.model_dtype).removeprefix("torch.")
     if recorded.get("dtype") != want_dtype or recorded.get("compute_dtype") != opts["compute_dtype"]:
-        return False
+        return "other options"
     if manifest.get("kind", "full") != plan.kind or manifest.get("profile", {}).get("name") != plan.profile.name:
-        return False
-    if manifest["profile"].get("text", plan.profile.text) != plan.profile.text:  # the profile file was edited
-        return False
+        return "another kind or profile"
+    if manifest["profile"].get("text", plan.profile.text) != plan.profile.text:
+        return "the profile file was edited"
     files = src.get("files", {})
     root = plan.source.root
     if any(not (root / name).exists() or file_sha256(root / name) != sha for name, sha in files.items()):
-        return False
+        return "source files changed"
     outputs = manifest.get("outputs", {})
-    return all((out_dir / name).is_file() and (out_dir / name).stat().st_size > 0 for name in outputs)
+    sizes = manifest.get("output_sizes", {})
+    if not outputs:
+        return "manifest records no outputs"
+    for name in sorted(outputs):
+        p = out_dir / name
+        if not p.is_file():
+            return f"output {name} missing"
+        if name in sizes and p.stat().st_size != sizes[name]:
+            return f"output {name} has {p.stat().st_size} bytes, the manifest records {sizes[name]} (size)"
+    for name, sha in sorted(outputs.items()):
+        if file_sha256(out_dir / name) != sha:
+            return f"output {name} differs from its recorded sha256 (hash)"
+    return None
 
 
 def available_memory() -> int:
@@ -252,9 +271,13 @@ def _run_entry(entry: Entry, out_root: Path, verify_all: bool, progress: Progres
             from .push import check_push_source
 
             check_push_source(push_to, entry.source, bool(entry.options.get("overlay")))
-        if up_to_date(entry, out_dir):
+        reason = stale_reason(entry, out_dir)
+        if reason is None:
             result.status = "skipped"
         else:
+            if out_dir.exists():
+                result.reason = reason
+                progress.log(f"[{entry.index + 1}] {out_dir}: converting again: {reason}")
             opts = _convert_options(entry)
             convert(entry.source, out_dir, device=entry.options.get("device", "auto"),
                     chunk_size=entry.options.get("chunk_size", 4096), link=entry.options.get("link", "auto"),

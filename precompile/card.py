@@ -210,9 +210,11 @@ def render_card(plan: ConversionPlan, source_card: SourceCard, self_check: SelfC
 
 
 def _with_card(out_dir: Path, card: Path) -> dict:
-    """OUT_DIR's manifest with `card`'s sha256 as the README.md entry of its outputs."""
+    """OUT_DIR's manifest with `card`'s sha256 (and size, where sizes are recorded) as its README.md output."""
     manifest = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
     manifest["outputs"][CARD_FILE] = file_sha256(card)
+    if "output_sizes" in manifest:
+        manifest["output_sizes"][CARD_FILE] = card.stat().st_size
     return manifest
 
 

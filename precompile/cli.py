@@ -6,6 +6,8 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import click
@@ -183,12 +185,11 @@ def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device,
     import json as _json
     from pathlib import Path
 
+    from .files import check_report_path, write_report
     from .verify import format_report, summary_line, verify as run_verify
 
     if json_path is not None:
-        parent = Path(json_path).resolve().parent
-        if not parent.is_dir():
-            raise UserError(f"--json {json_path}: directory {parent} does not exist; create it or choose another path")
+        check_report_path(json_path, "--json", Path(out_dir))
     thresholds = {"max_abs_diff": max_abs_diff, "mean_abs_diff": max_mean_diff, "kl": max_kl, "top1": min_top1,
                   "generation_tie": generation_tie, "rows_lambda": rows_lambda, "rows_z": rows_z,
                   "fp32_ratio": max_fp32_ratio}
@@ -205,7 +206,7 @@ def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device,
 
         click.echo(run_update_card(out_dir, result))
     if json_path is not None:
-        Path(json_path).write_text(_json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_report(json_path, _json.dumps(result, indent=2) + "\n", "--json")
     if not result["passed"]:
         raise VerificationError(summary_line(result))
 
@@ -232,7 +233,11 @@ def batch(zoo, out_root, shard, jobs, memory_budget, verify_all, report_path, ju
     from pathlib import Path
 
     from . import batch as b
+    from .files import check_report_path, write_report
 
+    for flag, path in (("--report", report_path), ("--junit", junit_path)):
+        if path:
+            check_report_path(path, flag)
     if dry_run:
         for entry, action in b.dry_run(zoo, out_root, shard):
             click.echo(f"[{entry.index + 1}] {entry.source} -> {Path(out_root) / entry.out}: {action}")
@@ -241,9 +246,9 @@ def batch(zoo, out_root, shard, jobs, memory_budget, verify_all, report_path, ju
                           memory_budget=int(memory_budget * 2**30) if memory_budget else None,
                           progress=Progress(quiet=quiet))
     if report_path:
-        Path(report_path).write_text(_json.dumps(b.report(results), indent=2) + "\n", encoding="utf-8")
+        write_report(report_path, _json.dumps(b.report(results), indent=2) + "\n", "--report")
     if junit_path:
-        Path(junit_path).write_text(b.junit_xml(results), encoding="utf-8")
+        write_report(junit_path, b.junit_xml(results), "--junit")
     click.echo(b.summary_table(results))
     return 1 if b.summary(results)["failed"] else 0
 
@@ -355,11 +360,9 @@ def plan(source, batch_sizes, assume_parallel, profile_path, revision, json_path
         click.echo(text, nl=False)
         return
     if json_path:
-        try:
-            with open(json_path, "w", encoding="utf-8") as f:
-                f.write(text)
-        except OSError as e:
-            raise UserError(f"cannot write {json_path} ({e.strerror}); choose a writable path for --json") from None
+        from .files import write_report
+
+        write_report(json_path, text, "--json")
     click.echo(to_markdown(result) if markdown else to_text(result))
 
 
@@ -374,12 +377,39 @@ def profiles():
 
 def run() -> None:
     """The `precompile` program (console script and `python -m precompile`): `main` plus the tuning
-    that only a whole process may apply to itself (see precompile/process.py)."""
-    use_huge_pages()
+    that only a whole process may apply to itself (see precompile/process.py).
+
+    SIGINT/SIGTERM handling comes first, before any heavy import (torch, transformers), so that an
+    interrupt at any moment ends as one `error: interrupted` line and exit status 130; one that a
+    library swallowed still turns a success into 130 (and atomic_dir never commits after one).
+    `python -m precompile` holds the signals back while this module is imported; they arrive here.
+    """
+    from .files import install_interrupt_handler, interrupted
+
+    undo = install_interrupt_handler()
     try:
-        main()
+        try:
+            if hasattr(signal, "pthread_sigmask"):  # a signal held back during start-up is raised here
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+            use_huge_pages()
+            main()
+        except SystemExit as e:
+            if e.code != 130 and not interrupted():
+                raise
+            if e.code != 130:
+                click.echo("error: interrupted", err=True)
+        except BaseException as e:  # after an interrupt, any error is its echo (an import it broke, say)
+            if not (isinstance(e, KeyboardInterrupt) or interrupted()):
+                raise
+            click.echo("error: interrupted", err=True)
     finally:
+        undo()
         skip_exit_collection()
+    # Interrupted: everything of ours is cleaned up already. Leave without the interpreter's finalization,
+    # where an interrupt that landed inside a callback can still end the process by SIGINT (status -2).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from . import __version__
 from .card import CARD_FILE, write_card
 from .errors import UserError
 from .generation import write_generation_config
+from .files import out_dir_lock, out_dir_target
 from .layout import TABLE_FILE, TableLayout, table_layout
 from .loader import FORMAT_VERSION, MANIFEST
 from .precompute import compute_rows, layer0_tensor_names
@@ -178,7 +179,7 @@ def plan_conversion(source: str, *, revision: str | None = None, profile: str | 
         keep = [t for t in tensors if t.name not in eliminated]
         gone = sorted(t.name for t in tensors if t.name in eliminated)
         converts = any(t.dtype in FLOAT_DTYPES and t.dtype != out_dtype_name for t in keep)
-        out_name = "model-00001-of-00001.safetensors" if fname == SINGLE_NAME else fname
+        out_name = "model-00001-of-00001.safetensors" if fname == SINGLE_NAME else fname.replace("/", "--")
         if not keep:
             shards.append(ShardPlan(fname, None, "drop", [], gone, 0))
             continue
@@ -186,6 +187,11 @@ def plan_conversion(source: str, *, revision: str | None = None, profile: str | 
                    .element_size() for t in keep)
         action = "rewrite" if (gone or converts) else "share"  # out_bytes: tensor data, as index total_size
         shards.append(ShardPlan(fname, out_name, action, keep, gone, size))
+    outs = [sh.out_file for sh in shards if sh.out_file]
+    if len(set(outs)) != len(outs):  # a shard in a subfolder is written flat, as OUT_DIR holds plain names only
+        dup = next(o for o in outs if outs.count(o) > 1)
+        raise UserError(f"two weight files of {src.root} would both be written as {dup} in OUT_DIR (one is in a "
+                        f"subfolder); rename one of them in the index")
     read = [spec.embedding_tensor] + layer0_tensor_names(spec, frozenset(ckpt.tensors))
     return ConversionPlan(src, config, prof, spec, layout, ckpt, model_dtype, COMPUTE_CHOICES[compute_dtype],
                           shards, carried_files(src.root), read, "overlay" if overlay else "full")
@@ -342,7 +348,7 @@ def _out_config(plan: ConversionPlan) -> dict:
 
 
 def build_manifest(plan: ConversionPlan, options: dict, source_files: dict[str, str],
-                   outputs: dict[str, str], kind: str = "full") -> dict:
+                   outputs: dict[str, str], kind: str = "full", sizes: dict[str, int] | None = None) -> dict:
     spec, layout = plan.spec, plan.layout
     cfg = dict(plan.config)
     cfg.pop("torch_dtype", None)
@@ -376,6 +382,7 @@ def build_manifest(plan: ConversionPlan, options: dict, source_files: dict[str, 
         },
         "eliminated": list(layout.eliminated),
         "outputs": outputs,
+        **({"output_sizes": sizes} if sizes is not None else {}),
     }
 
 
@@ -391,6 +398,11 @@ def _source_hashes(plan: ConversionPlan, known: dict[str, str] | None = None) ->
     """sha256 of every source file; `known` holds hashes already computed while copying."""
     known = known or {}
     return {n: known.get(n) or file_sha256(plan.source.root / n) for n in _source_hashes_names(plan)}
+
+
+def _sizes(tmp: Path, outputs: dict[str, str]) -> dict[str, int]:
+    """Each output file's size: `batch` finds a truncated output from these without reading it."""
+    return {n: (tmp / n).stat().st_size for n in outputs}
 
 
 def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = None,
@@ -412,12 +424,13 @@ def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = N
         raise UserError(f"--link {link} is not one of {', '.join(LINK_MODES)}")
     t0 = time.monotonic()
     dev = pick_device(device)
-    out_dir = Path(out_dir)
+    out_dir = out_dir_target(out_dir)
     local = Path(source).expanduser()
     if local.is_dir():  # before anything is read or created: OUT_DIR must not be or hold the source
         _check_apart(local, out_dir)
     check_out_dir(out_dir, force)
-    with scratch_dir(out_dir.parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}-source") as scratch:
+    with out_dir_lock(out_dir, progress.log), \
+            scratch_dir(out_dir.parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}-source") as scratch:
         return _convert(source, out_dir, scratch, revision=revision, profile=profile, dev=dev, dtype=dtype,
                         compute_dtype=compute_dtype, chunk_size=chunk_size, force=force, link=link,
                         progress=progress, allow_pickle=allow_pickle, overlay=overlay, table=table, t0=t0)
@@ -453,7 +466,7 @@ def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, de
     if overlay:
         return _write_overlay(plan, out_dir, options, force, result, t0,
                               lambda tmp: _write_table_file(plan, tmp, dev, chunk_size, progress, table), progress)
-    with atomic_dir(out_dir, force) as tmp:
+    with atomic_dir(out_dir, force, progress.log) as tmp:
         # Shards are copied and hashed in the background while the table is computed, on CUDA and on the
         # CPU alike: the copies mostly wait on the page cache and the disk, so beside the matmuls they cost
         # far less than after them (benchmarks/bench_convert.py: 17.5 s against 22.5 s on 2 cores).
@@ -483,7 +496,8 @@ def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, de
         (tmp / SHIM_FILE).write_bytes((Path(__file__).parent / "loader.py").read_bytes())
         progress.log("hashing source and output files")
         outputs = {p.name: out_hashes.get(p.name) or file_sha256(p) for p in sorted(tmp.iterdir())}
-        write_json(tmp / MANIFEST, build_manifest(plan, options, _source_hashes(plan, src_hashes), outputs))
+        write_json(tmp / MANIFEST, build_manifest(plan, options, _source_hashes(plan, src_hashes), outputs,
+                                                  sizes=_sizes(tmp, outputs)))
         outputs[CARD_FILE] = write_card(tmp, plan)  # after any self-check: it records the card's sha256
         result.files = outputs
     result.seconds = time.monotonic() - t0
@@ -516,7 +530,7 @@ def _write_overlay(plan: ConversionPlan, out_dir: Path, options: dict, force: bo
     The manifest records sha256 of every source file read (so a changed base is refused), plus each
     file's size, and for local sources its mtime, so that loading can check the base without reading it.
     """
-    with atomic_dir(out_dir, force) as tmp:
+    with atomic_dir(out_dir, force, progress.log) as tmp:
         write_table_file(tmp)
         for name in plan.carried:
             share_file(plan.source.root / name, tmp / name, "copy")
@@ -525,7 +539,8 @@ def _write_overlay(plan: ConversionPlan, out_dir: Path, options: dict, force: bo
         (tmp / SHIM_FILE).write_bytes((Path(__file__).parent / "loader.py").read_bytes())
         progress.log("hashing the source files read and the output files")
         outputs = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
-        manifest = build_manifest(plan, options, _source_hashes(plan), outputs, kind="overlay")
+        manifest = build_manifest(plan, options, _source_hashes(plan), outputs, kind="overlay",
+                                  sizes=_sizes(tmp, outputs))
         manifest["source"].update(_base_stats(plan))
         write_json(tmp / MANIFEST, manifest)
         outputs[CARD_FILE] = write_card(tmp, plan)

@@ -129,11 +129,13 @@ def read_manifest(path: str | os.PathLike) -> dict:
     """Read and check OUT_DIR/precompile.json."""
     p = Path(path) / MANIFEST
     try:
+        if p.exists() and not p.is_file():
+            raise OSError(f"{p} is not a regular file")
         manifest = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PrecompileLoadError(f"{path} is not a precompiled model (no {MANIFEST}); "
                                   f"convert it with `precompile convert` first") from None
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise PrecompileLoadError(f"{p} cannot be read ({e}); the conversion is damaged, convert again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "precompile":
         raise PrecompileLoadError(f"{p} is not a precompile manifest; convert the model again")
@@ -143,7 +145,93 @@ def read_manifest(path: str | os.PathLike) -> dict:
     for key in ("table", "loader", "source"):
         if not isinstance(manifest.get(key), dict):
             raise PrecompileLoadError(f"{p} has no '{key}' section; the conversion is damaged, convert again")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise PrecompileLoadError(f"{p} is malformed: {problem}; the conversion is damaged, convert again")
     return manifest
+
+
+def _plain(name: object) -> bool:
+    """A bare file name inside OUT_DIR: no folder, no `..`."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not set(name) & {"/", "\\", "\0"}
+
+
+def _relative(name: object) -> bool:
+    """A path inside the source directory: relative, without `..`."""
+    return isinstance(name, str) and bool(name) and not name.startswith("/") and ".." not in name.split("/") \
+        and "\0" not in name
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What is wrong with the manifest's types and paths, checked once so that nothing downstream meets a
+    field of the wrong type; every path it records must stay inside OUT_DIR (or the source)."""
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def str_list(x) -> bool:
+        return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+    t, ld, src = m["table"], m["loader"], m["source"]
+    checks = [
+        (_plain(t.get("file")), "table.file must be a file name inside OUT_DIR"),
+        (isinstance(t.get("tensor"), str), "table.tensor must be a string"),
+        (isinstance(t.get("shape"), list) and len(t["shape"]) == 2 and all(is_int(x) and x >= 0 for x in t["shape"]),
+         "table.shape must be two non-negative integers"),
+        (t.get("dtype") in _DTYPES, f"table.dtype must be one of {', '.join(_DTYPES)}"),
+        (isinstance(t.get("columns"), list) and bool(t["columns"]) and all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) and is_int(c.get("start")) and is_int(c.get("stop"))
+            for c in t["columns"]), "table.columns must be a list of {name, start, stop}"),
+        (isinstance(ld.get("embedding_module"), str) and isinstance(ld.get("attention_module"), str),
+         "loader.embedding_module and loader.attention_module must be strings"),
+        (is_int(ld.get("hidden_size")) and is_int(ld.get("x_stop")), "loader.hidden_size and x_stop must be integers"),
+        (isinstance(ld.get("keep_embedding"), bool), "loader.keep_embedding must be true or false"),
+        (str_list(ld.get("identity_modules", [])) and str_list(ld.get("zero_modules", [])),
+         "loader.identity_modules and zero_modules must be lists of strings"),
+        (str_list(m.get("eliminated", [])), "eliminated must be a list of strings"),
+        (m.get("kind", "full") in ("full", "overlay"), "kind must be full or overlay"),
+        (isinstance(m.get("outputs", {}), dict) and all(_plain(k) and isinstance(v, str)
+                                                        for k, v in m.get("outputs", {}).items()),
+         "outputs must map file names inside OUT_DIR to sha256"),
+        (isinstance(src.get("config"), dict) and isinstance(src["config"].get("model_type"), str),
+         "source.config must be the original config.json with its model_type"),
+        (isinstance(src.get("files", {}), dict) and all(_relative(k) and isinstance(v, str)
+                                                      for k, v in src.get("files", {}).items()),
+         "source.files must map paths inside the source to sha256"),
+        (all(isinstance(src.get(k), (str, type(None))) for k in ("id", "revision", "path")),
+         "source.id, revision and path must be strings"),
+        (isinstance(m.get("options", {}), dict) and m.get("options", {}).get("compute_dtype", "float32") in _DTYPES,
+         "options must be an object whose compute_dtype is a float dtype"),
+    ]
+    return next((why for ok, why in checks if not ok), None)
+
+
+def indexed_table_file(path: Path, manifest: dict) -> str:
+    """The file that OUT_DIR's index names for the table tensor: what transformers loads, and so what every
+    check must read (a manifest naming another file would vouch for a table the model never uses).
+    Every file the index names must be a regular file inside OUT_DIR. An overlay, or a directory
+    without an index, loads the manifest's file."""
+    path = Path(path)
+    if manifest.get("kind", "full") != "full" or not (path / INDEX).exists():
+        return manifest["table"]["file"]
+    try:
+        wm = json.loads((path / INDEX).read_text(encoding="utf-8"))["weight_map"]
+        named = wm.get(manifest["table"]["tensor"])
+        files = sorted(map(str, wm.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise PrecompileLoadError(f"{path / INDEX} cannot be read ({type(e).__name__}); the conversion is damaged, "
+                                  f"convert again") from None
+    bad = next((f for f in files if not _plain(f)), None)
+    if bad is not None:
+        raise PrecompileLoadError(f"{path / INDEX} names {bad!r}, which is not a file inside {path}; the conversion "
+                                  f"is damaged, convert again")
+    bad = next((f for f in files if not (path / f).is_file()), None)  # a FIFO would block the load
+    if bad is not None:
+        raise PrecompileLoadError(f"{path / bad} is missing or not a regular file; the conversion is damaged, "
+                                  f"convert again")
+    if not isinstance(named, str):
+        raise PrecompileLoadError(f"{path / INDEX} does not name the table {manifest['table']['tensor']}; the "
+                                  f"conversion is damaged, convert again")
+    return named
 
 
 def original_config(manifest: dict) -> PretrainedConfig:
@@ -208,8 +296,8 @@ def _check_table(path: Path, manifest: dict, config: PretrainedConfig) -> None:
 
     table = manifest["table"]
     f = path / table["file"]
-    if not f.exists():
-        raise PrecompileLoadError(f"{f} is missing; the conversion is incomplete, convert again")
+    if not f.is_file():  # a FIFO or device would block or never end
+        raise PrecompileLoadError(f"{f} is missing or not a regular file; the conversion is incomplete, convert again")
     try:
         with safe_open(f, framework="pt") as sf:
             if table["tensor"] not in sf.keys():
@@ -282,9 +370,14 @@ def _base_files(root: Path) -> dict[str, str]:
     """The base's tensor name -> file map: its index, or the header of its single file."""
     if (root / INDEX).exists() and not (root / SINGLE).exists():
         try:
-            return dict(json.loads((root / INDEX).read_text(encoding="utf-8"))["weight_map"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            wm = dict(json.loads((root / INDEX).read_text(encoding="utf-8"))["weight_map"])
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise PrecompileLoadError(f"{root / INDEX} cannot be read ({e}); the base checkpoint is damaged") from None
+        bad = next((f for f in sorted(map(str, wm.values())) if not _relative(f)), None)
+        if bad is not None:
+            raise PrecompileLoadError(f"{root / INDEX} names {bad!r}, a file outside the base {root}; the base "
+                                      f"checkpoint is damaged")
+        return wm
     from safetensors import safe_open
 
     try:
@@ -430,6 +523,10 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
 
     path = Path(path) if path is not None else Path(__file__).resolve().parent
     manifest = read_manifest(path)
+    named = indexed_table_file(path, manifest)
+    if named != manifest["table"]["file"]:
+        raise PrecompileLoadError(f"{path / INDEX} loads the table from {named!r}, but {MANIFEST} names "
+                                  f"{manifest['table']['file']!r}; the conversion is damaged, convert again")
     try:
         config = original_config(manifest)
         _check_table(path, manifest, config)
@@ -444,16 +541,29 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
         root = overlay_base(path, base, verify_base, manifest)
         tmp = _overlay_dir(path, root, manifest)
         try:
-            model = cls.from_pretrained(str(tmp), config=config, dtype=dtype, **kwargs)
+            model = _from_pretrained(cls, tmp, path, config, dtype, kwargs)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     elif base is not None:
         raise PrecompileLoadError(f"{path} is a full conversion: it holds every tensor and takes no base")
     else:
-        model = cls.from_pretrained(str(path), config=config, dtype=dtype, **kwargs)
+        model = _from_pretrained(cls, path, path, config, dtype, kwargs)
     if device is not None:
         model = model.to(device)
     model.eval()
+    return model
+
+
+def _from_pretrained(cls: type, where: Path, path: Path, config, dtype, kwargs: dict):
+    """transformers' from_pretrained, refusing a checkpoint that lacks a weight: transformers would fill it
+    with random values and only warn."""
+    if kwargs.get("output_loading_info"):
+        return cls.from_pretrained(str(where), config=config, dtype=dtype, **kwargs)
+    model, info = cls.from_pretrained(str(where), config=config, dtype=dtype, output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise PrecompileLoadError(f"{path} lacks {len(missing)} weight(s) of the model ({', '.join(missing[:3])}); "
+                                  f"they would be random, the conversion is damaged or incomplete, convert again")
     return model
 
 

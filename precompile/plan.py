@@ -10,7 +10,6 @@ cannot disagree.
 from __future__ import annotations
 
 import io
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -202,12 +201,12 @@ def exact_figures(conv: ConversionPlan, batch_sizes: tuple[int, ...] = DEFAULT_B
 # --- sources ---------------------------------------------------------------------------------------------------
 
 def _read_json_file(path: Path) -> dict:
+    from .files import read_json
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); pass a config.json") from None
-    except OSError as e:
-        raise UserError(f"{path} cannot be read ({e.strerror}); check the path and its permissions") from None
+        data = read_json(path, "pass a config.json")
+    except FileNotFoundError:
+        raise UserError(f"{path} not found; check the path") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a JSON object; pass a config.json")
     return data
@@ -239,7 +238,7 @@ def load_config(source: str, revision: str | None = None) -> tuple[dict, str, Pa
     p = Path(source).expanduser()
     if p.exists() and revision is not None:
         raise UserError(f"--revision applies to hub ids, but SOURCE {source} is a local path; drop it")
-    if p.is_file():
+    if p.exists() and not p.is_dir():  # a config.json (a FIFO or device is refused by the reader)
         return _read_json_file(p), "config", None
     if p.is_dir():
         manifest = p / MANIFEST

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .files import check_regular
 
 NORM_KINDS = ("rms", "layer")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
@@ -445,6 +446,7 @@ YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 def read_yaml(path: Path, what: str, flag: str = "") -> Any:
     """Parse a user's YAML file (a profile, a zoo); every failure is one line naming the file."""
+    check_regular(path, f"{what} ")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -453,6 +455,8 @@ def read_yaml(path: Path, what: str, flag: str = "") -> Any:
         raise UserError(f"{what} {path} cannot be read ({e}); pass a readable UTF-8 YAML file") from None
     try:
         return yaml.load(text, Loader=YAML_LOADER)
+    except RecursionError:
+        raise UserError(f"{what} {path} is nested too deeply to be parsed; fix it") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -1,4 +1,7 @@
-"""Progress output: a tqdm bar on a terminal, plain log lines in CI logs, nothing when quiet."""
+"""Progress output: a tqdm bar on a terminal, plain log lines in CI logs, nothing when quiet.
+
+Every tick is also where the program notices an interrupt that a library swallowed (files.raise_if_interrupted).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import sys
 import time
 from contextlib import contextmanager
 from typing import Iterator, TextIO
+
+from .files import raise_if_interrupted
 
 
 class Progress:
@@ -17,6 +22,7 @@ class Progress:
         self.tty = self.stream.isatty() if tty is None else tty
 
     def log(self, message: str) -> None:
+        raise_if_interrupted()
         if not self.quiet:
             print(message, file=self.stream, flush=True)
 
@@ -45,6 +51,7 @@ class _Bar:
         self._start = time.monotonic()
 
     def update(self, n: int = 1) -> None:
+        raise_if_interrupted()  # long work is where a swallowed interrupt must take effect
         self.n += n
         if self._t is not None:
             self._t.update(n)

@@ -1,8 +1,8 @@
 """Resolve SOURCE (a hub repo id or a local directory) to files on disk, and read its config.
 
-Hub ids go through huggingface_hub's snapshot_download, fetching only config,
-safetensors, tokenizer and generation files; HF_HOME, HF_HUB_OFFLINE and HF_TOKEN
-are honoured by huggingface_hub itself. An overlay fetches less: the small files
+Hub ids go through huggingface_hub's snapshot_download, fetching config, tokenizer
+and generation files first, then only the safetensors files the index names;
+HF_HOME, HF_HUB_OFFLINE and HF_TOKEN are honoured by huggingface_hub itself. An overlay fetches less: the small files
 first, then (`fetch_files`) only the shards that hold the tensors layer 0 needs.
 """
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .files import check_inside, check_regular, read_json
 from .tensors import INDEX_NAME, SINGLE_NAME, Checkpoint, read_header, read_index
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt",
@@ -44,7 +45,17 @@ class Source:
 
 
 def is_hub_id(source: str) -> bool:
-    return bool(_HUB_ID.match(source)) and not Path(source).exists()
+    """A well-formed hub repo id (as huggingface_hub itself validates it) that is not a local path."""
+    if not _HUB_ID.match(source) or Path(source).exists():
+        return False
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return True
 
 
 def resolve_source(source: str, revision: str | None = None, allow_patterns: list[str] | None = None,
@@ -62,10 +73,24 @@ def resolve_source(source: str, revision: str | None = None, allow_patterns: lis
         return Source(root=p.resolve(), id=None, revision=None, path=str(p.resolve()))
     if not is_hub_id(source):
         raise UserError(f"SOURCE {source} not found: no such directory, and it is not a hub repo id (org/name)")
-    patterns = allow_patterns or ALLOW_PATTERNS
-    if not weights:
-        patterns = [p for p in patterns if not p.endswith(".safetensors")]
-    return _download(source, revision, patterns)
+    patterns = [p for p in allow_patterns or ALLOW_PATTERNS if not p.endswith(".safetensors")]
+    src = _download(source, revision, patterns)
+    if weights:
+        _fetch_weights(src)
+    return src
+
+
+def _fetch_weights(src: Source) -> None:
+    """The safetensors files the index names (or model.safetensors without one), at the revision already
+    resolved: never every `*.safetensors` of the repo (Mistral's repos also ship a consolidated.safetensors
+    of the whole model). A file the repo lacks is left for `checkpoint_files` to name."""
+    if (src.root / INDEX_NAME).exists():
+        names = sorted(set(read_index(src.root / INDEX_NAME).values()))
+    else:
+        names = [SINGLE_NAME]
+    missing = [n for n in names if not (src.root / n).exists()]
+    if missing:
+        _download(src.id, src.revision, missing)
 
 
 def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> Source:
@@ -79,11 +104,14 @@ def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> 
 @contextmanager
 def _hub_errors(repo_id: str, revision: str | None, what: str = ""):
     """Turn huggingface_hub's exceptions into one-line UserErrors that say what to do."""
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
         yield
+    except HFValidationError as e:
+        raise UserError(f"{repo_id}{'@' + revision if revision else ''}: not a valid hub repo id or revision "
+                        f"({str(e).splitlines()[0][:160]}); check SOURCE and --revision") from None
     except GatedRepoError:
         raise UserError(f"{repo_id} is gated; accept its licence on the hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
@@ -141,7 +169,7 @@ class PartialCheckpoint(Checkpoint):
         self.tensors = {}
         self.metadata = {}
         for fname in self.files:
-            infos, meta = read_header(self.root / fname)
+            infos, meta = read_header(self.root / fname, fname)
             self.metadata[fname] = meta
             for name, info in infos.items():
                 if wmap.get(name) == fname:
@@ -156,11 +184,9 @@ def read_config(root: Path) -> dict:
     """config.json as a dict, refusing checkpoints whose weights the trick cannot read."""
     p = root / "config.json"
     try:
-        config = json.loads(p.read_text(encoding="utf-8"))
+        config = read_json(p)
     except FileNotFoundError:
         raise UserError(f"{root} has no config.json; SOURCE must be a Hugging Face model directory") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{p} is not valid JSON ({e}); fix or re-download it") from None
     if not isinstance(config, dict):
         raise UserError(f"{p} is not a JSON object; fix or re-download it")
     q = config.get("quantization_config")
@@ -192,8 +218,19 @@ def file_sha256(path: Path) -> str:
 
 
 def carried_files(root: Path) -> list[str]:
-    """Tokenizer and generation files that go into OUT_DIR unchanged."""
-    return sorted(p.name for p in root.iterdir() if p.is_file() and CARRIED.match(p.name))
+    """Tokenizer and generation files that go into OUT_DIR unchanged.
+
+    Never code (`*.py`: a tokenizer loaded with trust_remote_code would run it), never a file whose
+    link leads outside SOURCE (a hub cache's blobs count as inside), never a FIFO or device.
+    """
+    names = []
+    for p in sorted(root.iterdir()):
+        if not CARRIED.match(p.name) or p.suffix == ".py" or (p.is_dir() and not p.is_symlink()):
+            continue
+        check_inside(root, p.name, "tokenizer/generation file")
+        check_regular(p)
+        names.append(p.name)
+    return names
 
 
 def check_native(config: dict, root: Path, native_types: Collection[str] = ()) -> None:
@@ -236,12 +273,9 @@ def check_tokenizer(root: Path, vocab_rows: int) -> None:
 
     def read(name: str):
         p = root / name
-        if not p.is_file():
+        if not p.exists():
             return None
-        try:
-            return json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"{p} is not valid JSON ({e}); fix or re-download it") from None
+        return read_json(p)
 
     def add(i, token, name: str) -> None:
         if isinstance(i, int) and not isinstance(i, bool):
@@ -250,27 +284,49 @@ def check_tokenizer(root: Path, vocab_rows: int) -> None:
             found.append((int(i), str(token), name))
 
     tj = read("tokenizer.json")
-    if isinstance(tj, dict):
-        vocab = (tj.get("model") or {}).get("vocab") if isinstance(tj.get("model"), dict) else None
-        if isinstance(vocab, dict):
-            for tok, i in vocab.items():
-                add(i, tok, "tokenizer.json")
-        elif isinstance(vocab, list) and vocab:  # Unigram: [[piece, score], ...], ids by position
-            add(len(vocab) - 1, vocab[-1][0] if isinstance(vocab[-1], list) else vocab[-1], "tokenizer.json")
-        for t in tj.get("added_tokens") or []:
-            if isinstance(t, dict):
-                add(t.get("id"), t.get("content"), "tokenizer.json")
-    added = read("added_tokens.json")
-    if isinstance(added, dict):
-        for tok, i in added.items():
-            add(i, tok, "added_tokens.json")
-    tc = read("tokenizer_config.json")
-    if isinstance(tc, dict) and isinstance(tc.get("added_tokens_decoder"), dict):
-        for i, t in tc["added_tokens_decoder"].items():
-            add(i, t.get("content") if isinstance(t, dict) else t, "tokenizer_config.json")
+    if tj is not None:
+        _check_tokenizer_json(root / "tokenizer.json", tj)
+    name = "tokenizer.json"
+    try:
+        if isinstance(tj, dict):
+            vocab = (tj.get("model") or {}).get("vocab") if isinstance(tj.get("model"), dict) else None
+            if isinstance(vocab, dict):
+                for tok, i in vocab.items():
+                    add(i, tok, "tokenizer.json")
+            elif isinstance(vocab, list) and vocab:  # Unigram: [[piece, score], ...], ids by position
+                add(len(vocab) - 1, vocab[-1][0] if isinstance(vocab[-1], list) else vocab[-1], "tokenizer.json")
+            for t in tj.get("added_tokens") or []:
+                if isinstance(t, dict):
+                    add(t.get("id"), t.get("content"), "tokenizer.json")
+        name = "added_tokens.json"
+        added = read(name)
+        if isinstance(added, dict):
+            for tok, i in added.items():
+                add(i, tok, name)
+        name = "tokenizer_config.json"
+        tc = read(name)
+        if isinstance(tc, dict) and isinstance(tc.get("added_tokens_decoder"), dict):
+            for i, t in tc["added_tokens_decoder"].items():
+                add(i, t.get("content") if isinstance(t, dict) else t, name)
+    except (TypeError, IndexError, AttributeError, KeyError) as e:
+        raise UserError(f"{root / name} has entries of the wrong type ({type(e).__name__}: {e}); it is not a valid "
+                        f"tokenizer file, fix or re-download it") from None
     if not found:
         return
     top = max(found)
     if top[0] >= vocab_rows:
         raise UserError(f"{root / top[2]}: token {top[1]!r} has id {top[0]}, but the embedding has {vocab_rows} "
                         f"rows (ids 0-{vocab_rows - 1}); the tokenizer does not match the weights, fix it")
+
+
+def _check_tokenizer_json(path: Path, data: object) -> None:
+    """tokenizer.json must be a tokenizer that the `tokenizers` library (what transformers uses) can build."""
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise UserError(f"{path} is JSON but not a tokenizer (no 'model' object); fix or re-download it")
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_str(json.dumps(data))
+    except Exception as e:  # noqa: BLE001 - whatever the Rust parser calls it, the file is not a tokenizer
+        raise UserError(f"{path} is not a valid tokenizer ({str(e).splitlines()[0][:200] if str(e) else e!r}); fix "
+                        f"or re-download it") from None

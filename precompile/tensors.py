@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import UserError
+from .files import check_inside, check_regular, read_json
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -59,8 +60,13 @@ def element_size(dtype: str) -> int:
     return torch.empty((), dtype=DTYPES[dtype]).element_size()
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and check one safetensors header: every tensor must lie within the file."""
+def read_header(path: Path, name: str | None = None) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check one safetensors header: every tensor must lie within the file.
+
+    `name` is the file's path relative to its checkpoint (as the index names it, e.g. `sub/x.safetensors`),
+    recorded in each TensorInfo; default: the bare file name.
+    """
+    check_regular(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -78,7 +84,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("not an object")
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise UserError(f"{path}: safetensors header is not valid JSON; the file is corrupt, re-download it") \
             from None
     meta = header.pop("__metadata__", None)
@@ -87,23 +93,26 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise UserError(f"{path}: safetensors __metadata__ must map strings to strings; the file is corrupt")
     base = 8 + n
     out: dict[str, TensorInfo] = {}
-    for name, info in header.items():
+    for tname, info in header.items():
         try:
             dtype, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
             if not all(isinstance(x, int) and not isinstance(x, bool) for x in (b, e, *info["shape"])):
                 raise TypeError
         except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: JSON Infinity as a size
-            raise UserError(f"{path}: tensor {name} has a malformed header entry; the file is corrupt") from None
+            raise UserError(f"{path}: tensor {tname} has a malformed header entry; the file is corrupt") from None
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise UserError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-        t = TensorInfo(name, path.name, dtype, shape, base + int(b), base + int(e))
+            raise UserError(f"{path}: tensor {tname} has unsupported dtype {dtype}")
+        if any(s < 0 for s in shape):
+            raise UserError(f"{path}: tensor {tname} has a negative dimension in shape {list(shape)}; the file is "
+                            f"corrupt, re-download it")
+        t = TensorInfo(tname, name or path.name, dtype, shape, base + int(b), base + int(e))
         if not (0 <= b <= e) or t.stop > size:
-            raise UserError(f"{path}: tensor {name} lies past the end of the file "
+            raise UserError(f"{path}: tensor {tname} lies past the end of the file "
                             f"(bytes {t.start}-{t.stop} of {size}); the file is truncated, re-download it")
         if t.nbytes != t.numel * element_size(dtype):
-            raise UserError(f"{path}: tensor {name} has {t.nbytes} bytes for shape {list(shape)} {dtype}; "
+            raise UserError(f"{path}: tensor {tname} has {t.nbytes} bytes for shape {list(shape)} {dtype}; "
                             f"the file is corrupt")
-        out[name] = t
+        out[tname] = t
     _check_contiguous(path, out, base, size)
     return out, meta
 
@@ -135,7 +144,7 @@ class Checkpoint:
         self.metadata: dict[str, dict[str, str]] = {}
         index = self._index()
         for fname in self.files:
-            infos, meta = read_header(self.root / fname)
+            infos, meta = read_header(self.root / fname, fname)
             self.metadata[fname] = meta
             for name, info in infos.items():
                 if index is not None and index.get(name, fname) != fname:
@@ -182,14 +191,17 @@ class Checkpoint:
 
 
 def read_index(path: Path) -> dict[str, str]:
+    """An index's weight_map; every file it names must be a plain relative path inside the checkpoint."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        wm = data["weight_map"]
-        if not isinstance(wm, dict):
-            raise ValueError
-        return {str(k): str(v) for k, v in wm.items()}
-    except (OSError, ValueError, KeyError, UnicodeDecodeError):
-        raise UserError(f"{path} is not a valid safetensors index (no weight_map); re-download it") from None
+        data = read_json(path)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; the checkpoint is incomplete, re-download it") from None
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise UserError(f"{path} is not a valid safetensors index (no weight_map of file names); re-download it")
+    for fname in sorted(set(wm.values())):
+        check_inside(path.parent, fname, f"{path}: weight_map file")
+    return dict(wm)
 
 
 def checkpoint_files(root: Path) -> list[str]:

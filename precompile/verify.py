@@ -29,8 +29,9 @@ from torch import nn
 from .allowance import FACTOR, LOGIT_KEYS, Allowance, Distance, Scale, apply_given, fixed_float32, \
     from_fp32, from_roundoff
 from .errors import UserError
+from .files import check_regular
 from .layout import table_layout
-from .loader import MANIFEST, PrecompileLoadError, read_manifest
+from .loader import MANIFEST, PrecompileLoadError, indexed_table_file, read_manifest
 from .precompute import layer0_tensor_names
 from .profiles import conversion_profile, resolve
 from .progress import Progress
@@ -80,8 +81,7 @@ def read_prompts(path: str | Path) -> list[str]:
     hint = 'pass a UTF-8 text file with one prompt per line, or JSONL with a "prompt" field'
     if not p.exists():
         raise UserError(f"prompts file {path} not found; {hint}")
-    if p.is_dir():
-        raise UserError(f"prompts file {path} is a directory; {hint}")
+    check_regular(p, "prompts file ")
     try:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
@@ -96,7 +96,7 @@ def read_prompts(path: str | Path) -> list[str]:
         for i, line in lines:
             try:
                 obj = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise UserError(f"{path}:{i} is not valid JSON; fix the line or use a plain text file") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
                 raise UserError(f'{path}:{i} has no non-empty string "prompt" field; add one')
@@ -183,12 +183,18 @@ def _hash_files(root: Path, recorded: dict[str, str]) -> tuple[list[str], list[s
 
 
 def check_outputs(out: Path, manifest: dict) -> Check:
-    """Every OUT_DIR file recorded at conversion still has its sha256."""
+    """Every OUT_DIR file recorded at conversion still has its sha256, and the index loads the table from the
+    file the manifest names."""
     recorded = manifest.get("outputs") or {}
     changed, missing = _hash_files(out, recorded)
     extra = sorted(p.name for p in out.iterdir() if p.is_file() and p.name not in recorded and p.name != MANIFEST)
-    return Check("integrity", bool(recorded) and not changed and not missing,
-                 {"files": len(recorded), "changed": changed, "missing": missing, "unrecorded": extra},
+    table_file = indexed_table_file(out, manifest)
+    other_table = table_file != manifest["table"]["file"]
+    metrics = {"files": len(recorded), "changed": changed, "missing": missing, "unrecorded": extra}
+    if other_table:
+        metrics["table_file"] = f"the index loads the table from {table_file}, the manifest names " \
+                                f"{manifest['table']['file']}"
+    return Check("integrity", bool(recorded) and not changed and not missing and not other_table, metrics,
                  {"changed": 0, "missing": 0})
 
 
@@ -290,7 +296,8 @@ def check_table_rows(out: Path, manifest: dict, spec, layout, ref_ckpt: Checkpoi
     threshold = {"element": "|s-t| <= ulp(s)/2 + lambda*sqrt(n)*u*sum|terms|", "lambda": th["rows_lambda"],
                  "row_mean_z": th["rows_z"], "failed_rows": 0}
     metrics: dict[str, Any] = dict(extra or {})
-    tpath = out / table["file"]
+    tpath = out / indexed_table_file(out, manifest)  # what the model loads, whatever the manifest says
+    check_regular(tpath)
     with safe_open(tpath, framework="pt") as tf:
         sl = tf.get_slice(table["tensor"])
         shape = list(sl.get_shape())
@@ -485,6 +492,8 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
+    if not 0 <= seed < 2**64:
+        raise UserError(f"--seed {seed} is out of range; use a whole number from 0 to 2**64 - 1")
     dev = pick_device(device)
     table_dtype_name = manifest["table"]["dtype"]
     th = _thresholds(thresholds)
@@ -501,7 +510,7 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
         fp32_reference = half and ref_bytes < FP32_REFERENCE_MAX_BYTES
     try:
         tok = _tokenizer(out, manifest)
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
         raise UserError(f"{out}: cannot load its tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                         f"the conversion is incomplete, convert again") from None
     prompt_ids = {int(i) for p in prompt_list for i in tok(p)["input_ids"]}
@@ -510,7 +519,7 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
     progress.log(f"verifying {out} against {ref.id or ref.path}{'@' + ref.revision[:12] if ref.revision else ''} "
                  f"on {dev}")
     progress.log("hashing OUT_DIR files")
-    checks.append(check_outputs(out, manifest))
+    checks.append(_guard("integrity", lambda: check_outputs(out, manifest)))
     progress.log("hashing reference files")
     checks.append(check_reference_files(ref, manifest))
 

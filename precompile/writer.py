@@ -7,6 +7,7 @@ ranges, and shards without eliminated tensors are cloned or copied whole.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -22,12 +23,12 @@ from typing import Iterable, Iterator
 import torch
 
 from .errors import UserError
+from .files import (TMP_PREFIX, interrupted, missing_ancestors, out_dir_lock, out_dir_target, record_signal,
+                    remove_empty, remove_tree, signals_seen, write_error)
 from .source import blob_sha256, file_sha256
 from .tensors import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, TensorInfo, copy_range, element_size, write_header
 
 BLOCK = 8 << 20  # bytes read at a time when copying through a hash
-
-TMP_PREFIX = ".precompile-tmp-"
 
 
 def write_table(path: Path, name: str, shape: tuple[int, int], dtype: torch.dtype,
@@ -215,60 +216,61 @@ def write_json(path: Path, data: dict) -> None:
 
 
 @contextmanager
-def atomic_dir(out_dir: Path, force: bool) -> Iterator[Path]:
+def atomic_dir(out_dir: Path, force: bool, log=None) -> Iterator[Path]:
     """Yield a temporary directory beside OUT_DIR; rename it into place only if the body succeeds.
 
     On any error, SIGINT or SIGTERM the temporary directory is removed and OUT_DIR is left as it was
-    (absent, or the previous conversion when --force replaces it).
+    (absent, or the previous conversion when --force replaces it). OUT_DIR's lock is held throughout
+    (see files.out_dir_lock); without --force the final rename replaces nothing but an empty OUT_DIR,
+    so a directory someone else filled meanwhile is kept. An OSError while writing is one line.
     """
-    out_dir = Path(out_dir)
+    out_dir = out_dir_target(out_dir)
     parent = out_dir.parent
     check_out_dir(out_dir, force)
-    created = missing_ancestors(out_dir)
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        remove_empty(created)
-        raise UserError(f"cannot create {parent} ({e.strerror}); choose a writable OUT_DIR") from None
-    tmp = parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-    except OSError as e:
-        remove_empty(created)
-        raise UserError(f"cannot create {tmp} ({e.strerror}); choose a writable OUT_DIR") from None
-    trap = _Trap()
-    try:
-        yield tmp
-        with _signals_deferred():  # a signal between the two renames would leave no OUT_DIR at all
-            old = None
-            if out_dir.exists():
-                old = parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}-old"
-                os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-    except BaseException as e:
+    mark = signals_seen()
+    with out_dir_lock(out_dir, log):
+        tmp = parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        remove_empty(created)
-        trap.reraise(e)
-        raise
-    finally:
-        trap.restore()
-
-
-def missing_ancestors(path: Path) -> list[Path]:
-    """The directories above `path` that do not exist yet, deepest first (what a failed run must remove)."""
-    return [a for a in Path(path).absolute().parents if not a.exists()]
-
-
-def remove_empty(dirs: list[Path]) -> None:
-    """Remove directories this run created, deepest first, stopping at the first that is not empty."""
-    for d in dirs:
         try:
-            d.rmdir()
-        except OSError:
-            break
+            tmp.mkdir()
+        except OSError as e:
+            raise UserError(f"cannot create {tmp} ({e.strerror}); choose a writable OUT_DIR") from None
+        trap = _Trap()
+        try:
+            try:
+                yield tmp
+            except OSError as e:
+                raise write_error(e, out_dir) from None
+            with _signals_deferred():  # a signal between the two renames would leave no OUT_DIR at all
+                if interrupted(mark):  # one a library swallowed, or one held back by this block: never commit
+                    raise KeyboardInterrupt("interrupted before the final rename")
+                _commit(tmp, out_dir, force)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            trap.reraise(e)
+            raise
+        finally:
+            trap.restore()
+
+
+def _commit(tmp: Path, out_dir: Path, force: bool) -> None:
+    """Rename tmp to OUT_DIR. Without force, rename(2) itself refuses anything but an empty directory, so
+    nothing another process put there meanwhile is removed; with force the old OUT_DIR goes only once
+    the new one is in place."""
+    if force and (out_dir.exists() or out_dir.is_symlink()):
+        old = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}-old"
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        remove_tree(old)
+        return
+    try:
+        os.rename(tmp, out_dir)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise UserError(f"OUT_DIR {out_dir} was created or filled by another program while this conversion ran; "
+                        f"it was left untouched and this conversion discarded: pass --force to replace it, or "
+                        f"choose another OUT_DIR") from None
 
 
 def check_out_dir(out_dir: Path, force: bool) -> Path:
@@ -276,8 +278,8 @@ def check_out_dir(out_dir: Path, force: bool) -> Path:
 
     Called before any work, so a bad OUT_DIR fails in a second, not after the table is computed.
     """
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() or out_dir.is_symlink():
+    out_dir = out_dir_target(out_dir)
+    if out_dir.exists():
         if not out_dir.is_dir():
             raise UserError(f"OUT_DIR {out_dir} is a file; choose a directory path")
         if any(out_dir.iterdir()) and not force:
@@ -314,6 +316,8 @@ def scratch_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
         remove_empty(created)
         trap.reraise(e)
+        if isinstance(e, OSError):
+            raise write_error(e, Path(path)) from None
         raise
     finally:
         shutil.rmtree(path, ignore_errors=True)
@@ -351,6 +355,7 @@ class _Trap:
 
     def _handler(self, signum, frame):
         self.received.append(signum)
+        record_signal(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
     def reraise(self, error: BaseException) -> None:
