@@ -38,6 +38,7 @@ OPTION_CHECKS: dict[str, tuple[str, Any]] = {
                 lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(p, str) for p in v))),
     "verify": ("true or false", lambda v: isinstance(v, bool)),
     "overlay": ("true or false", lambda v: isinstance(v, bool)),
+    "self_check": ("true or false", lambda v: isinstance(v, bool)),
 }
 ENTRY_ONLY = {"source": "a hub id or a local path", "out": "a directory name under --out-root"}
 
@@ -237,7 +238,7 @@ def _run_entry(entry: Entry, out_root: Path, verify_all: bool, progress: Progres
             opts = _convert_options(entry)
             convert(entry.source, out_dir, device=entry.options.get("device", "auto"),
                     chunk_size=entry.options.get("chunk_size", 4096), link=entry.options.get("link", "auto"),
-                    force=True, progress=progress, **opts)
+                    force=True, progress=progress, self_check=entry.options.get("self_check", True), **opts)
             result.status = "ok"
         result.bytes = _tree_bytes(out_dir)
         result.plan = _plan(out_dir)

@@ -20,7 +20,7 @@ from .source import file_sha256
 
 def materialize(overlay_dir: str | os.PathLike, full_dir: str | os.PathLike, *, base: str | os.PathLike | None = None,
                 profile: str | None = None, force: bool = False, link: str = "auto",
-                progress: Progress | None = None) -> ConvertResult:
+                progress: Progress | None = None, self_check: bool = True) -> ConvertResult:
     """Write FULL_DIR: the overlay's base without the eliminated tensors, plus the overlay's table."""
     progress = progress or Progress(quiet=True)
     overlay_dir = Path(overlay_dir)
@@ -42,4 +42,5 @@ def materialize(overlay_dir: str | os.PathLike, full_dir: str | os.PathLike, *, 
     if plan.profile.name != manifest["profile"]["name"]:
         raise UserError(f"the base reads as profile {plan.profile.name}, but the overlay was made with "
                         f"{manifest['profile']['name']}; pass --profile with the overlay's profile")
-    return convert(source, full_dir, device="cpu", force=force, link=link, progress=progress, table=table, **kw)
+    return convert(source, full_dir, device="cpu", force=force, link=link, progress=progress, table=table,
+                   self_check=self_check, **kw)
