@@ -108,6 +108,7 @@ def converted(checkpoint, tmp_path_factory):
     return get
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_float32_matches_transformers(family, converted):
     src, out = converted(family, "float32")
@@ -127,6 +128,7 @@ def test_float32_matches_transformers(family, converted):
     assert torch.equal(_generate(via_shim, enc), gen)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_bfloat16_no_farther_than_original(family, converted):
     src, out = converted(family, "bfloat16")
@@ -209,6 +211,7 @@ attention_module: model.layers.0.self_attn
 """
 
 
+@pytest.mark.numeric
 def test_new_family_by_yaml_alone(checkpoint, tmp_path):
     """Qwen3 (per-head q/k RMSNorms) is not in configs/: a YAML file passed with --profile is enough."""
     src = checkpoint("qwen3")
@@ -257,6 +260,7 @@ ffn:
 """
 
 
+@pytest.mark.numeric
 def test_parallel_moe_ffn_is_expressible(checkpoint, tmp_path):
     """A router + experts FFN in the format computes what transformers' Mixtral MoE block computes."""
     src = checkpoint("mixtral")

@@ -167,6 +167,7 @@ def test_overlay_loads_over_hub_base_without_reading_eliminated_tensors(base, tm
     assert torch.equal(logits(shim.load(out), ids), logits(model, ids))
 
 
+@pytest.mark.numeric
 def test_materialize_is_byte_identical_to_full_convert(base, tmp_path, hub):
     make_cache(hub, base)
     precompile.convert(REPO, tmp_path / "direct", device="cpu")
