@@ -157,7 +157,9 @@ def _convert_options(entry: Entry) -> dict:
 def up_to_date(entry: Entry, out_dir: Path) -> bool:
     """True when OUT_DIR's manifest records this entry's source files, format version and options.
 
-    Planning resolves the source (from the HF cache for hub ids) and reads headers only.
+    Chunk size and device are not compared: they change table values only within the rounding bound
+    (the bytes are the same for the same options on one machine; README: Determinism). Planning
+    resolves the source (from the HF cache for hub ids) and reads headers only.
     """
     try:
         manifest = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))

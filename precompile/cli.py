@@ -130,7 +130,8 @@ def convert(source, out_dir, revision, profile_path, device, dtype, compute_dtyp
               "model before FULL_DIR is written.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def materialize(overlay_dir, full_dir, base, profile_path, link, force, no_self_check, quiet):
-    """Turn OVERLAY_DIR into a full conversion in FULL_DIR (the same bytes as `convert` without --overlay)."""
+    """Turn OVERLAY_DIR into a full conversion in FULL_DIR (the same bytes as `convert` without --overlay, on
+    the machine that made the overlay: its table is copied, not recomputed)."""
     from .materialize import materialize as run_materialize
 
     run_materialize(overlay_dir, full_dir, base=base, profile=profile_path, force=force, link=link,

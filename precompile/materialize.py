@@ -1,8 +1,10 @@
 """`materialize`: turn an overlay into a full conversion, byte for byte what `convert` would write.
 
 The base is resolved and fully checked as the loader does, then converted with the
-overlay's recorded options, copying the overlay's table instead of recomputing it
-(a table computed on another device may differ in rounding from a fresh one).
+overlay's recorded options, copying the overlay's table instead of recomputing it: a
+table computed with another chunk size, device or CPU may differ in its last bits (within
+the rounding bound), so only the copy gives the bytes `convert` wrote on the machine that
+made the overlay. The result is self-checked like any conversion.
 """
 
 from __future__ import annotations
