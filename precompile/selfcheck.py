@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .errors import VerificationError
+from .errors import UserError, VerificationError
 from .layout import TABLE_FILE
 from .loader import original_config, precompiled_class, read_manifest
 from .source import fetch_files, weight_map
@@ -261,8 +261,21 @@ def _converted_checkpoints(tmp: Path, table: str, source: Checkpoint) -> list[Ch
 def self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     """Compare layer 0 of the source's transformers class with layer 0 of the conversion in `tmp`.
 
-    Raises VerificationError naming the profile, the tensor and the difference against its bound.
+    Raises VerificationError naming the profile, the tensor and the difference against its bound, or
+    saying why the two could not be run (a conversion that cannot be checked is not published).
     """
+    try:
+        return _self_check(plan, tmp)
+    except (VerificationError, UserError):
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises, one line and the way out
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise VerificationError(f"self-check: transformers' class for profile {plan.spec.profile} could not run "
+                                f"layer 0 beside the conversion ({type(e).__name__}: {first}); pass "
+                                f"--no-self-check to convert without the check") from e
+
+
+def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .profiles import effective_data, with_defaults
