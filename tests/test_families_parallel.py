@@ -27,6 +27,7 @@ from precompile.cli import main as cli_main
 from precompile.layout import table_layout
 from precompile.precompute import ffn_output
 from precompile.profiles import load_profile, resolve
+from precompile.selfcheck import point_bound
 
 D, HD = 64, 16  # hidden size and head_dim of every tiny model here
 # family -> (block, table width). The width is written out by hand from the head counts so that a
@@ -282,7 +283,11 @@ def test_parallel_moe_ffn_is_expressible(checkpoint, tmp_path):
     with torch.no_grad():
         want = ref.model.layers[0].mlp(h)
     got = ffn_output(spec.ffn, h, w)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # CPUs round float32 differently, so no fixed tolerance: transformers' float32 result must be as near the
+    # format's formula in float64 as ours in float32 is (transformers' grouped experts run no float64)
+    exact = ffn_output(spec.ffn, h.double(), {k: v.double() for k, v in w.items()})
+    err, ref_err = ((x.double() - exact).abs().max().item() for x in (got, want))
+    assert ref_err <= point_bound(err, exact.abs().max().item(), torch.float32), (ref_err, err)
 
 
 @pytest.mark.parametrize("family, overrides, words", [

@@ -135,3 +135,17 @@ def test_report_line_and_overlay(checkpoint, tmp_path, cli):
     assert not (tmp_path / "bad-overlay").exists()
     assert precompile.convert(str(src), tmp_path / "skipped", self_check=False).self_check is None
 
+
+
+def test_a_model_that_cannot_run_is_not_published(checkpoint, tmp_path, monkeypatch):
+    """Whatever transformers raises while running layer 0, the conversion is refused in one line, unwritten."""
+    import precompile.selfcheck as sc
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("Tensor on device meta is not on the expected device cpu!\nsecond line")
+
+    monkeypatch.setattr(sc, "_capture", broken)
+    with pytest.raises(VerificationError, match=r"could not run layer 0 .*RuntimeError: Tensor on device meta.*"
+                                                r"--no-self-check") as err:
+        precompile.convert(str(checkpoint("llama")), tmp_path / "out")
+    assert "second line" not in str(err.value) and not (tmp_path / "out").exists()
