@@ -11,11 +11,12 @@ module's parameters are read (memory-mapped, cast to the run dtype) only while t
 The embedding and the table are read only at the ids fed, and the ids are renumbered into those
 rows (nothing but the embedding reads token ids before layer 0).
 
-The bound, per compared tensor, is derived, not tuned. The original model also runs in float64,
-which is the exact value to within float64 rounding. The converted model replaces a chain of
-model-dtype operations (embedding scale and norm, layer 0's norm and projections, a parallel
+The bound, per compared tensor, is derived, not tuned. The original model also runs in a wider
+dtype that stands for the exact value (`reference_dtype`: float64 for a float32 model, float32 for
+bfloat16/float16, whose rounding is 2^-24 of a value against the 2^-9 measured). The converted
+model replaces a chain of model-dtype operations (embedding scale and norm, layer 0's norm and projections, a parallel
 block's FFN) by one rounding of a float32 result, and runs everything after the lookup with the
-original's code and dtype; so its distance to the float64 value is at most about the original's.
+original's code and dtype; so its distance to the reference is at most about the original's.
 It may exceed it by chance where the maximum over elements lands on another element, by at most
 a factor of the same order (measured on every shipped family: at most 1.7x): the bound is FACTOR
 times the original's distance, plus FLOOR_EPS epsilons of the dtype at the tensor's largest
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from .convert import ConversionPlan
 
 RESIDUAL, ATTENTION, OUTPUT = "residual input", "attention output", "layer output"
-FACTOR = 2.0  # the converted model's distance to float64 against the original's (see the module doc)
+FACTOR = 2.0  # the converted model's distance to the reference against the original's (see the module doc)
 FLOOR_EPS = 2.0  # epsilons of the model dtype at the tensor's largest magnitude: 2-4 ulp there
 RANDOM_IDS = 256
 SEQUENCES = 4
@@ -57,13 +58,13 @@ SEED = 0
 
 @dataclass(frozen=True)
 class PointResult:
-    """One compared tensor: max |converted - float64 original| against its bound."""
+    """One compared tensor: max |converted - original in the reference dtype| against its bound."""
 
     name: str
     diff: float
     bound: float
-    original: float  # max |original at the model dtype - float64 original|
-    scale: float  # max |float64 original|
+    original: float  # max |original at the model dtype - original in the reference dtype|
+    scale: float  # max |original in the reference dtype|
 
     @property
     def passed(self) -> bool:
@@ -90,8 +91,13 @@ class SelfCheckResult:
                 f"{self.dtype}: {parts}; {self.seconds:.1f}s")
 
 
+def reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype that stands for exact: 5 or more orders of magnitude finer than the rounding measured."""
+    return torch.float64 if dtype == torch.float32 else torch.float32
+
+
 def point_bound(original: float, scale: float, dtype: torch.dtype) -> float:
-    """FACTOR x the original's distance to float64, plus FLOOR_EPS epsilons of dtype at `scale`."""
+    """FACTOR x the original's distance to the reference, plus FLOOR_EPS epsilons of dtype at `scale`."""
     return FACTOR * original + FLOOR_EPS * torch.finfo(dtype).eps * scale
 
 
@@ -196,7 +202,7 @@ def _first(output):
 
 def _capture(model: nn.Module, ids: torch.Tensor, layer: str, attention: str, points: tuple[str, ...],
              read: Callable[[str, torch.dtype], torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Run the truncated model up to the last compared tensor; the tensors, in float64."""
+    """Run the truncated model up to the last compared tensor; the tensors, in float64 (exactly)."""
     got: dict[str, torch.Tensor] = {}
     last = points[-1]
 
@@ -298,7 +304,8 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
         base = AutoModelForCausalLM._model_mapping[type(config)]
         conv_config = original_config(manifest)
         _truncate(conv_config, layer_keys)
-        original = {d: _build(base, config, d) for d in dict.fromkeys((torch.float64, dtype))}
+        ref_dtype = reference_dtype(dtype)
+        original = {d: _build(base, config, d) for d in (ref_dtype, dtype)}
         converted = _build(precompiled_class(base, manifest), conv_config, dtype)
     emb_names = {spec.embedding_tensor, plan.layout.tensor_name}
     needed = [n for n, _ in original[dtype].named_parameters()
@@ -307,7 +314,7 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     source = _source_checkpoint(plan, needed)
     src_read = _Reader([source], emb_names, used)
     conv_read = _Reader(_converted_checkpoints(tmp, plan.layout.tensor_name, source), emb_names, used)
-    exact = _capture(original[torch.float64], ids, layer, attention, points, src_read, torch.float64)
+    exact = _capture(original[ref_dtype], ids, layer, attention, points, src_read, ref_dtype)
     orig = _capture(original[dtype], ids, layer, attention, points, src_read, dtype)
     conv = _capture(converted, ids, layer, attention, points, conv_read, dtype)
     results = []
@@ -323,6 +330,7 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
         raise VerificationError(
             f"self-check: layer 0 of the conversion disagrees with transformers' own model at its {bad.name}: "
             f"max |difference| {bad.diff:.3g} > bound {bad.bound:.3g} (the original in {result.dtype} is "
-            f"{bad.original:.3g} from float64, values up to {bad.scale:.3g}); profile {spec.profile} does not "
+            f"{bad.original:.3g} from {str(ref_dtype).removeprefix('torch.')}, values up to {bad.scale:.3g}); "
+            f"profile {spec.profile} does not "
             f"describe this model's forward, fix the profile (nothing was written; --no-self-check skips this)")
     return result
