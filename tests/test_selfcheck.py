@@ -17,7 +17,6 @@ import yaml
 import precompile
 import tiny
 from conftest import ROOT, tree_snapshot
-from precompile.convert import plan_conversion
 from precompile.errors import VerificationError
 from precompile.selfcheck import (ATTENTION, OUTPUT, RESIDUAL, SEQUENCES, check_tokens, compared_points,
                                   point_bound)
@@ -30,9 +29,9 @@ SHIPPED = [f for f in tiny.FAMILIES if f != "qwen3"]  # qwen3 has no shipped pro
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("family", SHIPPED)
 def test_every_shipped_family_passes(family, dtype, checkpoint, tmp_path):
-    result = precompile.convert(str(checkpoint(family, dtype)), tmp_path / "out", chunk_size=64).self_check
+    converted = precompile.convert(str(checkpoint(family, dtype)), tmp_path / "out", chunk_size=64)
+    result, spec = converted.self_check, converted.plan.spec
     assert result is not None and result.passed and result.dtype == dtype
-    spec = plan_conversion(str(checkpoint(family, dtype))).spec
     assert [p.name for p in result.points] == list(compared_points(spec.block, spec.n_experts))
     for p in result.points:
         assert p.diff <= p.bound and p.scale > 0, p
