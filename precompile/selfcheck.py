@@ -29,6 +29,7 @@ bfloat16, whose own rounding is 2^-9 of a value (tests/test_selfcheck.py; README
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -54,6 +55,9 @@ FLOOR_EPS = 2.0  # epsilons of the model dtype at the tensor's largest magnitude
 RANDOM_IDS = 256
 SEQUENCES = 4
 SEED = 0
+# Building on the meta device patches nn.Module globally and transformers' logging is global: one self-check at a
+# time per process (`batch --jobs N` converts in threads).
+_ONE_AT_A_TIME = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -271,7 +275,8 @@ def self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     saying why the two could not be run (a conversion that cannot be checked is not published).
     """
     try:
-        return _self_check(plan, tmp)
+        with _ONE_AT_A_TIME:
+            return _self_check(plan, tmp)
     except (VerificationError, UserError):
         raise
     except Exception as e:  # noqa: BLE001 - whatever transformers raises, one line and the way out
