@@ -17,6 +17,9 @@ Run with `--tmp` on a copy-on-write filesystem (XFS, Btrfs) to see shared shards
            shared machine's speed drifts): the median;
 - convert: `python -m precompile convert` in a subprocess, wall time (the median of --repeat runs);
 - peak RssAnon of that subprocess, sampled from /proc/PID/status every 5 ms;
+- self-check: convert's own check of layer 0 against transformers (it runs last, before OUT_DIR is
+           moved into place): its time as convert reports it, and the peak RssAnon from its first log line
+           on, next to the peak before it;
 - ratios:  convert / (cp time of the bytes convert writes + matmul), and 8-layer vs 2-layer memory;
            shards cloned by reflink or hard-linked are not written, so they are not in the cp baseline.
 
@@ -223,8 +226,10 @@ def run_convert(source: str, out: Path, args, profile: Path | None, env: dict, e
     env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     os.sync()
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     peak = {"RssAnon": 0, "VmHWM": 0}
+    samples: list[tuple[float, int]] = []  # (time, RssAnon): the self-check's share of the peak
+    lines: list[tuple[float, str]] = []  # stderr lines with the time they arrived
     done = threading.Event()
 
     def sample() -> None:
@@ -235,16 +240,21 @@ def run_convert(source: str, out: Path, args, profile: Path | None, env: dict, e
                     key = line.split(":")[0]
                     if key in peak:
                         peak[key] = max(peak[key], int(line.split()[1]) * 1024)
+                        if key == "RssAnon":
+                            samples.append((time.perf_counter(), int(line.split()[1]) * 1024))
             except (OSError, ValueError, IndexError):
                 pass
             time.sleep(0.005)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    stdout, stderr = proc.communicate()
+    for line in proc.stderr:
+        lines.append((time.perf_counter(), line))
+    proc.wait()
     wall = time.perf_counter() - t
     done.set()
     sampler.join()
+    stderr = "".join(line for _, line in lines)
     if proc.returncode != 0:
         raise SystemExit(f"convert failed ({proc.returncode}):\n{stderr[-3000:]}")
     m = re.search(r"in ([0-9.]+)s\s*$", stderr.strip())
@@ -252,8 +262,13 @@ def run_convert(source: str, out: Path, args, profile: Path | None, env: dict, e
     unwritten = sum(float(mib) for mib in re.findall(r"\d+ (?:cloned by reflink|hard-linked) \(([0-9.]+) MiB\)",
                                                       stderr)) * 2**20
     shards = re.search(r"^shards: .*$", stderr, re.M)
+    sc_start = next((at for at, line in lines if line.startswith("self-check: layer 0 against")), float("inf"))
+    sc = re.search(r"^self-check: layer 0 against .*; ([0-9.]+)s$", stderr, re.M)
     return {"wall": wall, "inproc": float(m.group(1)) if m else float("nan"), "rss_anon": peak["RssAnon"],
-            "hwm": peak["VmHWM"], "log": stderr, "unwritten": unwritten, "shards": shards.group(0) if shards else ""}
+            "hwm": peak["VmHWM"], "log": stderr, "unwritten": unwritten, "shards": shards.group(0) if shards else "",
+            "check_s": float(sc.group(1)) if sc else float("nan"), "check_line": sc.group(0) if sc else "",
+            "rss_before_check": max((r for at, r in samples if at < sc_start), default=0),
+            "rss_check": max((r for at, r in samples if at >= sc_start), default=0)}
 
 
 def _filesystem(path: str) -> str:
@@ -319,14 +334,18 @@ def main() -> None:
                 mm_s, cp_s = statistics.median(mms), statistics.median(cps)
                 r = dict(runs[-1], wall=statistics.median(x["wall"] for x in runs),
                          inproc=statistics.median(x["inproc"] for x in runs),
-                         rss_anon=max(x["rss_anon"] for x in runs), hwm=max(x["hwm"] for x in runs))
+                         rss_anon=max(x["rss_anon"] for x in runs), hwm=max(x["hwm"] for x in runs),
+                         check_s=statistics.median(x["check_s"] for x in runs),
+                         rss_check=max(x["rss_check"] for x in runs),
+                         rss_before_check=max(x["rss_before_check"] for x in runs))
                 written = tree_bytes(out) - r["unwritten"]
                 cp_written = cp_s * written / ckpt_bytes
                 target = cp_written + mm_s
                 rows.append(dict(shape=shape, layers=n, gib=ckpt_bytes / 2**30, cp=cp_s, written=written,
                                  cp_written=cp_written, mm=mm_s, conv=r["wall"], inproc=r["inproc"],
                                  ratio=r["wall"] / target, ratio_in=r["inproc"] / target, rss=r["rss_anon"],
-                                 hwm=r["hwm"]))
+                                 hwm=r["hwm"], check_s=r["check_s"], rss_check=r["rss_check"],
+                                 rss_before_check=r["rss_before_check"]))
                 each = ", ".join(f"{x['wall']:.1f}" for x in runs)
                 print(f"  cp -rL {cp_s:.1f}s (median of {', '.join(f'{c:.1f}' for c in cps)}; "
                       f"{ckpt_bytes / cp_s / 2**30:.2f} GiB/s); bare table matmuls "
@@ -334,17 +353,21 @@ def main() -> None:
                       f"{tflop / mm_s * 1e3:.0f} GFLOP/s); convert wrote {written / 2**30:.2f} GiB: "
                       f"{r['wall']:.1f}s wall (median of {each}; {r['inproc']:.1f}s after start-up), "
                       f"peak RssAnon {r['rss_anon'] / 2**20:.0f} MiB, VmHWM {r['hwm'] / 2**20:.0f} MiB\n"
-                      f"  {r['shards']}", flush=True)
+                      f"  {r['shards']}\n  {r['check_line']}\n  self-check {r['check_s']:.1f}s of the convert, "
+                      f"peak RssAnon {r['rss_check'] / 2**20:.0f} MiB during it, "
+                      f"{r['rss_before_check'] / 2**20:.0f} MiB before it", flush=True)
                 shutil.rmtree(tmp / "hf" if args.source == "hub" else src)
                 shutil.rmtree(out)
     print()
     print("| shape | layers | ckpt GiB | cp -rL s | written GiB | cp(written) s | matmul s | convert s (after "
-          "start-up) | convert / (cp + matmul) (after start-up) | peak RssAnon MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "start-up) | convert / (cp + matmul) (after start-up) | peak RssAnon MiB | self-check s | peak RssAnon "
+          "MiB before / during the self-check |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['layers']} | {r['gib']:.2f} | {r['cp']:.1f} | {r['written'] / 2**30:.2f} "
               f"| {r['cp_written']:.1f} | {r['mm']:.1f} | {r['conv']:.1f} ({r['inproc']:.1f}) | {r['ratio']:.2f} "
-              f"({r['ratio_in']:.2f}) | {r['rss'] / 2**20:.0f} |")
+              f"({r['ratio_in']:.2f}) | {r['rss'] / 2**20:.0f} | {r['check_s']:.1f} | "
+              f"{r['rss_before_check'] / 2**20:.0f} / {r['rss_check'] / 2**20:.0f} |")
     print()
     ok = True
     for shape in dict.fromkeys(r["shape"] for r in rows):

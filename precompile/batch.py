@@ -49,6 +49,7 @@ OPTION_CHECKS: dict[str, tuple[str, Any]] = {
     "verify": ("true or false", lambda v: isinstance(v, bool)),
     "overlay": ("true or false", lambda v: isinstance(v, bool)),
     "push_to": ("a hub repo id (namespace/name)", lambda v: isinstance(v, str) and _is_repo_id(v)),
+    "self_check": ("true or false", lambda v: isinstance(v, bool)),
 }
 
 ENTRY_ONLY = {"source": "a hub id or a local path", "out": "a directory name under --out-root"}
@@ -178,6 +179,8 @@ def stale_reason(entry: Entry, out_dir: Path) -> str | None:
 
     Planning resolves the source (from the HF cache for hub ids) and reads headers only. Output files are
     checked lazily: every size first (a truncated table fails without reading anything), then every sha256.
+    Chunk size and device are not compared: they change table values only within the rounding bound
+    (the bytes are the same for the same options on one machine; README: Determinism).
     """
     if not (out_dir / MANIFEST).exists():
         return "no manifest"
@@ -281,7 +284,7 @@ def _run_entry(entry: Entry, out_root: Path, verify_all: bool, progress: Progres
             opts = _convert_options(entry)
             convert(entry.source, out_dir, device=entry.options.get("device", "auto"),
                     chunk_size=entry.options.get("chunk_size", 4096), link=entry.options.get("link", "auto"),
-                    force=True, progress=progress, **opts)
+                    force=True, progress=progress, self_check=entry.options.get("self_check", True), **opts)
             result.status = "ok"
         result.bytes = _tree_bytes(out_dir)
         result.plan = _plan(out_dir)

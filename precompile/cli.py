@@ -94,9 +94,11 @@ def main(debug: bool) -> None:
               "(loaded with torch.load(weights_only=True): tensors only, no code runs).")
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", help="Then upload OUT_DIR to this hub repo, as "
               "`precompile push` does (the token and an overlay's base are checked before converting).")
+@click.option("--no-self-check", "no_self_check", is_flag=True, help="Skip comparing layer 0 with transformers' own "
+              "model before OUT_DIR is written (a wrong profile then goes unnoticed).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def convert(source, out_dir, revision, profile_path, device, dtype, compute_dtype, chunk_size, link, force,
-            dry_run, overlay, allow_pickle, push_to, quiet):
+            dry_run, overlay, allow_pickle, no_self_check, push_to, quiet):
     """Convert SOURCE (hub id or local directory) into OUT_DIR."""
     from .convert import convert as run_convert, describe_plan, plan_conversion
 
@@ -120,7 +122,7 @@ def convert(source, out_dir, revision, profile_path, device, dtype, compute_dtyp
         return
     run_convert(source, out_dir, revision=revision, profile=profile_path, device=device, dtype=dtype,
                 compute_dtype=compute_dtype, chunk_size=chunk_size, force=force, link=link, progress=progress,
-                allow_pickle=allow_pickle, overlay=overlay)
+                allow_pickle=allow_pickle, overlay=overlay, self_check=not no_self_check)
     if push_to:
         from .push import push as run_push
 
@@ -137,13 +139,16 @@ def convert(source, out_dir, revision, profile_path, device, dtype, compute_dtyp
 @click.option("--link", type=click.Choice(["auto", "reflink", "hardlink", "copy"]), default="auto",
               show_default=True, help="How unchanged shards enter FULL_DIR.")
 @click.option("--force", is_flag=True, help="Replace an existing FULL_DIR (only once the new one is complete).")
+@click.option("--no-self-check", "no_self_check", is_flag=True, help="Skip comparing layer 0 with transformers' own "
+              "model before FULL_DIR is written.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def materialize(overlay_dir, full_dir, base, profile_path, link, force, quiet):
-    """Turn OVERLAY_DIR into a full conversion in FULL_DIR (the same bytes as `convert` without --overlay)."""
+def materialize(overlay_dir, full_dir, base, profile_path, link, force, no_self_check, quiet):
+    """Turn OVERLAY_DIR into a full conversion in FULL_DIR (the same bytes as `convert` without --overlay, on
+    the machine that made the overlay: its table is copied, not recomputed)."""
     from .materialize import materialize as run_materialize
 
     run_materialize(overlay_dir, full_dir, base=base, profile=profile_path, force=force, link=link,
-                    progress=Progress(quiet=quiet))
+                    progress=Progress(quiet=quiet), self_check=not no_self_check)
 
 
 @main.command()

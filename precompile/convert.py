@@ -11,7 +11,6 @@ time; only the files holding the tensors layer 0 needs are fetched and read).
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import threading
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .card import CARD_FILE, write_card
+from .card import CARD_FILE, SelfCheckSummary, write_card
 from .errors import UserError
 from .generation import write_generation_config
 from .files import out_dir_lock, out_dir_target
@@ -32,10 +31,11 @@ from .precompute import compute_rows, layer0_tensor_names
 from .profile_check import check_tensors
 from .profiles import ModelSpec, Profile, builtin_profiles, resolve, select_profile
 from .progress import Progress
+from .selfcheck import SelfCheckResult, self_check as check_layer0
 from .source import (ALLOW_PATTERNS, PartialCheckpoint, Source, blob_sha256, carried_files, check_native,
                      check_tokenizer, fetch_files, file_sha256, read_config, resolve_source, weight_map)
 from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo,
-                      has_safetensors, open_checkpoint)
+                      has_safetensors, mapped, open_checkpoint)
 from .writer import (TMP_PREFIX, atomic_dir, check_free_space, check_out_dir, scratch_dir, share_file, write_json,
                      write_shard, write_table)
 
@@ -87,6 +87,7 @@ class ConvertResult:
     seconds: float
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256
     methods: dict[str, str] = field(default_factory=dict)  # shared shard -> reflink/copy/hardlink
+    self_check: SelfCheckResult | None = None  # None: skipped (--no-self-check)
 
 
 def pick_device(device: str) -> torch.device:
@@ -208,20 +209,6 @@ def _layer0_checkpoint(src: Source, spec: ModelSpec) -> PartialCheckpoint:
 FFN_BLOCK = 4096  # hidden units of a folded FFN cast to the compute dtype at a time
 
 
-def _mapped(ckpt: Checkpoint, name: str) -> torch.Tensor:
-    """A tensor as a view of its memory-mapped file, in its stored dtype.
-
-    The pages are file-backed (the kernel can drop and re-read them), so a large layer-0 FFN
-    costs no anonymous memory; `folded_ffn` casts it block by block.
-    """
-    info = ckpt.info(name)
-    if info.numel == 0:
-        return ckpt.get(name)
-    with open(ckpt.root / info.file, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: nothing can write the source
-    return torch.frombuffer(mm, dtype=DTYPES[info.dtype], count=info.numel, offset=info.start).view(info.shape)
-
-
 def _layer0_weights(plan: ConversionPlan, device: torch.device) -> dict[str, torch.Tensor]:
     """Layer 0's tensors for compute_rows: small ones in the compute dtype, a folded FFN's mapped."""
     spec, ckpt = plan.spec, plan.checkpoint
@@ -231,7 +218,7 @@ def _layer0_weights(plan: ConversionPlan, device: torch.device) -> dict[str, tor
     weights = {}
     for n in layer0_tensor_names(spec, frozenset(ckpt.tensors)):
         if n in streamed:
-            weights[n] = _mapped(ckpt, n).to(device)  # stays in the stored dtype; a no-op on CPU
+            weights[n] = mapped(ckpt, n).to(device)  # stays in the stored dtype; a no-op on CPU
         else:
             weights[n] = ckpt.get(n).to(device=device, dtype=plan.compute_dtype)
     return weights
@@ -409,13 +396,14 @@ def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = N
             profile: str | Profile | None = None,
             device: str = "auto", dtype: str = "auto", compute_dtype: str = "float32", chunk_size: int = 4096,
             force: bool = False, link: str = "auto", progress: Progress | None = None,
-            allow_pickle: bool = False, overlay: bool = False, table: str | os.PathLike | None = None
-            ) -> ConvertResult:
+            allow_pickle: bool = False, overlay: bool = False, table: str | os.PathLike | None = None,
+            self_check: bool = True) -> ConvertResult:
     """Convert SOURCE into OUT_DIR; OUT_DIR appears only when everything has been written.
 
     allow_pickle: read PyTorch *.bin/*.pt weights (with weights_only=True) when there are no safetensors.
     overlay=True writes only the table, config, tokenizer, manifest and shim (see `_write_overlay`).
     table: an already computed table file (an overlay's, for `materialize`) copied instead of computed.
+    self_check: before OUT_DIR appears, compare layer 0 with transformers' own model (precompile.selfcheck).
     """
     progress = progress or Progress(quiet=True)
     if chunk_size < 1:
@@ -433,7 +421,8 @@ def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = N
             scratch_dir(out_dir.parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}-source") as scratch:
         return _convert(source, out_dir, scratch, revision=revision, profile=profile, dev=dev, dtype=dtype,
                         compute_dtype=compute_dtype, chunk_size=chunk_size, force=force, link=link,
-                        progress=progress, allow_pickle=allow_pickle, overlay=overlay, table=table, t0=t0)
+                        progress=progress, allow_pickle=allow_pickle, overlay=overlay, table=table, t0=t0,
+                        self_check=self_check)
 
 
 def _check_apart(source_root: Path, out_dir: Path) -> None:
@@ -453,7 +442,7 @@ def _needed_bytes(plan: ConversionPlan, link: str) -> int:
 
 
 def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, dev, dtype, compute_dtype,
-             chunk_size, force, link, progress, allow_pickle, overlay, table, t0) -> ConvertResult:
+             chunk_size, force, link, progress, allow_pickle, overlay, table, t0, self_check) -> ConvertResult:
     plan = plan_conversion(source, revision=revision, profile=profile, dtype=dtype, compute_dtype=compute_dtype,
                            allow_pickle=allow_pickle, scratch=scratch, overlay=overlay)
     _check_apart(plan.source.root, out_dir)
@@ -465,7 +454,8 @@ def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, de
     result = ConvertResult(out_dir, plan, 0.0)
     if overlay:
         return _write_overlay(plan, out_dir, options, force, result, t0,
-                              lambda tmp: _write_table_file(plan, tmp, dev, chunk_size, progress, table), progress)
+                              lambda tmp: _write_table_file(plan, tmp, dev, chunk_size, progress, table), progress,
+                              self_check)
     with atomic_dir(out_dir, force, progress.log) as tmp:
         # Shards are copied and hashed in the background while the table is computed, on CUDA and on the
         # CPU alike: the copies mostly wait on the page cache and the disk, so beside the matmuls they cost
@@ -498,8 +488,7 @@ def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, de
         outputs = {p.name: out_hashes.get(p.name) or file_sha256(p) for p in sorted(tmp.iterdir())}
         write_json(tmp / MANIFEST, build_manifest(plan, options, _source_hashes(plan, src_hashes), outputs,
                                                   sizes=_sizes(tmp, outputs)))
-        outputs[CARD_FILE] = write_card(tmp, plan)  # after any self-check: it records the card's sha256
-        result.files = outputs
+        _finish(plan, tmp, outputs, result, progress, self_check)
     result.seconds = time.monotonic() - t0
     progress.log(f"wrote {out_dir} ({plan.out_bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s")
     return result
@@ -524,7 +513,7 @@ def _write_table_file(plan: ConversionPlan, tmp: Path, dev: torch.device, chunk_
 
 
 def _write_overlay(plan: ConversionPlan, out_dir: Path, options: dict, force: bool, result: ConvertResult,
-                   t0: float, write_table_file, progress: Progress) -> ConvertResult:
+                   t0: float, write_table_file, progress: Progress, self_check: bool = True) -> ConvertResult:
     """OUT_DIR for an overlay: table, config, tokenizer, shim and a manifest that pins the base.
 
     The manifest records sha256 of every source file read (so a changed base is refused), plus each
@@ -543,12 +532,27 @@ def _write_overlay(plan: ConversionPlan, out_dir: Path, options: dict, force: bo
                                   sizes=_sizes(tmp, outputs))
         manifest["source"].update(_base_stats(plan))
         write_json(tmp / MANIFEST, manifest)
-        outputs[CARD_FILE] = write_card(tmp, plan)
-        result.files = outputs
+        _finish(plan, tmp, outputs, result, progress, self_check)
     result.seconds = time.monotonic() - t0
     progress.log(f"wrote overlay {out_dir} ({plan.table_bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s; "
                  f"it loads over {plan.source.id or plan.source.path}")
     return result
+
+
+def _self_check(plan: ConversionPlan, tmp: Path, progress: Progress) -> SelfCheckResult:
+    """Layer 0 of the conversion in tmp against transformers' own (raises VerificationError: tmp is removed)."""
+    progress.log("self-check: layer 0 against transformers' own model")
+    result = check_layer0(plan, tmp)
+    progress.log(result.summary())
+    return result
+
+
+def _finish(plan: ConversionPlan, tmp: Path, outputs: dict[str, str], result: ConvertResult, progress: Progress,
+            self_check: bool) -> None:
+    """The last steps in tmp, once the manifest is written: the self-check, then the card that reports it."""
+    check = result.self_check = _self_check(plan, tmp, progress) if self_check else None
+    outputs[CARD_FILE] = write_card(tmp, plan, SelfCheckSummary(check.passed, check.outcome()) if check else None)
+    result.files = outputs
 
 
 def _base_stats(plan: ConversionPlan) -> dict:

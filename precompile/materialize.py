@@ -1,8 +1,10 @@
 """`materialize`: turn an overlay into a full conversion, byte for byte what `convert` would write.
 
 The base is resolved and fully checked as the loader does, then converted with the
-overlay's recorded options, copying the overlay's table instead of recomputing it
-(a table computed on another device may differ in rounding from a fresh one).
+overlay's recorded options, copying the overlay's table instead of recomputing it: a
+table computed with another chunk size, device or CPU may differ in its last bits (within
+the rounding bound), so only the copy gives the bytes `convert` wrote on the machine that
+made the overlay. The result is self-checked like any conversion.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .source import file_sha256
 
 def materialize(overlay_dir: str | os.PathLike, full_dir: str | os.PathLike, *, base: str | os.PathLike | None = None,
                 profile: str | None = None, force: bool = False, link: str = "auto",
-                progress: Progress | None = None) -> ConvertResult:
+                progress: Progress | None = None, self_check: bool = True) -> ConvertResult:
     """Write FULL_DIR: the overlay's base without the eliminated tensors, plus the overlay's table."""
     progress = progress or Progress(quiet=True)
     overlay_dir = Path(overlay_dir)
@@ -45,4 +47,5 @@ def materialize(overlay_dir: str | os.PathLike, full_dir: str | os.PathLike, *, 
     if plan.profile.name != manifest["profile"]["name"]:
         raise UserError(f"the base reads as profile {plan.profile.name}, but the overlay was made with "
                         f"{manifest['profile']['name']}; pass --profile with the overlay's profile")
-    return convert(source, full_dir, device="cpu", force=force, link=link, progress=progress, table=table, **kw)
+    return convert(source, full_dir, device="cpu", force=force, link=link, progress=progress, table=table,
+                   self_check=self_check, **kw)

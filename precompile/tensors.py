@@ -10,6 +10,7 @@ raw little-endian tensor bytes.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -202,6 +203,20 @@ def read_index(path: Path) -> dict[str, str]:
     for fname in sorted(set(wm.values())):
         check_inside(path.parent, fname, f"{path}: weight_map file")
     return dict(wm)
+
+
+def mapped(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    """A tensor as a view of its memory-mapped file, in its stored dtype.
+
+    The pages are file-backed (the kernel can drop and re-read them), so a large layer-0 FFN
+    costs no anonymous memory; precompile's `folded_ffn` casts it block by block.
+    """
+    info = ckpt.info(name)
+    if info.numel == 0:
+        return ckpt.get(name)
+    with open(ckpt.root / info.file, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: nothing can write the source
+    return torch.frombuffer(mm, dtype=DTYPES[info.dtype], count=info.numel, offset=info.start).view(info.shape)
 
 
 def checkpoint_files(root: Path) -> list[str]:

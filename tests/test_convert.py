@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 import precompile
 import tiny
 from conftest import tree_snapshot
+from precompile.rowcheck import RowStats, check_rows
 
 SERIAL = ["llama", "llama_tied", "mistral", "mixtral", "qwen2", "gemma"]
 
@@ -42,6 +43,7 @@ def batch():
     return tiny.make_tokenizer()(tiny.PROMPTS, return_tensors="pt", padding=True)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("family", SERIAL)
 def test_float32_matches_transformers(family, checkpoint, tmp_path, batch):
     src = checkpoint(family, "float32")
@@ -62,6 +64,7 @@ def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).mean().sqrt())
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("family", [f for f in SERIAL if f != "mixtral"])
 def test_bfloat16_no_farther_from_float32_than_original(family, checkpoint, tmp_path, batch):
     src = checkpoint(family, "bfloat16")
@@ -76,6 +79,7 @@ def test_bfloat16_no_farther_from_float32_than_original(family, checkpoint, tmp_
         assert _rms(ours, fp32) <= 1.02 * _rms(bf16, fp32)
 
 
+@pytest.mark.numeric
 def test_mixtral_bfloat16_layer0_attention(checkpoint, tmp_path, batch):
     """Router choices flip under any rounding, so MoE models compare layer 0's attention output."""
     src = checkpoint("mixtral", "bfloat16")
@@ -218,14 +222,52 @@ def test_hub_id_from_offline_cache(checkpoint, tmp_path, cli):
     assert not (tmp_path / "out2").exists()
 
 
-def test_same_input_gives_identical_bytes(checkpoint, tmp_path):
+@pytest.mark.numeric
+def test_same_input_and_options_give_identical_bytes(checkpoint, tmp_path):
+    """The promise on one machine: the same source and options give the same bytes (README: Determinism)."""
     src = checkpoint("gemma", "bfloat16")
-    precompile.convert(str(src), tmp_path / "a")
+    precompile.convert(str(src), tmp_path / "a", chunk_size=7)
     precompile.convert(str(src), tmp_path / "b", chunk_size=7)
     a, b = tree_snapshot(tmp_path / "a"), tree_snapshot(tmp_path / "b")
     assert {k: v[2] for k, v in a.items()} == {k: v[2] for k, v in b.items()}
 
 
+def _table_rows_within_bound(out: Path) -> RowStats:
+    """Every row of OUT_DIR's table against float64, within rowcheck's derived rounding bound."""
+    from precompile.convert import plan_conversion
+
+    manifest = json.loads((out / "precompile.json").read_text())
+    plan = plan_conversion(manifest["source"]["path"], dtype=manifest["options"]["dtype"])
+    ckpt = plan.checkpoint
+    w64 = {n: ckpt.get(n).double() for n in plan.read_tensors[1:]}
+    with safe_open(out / manifest["table"]["file"], framework="pt") as f:
+        table = f.get_slice(manifest["table"]["tensor"])
+        return check_rows(plan.spec, plan.layout, lambda a, b: ckpt.rows(plan.spec.embedding_tensor, a, b),
+                          lambda a, b: table[a:b], w64, None, plan.model_dtype, plan.compute_dtype)
+
+
+@pytest.mark.numeric
+@pytest.mark.parametrize("family", ["gemma", "gpt_neox"])
+def test_chunk_sizes_agree_within_the_rounding_bound(family, checkpoint, tmp_path):
+    """Across chunk sizes (and CPUs) matrix kernels round differently: every row of either table is within
+    the rounding bound of float64, and every other file is the same but for the table's hash."""
+    src = checkpoint(family, "bfloat16")
+    precompile.convert(str(src), tmp_path / "a")
+    precompile.convert(str(src), tmp_path / "b", chunk_size=7)
+    for out in ("a", "b"):
+        stats = _table_rows_within_bound(tmp_path / out)
+        assert stats.checked == tiny.VOCAB and not stats.failed_ids, (out, stats)
+    a, b = tree_snapshot(tmp_path / "a"), tree_snapshot(tmp_path / "b")
+    table, manifest = "precompile_table.safetensors", "precompile.json"
+    assert {k: v[2] for k, v in a.items() if k not in (table, manifest)} == \
+        {k: v[2] for k, v in b.items() if k not in (table, manifest)}
+    ma, mb = (json.loads(x[manifest][2]) for x in (a, b))
+    for m in (ma, mb):
+        m["outputs"].pop(table)
+    assert ma == mb
+
+
+@pytest.mark.numeric
 def test_dtype_option_converts_every_float_tensor(checkpoint, tmp_path, batch):
     src = checkpoint("llama", "float32")
     out = tmp_path / "out"

@@ -27,6 +27,7 @@ from precompile.cli import main as cli_main
 from precompile.layout import table_layout
 from precompile.precompute import ffn_output
 from precompile.profiles import load_profile, resolve
+from precompile.selfcheck import point_bound
 
 D, HD = 64, 16  # hidden size and head_dim of every tiny model here
 # family -> (block, table width). The width is written out by hand from the head counts so that a
@@ -117,6 +118,7 @@ def converted(checkpoint, tmp_path_factory):
     return get
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_float32_matches_transformers(family, converted):
     src, out = converted(family, "float32")
@@ -136,6 +138,7 @@ def test_float32_matches_transformers(family, converted):
     assert torch.equal(_generate(via_shim, enc), gen)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_bfloat16_no_farther_than_original(family, converted):
     src, out = converted(family, "bfloat16")
@@ -215,6 +218,7 @@ attention_module: model.layers.0.self_attn
 """
 
 
+@pytest.mark.numeric
 def test_new_family_by_yaml_alone(checkpoint, tmp_path):
     """A YAML file passed with --profile is enough (here a Qwen3 profile, per-head q/k RMSNorms, written by
     hand; it is used instead of the shipped configs/qwen3.yaml)."""
@@ -262,6 +266,7 @@ ffn:
 """
 
 
+@pytest.mark.numeric
 def test_parallel_moe_ffn_is_expressible(checkpoint, tmp_path):
     """A router + experts FFN in the format computes what transformers' Mixtral MoE block computes."""
     src = checkpoint("mixtral")
@@ -283,7 +288,11 @@ def test_parallel_moe_ffn_is_expressible(checkpoint, tmp_path):
     with torch.no_grad():
         want = ref.model.layers[0].mlp(h)
     got = ffn_output(spec.ffn, h, w)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # CPUs round float32 differently, so no fixed tolerance: transformers' float32 result must be as near the
+    # format's formula in float64 as ours in float32 is (transformers' grouped experts run no float64)
+    exact = ffn_output(spec.ffn, h.double(), {k: v.double() for k, v in w.items()})
+    err, ref_err = ((x.double() - exact).abs().max().item() for x in (got, want))
+    assert ref_err <= point_bound(err, exact.abs().max().item(), torch.float32), (ref_err, err)
 
 
 @pytest.mark.parametrize("family, overrides, words", [

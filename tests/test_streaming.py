@@ -94,6 +94,7 @@ def test_table_chunks_are_lazy(checkpoint):
     assert sizes == [16] * (plan.layout.vocab_size // 16) + [plan.layout.vocab_size % 16]
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_streamed_output_is_byte_identical_to_the_in_memory_path(checkpoint, tmp_path, dtype):
     """Shards written beside the table computation, the table streamed: no byte differs."""
@@ -239,6 +240,7 @@ def neox(tmp_path_factory):
     return d / "model", d / "gpt_neox.yaml"
 
 
+@pytest.mark.numeric
 def test_blocked_ffn_matches_the_whole_ffn(neox):
     """A parallel block's FFN cast and applied in blocks gives the unblocked result (to rounding)."""
     src, prof = neox
@@ -255,6 +257,7 @@ def test_blocked_ffn_matches_the_whole_ffn(neox):
     assert torch.equal(folded_ffn(plan.spec, x, h, wb), folded_ffn(plan.spec, x, h, wf))
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("family", ["gpt_neox", "gptj", "falcon_new", "cohere"])  # MLP (gelu) and GLU (silu) FFNs
 def test_blocked_ffn_of_each_parallel_family(checkpoint, family):
     """Blocks that do not divide the FFN, over bfloat16 weights, give what the plain FFN formula
@@ -318,6 +321,7 @@ def test_scratch_reuses_and_grows():
     assert torch.equal(s.cast("c", t, torch.bfloat16), t.to(torch.bfloat16))
 
 
+@pytest.mark.numeric
 def test_parallel_block_conversion_matches_in_memory_path(neox, tmp_path, monkeypatch):
     """With FFN blocks smaller than the FFN, the streamed table still equals the in-memory one."""
     src, prof = neox

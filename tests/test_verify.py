@@ -101,6 +101,7 @@ def failed(result: dict) -> set[str]:
 # --------------------------------------------------------------------------------------------- passes
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("family", ["llama", "gemma", "qwen2", "mixtral"])
 def test_passes_on_converted_models(converted, prompts_file, family, dtype):
@@ -163,6 +164,7 @@ def test_reference_shares_the_converted_tensors(converted):
 # --------------------------------------------------------------------------------------------- failures
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_unused_row_perturbed_8_ulp(converted, prompts_file, tmp_path, dtype):
     _, out = fresh_copy(converted("llama", dtype), tmp_path)
@@ -181,6 +183,7 @@ def test_unused_row_perturbed_8_ulp(converted, prompts_file, tmp_path, dtype):
     assert by_name(r1)["table-rows"]["metrics"]["seed"] == seed
 
 
+@pytest.mark.numeric
 def test_single_value_8_ulp_in_bfloat16_table(converted, prompts_file, tmp_path):
     _, out = fresh_copy(converted("gemma", "bfloat16"), tmp_path)
     perturb_row(out, 150, one=True)

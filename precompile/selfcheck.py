@@ -1,0 +1,344 @@
+"""Every conversion checks itself: transformers' own layer 0 beside the converted one, before OUT_DIR appears.
+
+A profile is a claim about what transformers computes before layer 0's attention, and transformers
+is the authority. So, with OUT_DIR's files and manifest written into the temporary directory, the
+source's own model class truncated to its embedding and layer 0 runs beside the converted model
+truncated the same way (built by the loader: `precompiled_class`, `apply_layout`, the lookups),
+on a fixed set of token ids, and their layer 0 must agree within the rounding bound.
+
+Memory stays about one module of layer 0: both models are built on the meta device, and each
+module's parameters are read (memory-mapped, cast to the run dtype) only while that module runs.
+The embedding and the table are read only at the ids fed, and the ids are renumbered into those
+rows (nothing but the embedding reads token ids before layer 0).
+
+The bound, per compared tensor, is derived, not tuned. The original model also runs in a wider
+dtype that stands for the exact value (`reference_dtype`: float64 for a float32 model, float32 for
+bfloat16/float16, whose rounding is 2^-24 of a value against the 2^-9 measured). The converted
+model replaces a chain of model-dtype operations (embedding scale and norm, layer 0's norm and projections, a parallel
+block's FFN) by one rounding of a float32 result, and runs everything after the lookup with the
+original's code and dtype; so its distance to the reference is at most about the original's.
+It may exceed it by chance where the maximum over elements lands on another element, by at most
+a factor of the same order (measured on every shipped family: at most 1.7x): the bound is FACTOR
+times the original's distance, plus FLOOR_EPS epsilons of the dtype at the tensor's largest
+magnitude (2-4 ulp there), so that a tensor the original computes exactly (a float32 embedding
+row) still admits a rounding-level difference. A wrong profile changes what layer 0 sees by O(1)
+relative to that magnitude: 5-7 orders of magnitude past the bound in float32, 1.5-2.5 in
+bfloat16, whose own rounding is 2^-9 of a value (tests/test_selfcheck.py; README: Safety).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .errors import UserError, VerificationError
+from .layout import TABLE_FILE
+from .loader import original_config, precompiled_class, read_manifest
+from .source import fetch_files, weight_map
+from .tensors import INDEX_NAME, Checkpoint, mapped
+
+if TYPE_CHECKING:
+    from .convert import ConversionPlan
+
+RESIDUAL, ATTENTION, OUTPUT = "residual input", "attention output", "layer output"
+FACTOR = 2.0  # the converted model's distance to the reference against the original's (see the module doc)
+FLOOR_EPS = 2.0  # epsilons of the model dtype at the tensor's largest magnitude: 2-4 ulp there
+RANDOM_IDS = 256
+SEQUENCES = 4
+SEED = 0
+# Building on the meta device patches nn.Module globally and transformers' logging is global: one self-check at a
+# time per process (`batch --jobs N` converts in threads).
+_ONE_AT_A_TIME = threading.Lock()
+
+
+@dataclass(frozen=True)
+class PointResult:
+    """One compared tensor: max |converted - original in the reference dtype| against its bound."""
+
+    name: str
+    diff: float
+    bound: float
+    original: float  # max |original at the model dtype - original in the reference dtype|
+    scale: float  # max |original in the reference dtype|
+
+    @property
+    def passed(self) -> bool:
+        return self.diff <= self.bound
+
+
+@dataclass(frozen=True)
+class SelfCheckResult:
+    """What convert's self-check compared and measured; `passed` is False only in a raised failure."""
+
+    profile: str
+    dtype: str
+    tokens: int
+    points: tuple[PointResult, ...]
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return all(p.passed for p in self.points)
+
+    def outcome(self) -> str:
+        """What was compared and measured, without the time (the model card must not change between runs)."""
+        parts = ", ".join(f"{p.name} {p.diff:.3g} (bound {p.bound:.3g})" for p in self.points)
+        return f"layer 0 against transformers' {self.profile} class on {self.tokens} tokens, {self.dtype}: {parts}"
+
+    def summary(self) -> str:
+        return f"self-check: {self.outcome()}; {self.seconds:.1f}s"
+
+
+def reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype that stands for exact: 5 or more orders of magnitude finer than the rounding measured."""
+    return torch.float64 if dtype == torch.float32 else torch.float32
+
+
+def point_bound(original: float, scale: float, dtype: torch.dtype) -> float:
+    """FACTOR x the original's distance to the reference, plus FLOOR_EPS epsilons of dtype at `scale`."""
+    return FACTOR * original + FLOOR_EPS * torch.finfo(dtype).eps * scale
+
+
+def compared_points(block: str, n_experts: int) -> tuple[str, ...]:
+    """Which of layer 0's tensors must agree.
+
+    A parallel block's converted residual input is x + FFN(norm x) by design, so it is compared where
+    the FFN has been added back: the layer output. A mixture of experts is judged at the attention
+    output: its router may pick other experts on a rounding difference.
+    """
+    points = (ATTENTION,) if block == "parallel" else (RESIDUAL, ATTENTION)
+    return points if n_experts > 1 else points + (OUTPUT,)
+
+
+def special_ids(config: dict, root: Path) -> set[int]:
+    """bos/eos/pad ids of config.json and every special token the tokenizer files declare."""
+    ids: set[int] = set()
+
+    def add(v) -> None:
+        for i in v if isinstance(v, list) else [v]:
+            if isinstance(i, int) and not isinstance(i, bool):
+                ids.add(i)
+
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        add(config.get(key))
+    for name, where in (("tokenizer.json", "added_tokens"), ("tokenizer_config.json", "added_tokens_decoder")):
+        try:
+            data = json.loads((root / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        entries = data.get(where) if isinstance(data, dict) else None
+        if isinstance(entries, list):
+            add([t.get("id") for t in entries if isinstance(t, dict) and t.get("special")])
+        elif isinstance(entries, dict):
+            add([int(i) for i, t in entries.items() if str(i).isdigit() and isinstance(t, dict) and t.get("special")])
+    return ids
+
+
+def check_tokens(config: dict, root: Path, vocab: int, seed: int = SEED) -> torch.Tensor:
+    """[SEQUENCES, L] token ids: every special id, the first and last ids and RANDOM_IDS (or a few more)
+    seeded random ids, shuffled into equal sequences so that positions beyond 0 occur."""
+    fixed = sorted(i for i in special_ids(config, root) | {0, vocab - 1} if 0 <= i < vocab)
+    g = torch.Generator().manual_seed(seed)
+    n_random = RANDOM_IDS + (-(len(fixed) + RANDOM_IDS)) % SEQUENCES
+    ids = torch.cat([torch.tensor(fixed, dtype=torch.long), torch.randint(vocab, (n_random,), generator=g)])
+    return ids[torch.randperm(ids.numel(), generator=g)].view(SEQUENCES, -1)
+
+
+class _Stop(Exception):
+    """Raised by a hook once the last compared tensor is captured: nothing after it runs."""
+
+
+class _Reader:
+    """Parameters by name, from the first checkpoint that holds them, in the run dtype.
+
+    The embedding and the table are read only at `rows` (the ids fed, renumbered 0..n-1)."""
+
+    def __init__(self, checkpoints: list[Checkpoint], row_tensors: set[str], rows: torch.Tensor):
+        self.checkpoints, self.row_tensors, self.rows = checkpoints, row_tensors, rows
+
+    def __call__(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        for ckpt in self.checkpoints:
+            if name in ckpt.tensors:
+                t = mapped(ckpt, name)
+                t = t[self.rows] if name in self.row_tensors else t
+                return t.to(dtype)
+        where = ", ".join(str(c.root) for c in self.checkpoints)
+        raise VerificationError(f"self-check: layer 0 needs tensor {name}, which is not in {where}; the "
+                                f"checkpoint's names differ from transformers' (pass --no-self-check to skip)")
+
+
+@contextmanager
+def _lazy_parameters(model: nn.Module, read: Callable[[str, torch.dtype], torch.Tensor],
+                     dtype: torch.dtype) -> Iterator[None]:
+    """Each module's own parameters are read while it runs and dropped after: memory of one module."""
+    handles = []
+    for mod_name, module in model.named_modules():
+        names = [n for n, p in module._parameters.items() if p is not None]
+        if not names:
+            continue
+        meta = {n: module._parameters[n] for n in names}
+
+        def pre(m, _args, mod_name=mod_name, names=names) -> None:
+            for n in names:
+                m._parameters[n] = nn.Parameter(read(f"{mod_name}.{n}" if mod_name else n, dtype),
+                                                requires_grad=False)
+
+        def post(m, _args, _out, meta=meta) -> None:
+            m._parameters.update(meta)
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post, always_call=True)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _capture(model: nn.Module, ids: torch.Tensor, layer: str, attention: str, points: tuple[str, ...],
+             read: Callable[[str, torch.dtype], torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Run the truncated model up to the last compared tensor; the tensors, in float64 (exactly)."""
+    got: dict[str, torch.Tensor] = {}
+    last = points[-1]
+
+    def keep(name: str, t: torch.Tensor) -> None:
+        got[name] = t.detach().double()
+        if name == last:
+            raise _Stop
+
+    def residual(_m, args, kwargs) -> None:
+        if RESIDUAL in points:
+            keep(RESIDUAL, args[0] if args else kwargs["hidden_states"])
+
+    handles = [model.get_submodule(layer).register_forward_pre_hook(residual, with_kwargs=True),
+               model.get_submodule(attention).register_forward_hook(lambda _m, _a, out: keep(ATTENTION, _first(out))),
+               model.get_submodule(layer).register_forward_hook(lambda _m, _a, out: keep(OUTPUT, _first(out)))]
+    try:
+        with _lazy_parameters(model, read, dtype), torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def _build(cls: type, config, dtype: torch.dtype) -> nn.Module:
+    from .verify import _parameters_on_meta
+
+    with _parameters_on_meta():
+        return cls._from_config(config, dtype=dtype, attn_implementation="eager").eval()
+
+
+def _truncate(config, keys: list[str]) -> None:
+    """One layer: every n_layers key the profile names is set to 1 (aliases included)."""
+    for k in keys:
+        if hasattr(config, k):
+            setattr(config, k, 1)
+
+
+def _source_checkpoint(plan: ConversionPlan, names: list[str]) -> Checkpoint:
+    """The source's tensors layer 0 reads: the plan's checkpoint, or for an overlay the files holding them."""
+    if plan.kind != "overlay":
+        return plan.checkpoint
+    from .source import PartialCheckpoint
+
+    wmap = weight_map(plan.source)
+    names = [n for n in names if n in wmap]
+    fetch_files(plan.source, sorted({wmap[n] for n in names}))
+    return PartialCheckpoint(plan.source.root, wmap, names)
+
+
+def _converted_checkpoints(tmp: Path, table: str, source: Checkpoint) -> list[Checkpoint]:
+    """Where the converted model's tensors come from: OUT_DIR's files, then (an overlay) its base."""
+    from .source import PartialCheckpoint
+
+    if (tmp / INDEX_NAME).exists():
+        return [Checkpoint(tmp)]
+    return [PartialCheckpoint(tmp, {table: TABLE_FILE}, [table]), source]
+
+
+def self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
+    """Compare layer 0 of the source's transformers class with layer 0 of the conversion in `tmp`.
+
+    Raises VerificationError naming the profile, the tensor and the difference against its bound, or
+    saying why the two could not be run (a conversion that cannot be checked is not published).
+    """
+    try:
+        with _ONE_AT_A_TIME:
+            return _self_check(plan, tmp)
+    except (VerificationError, UserError):
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises, one line and the way out
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise VerificationError(f"self-check: transformers' class for profile {plan.spec.profile} could not run "
+                                f"layer 0 beside the conversion ({type(e).__name__}: {first}); pass "
+                                f"--no-self-check to convert without the check") from e
+
+
+def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .profiles import effective_data, with_defaults
+    from .verify import _quiet_transformers
+
+    t0 = time.monotonic()
+    spec, dtype = plan.spec, plan.model_dtype
+    manifest = read_manifest(tmp)
+    attention = spec.attention_module
+    layer = attention.rpartition(".")[0]
+    points = compared_points(spec.block, spec.n_experts)
+    layer_keys = effective_data(plan.profile, with_defaults(plan.profile, plan.config))["sizes"]["n_layers"]
+    layer_keys = layer_keys["keys"] if isinstance(layer_keys, dict) else layer_keys
+    tokens = check_tokens(plan.config, plan.source.root, spec.vocab_size)
+    used, ids = torch.unique(tokens, return_inverse=True)
+    with _quiet_transformers():
+        cfg = dict(plan.config)
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        _truncate(config, layer_keys)
+        base = AutoModelForCausalLM._model_mapping[type(config)]
+        conv_config = original_config(manifest)
+        _truncate(conv_config, layer_keys)
+        ref_dtype = reference_dtype(dtype)
+        original = {d: _build(base, config, d) for d in (ref_dtype, dtype)}
+        converted = _build(precompiled_class(base, manifest), conv_config, dtype)
+    emb_names = {spec.embedding_tensor, plan.layout.tensor_name}
+    needed = [n for n, _ in original[dtype].named_parameters()
+              if n in emb_names or n.startswith(layer + ".") or
+              (spec.embedding_norm is not None and n.startswith(f"{spec.embedding_norm.module}."))]
+    source = _source_checkpoint(plan, needed)
+    src_read = _Reader([source], emb_names, used)
+    conv_read = _Reader(_converted_checkpoints(tmp, plan.layout.tensor_name, source), emb_names, used)
+    exact = _capture(original[ref_dtype], ids, layer, attention, points, src_read, ref_dtype)
+    orig = _capture(original[dtype], ids, layer, attention, points, src_read, dtype)
+    conv = _capture(converted, ids, layer, attention, points, conv_read, dtype)
+    results = []
+    for name in points:
+        scale = float(exact[name].abs().max())
+        orig_d = float((orig[name] - exact[name]).abs().max())
+        diff = float((conv[name] - exact[name]).abs().max()) if conv[name].shape == exact[name].shape else float("inf")
+        results.append(PointResult(name, diff, point_bound(orig_d, scale, dtype), orig_d, scale))
+    result = SelfCheckResult(spec.profile, str(dtype).removeprefix("torch."), int(ids.numel()), tuple(results),
+                             time.monotonic() - t0)
+    bad = next((p for p in result.points if not p.passed), None)
+    if bad is not None:
+        raise VerificationError(
+            f"self-check: layer 0 of the conversion disagrees with transformers' own model at its {bad.name}: "
+            f"max |difference| {bad.diff:.3g} > bound {bad.bound:.3g} (the original in {result.dtype} is "
+            f"{bad.original:.3g} from {str(ref_dtype).removeprefix('torch.')}, values up to {bad.scale:.3g}); "
+            f"profile {spec.profile} does not "
+            f"describe this model's forward, fix the profile (nothing was written; --no-self-check skips this)")
+    return result
