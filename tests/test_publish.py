@@ -99,7 +99,12 @@ def test_card_front_matter_holds_hub_metadata(full):
     assert "https://arxiv.org/abs/2402.13388" in text
     assert "format version 1" in text and f"precompile {precompile.__version__}" in text
     assert "trust_remote_code=True" in text and "precompile.load(" in text
-    assert "Self-check\n\nNot run." in text
+    assert "Self-check\n\nPassed: layer 0 against transformers' llama class on " in text  # convert's self-check
+
+
+def test_card_says_when_the_self_check_was_skipped(src, tmp_path):
+    precompile.convert(str(src), tmp_path / "out", device="cpu", self_check=False)
+    assert "Self-check\n\nNot run." in (tmp_path / "out" / CARD_FILE).read_text()
 
 
 def test_card_is_recorded_and_integrity_covers_it(full, tmp_path):
@@ -188,7 +193,9 @@ def test_update_card_changes_only_the_card_and_its_hash(src, tmp_path):
     assert changed == [CARD_FILE, "precompile.json"]
     m1 = manifest(out)
     assert m1["outputs"].pop(CARD_FILE) != m0["outputs"].pop(CARD_FILE)
-    assert m1 == m0  # the manifest differs only in the card's hash
+    assert m1["output_sizes"].pop(CARD_FILE) == (out / CARD_FILE).stat().st_size
+    m0["output_sizes"].pop(CARD_FILE)
+    assert m1 == m0  # the manifest differs only in the card's hash and size
     assert check_outputs(out, manifest(out)).passed
     card = (out / CARD_FILE).read_text()
     assert "**Passed**" in card and "| integrity | PASS |" in card and "| logits | PASS |" in card
