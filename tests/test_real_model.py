@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -99,12 +100,16 @@ def test_verify_passes(outs, dtype):
 
 
 def test_source_without_generation_config_stops_like_the_original(tmp_path, tok):
-    """The issue's scenario: an export without generation_config.json (links to the prepared files)."""
+    """The issue's scenario: an export without generation_config.json (hard links to the prepared files, or
+    copies across filesystems: convert refuses symlinks that leave the checkpoint)."""
     src = tmp_path / "src"
     src.mkdir()
     for f in SMOL.iterdir():
         if f.name != "generation_config.json":
-            os.symlink(f, src / f.name)
+            try:
+                os.link(f, src / f.name)
+            except OSError:
+                shutil.copy2(f, src / f.name)
     out = tmp_path / "out"
     convert(str(src), out)
     orig = AutoModelForCausalLM.from_pretrained(str(src))
