@@ -13,7 +13,7 @@ import sys
 import click
 
 from . import __version__
-from .errors import UserError, VerificationError
+from .errors import UserError, VerificationError, one_line
 from .generation import GENERATION_CONFIG
 from .process import skip_exit_collection, use_huge_pages
 from .progress import Progress
@@ -33,10 +33,10 @@ class _Group(click.Group):
             sys.exit(130)
         except click.UsageError as e:
             hint = f"; see '{e.ctx.command_path} --help'" if e.ctx else ""
-            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            click.echo(f"error: {one_line(e.format_message())}{hint}", err=True)
             sys.exit(2)
         except click.ClickException as e:
-            click.echo(f"error: {e.format_message()}", err=True)
+            click.echo(f"error: {one_line(e.format_message())}", err=True)
             sys.exit(2)
         except UserError as e:
             if debug:
@@ -52,7 +52,7 @@ class _Group(click.Group):
             from .loader import PrecompileLoadError
 
             if isinstance(e, PrecompileLoadError) and not debug:
-                click.echo(f"error: {e}", err=True)
+                click.echo(f"error: {one_line(str(e))}", err=True)
                 sys.exit(2)
             raise
         sys.exit(rv if isinstance(rv, int) else 0)

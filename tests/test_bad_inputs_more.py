@@ -603,3 +603,27 @@ def test_malformed_hub_id(tmp_path, command, repo):
     assert code == 2
     one_error_line(err, repo)
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+# ---------------------------------------------------------------- line breaks echoed from the input
+
+@pytest.mark.parametrize("where", ["profile value", "profile key", "config value"])
+def test_line_break_in_echoed_input_stays_one_line(src, out, tmp_path, where):
+    """Messages quote the bad value or key; a line break in it is shown escaped, never as a second line."""
+    llama = yaml.safe_load((ROOT / "configs" / "llama.yaml").read_text())
+    extra: tuple = ()
+    if where == "config value":
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["hidden_act"] = "si\nlu"
+        (src / "config.json").write_text(json.dumps(cfg))
+        words: tuple[str, ...] = ("si\\nlu",)
+    else:
+        if where == "profile value":
+            llama["block"] = "ser\nial"
+            words = ("ser\\nial", "block")
+        else:
+            llama["extra\nkey"] = 1
+            words = ("extra\\nkey",)
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(llama))
+        extra = ("--profile", tmp_path / "p.yaml")
+    check_refused(src, out, *extra, words=words)
