@@ -479,16 +479,7 @@ def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, de
                 total += s.out_bytes
         write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total},
                                       "weight_map": dict(sorted(index_map.items()))})
-        for name in plan.carried:
-            share_file(plan.source.root / name, tmp / name, "copy")
-        write_generation_config(plan.source.root, plan.carried, tmp)
-        write_json(tmp / "config.json", _out_config(plan))
-        (tmp / SHIM_FILE).write_bytes((Path(__file__).parent / "loader.py").read_bytes())
-        progress.log("hashing source and output files")
-        outputs = {p.name: out_hashes.get(p.name) or file_sha256(p) for p in sorted(tmp.iterdir())}
-        write_json(tmp / MANIFEST, build_manifest(plan, options, _source_hashes(plan, src_hashes), outputs,
-                                                  sizes=_sizes(tmp, outputs)))
-        _finish(plan, tmp, outputs, result, progress, self_check)
+        _finish(plan, tmp, options, result, progress, self_check, out_hashes, src_hashes)
     result.seconds = time.monotonic() - t0
     progress.log(f"wrote {out_dir} ({plan.out_bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s")
     return result
@@ -513,7 +504,7 @@ def _write_table_file(plan: ConversionPlan, tmp: Path, dev: torch.device, chunk_
 
 
 def _write_overlay(plan: ConversionPlan, out_dir: Path, options: dict, force: bool, result: ConvertResult,
-                   t0: float, write_table_file, progress: Progress, self_check: bool = True) -> ConvertResult:
+                   t0: float, write_table_file, progress: Progress, self_check: bool) -> ConvertResult:
     """OUT_DIR for an overlay: table, config, tokenizer, shim and a manifest that pins the base.
 
     The manifest records sha256 of every source file read (so a changed base is refused), plus each
@@ -521,18 +512,7 @@ def _write_overlay(plan: ConversionPlan, out_dir: Path, options: dict, force: bo
     """
     with atomic_dir(out_dir, force, progress.log) as tmp:
         write_table_file(tmp)
-        for name in plan.carried:
-            share_file(plan.source.root / name, tmp / name, "copy")
-        write_generation_config(plan.source.root, plan.carried, tmp)
-        write_json(tmp / "config.json", _out_config(plan))
-        (tmp / SHIM_FILE).write_bytes((Path(__file__).parent / "loader.py").read_bytes())
-        progress.log("hashing the source files read and the output files")
-        outputs = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
-        manifest = build_manifest(plan, options, _source_hashes(plan), outputs, kind="overlay",
-                                  sizes=_sizes(tmp, outputs))
-        manifest["source"].update(_base_stats(plan))
-        write_json(tmp / MANIFEST, manifest)
-        _finish(plan, tmp, outputs, result, progress, self_check)
+        _finish(plan, tmp, options, result, progress, self_check)
     result.seconds = time.monotonic() - t0
     progress.log(f"wrote overlay {out_dir} ({plan.table_bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s; "
                  f"it loads over {plan.source.id or plan.source.path}")
@@ -547,9 +527,25 @@ def _self_check(plan: ConversionPlan, tmp: Path, progress: Progress) -> SelfChec
     return result
 
 
-def _finish(plan: ConversionPlan, tmp: Path, outputs: dict[str, str], result: ConvertResult, progress: Progress,
-            self_check: bool) -> None:
-    """The last steps in tmp, once the manifest is written: the self-check, then the card that reports it."""
+def _finish(plan: ConversionPlan, tmp: Path, options: dict, result: ConvertResult, progress: Progress,
+            self_check: bool, out_hashes: dict[str, str] | None = None,
+            src_hashes: dict[str, str] | None = None) -> None:
+    """What a full conversion and an overlay both write once their weights are in tmp, in this order: the
+    carried and derived files, the manifest (an overlay's also pins the base), the self-check (it loads
+    through the manifest), then the card that reports it. `*_hashes`: sha256s already computed while copying."""
+    for name in plan.carried:
+        share_file(plan.source.root / name, tmp / name, "copy")
+    write_generation_config(plan.source.root, plan.carried, tmp)
+    write_json(tmp / "config.json", _out_config(plan))
+    (tmp / SHIM_FILE).write_bytes((Path(__file__).parent / "loader.py").read_bytes())
+    progress.log("hashing the source files read and the output files")
+    known = out_hashes or {}
+    outputs = {p.name: known.get(p.name) or file_sha256(p) for p in sorted(tmp.iterdir())}
+    manifest = build_manifest(plan, options, _source_hashes(plan, src_hashes), outputs, kind=plan.kind,
+                              sizes=_sizes(tmp, outputs))
+    if plan.kind == "overlay":
+        manifest["source"].update(_base_stats(plan))
+    write_json(tmp / MANIFEST, manifest)
     check = result.self_check = _self_check(plan, tmp, progress) if self_check else None
     outputs[CARD_FILE] = write_card(tmp, plan, SelfCheckSummary(check.passed, check.outcome()) if check else None)
     result.files = outputs
