@@ -22,7 +22,7 @@ from .errors import UserError
 from .loader import FORMAT_VERSION, MANIFEST
 from .plan import exact_figures, model_figures, to_markdown
 from .source import file_sha256
-from .writer import _signals_deferred, write_json
+from .writer import signals_deferred, write_json
 
 if TYPE_CHECKING:  # convert imports this module
     from .convert import ConversionPlan
@@ -246,7 +246,7 @@ def check_card(out_dir: Path) -> None:
 
 def verify_section(result: dict) -> str:
     """The card's verification section: one line of outcome, then each check with its threshold."""
-    from .verify import _fmt_metrics, _fmt_threshold
+    from .verify import fmt_metrics, fmt_threshold
 
     checks = result["checks"]
     failed = [c["name"] for c in checks if not c["passed"]]
@@ -262,7 +262,7 @@ def verify_section(result: dict) -> str:
     rows = ["| check | result | measured | threshold |", "|---|---|---|---|"]
     for c in checks:
         res = "skip" if c.get("skipped") else "PASS" if c["passed"] else "FAIL"
-        rows.append(f"| {c['name']} | {res} | {cell(_fmt_metrics(c))} | {cell(_fmt_threshold(c))} |")
+        rows.append(f"| {c['name']} | {res} | {cell(fmt_metrics(c))} | {cell(fmt_threshold(c))} |")
     return "\n".join([VERIFY_BEGIN, head, "", *rows, VERIFY_END])
 
 
@@ -290,7 +290,7 @@ def update_card(out_dir: str | os.PathLike, result: dict) -> str:
         tmp_card.write_text(splice_verify(card.read_text(encoding="utf-8"), verify_section(result)),
                             encoding="utf-8")
         write_json(tmp_manifest, _with_card(out, tmp_card))
-        with _signals_deferred():
+        with signals_deferred():
             os.replace(tmp_card, card)
             os.replace(tmp_manifest, out / MANIFEST)
     finally:

@@ -297,7 +297,7 @@ def interrupted(since: int = 0) -> bool:
     follow. Signals held back by a block that defers them count too."""
     if len(_received) > since:
         return True
-    if hasattr(signal, "sigpending"):  # e.g. held back by writer._signals_deferred
+    if hasattr(signal, "sigpending"):  # e.g. held back by writer.signals_deferred
         return bool(signal.sigpending() & {signal.SIGINT, signal.SIGTERM})
     return False
 

@@ -237,9 +237,9 @@ def _capture(model: nn.Module, ids: torch.Tensor, layer: str, attention: str, po
 
 
 def _build(cls: type, config, dtype: torch.dtype) -> nn.Module:
-    from .verify import _parameters_on_meta
+    from .verify import parameters_on_meta
 
-    with _parameters_on_meta():
+    with parameters_on_meta():
         return cls._from_config(config, dtype=dtype, attn_implementation="eager").eval()
 
 
@@ -293,7 +293,7 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .profiles import effective_data, with_defaults
-    from .verify import _quiet_transformers
+    from .verify import quiet_transformers
 
     t0 = time.monotonic()
     spec, dtype = plan.spec, plan.model_dtype
@@ -305,7 +305,7 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     layer_keys = layer_keys["keys"] if isinstance(layer_keys, dict) else layer_keys
     tokens = check_tokens(plan.config, plan.source.root, spec.vocab_size)
     used, ids = torch.unique(tokens, return_inverse=True)
-    with _quiet_transformers():
+    with quiet_transformers():
         cfg = dict(plan.config)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         _truncate(config, layer_keys)

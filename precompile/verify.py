@@ -346,7 +346,7 @@ def _r(x: float, digits: int = 4) -> float:
 
 
 @contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """transformers' own loading bars and warnings would bury the report; restore them afterwards."""
     from transformers.utils import logging as tlog
 
@@ -362,7 +362,7 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 @contextmanager
-def _parameters_on_meta() -> Iterator[None]:
+def parameters_on_meta() -> Iterator[None]:
     """Build modules with their parameters on the meta device (no memory, no init) and real buffers."""
     old = nn.Module.register_parameter
 
@@ -388,7 +388,7 @@ def reference_model(converted: nn.Module, ref_root: Path, ref_ckpt: Checkpoint, 
     config = AutoConfig.from_pretrained(str(ref_root))
     base = AutoModelForCausalLM._model_mapping[type(config)]
     attn = getattr(converted.config, "_attn_implementation", None)
-    with _parameters_on_meta():
+    with parameters_on_meta():
         ref = base._from_config(config, dtype=dtype, attn_implementation=attn)
     conv = dict(converted.named_parameters(remove_duplicate=False))
     loaded: dict[int, nn.Parameter] = {}
@@ -547,7 +547,7 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
              "sampled": n_sample, "prompt_ids": len(prompt_ids)}
     checks.append(_guard("table-rows", lambda: check_table_rows(out, manifest, spec, layout, ref_ckpt, ids, th, dev,
                                                                 progress, extra)))
-    with _quiet_transformers():
+    with quiet_transformers():
         checks += _model_checks(out, ref, ref_ckpt, dtype, dev, tok, prompt_list, max_new_tokens, th,
                                 fp32_reference, half, batch_size, progress, overlay, spec.n_layers)
     passed = all(c.passed for c in checks)
@@ -681,7 +681,7 @@ def _fp32_check(ref_root: Path, kept: list, dev: torch.device, th: dict,
 # ----------------------------------------------------------------------------------------------- report
 
 
-def _fmt_metrics(c: dict) -> str:
+def fmt_metrics(c: dict) -> str:
     m = c["metrics"]
     if c.get("skipped"):
         return f"skipped: {c['skipped']}"
@@ -734,7 +734,7 @@ def _fmt_metrics(c: dict) -> str:
     return json.dumps(m)
 
 
-def _fmt_threshold(c: dict) -> str:
+def fmt_threshold(c: dict) -> str:
     t = c["threshold"]
     n = c["name"]
     if not t:
@@ -758,8 +758,8 @@ def _fmt_threshold(c: dict) -> str:
 
 def format_report(result: dict) -> str:
     """A readable table, then one summary line."""
-    rows = [(c["name"], "skip" if c.get("skipped") else "PASS" if c["passed"] else "FAIL", _fmt_metrics(c),
-             _fmt_threshold(c)) for c in result["checks"]]
+    rows = [(c["name"], "skip" if c.get("skipped") else "PASS" if c["passed"] else "FAIL", fmt_metrics(c),
+             fmt_threshold(c)) for c in result["checks"]]
     w0 = max(len("check"), *(len(r[0]) for r in rows))
     lines = [f"{'check':<{w0}}  result  {'measured':<60}  threshold"]
     for name, res, met, thr in rows:

@@ -241,7 +241,7 @@ def atomic_dir(out_dir: Path, force: bool, log=None) -> Iterator[Path]:
                 yield tmp
             except OSError as e:
                 raise write_error(e, out_dir) from None
-            with _signals_deferred():  # a signal between the two renames would leave no OUT_DIR at all
+            with signals_deferred():  # a signal between the two renames would leave no OUT_DIR at all
                 if interrupted(mark):  # one a library swallowed, or one held back by this block: never commit
                     raise KeyboardInterrupt("interrupted before the final rename")
                 _commit(tmp, out_dir, force)
@@ -325,7 +325,7 @@ def scratch_dir(path: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM until the block is done (they are delivered afterwards)."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
