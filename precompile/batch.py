@@ -19,10 +19,11 @@ from typing import Any
 
 from .convert import COMPUTE_CHOICES, DTYPE_CHOICES, LINK_MODES, convert, plan_conversion
 from .errors import UserError, VerificationError
-from .loader import MANIFEST, PrecompileLoadError, read_manifest
+from .loader import MANIFEST, Manifest, PrecompileLoadError
 from .profiles import read_yaml
 from .progress import Progress
 from .source import file_sha256
+from .tensors import dtype_name
 
 
 def _is_repo_id(v: str) -> bool:
@@ -185,28 +186,28 @@ def stale_reason(entry: Entry, out_dir: Path) -> str | None:
     if not (out_dir / MANIFEST).exists():
         return "no manifest"
     try:
-        manifest = read_manifest(out_dir)
+        manifest = Manifest.read(out_dir)
     except PrecompileLoadError as e:
         return f"manifest unusable ({e})"
     opts = _convert_options(entry)
     plan = plan_conversion(entry.source, **opts)
-    src = manifest["source"]
-    if plan.source.describe() != {k: src.get(k) for k in plan.source.describe()}:
+    src = manifest.source
+    if plan.source.describe() != {k: getattr(src, k) for k in plan.source.describe()}:
         return "another source"
-    recorded = manifest.get("options", {})
-    want_dtype = str(plan.model_dtype).removeprefix("torch.")
+    recorded = manifest.options
+    want_dtype = dtype_name(plan.model_dtype)
     if recorded.get("dtype") != want_dtype or recorded.get("compute_dtype") != opts["compute_dtype"]:
         return "other options"
-    if manifest.get("kind", "full") != plan.kind or manifest.get("profile", {}).get("name") != plan.profile.name:
+    if manifest.kind != plan.kind or manifest.profile.name != plan.profile.name:
         return "another kind or profile"
-    if manifest["profile"].get("text", plan.profile.text) != plan.profile.text:
+    if manifest.profile.text not in (None, plan.profile.text):
         return "the profile file was edited"
-    files = src.get("files", {})
+    files = src.files
     root = plan.source.root
     if any(not (root / name).exists() or file_sha256(root / name) != sha for name, sha in files.items()):
         return "source files changed"
-    outputs = manifest.get("outputs", {})
-    sizes = manifest.get("output_sizes", {})
+    outputs = manifest.outputs
+    sizes = manifest.output_sizes or {}
     if not outputs:
         return "manifest records no outputs"
     for name in sorted(outputs):

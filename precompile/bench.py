@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .loader import _DTYPES, _set_module, apply_layout, read_manifest
+from .loader import Manifest, PrecompileLoadError, SourceNotFoundError, _set_module, apply_layout, locate_source
 from .progress import Progress
+from .tensors import TORCH_DTYPES, dtype_name
 
 
 @dataclass
@@ -80,18 +81,19 @@ def _fmt(v: float, unit: str) -> str:
 class Toggle:
     """Switch a loaded original model between its own layer-0 modules and the table lookups."""
 
-    def __init__(self, model: nn.Module, manifest: dict, table: torch.Tensor):
-        spec = manifest["loader"]
+    def __init__(self, model: nn.Module, manifest: Manifest | dict, table: torch.Tensor):
+        manifest = Manifest.coerce(manifest)
+        spec = manifest.loader
         self.model = model
-        self.paths = [spec["embedding_module"], *(c["module"] for c in manifest["table"]["columns"] if c.get("module")),
-                      *spec["identity_modules"], *spec["zero_modules"]]
+        self.paths = [spec.embedding_module, *(c.module for c in manifest.table.columns if c.module),
+                      *spec.identity_modules, *spec.zero_modules]
         self.original = {p: model.get_submodule(p) for p in self.paths}
         apply_layout(model, manifest)
         self.swapped = {p: model.get_submodule(p) for p in self.paths}
-        emb = self.swapped[spec["embedding_module"]]
+        emb = self.swapped[spec.embedding_module]
         emb.table = nn.Parameter(table, requires_grad=False)
-        if spec["keep_embedding"]:
-            emb.weight = self.original[spec["embedding_module"]].weight  # the tied head's own parameter
+        if spec.keep_embedding:
+            emb.weight = self.original[spec.embedding_module].weight  # the tied head's own parameter
         self.use(False)
 
     def use(self, precompiled: bool) -> None:
@@ -99,16 +101,17 @@ class Toggle:
             _set_module(self.model, p, m)
 
 
-def per_token_reads(model: nn.Module, manifest: dict, layer0_only: bool = False) -> tuple[int, int]:
+def per_token_reads(model: nn.Module, manifest: Manifest | dict, layer0_only: bool = False) -> tuple[int, int]:
     """Weights read per token at batch 1 without and with precompute (input embedding: one row).
 
     With layer0_only, only the embedding row and layer 0's own weights count.
     """
-    spec, table = manifest["loader"], manifest["table"]
-    scope = model.get_submodule(spec["attention_module"].rpartition(".")[0]) if layer0_only else model
+    manifest = Manifest.coerce(manifest)
+    spec, table = manifest.loader, manifest.table
+    scope = model.get_submodule(spec.attention_module.rpartition(".")[0]) if layer0_only else model
     params = {id(p): p for p in scope.parameters()}
     total = sum(p.numel() for p in params.values())
-    emb = model.get_submodule(spec["embedding_module"]).weight
+    emb = model.get_submodule(spec.embedding_module).weight
     d = emb.shape[1]
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is emb
@@ -117,8 +120,8 @@ def per_token_reads(model: nn.Module, manifest: dict, layer0_only: bool = False)
     else:
         original = total - (0 if tied else emb.numel()) + d
     state = dict(model.named_parameters(remove_duplicate=False))
-    gone = sum(state[n].numel() for n in manifest["eliminated"] if n in state and state[n] is not emb)
-    return original, original - gone - d + table["shape"][1]
+    gone = sum(state[n].numel() for n in manifest.eliminated if n in state and state[n] is not emb)
+    return original, original - gone - d + table.shape[1]
 
 
 def _resident_bytes(model: nn.Module) -> int:
@@ -132,13 +135,13 @@ def _resident_bytes(model: nn.Module) -> int:
 class _Layer0Timer:
     """Time from the embedding's input to layer 0's output, once per forward call."""
 
-    def __init__(self, toggle: Toggle, manifest: dict, sync):
-        spec = manifest["loader"]
+    def __init__(self, toggle: Toggle, manifest: Manifest, sync):
+        spec = manifest.loader
         self.sync = sync
         self.times: list[float] = []
         self._t = 0.0
-        layer = toggle.model.get_submodule(spec["attention_module"].rpartition(".")[0])
-        emb = spec["embedding_module"]
+        layer = toggle.model.get_submodule(spec.attention_module.rpartition(".")[0])
+        emb = spec.embedding_module
         self.handles = [m.register_forward_pre_hook(self._start)
                         for m in (toggle.original[emb], toggle.swapped[emb])]
         self.handles.append(layer.register_forward_hook(self._stop))
@@ -217,28 +220,28 @@ def bench(out_dir: str | os.PathLike, source: str | None = None, *, device: str 
     if reps < 1 or decode_tokens < 1 or prompt_len < 1 or not batches:
         raise UserError("--reps, --decode-tokens, --prompt-len and --batches must be positive")
     out_dir = Path(out_dir)
-    manifest = read_manifest(out_dir)
-    if source is None:
-        src = manifest["source"]
-        source = src.get("path") or src.get("id")
-        revision = src.get("revision")
-    else:
-        revision = None
-    if not source:
-        raise UserError(f"{out_dir}/precompile.json names no source; pass --source with the original checkpoint")
+    manifest = Manifest.read(out_dir)
+    why = "bench needs the original checkpoint to run it side by side"
     try:
-        root = resolve_source(source, revision).root
-    except UserError as e:
-        raise UserError(f"bench needs the original checkpoint to run it side by side: {e}; pass --source") from None
+        root = resolve_source(source).root if source is not None else \
+            locate_source(manifest, hub=lambda repo, revision: resolve_source(repo, revision).root)
+    except SourceNotFoundError:
+        if manifest.source.path:
+            raise UserError(f"{why}: {manifest.source.path}, recorded in {out_dir}/precompile.json, is gone; pass "
+                            f"--source") from None
+        raise UserError(f"{out_dir}/precompile.json names no source; pass --source with the original checkpoint") \
+            from None
+    except (UserError, PrecompileLoadError) as e:
+        raise UserError(f"{why}: {e}; pass --source") from None
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was given but no CUDA device is available; use --device cpu or auto")
-    dt = _DTYPES[dtype or manifest["table"]["dtype"]]
-    progress.log(f"loading the original model from {root} ({str(dt).removeprefix('torch.')} on {dev})")
+    dt = TORCH_DTYPES[dtype or manifest.table.dtype]
+    progress.log(f"loading the original model from {root} ({dtype_name(dt)} on {dev})")
     model = AutoModelForCausalLM.from_pretrained(str(root), dtype=dt).to(dev).eval()
-    with safe_open(out_dir / manifest["table"]["file"], framework="pt", device=str(dev)) as f:
-        table = f.get_tensor(manifest["table"]["tensor"]).to(dt)  # converted once here, never per call
+    with safe_open(out_dir / manifest.table.file, framework="pt", device=str(dev)) as f:
+        table = f.get_tensor(manifest.table.tensor).to(dt)  # converted once here, never per call
     toggle = Toggle(model, manifest, table)
     reads = per_token_reads(model, manifest)
     reads0 = per_token_reads(model, manifest, layer0_only=True)
@@ -246,7 +249,7 @@ def bench(out_dir: str | os.PathLike, source: str | None = None, *, device: str 
                          reads=reads)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     timer = _Layer0Timer(toggle, manifest, sync)
-    vocab = manifest["table"]["shape"][0]
+    vocab = manifest.table.shape[0]
     samples: dict[bool, list[dict[str, float]]] = {False: [], True: []}
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
     memory: dict[bool, float] = {}

@@ -9,9 +9,8 @@ it and records its new sha256 in the manifest.
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,9 +18,10 @@ import yaml
 
 from . import __version__
 from .errors import UserError
-from .loader import FORMAT_VERSION, MANIFEST
+from .loader import FORMAT_VERSION, MANIFEST, Manifest
 from .plan import exact_figures, model_figures, to_markdown
 from .source import file_sha256
+from .tensors import dtype_name
 from .writer import signals_deferred, write_json
 
 if TYPE_CHECKING:  # convert imports this module
@@ -108,7 +108,7 @@ def _figure_lines(plan: ConversionPlan, r: dict[str, Any]) -> list[str]:
     lay = plan.layout
     ex = r.get("exact")
     cols = ", ".join(f"`{c.name}` [{c.start}:{c.stop}]" for c in lay.columns)
-    dtype = str(plan.model_dtype).removeprefix("torch.")
+    dtype = dtype_name(plan.model_dtype)
     b1 = r["batches"][0]
     lines = [
         f"- **Table**: {lay.vocab_size:,} x {lay.width:,} {dtype}, {plan.table_bytes:,} bytes "
@@ -202,26 +202,24 @@ def render_card(plan: ConversionPlan, source_card: SourceCard, self_check: SelfC
         "## Format", "",
         f"- manifest: `{MANIFEST}`, format version {FORMAT_VERSION}, kind `{plan.kind}`",
         f"- profile: `{plan.profile.name}` ({plan.spec.block} block, {plan.spec.attention_kind})",
-        f"- dtype: {str(plan.model_dtype).removeprefix('torch.')} (table computed in "
-        f"{str(plan.compute_dtype).removeprefix('torch.')})",
+        f"- dtype: {dtype_name(plan.model_dtype)} (table computed in {dtype_name(plan.compute_dtype)})",
         f"- tool: precompile {__version__}",
     ]
     return "\n".join(lines) + "\n"
 
 
-def _with_card(out_dir: Path, card: Path) -> dict:
+def _with_card(out_dir: Path, card: Path) -> Manifest:
     """OUT_DIR's manifest with `card`'s sha256 (and size, where sizes are recorded) as its README.md output."""
-    manifest = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
-    manifest["outputs"][CARD_FILE] = file_sha256(card)
-    if "output_sizes" in manifest:
-        manifest["output_sizes"][CARD_FILE] = card.stat().st_size
-    return manifest
+    manifest = Manifest.read(out_dir)
+    sizes = manifest.output_sizes
+    return replace(manifest, outputs={**manifest.outputs, CARD_FILE: file_sha256(card)},
+                   output_sizes=None if sizes is None else {**sizes, CARD_FILE: card.stat().st_size})
 
 
 def record_card(out_dir: Path) -> str:
     """Put README.md's sha256 into the manifest's outputs (when OUT_DIR has a manifest yet); returns it."""
     if (out_dir / MANIFEST).exists():
-        write_json(out_dir / MANIFEST, _with_card(out_dir, out_dir / CARD_FILE))
+        write_json(out_dir / MANIFEST, _with_card(out_dir, out_dir / CARD_FILE).to_dict())
     return file_sha256(out_dir / CARD_FILE)
 
 
@@ -239,7 +237,7 @@ def check_card(out_dir: Path) -> None:
     from .verify import read_out_dir
 
     out_dir, manifest = read_out_dir(out_dir)
-    if CARD_FILE not in (manifest.get("outputs") or {}) or not (out_dir / CARD_FILE).is_file():
+    if CARD_FILE not in manifest.outputs or not (out_dir / CARD_FILE).is_file():
         raise UserError(f"{out_dir} has no {CARD_FILE} model card recorded in its {MANIFEST} (converted by an older "
                         f"precompile); convert again to get one, or drop --update-card")
 

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,22 +25,23 @@ from .card import CARD_FILE, SelfCheckSummary, write_card
 from .errors import UserError
 from .generation import write_generation_config
 from .files import out_dir_lock, out_dir_target
-from .layout import TABLE_FILE, TableLayout, table_layout
-from .loader import FORMAT_VERSION, MANIFEST
-from .precompute import compute_rows, layer0_tensor_names
+from .layout import TABLE_FILE, TableLayout, layer0_tensor_names, table_inputs, table_layout
+from .loader import MANIFEST, LoaderRecord, Manifest, ProfileRecord, SourceRecord, TableRecord
+from .precompute import compute_rows
 from .profile_check import check_tensors
 from .profiles import ModelSpec, Profile, builtin_profiles, resolve, select_profile
 from .progress import Progress
 from .selfcheck import SelfCheckResult, self_check as check_layer0
 from .source import (ALLOW_PATTERNS, PartialCheckpoint, Source, blob_sha256, carried_files, check_native,
                      check_tokenizer, fetch_files, file_sha256, read_config, resolve_source, weight_map)
-from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo,
-                      has_safetensors, mapped, open_checkpoint)
+from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, INDEX_NAME, SINGLE_NAME, TORCH_DTYPES, Checkpoint,
+                      TensorInfo, dtype_name, element_size, has_safetensors, mapped, open_checkpoint, output_dtype,
+                      weight_index)
 from .writer import (TMP_PREFIX, atomic_dir, check_free_space, check_out_dir, scratch_dir, share_file, write_json,
                      write_shard, write_table)
 
-DTYPE_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-COMPUTE_CHOICES = {"float32": torch.float32, "float64": torch.float64}
+DTYPE_CHOICES = {n: TORCH_DTYPES[n] for n in ("float32", "bfloat16", "float16")}
+COMPUTE_CHOICES = {n: TORCH_DTYPES[n] for n in ("float32", "float64")}
 LINK_MODES = ("auto", "reflink", "hardlink", "copy")
 SHIM_FILE = "precompile_loader.py"
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]
@@ -179,13 +180,12 @@ def plan_conversion(source: str, *, revision: str | None = None, profile: str | 
         tensors = [t for t in ckpt.tensors.values() if t.file == fname]
         keep = [t for t in tensors if t.name not in eliminated]
         gone = sorted(t.name for t in tensors if t.name in eliminated)
-        converts = any(t.dtype in FLOAT_DTYPES and t.dtype != out_dtype_name for t in keep)
+        converts = any(output_dtype(t.dtype, out_dtype_name) != t.dtype for t in keep)
         out_name = "model-00001-of-00001.safetensors" if fname == SINGLE_NAME else fname.replace("/", "--")
         if not keep:
             shards.append(ShardPlan(fname, None, "drop", [], gone, 0))
             continue
-        size = sum(t.numel * torch.empty((), dtype=DTYPES[out_dtype_name if t.dtype in FLOAT_DTYPES else t.dtype])
-                   .element_size() for t in keep)
+        size = sum(t.numel * element_size(output_dtype(t.dtype, out_dtype_name)) for t in keep)
         action = "rewrite" if (gone or converts) else "share"  # out_bytes: tensor data, as index total_size
         shards.append(ShardPlan(fname, out_name, action, keep, gone, size))
     outs = [sh.out_file for sh in shards if sh.out_file]
@@ -193,7 +193,7 @@ def plan_conversion(source: str, *, revision: str | None = None, profile: str | 
         dup = next(o for o in outs if outs.count(o) > 1)
         raise UserError(f"two weight files of {src.root} would both be written as {dup} in OUT_DIR (one is in a "
                         f"subfolder); rename one of them in the index")
-    read = [spec.embedding_tensor] + layer0_tensor_names(spec, frozenset(ckpt.tensors))
+    read = table_inputs(spec, frozenset(ckpt.tensors))
     return ConversionPlan(src, config, prof, spec, layout, ckpt, model_dtype, COMPUTE_CHOICES[compute_dtype],
                           shards, carried_files(src.root), read, "overlay" if overlay else "full")
 
@@ -201,7 +201,7 @@ def plan_conversion(source: str, *, revision: str | None = None, profile: str | 
 def _layer0_checkpoint(src: Source, spec: ModelSpec) -> PartialCheckpoint:
     """The files holding the embedding and layer 0's tensors, fetched (hub) after reading only the index."""
     wmap = weight_map(src)
-    names = [spec.embedding_tensor] + layer0_tensor_names(spec, frozenset(wmap))
+    names = table_inputs(spec, frozenset(wmap))
     fetch_files(src, sorted({wmap[n] for n in names if n in wmap}))
     return PartialCheckpoint(src.root, wmap, names)
 
@@ -335,48 +335,34 @@ def _out_config(plan: ConversionPlan) -> dict:
 
 
 def build_manifest(plan: ConversionPlan, options: dict, source_files: dict[str, str],
-                   outputs: dict[str, str], kind: str = "full", sizes: dict[str, int] | None = None) -> dict:
+                   outputs: dict[str, str], kind: str = "full", sizes: dict[str, int] | None = None) -> Manifest:
     spec, layout = plan.spec, plan.layout
     cfg = dict(plan.config)
     cfg.pop("torch_dtype", None)
-    dtype_name = str(plan.model_dtype).removeprefix("torch.")
-    cfg["dtype"] = dtype_name
-    zero = [spec.ffn.module] if spec.folds_ffn and spec.ffn else []
-    return {
-        "format": "precompile",
-        "format_version": FORMAT_VERSION,
-        "tool_version": __version__,
-        "kind": kind,
-        "profile": {"name": plan.profile.name, "block": spec.block, "attention": spec.attention_kind,
-                    "path": plan.profile.path, "text": plan.profile.text},
-        "source": {**plan.source.describe(), "files": source_files, "config": cfg},
-        "options": options,
-        "table": {
-            "file": TABLE_FILE,
-            "tensor": layout.tensor_name,
-            "shape": [layout.vocab_size, layout.width],
-            "dtype": dtype_name,
-            "columns": [c.as_dict() for c in layout.columns],
-        },
-        "loader": {
-            "embedding_module": spec.embedding_module,
-            "hidden_size": spec.hidden_size,
-            "x_stop": layout.columns[0].stop if layout.x_in_table else 0,
-            "keep_embedding": layout.keep_embedding,
-            "identity_modules": list(spec.identity_modules),
-            "zero_modules": zero,
-            "attention_module": spec.attention_module,
-        },
-        "eliminated": list(layout.eliminated),
-        "outputs": outputs,
-        **({"output_sizes": sizes} if sizes is not None else {}),
-    }
+    dtype = dtype_name(plan.model_dtype)
+    cfg["dtype"] = dtype
+    zero = (spec.ffn.module,) if spec.folds_ffn and spec.ffn else ()
+    return Manifest(
+        tool_version=__version__,
+        kind=kind,
+        profile=ProfileRecord(plan.profile.name, spec.block, spec.attention_kind, plan.profile.path,
+                              plan.profile.text),
+        source=SourceRecord(config=cfg, files=source_files, **plan.source.describe()),
+        options=options,
+        table=TableRecord(TABLE_FILE, layout.tensor_name, (layout.vocab_size, layout.width), dtype, layout.columns),
+        loader=LoaderRecord(spec.embedding_module, spec.attention_module, spec.hidden_size,
+                            layout.columns[0].stop if layout.x_in_table else 0, layout.keep_embedding,
+                            tuple(spec.identity_modules), zero),
+        eliminated=layout.eliminated,
+        outputs=outputs,
+        output_sizes=sizes,
+    )
 
 
 def _source_hashes_names(plan: ConversionPlan) -> list[str]:
     root = plan.source.root
     names = ["config.json", *plan.checkpoint.source_files, *plan.carried]
-    if (root / INDEX_NAME).exists() and plan.checkpoint.files != [SINGLE_NAME]:
+    if weight_index(root) is not None:
         names.append(INDEX_NAME)
     return sorted(set(names))
 
@@ -448,7 +434,7 @@ def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, de
     _check_apart(plan.source.root, out_dir)
     check_free_space(check_out_dir(out_dir, force), _needed_bytes(plan, link), f"the planned output of {out_dir}")
     progress.log(describe_plan(plan, dev))
-    options = {"dtype": str(plan.model_dtype).removeprefix("torch."), "compute_dtype": compute_dtype}
+    options = {"dtype": dtype_name(plan.model_dtype), "compute_dtype": compute_dtype}
     if plan.checkpoint.source_files != plan.checkpoint.files:
         options["pickle"] = "loaded with torch.load(weights_only=True)"
     result = ConvertResult(out_dir, plan, 0.0)
@@ -544,8 +530,8 @@ def _finish(plan: ConversionPlan, tmp: Path, options: dict, result: ConvertResul
     manifest = build_manifest(plan, options, _source_hashes(plan, src_hashes), outputs, kind=plan.kind,
                               sizes=_sizes(tmp, outputs))
     if plan.kind == "overlay":
-        manifest["source"].update(_base_stats(plan))
-    write_json(tmp / MANIFEST, manifest)
+        manifest = replace(manifest, source=replace(manifest.source, **_base_stats(plan)))
+    write_json(tmp / MANIFEST, manifest.to_dict())
     check = result.self_check = _self_check(plan, tmp, progress) if self_check else None
     outputs[CARD_FILE] = write_card(tmp, plan, SelfCheckSummary(check.passed, check.outcome()) if check else None)
     result.files = outputs
@@ -555,10 +541,11 @@ def _base_stats(plan: ConversionPlan) -> dict:
     """Sizes (and, for a local source, mtimes) of the base's files present now: the loader's cheap check."""
     root = plan.source.root
     names = set(_source_hashes_names(plan))
-    if (root / INDEX_NAME).exists() and not (root / SINGLE_NAME).exists():
+    index = weight_index(root)
+    if index is not None:
         from .tensors import read_index
 
-        names |= set(read_index(root / INDEX_NAME).values())
+        names |= set(read_index(index).values())
     sizes, mtimes = {}, {}
     for n in sorted(names):
         p = root / n
@@ -580,7 +567,7 @@ def describe_plan(plan: ConversionPlan, device: torch.device | None = None) -> s
         f"source: {src}",
         f"profile: {plan.profile.name} ({s.block} block, {s.attention_kind}: {s.num_heads} heads, "
         f"{s.num_kv_heads} kv heads, head_dim {s.head_dim}, hidden {s.hidden_size}, vocab {s.vocab_size})",
-        f"table: [{lay.vocab_size}, {lay.width}] {str(plan.model_dtype).removeprefix('torch.')} "
+        f"table: [{lay.vocab_size}, {lay.width}] {dtype_name(plan.model_dtype)} "
         f"({plan.table_bytes / 2**20:.1f} MiB): {cols}",
         f"kind: {plan.kind}" + (" (table only; loads over the source, which is not copied)"
                                 if plan.kind == "overlay" else ""),
@@ -588,5 +575,5 @@ def describe_plan(plan: ConversionPlan, device: torch.device | None = None) -> s
         + (" (embedding kept for the tied LM head)" if lay.keep_embedding else ""),
     ]
     if device is not None:
-        lines.append(f"compute: {str(plan.compute_dtype).removeprefix('torch.')} on {device}")
+        lines.append(f"compute: {dtype_name(plan.compute_dtype)} on {device}")
     return "\n".join(lines)

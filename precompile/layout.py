@@ -8,29 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .loader import TableColumn
 from .profiles import ModelSpec
 
 TABLE_FILE = "precompile_table.safetensors"
 
 
 @dataclass(frozen=True)
-class Column:
-    name: str  # "x", "x+ffn", or a projection role: "q", "k", "v", "qkv"
-    start: int
-    stop: int
-    holds: str
-    module: str | None = None  # the layer-0 module whose output this slice replaces
-
-    def as_dict(self) -> dict:
-        d = {"name": self.name, "start": self.start, "stop": self.stop, "holds": self.holds}
-        if self.module:
-            d["module"] = self.module
-        return d
-
-
-@dataclass(frozen=True)
 class TableLayout:
-    columns: tuple[Column, ...]
+    columns: tuple[TableColumn, ...]
     vocab_size: int
     x_in_table: bool
     keep_embedding: bool
@@ -42,7 +28,7 @@ class TableLayout:
         return self.columns[-1].stop
 
     @property
-    def projection_columns(self) -> tuple[Column, ...]:
+    def projection_columns(self) -> tuple[TableColumn, ...]:
         return tuple(c for c in self.columns if c.module)
 
 
@@ -50,6 +36,32 @@ def projection_width(spec: ModelSpec, role: str) -> int:
     """Output width of a projection by role, from the real head sizes."""
     return {"q": spec.q_width, "k": spec.kv_width, "v": spec.kv_width,
             "qkv": spec.q_width + 2 * spec.kv_width}[role]
+
+
+def layer0_tensor_names(spec: ModelSpec, present: set[str] | frozenset[str]) -> list[str]:
+    """Layer 0's tensors that the table is computed from, besides the embedding: what conversion reads and
+    (those present) what it eliminates, in that order. A projection or FFN bias the checkpoint lacks is
+    skipped; any other missing tensor is kept in the list, for the checks to name."""
+    names: list[str] = [n for role in spec.qk_norms for n in spec.qk_norm_tensors(role)]
+
+    def add(refs: list[tuple[str, str | None]]) -> None:
+        for weight, bias in refs:
+            names.append(weight)
+            if bias and bias in present:
+                names.append(bias)
+
+    norms = [spec.embedding_norm, spec.attn_norm]
+    if spec.folds_ffn and spec.ffn is not None:
+        add(spec.ffn.refs())
+        norms.append(spec.ffn.norm)
+    names += [t for n in norms if n is not None for t in (n.weight, n.bias) if t]
+    add([(p.weight, p.bias) for p in spec.projections])
+    return list(dict.fromkeys(names))
+
+
+def table_inputs(spec: ModelSpec, present: set[str] | frozenset[str]) -> list[str]:
+    """Every tensor computing the table reads: the embedding, then layer 0's (see layer0_tensor_names)."""
+    return [spec.embedding_tensor, *layer0_tensor_names(spec, present)]
 
 
 def table_layout(spec: ModelSpec, present: set[str] | frozenset[str]) -> TableLayout:
@@ -60,37 +72,22 @@ def table_layout(spec: ModelSpec, present: set[str] | frozenset[str]) -> TableLa
     """
     keep_embedding = spec.tied
     x_in_table = not (keep_embedding and spec.x_is_stored_row)
-    cols: list[Column] = []
+    cols: list[TableColumn] = []
     off = 0
     if x_in_table:
         if spec.folds_ffn:
             name, holds = "x+ffn", "residual: embedding output plus layer 0's FFN of it"
         else:
             name, holds = "x", "residual: the embedding module's output"
-        cols.append(Column(name, 0, spec.hidden_size, holds))
+        cols.append(TableColumn(name, 0, spec.hidden_size, holds))
         off = spec.hidden_size
     for p in spec.projections:
         w = projection_width(spec, p.role)
-        cols.append(Column(p.role, off, off + w, f"layer-0 {p.role} projection of the normed input", p.module))
+        cols.append(TableColumn(p.role, off, off + w, f"layer-0 {p.role} projection of the normed input", p.module))
         off += w
     eliminated = [] if keep_embedding else [spec.embedding_tensor]
-    eliminated += [n for role in spec.qk_norms for n in spec.qk_norm_tensors(role)]
-    norms = [spec.embedding_norm, spec.attn_norm]
-    if spec.folds_ffn and spec.ffn is not None:
-        norms.append(spec.ffn.norm)
-        for ref in spec.ffn.refs():
-            eliminated.extend(n for n in ref if n)
-    for norm in norms:
-        if norm is not None:
-            eliminated.extend(n for n in (norm.weight, norm.bias) if n)
-    for p in spec.projections:
-        eliminated.append(p.weight)
-        if p.bias:
-            eliminated.append(p.bias)
-    seen: list[str] = []
-    for name in eliminated:
-        if name in present and name not in seen:
-            seen.append(name)
+    eliminated += [n for n in layer0_tensor_names(spec, present) if n in present]
+    seen = tuple(dict.fromkeys(eliminated))
     return TableLayout(columns=tuple(cols), vocab_size=spec.vocab_size, x_in_table=x_in_table,
-                       keep_embedding=keep_embedding, eliminated=tuple(seen),
+                       keep_embedding=keep_embedding, eliminated=seen,
                        tensor_name=f"{spec.embedding_module}.table")

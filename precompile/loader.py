@@ -31,8 +31,9 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -42,10 +43,14 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 MANIFEST = "precompile.json"
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
+# The loader imports nothing of the package, so it keeps copies; tests/test_manifest.py checks they agree.
+INDEX = "model.safetensors.index.json"  # Copied from precompile.tensors.INDEX_NAME
+SINGLE = "model.safetensors"  # Copied from precompile.tensors.SINGLE_NAME
+# Copied from precompile.tensors.TORCH_DTYPES
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "float64": torch.float64}
+# Copied from precompile.tensors.DTYPE_NAMES (restricted to _DTYPES): the safetensors code of each
+_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 
 
 class PrecompileLoadError(RuntimeError):
@@ -125,30 +130,189 @@ class Zeros(nn.Module):
         return torch.zeros_like(hidden)
 
 
+@dataclass(frozen=True)
+class TableColumn:
+    """One column group of the table row: `name` is "x", "x+ffn", or a projection role ("q", "k", "v", "qkv")."""
+
+    name: str
+    start: int
+    stop: int
+    holds: str | None
+    module: str | None = None  # the layer-0 module whose output this slice replaces
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "start": self.start, "stop": self.stop, "holds": self.holds}
+        if self.module:
+            d["module"] = self.module
+        return d
+
+
+@dataclass(frozen=True)
+class TableRecord:
+    """Where the table is and how its row is laid out (manifest "table")."""
+
+    file: str
+    tensor: str
+    shape: tuple[int, int]
+    dtype: str
+    columns: tuple[TableColumn, ...]
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "tensor": self.tensor, "shape": list(self.shape), "dtype": self.dtype,
+                "columns": [c.to_dict() for c in self.columns]}
+
+
+@dataclass(frozen=True)
+class LoaderRecord:
+    """The modules the loader swaps for lookups (manifest "loader")."""
+
+    embedding_module: str
+    attention_module: str
+    hidden_size: int
+    x_stop: int  # the residual's columns end here; 0: x is read from the kept embedding
+    keep_embedding: bool
+    identity_modules: tuple[str, ...] = ()
+    zero_modules: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"embedding_module": self.embedding_module, "hidden_size": self.hidden_size, "x_stop": self.x_stop,
+                "keep_embedding": self.keep_embedding, "identity_modules": list(self.identity_modules),
+                "zero_modules": list(self.zero_modules), "attention_module": self.attention_module}
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """The original model (manifest "source"): a hub id at a revision, or a local path, and what was read.
+
+    `sizes` (and for a local source `mtimes`) of the base's files are recorded by overlays only, so that
+    loading can check the base without reading it.
+    """
+
+    config: dict
+    id: str | None = None
+    revision: str | None = None
+    path: str | None = None
+    files: dict[str, str] = field(default_factory=dict)  # path inside the source -> sha256
+    sizes: dict[str, int] | None = None
+    mtimes: dict[str, int] | None = None
+
+    def describe(self) -> str:
+        return f"{self.id}@{self.revision}" if self.id else str(self.path)
+
+    def to_dict(self) -> dict:
+        d: dict = {"id": self.id, "revision": self.revision} if self.id is not None else {"path": self.path}
+        d.update({"files": self.files, "config": self.config})
+        for k in ("sizes", "mtimes"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
+        return d
+
+
+@dataclass(frozen=True)
+class ProfileRecord:
+    """The architecture profile a conversion used (manifest "profile"); older manifests may lack any field."""
+
+    name: str | None = None
+    block: str | None = None
+    attention: str | None = None
+    path: str | None = None
+    text: str | None = None  # the YAML itself, so the conversion can be checked without the file
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "block": self.block, "attention": self.attention, "path": self.path,
+                "text": self.text}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """OUT_DIR/precompile.json: what was converted from what, and how the loader rebuilds the model.
+
+    `read` (or `from_dict`) is the one parser, with every check; `to_dict` is what the converter writes.
+    For the same inputs `from_dict(m.to_dict()) == m` and the written JSON is the same bytes.
+    """
+
+    source: SourceRecord
+    table: TableRecord
+    loader: LoaderRecord
+    profile: ProfileRecord = ProfileRecord()
+    options: dict = field(default_factory=dict)  # the conversion options (dtype, compute_dtype, ...)
+    eliminated: tuple[str, ...] = ()
+    outputs: dict[str, str] = field(default_factory=dict)  # OUT_DIR file -> sha256
+    output_sizes: dict[str, int] | None = None
+    kind: str = "full"  # or "overlay": the table only, loaded over the unchanged source
+    tool_version: str | None = None
+    format_version: int = FORMAT_VERSION
+    guard: str | None = None  # a tensor name; absent in older outputs
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> Manifest:
+        """Read and check OUT_DIR/precompile.json."""
+        p = Path(path) / MANIFEST
+        try:
+            if p.exists() and not p.is_file():
+                raise OSError(f"{p} is not a regular file")
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise PrecompileLoadError(f"{path} is not a precompiled model (no {MANIFEST}); "
+                                      f"convert it with `precompile convert` first") from None
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise PrecompileLoadError(f"{p} cannot be read ({e}); the conversion is damaged, convert again") from None
+        return cls.from_dict(data, p)
+
+    @classmethod
+    def from_dict(cls, m: object, where: str | os.PathLike = MANIFEST) -> Manifest:
+        """The manifest in `m` (precompile.json as parsed JSON), checked; `where` names it in errors."""
+        if not isinstance(m, dict) or m.get("format") != "precompile":
+            raise PrecompileLoadError(f"{where} is not a precompile manifest; convert the model again")
+        if m.get("format_version") != FORMAT_VERSION:
+            raise PrecompileLoadError(f"{where} has format version {m.get('format_version')}, this loader reads "
+                                      f"{FORMAT_VERSION}; convert again with this version or use a matching loader")
+        for key in ("table", "loader", "source"):
+            if not isinstance(m.get(key), dict):
+                raise PrecompileLoadError(f"{where} has no '{key}' section; the conversion is damaged, convert again")
+        problem = _manifest_problem(m)
+        if problem:
+            raise PrecompileLoadError(f"{where} is malformed: {problem}; the conversion is damaged, convert again")
+        t, ld, src = m["table"], m["loader"], m["source"]
+        prof = m.get("profile") if isinstance(m.get("profile"), dict) else {}
+        return cls(
+            source=SourceRecord(config=src["config"], id=src.get("id"), revision=src.get("revision"),
+                                path=src.get("path"), files=src.get("files", {}), sizes=src.get("sizes"),
+                                mtimes=src.get("mtimes")),
+            table=TableRecord(t["file"], t["tensor"], tuple(t["shape"]), t["dtype"],
+                              tuple(TableColumn(c["name"], c["start"], c["stop"], c.get("holds"), c.get("module"))
+                                    for c in t["columns"])),
+            loader=LoaderRecord(ld["embedding_module"], ld["attention_module"], ld["hidden_size"], ld["x_stop"],
+                                ld["keep_embedding"], tuple(ld.get("identity_modules", [])),
+                                tuple(ld.get("zero_modules", []))),
+            profile=ProfileRecord(**{k: v if isinstance(v, str) else None for k, v in prof.items()
+                                     if k in ProfileRecord.__dataclass_fields__}),
+            options=m.get("options", {}), eliminated=tuple(m.get("eliminated", [])), outputs=m.get("outputs", {}),
+            output_sizes=m.get("output_sizes"), kind=m.get("kind", "full"),
+            tool_version=m.get("tool_version") if isinstance(m.get("tool_version"), str) else None,
+            guard=m.get("guard"))
+
+    @classmethod
+    def coerce(cls, m: Manifest | dict) -> Manifest:
+        """A Manifest from itself or from the dict `read_manifest` returns (public functions take either)."""
+        return m if isinstance(m, Manifest) else cls.from_dict(m)
+
+    def to_dict(self) -> dict:
+        """precompile.json's content: the converter writes exactly this."""
+        d = {"format": "precompile", "format_version": self.format_version, "tool_version": self.tool_version,
+             "kind": self.kind, "profile": self.profile.to_dict(), "source": self.source.to_dict(),
+             "options": self.options, "table": self.table.to_dict(), "loader": self.loader.to_dict(),
+             "eliminated": list(self.eliminated), "outputs": self.outputs}
+        if self.output_sizes is not None:
+            d["output_sizes"] = self.output_sizes
+        if self.guard is not None:
+            d["guard"] = self.guard
+        return d
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
-    """Read and check OUT_DIR/precompile.json."""
-    p = Path(path) / MANIFEST
-    try:
-        if p.exists() and not p.is_file():
-            raise OSError(f"{p} is not a regular file")
-        manifest = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PrecompileLoadError(f"{path} is not a precompiled model (no {MANIFEST}); "
-                                  f"convert it with `precompile convert` first") from None
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise PrecompileLoadError(f"{p} cannot be read ({e}); the conversion is damaged, convert again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "precompile":
-        raise PrecompileLoadError(f"{p} is not a precompile manifest; convert the model again")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise PrecompileLoadError(f"{p} has format version {manifest.get('format_version')}, this loader reads "
-                                  f"{FORMAT_VERSION}; convert again with this version or use a matching loader")
-    for key in ("table", "loader", "source"):
-        if not isinstance(manifest.get(key), dict):
-            raise PrecompileLoadError(f"{p} has no '{key}' section; the conversion is damaged, convert again")
-    problem = _manifest_problem(manifest)
-    if problem:
-        raise PrecompileLoadError(f"{p} is malformed: {problem}; the conversion is damaged, convert again")
-    return manifest
+    """OUT_DIR/precompile.json, checked (see `Manifest.read`), as the JSON dict."""
+    return Manifest.read(path).to_dict()
 
 
 def _plain(name: object) -> bool:
@@ -170,6 +334,9 @@ def _manifest_problem(m: dict) -> str | None:
 
     def str_list(x) -> bool:
         return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+    def int_map(x) -> bool:
+        return isinstance(x, dict) and all(isinstance(k, str) and is_int(v) for k, v in x.items())
 
     t, ld, src = m["table"], m["loader"], m["source"]
     checks = [
@@ -201,21 +368,24 @@ def _manifest_problem(m: dict) -> str | None:
          "source.id, revision and path must be strings"),
         (isinstance(m.get("options", {}), dict) and m.get("options", {}).get("compute_dtype", "float32") in _DTYPES,
          "options must be an object whose compute_dtype is a float dtype"),
+        (all(int_map(x) for x in (m.get("output_sizes", {}), src.get("sizes", {}), src.get("mtimes", {}))),
+         "output_sizes, source.sizes and source.mtimes must map file names to integers"),
+        (isinstance(m.get("guard", ""), str), "guard must be a tensor name"),
     ]
     return next((why for ok, why in checks if not ok), None)
 
 
-def indexed_table_file(path: Path, manifest: dict) -> str:
+def indexed_table_file(path: Path, manifest: Manifest | dict) -> str:
     """The file that OUT_DIR's index names for the table tensor: what transformers loads, and so what every
     check must read (a manifest naming another file would vouch for a table the model never uses).
     Every file the index names must be a regular file inside OUT_DIR. An overlay, or a directory
     without an index, loads the manifest's file."""
-    path = Path(path)
-    if manifest.get("kind", "full") != "full" or not (path / INDEX).exists():
-        return manifest["table"]["file"]
+    path, manifest = Path(path), Manifest.coerce(manifest)
+    if manifest.kind != "full" or not (path / INDEX).exists():
+        return manifest.table.file
     try:
         wm = json.loads((path / INDEX).read_text(encoding="utf-8"))["weight_map"]
-        named = wm.get(manifest["table"]["tensor"])
+        named = wm.get(manifest.table.tensor)
         files = sorted(map(str, wm.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise PrecompileLoadError(f"{path / INDEX} cannot be read ({type(e).__name__}); the conversion is damaged, "
@@ -229,16 +399,16 @@ def indexed_table_file(path: Path, manifest: dict) -> str:
         raise PrecompileLoadError(f"{path / bad} is missing or not a regular file; the conversion is damaged, "
                                   f"convert again")
     if not isinstance(named, str):
-        raise PrecompileLoadError(f"{path / INDEX} does not name the table {manifest['table']['tensor']}; the "
+        raise PrecompileLoadError(f"{path / INDEX} does not name the table {manifest.table.tensor}; the "
                                   f"conversion is damaged, convert again")
     return named
 
 
-def original_config(manifest: dict) -> PretrainedConfig:
+def original_config(manifest: Manifest) -> PretrainedConfig:
     """The source model's transformers config, as recorded at conversion time."""
     from transformers import AutoConfig
 
-    cfg = dict(manifest["source"]["config"])
+    cfg = dict(manifest.source.config)
     model_type = cfg.pop("model_type")
     return AutoConfig.for_model(model_type, **cfg)
 
@@ -248,36 +418,39 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
-def apply_layout(model: nn.Module, manifest: dict) -> None:
+def apply_layout(model: nn.Module, manifest: Manifest | dict) -> None:
     """Swap the layer-0 modules named in the manifest for table lookups (on any device, meta included)."""
-    table, spec = manifest["table"], manifest["loader"]
+    manifest = Manifest.coerce(manifest)
+    table, spec = manifest.table, manifest.loader
     kept = _Kept()
-    old = model.get_submodule(spec["embedding_module"])
-    emb = TableEmbedding(table["shape"][0], table["shape"][1], spec["x_stop"], spec["hidden_size"],
-                         spec["keep_embedding"], kept, getattr(old, "padding_idx", None))
-    _set_module(model, spec["embedding_module"], emb)
-    for col in table["columns"]:
-        if col.get("module"):
-            _set_module(model, col["module"], TableSlice(col["start"], col["stop"], kept))
-    for path in spec["identity_modules"]:
+    old = model.get_submodule(spec.embedding_module)
+    emb = TableEmbedding(table.shape[0], table.shape[1], spec.x_stop, spec.hidden_size,
+                         spec.keep_embedding, kept, getattr(old, "padding_idx", None))
+    _set_module(model, spec.embedding_module, emb)
+    for col in table.columns:
+        if col.module:
+            _set_module(model, col.module, TableSlice(col.start, col.stop, kept))
+    for path in spec.identity_modules:
         _set_module(model, path, nn.Identity())
-    for path in spec["zero_modules"]:
+    for path in spec.zero_modules:
         _set_module(model, path, Zeros())
 
     def clear(*_args) -> None:
         kept.rows = None
 
-    model.get_submodule(spec["attention_module"]).register_forward_hook(clear)
+    model.get_submodule(spec.attention_module).register_forward_hook(clear)
     model.register_forward_pre_hook(clear)  # a call with inputs_embeds must not see an older call's rows
 
 
-def precompiled_class(base: type, manifest: dict) -> type:
+def precompiled_class(base: type, manifest: Manifest | dict) -> type:
     """The original model class whose __init__ swaps layer 0 before any weight is loaded.
 
     Swapping first means transformers' own loading (dtype, device, tied weights, fused
     experts) sees exactly the tensors in OUT_DIR: nothing is random-initialised and the
     eliminated tensors never exist in memory.
     """
+
+    manifest = Manifest.coerce(manifest)
 
     def __init__(self, config, *args, **kwargs):
         base.__init__(self, config, *args, **kwargs)
@@ -286,49 +459,49 @@ def precompiled_class(base: type, manifest: dict) -> type:
     # An overlay's base shards still hold the eliminated tensors: transformers skips them (never reading
     # their data) and need not report them as unexpected.
     ignore = list(getattr(base, "_keys_to_ignore_on_load_unexpected", None) or [])
-    ignore += [rf"(^|\.){re.escape(n)}$" for n in manifest.get("eliminated", [])]
+    ignore += [rf"(^|\.){re.escape(n)}$" for n in manifest.eliminated]
     return type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__,
                                          "_keys_to_ignore_on_load_unexpected": ignore})
 
 
-def _check_table(path: Path, manifest: dict, config: PretrainedConfig) -> None:
+def _check_table(path: Path, manifest: Manifest, config: PretrainedConfig) -> None:
     from safetensors import safe_open
 
-    table = manifest["table"]
-    f = path / table["file"]
+    table = manifest.table
+    f = path / table.file
     if not f.is_file():  # a FIFO or device would block or never end
         raise PrecompileLoadError(f"{f} is missing or not a regular file; the conversion is incomplete, convert again")
     try:
         with safe_open(f, framework="pt") as sf:
-            if table["tensor"] not in sf.keys():
-                raise PrecompileLoadError(f"{f} does not hold {table['tensor']}; convert again")
-            sl = sf.get_slice(table["tensor"])
+            if table.tensor not in sf.keys():
+                raise PrecompileLoadError(f"{f} does not hold {table.tensor}; convert again")
+            sl = sf.get_slice(table.tensor)
             shape, dtype = list(sl.get_shape()), sl.get_dtype()
     except PrecompileLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged file, whatever safetensors calls it
         raise PrecompileLoadError(f"{f} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                                   f"the conversion is damaged, convert again") from None
-    cols = table["columns"]
-    width = cols[-1]["stop"] if cols else 0
-    ok_cols = all(a["stop"] == b["start"] for a, b in zip(cols, cols[1:])) and cols and cols[0]["start"] == 0
+    cols = table.columns
+    width = cols[-1].stop if cols else 0
+    ok_cols = all(a.stop == b.start for a, b in zip(cols, cols[1:])) and cols and cols[0].start == 0
     if not ok_cols:
         raise PrecompileLoadError(f"{f}: the manifest's table columns are not contiguous from 0 "
-                                  f"({[(c['start'], c['stop']) for c in cols]}); convert again")
-    if shape != list(table["shape"]) or shape[1] != width:
+                                  f"({[(c.start, c.stop) for c in cols]}); convert again")
+    if shape != list(table.shape) or shape[1] != width:
         raise PrecompileLoadError(f"{f}: table shape {shape} does not match the manifest's layout "
-                                  f"{table['shape']} (width {width}); convert again")
+                                  f"{list(table.shape)} (width {width}); convert again")
     if shape[0] != config.vocab_size:
         raise PrecompileLoadError(f"{f}: table has {shape[0]} rows but the model's vocab_size is "
                                   f"{config.vocab_size}; convert again")
     _check_widths(f, cols, manifest, config)
-    want = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}.get(table["dtype"])
+    want = _CODES.get(table.dtype)
     if dtype != want:
-        raise PrecompileLoadError(f"{f}: table dtype {dtype} differs from the manifest's {table['dtype']}; "
+        raise PrecompileLoadError(f"{f}: table dtype {dtype} differs from the manifest's {table.dtype}; "
                                   f"convert again")
 
 
-def _check_widths(f: Path, cols: list[dict], manifest: dict, config: PretrainedConfig) -> None:
+def _check_widths(f: Path, cols: tuple[TableColumn, ...], manifest: Manifest, config: PretrainedConfig) -> None:
     """The residual and q columns must be as wide as the model they are loaded into says."""
     hidden = getattr(config, "hidden_size", None)
     heads = getattr(config, "num_attention_heads", None)
@@ -336,14 +509,14 @@ def _check_widths(f: Path, cols: list[dict], manifest: dict, config: PretrainedC
         return
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     want = {"x": hidden, "x+ffn": hidden, "q": heads * head_dim}
-    if manifest["loader"].get("hidden_size") != hidden:
-        raise PrecompileLoadError(f"{f}: the manifest's hidden size {manifest['loader'].get('hidden_size')} differs "
+    if manifest.loader.hidden_size != hidden:
+        raise PrecompileLoadError(f"{f}: the manifest's hidden size {manifest.loader.hidden_size} differs "
                                   f"from the config's {hidden}; convert again")
     for c in cols:
-        w = c["stop"] - c["start"]
-        if c["name"] in want and w != want[c["name"]]:
-            raise PrecompileLoadError(f"{f}: table column {c['name']} is {w} wide, but the config implies "
-                                      f"{want[c['name']]}; the table does not belong to this model, convert again")
+        w = c.stop - c.start
+        if c.name in want and w != want[c.name]:
+            raise PrecompileLoadError(f"{f}: table column {c.name} is {w} wide, but the config implies "
+                                      f"{want[c.name]}; the table does not belong to this model, convert again")
 
 
 def _sha256(path: Path) -> str:
@@ -360,10 +533,6 @@ def _blob_sha256(path: Path) -> str | None:
     if path.is_symlink() and real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
         return real.name
     return None
-
-
-def _describe_source(src: dict) -> str:
-    return f"{src['id']}@{src.get('revision')}" if src.get("id") else str(src.get("path"))
 
 
 def _base_files(root: Path) -> dict[str, str]:
@@ -388,64 +557,78 @@ def _base_files(root: Path) -> dict[str, str]:
                                   f"original model's directory") from None
 
 
-def _weight_index_name(manifest: dict) -> str:
-    files = manifest["source"].get("files", {})
-    return INDEX if INDEX in files else SINGLE
+def _weight_index_name(manifest: Manifest) -> str:
+    return INDEX if INDEX in manifest.source.files else SINGLE
 
 
-def resolve_base(manifest: dict, base: str | os.PathLike | None = None) -> Path:
-    """The directory of an overlay's base model, with every file the overlay loads from present.
+class SourceNotFoundError(PrecompileLoadError):
+    """The manifest records no original model, or a local directory that is gone."""
 
-    `base` (a directory) overrides the recorded source; otherwise a hub source is taken from the HF cache
-    (or fetched) at the recorded revision, and a local source from its recorded path.
+
+def locate_source(manifest: Manifest, base: str | os.PathLike | None = None,
+                  hub: Callable[[str, str | None], Path] | None = None) -> Path:
+    """The directory of the original model a conversion was made from.
+
+    `base` (a directory) overrides the record; otherwise the recorded local path, or the recorded hub id at
+    its revision from `hub(repo, revision)`. The default `hub` takes the HF cache (or fetches) only the
+    weight files holding the tensors the precompiled model keeps: what loading an overlay reads.
     """
-    src = manifest["source"]
+    src = manifest.source
     if base is not None:
         root = Path(base).expanduser()
         if not root.is_dir():
             raise PrecompileLoadError(f"base {base} is not a directory; pass the original model's directory")
         return root.resolve()
-    if src.get("path"):
-        root = Path(src["path"])
+    if src.path:
+        root = Path(src.path)
         if not root.is_dir():
-            raise PrecompileLoadError(f"the overlay's base {root} is gone; pass base= (or --reference) the original "
+            raise SourceNotFoundError(f"the overlay's base {root} is gone; pass base= (or --reference) the original "
                                       f"model's directory")
         return root
+    if not src.id:
+        raise SourceNotFoundError(f"{MANIFEST} records no source; pass base= the original model's directory")
+    return (hub or _overlay_hub(manifest))(src.id, src.revision)
+
+
+def _overlay_hub(manifest: Manifest) -> Callable[[str, str | None], Path]:
+    """locate_source's default `hub`: the weight files an overlay loads, from the HF cache or the hub."""
     from huggingface_hub import hf_hub_download
 
-    repo, rev = src["id"], src["revision"]
+    def snapshot(repo: str, rev: str | None) -> Path:
+        def fetch(name: str) -> Path:
+            try:
+                return Path(hf_hub_download(repo, name, revision=rev))
+            except Exception as e:  # noqa: BLE001 - offline, missing, gated: one message with the fix
+                raise PrecompileLoadError(f"cannot get {name} of the overlay's base {repo} at revision {rev} "
+                                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                          f"download that revision into the HF cache, or pass base= its "
+                                          f"directory") from None
 
-    def fetch(name: str) -> Path:
-        try:
-            return Path(hf_hub_download(repo, name, revision=rev))
-        except Exception as e:  # noqa: BLE001 - offline, missing, gated: one message with the fix
-            raise PrecompileLoadError(f"cannot get {name} of the overlay's base {repo} at revision {rev} "
-                                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); download "
-                                      f"that revision into the HF cache, or pass base= its directory") from None
+        root = fetch(_weight_index_name(manifest)).parent
+        eliminated = set(manifest.eliminated)
+        for name in sorted({f for k, f in _base_files(root).items() if k not in eliminated}):
+            fetch(name)
+        return root
 
-    root = fetch(_weight_index_name(manifest)).parent
-    eliminated = set(manifest["eliminated"])
-    for name in sorted({f for k, f in _base_files(root).items() if k not in eliminated}):
-        fetch(name)
-    return root
+    return snapshot
 
 
-def check_base(root: Path, manifest: dict, full: bool = False) -> None:
+def check_base(root: Path, manifest: Manifest, full: bool = False) -> None:
     """Refuse a base that is not the one the overlay was computed from.
 
     Cheap by default: a hub cache names each blob by its sha256, and a local file whose size and mtime
     match the record is taken as unchanged; anything else (or full=True) is hashed. Files the table was
     not computed from are checked by size only; the revision is checked when the base is a hub snapshot.
     """
-    src = manifest["source"]
-    where = _describe_source(src)
-    rev = src.get("revision")
+    src = manifest.source
+    where = src.describe()
+    rev = src.revision
     if rev and root.parent.name == "snapshots" and root.name != rev:
         raise BaseMismatchError(f"base {root} is revision {root.name}, but the overlay was computed from {where}; "
                                   f"use that revision, or convert again from this one")
-    sizes, mtimes = src.get("sizes", {}), src.get("mtimes", {})
+    sizes, mtimes = src.sizes or {}, src.mtimes or {}
     weight_files = set(_base_files(root).values()) | {_weight_index_name(manifest)}
-    for name, sha in sorted(src.get("files", {}).items()):
+    for name, sha in sorted(src.files.items()):
         p = root / name
         if not p.exists():
             if name in weight_files:
@@ -466,7 +649,7 @@ def check_base(root: Path, manifest: dict, full: bool = False) -> None:
         if not same:
             raise BaseMismatchError(f"base file {p} differs from the one the overlay was computed from ({where}, "
                                       f"sha256 {sha[:12]}); restore the original or convert again from this base")
-    for name in sorted(weight_files - set(src.get("files", {}))):
+    for name in sorted(weight_files - set(src.files)):
         p = root / name
         if name in sizes and p.exists() and p.stat().st_size != sizes[name]:
             raise BaseMismatchError(f"base file {p} has {p.stat().st_size} bytes, {sizes[name]} when the overlay "
@@ -474,21 +657,21 @@ def check_base(root: Path, manifest: dict, full: bool = False) -> None:
 
 
 def overlay_base(path: str | os.PathLike, base: str | os.PathLike | None = None, full: bool = False,
-                 manifest: dict | None = None) -> Path:
-    """Resolve and check an overlay's base (see `resolve_base`, `check_base`); returns its directory."""
-    manifest = manifest or read_manifest(path)
-    if manifest.get("kind") != "overlay":
+                 manifest: Manifest | None = None) -> Path:
+    """Find and check an overlay's base (see `locate_source`, `check_base`); returns its directory."""
+    manifest = manifest or Manifest.read(path)
+    if manifest.kind != "overlay":
         raise PrecompileLoadError(f"{path} is a full conversion, not an overlay; it needs no base")
-    root = resolve_base(manifest, base)
+    root = locate_source(manifest, base)
     check_base(root, manifest, full)
     return root
 
 
-def _overlay_dir(path: Path, root: Path, manifest: dict) -> Path:
+def _overlay_dir(path: Path, root: Path, manifest: Manifest) -> Path:
     """A temporary checkpoint directory: links to the base shards that hold kept tensors, the table, and
     an index listing only what the precompiled model loads."""
-    eliminated = set(manifest["eliminated"])
-    table = manifest["table"]
+    eliminated = set(manifest.eliminated)
+    table = manifest.table
     kept = {k: f for k, f in _base_files(root).items() if k not in eliminated}
     tmp = Path(tempfile.mkdtemp(prefix="precompile-overlay-"))
     try:
@@ -499,9 +682,9 @@ def _overlay_dir(path: Path, root: Path, manifest: dict) -> Path:
             if missing:
                 raise PrecompileLoadError(f"base {root} has no {f}; download the whole base model or pass base=")
             os.symlink(os.path.realpath(root / f), tmp / links[f])
-        os.symlink(os.path.realpath(path / table["file"]), tmp / table["file"])
+        os.symlink(os.path.realpath(path / table.file), tmp / table.file)
         weight_map = {k: links[f] for k, f in kept.items()}
-        weight_map[table["tensor"]] = table["file"]
+        weight_map[table.tensor] = table.file
         (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}), encoding="utf-8")
         if (path / "generation_config.json").exists():
             os.symlink(os.path.realpath(path / "generation_config.json"), tmp / "generation_config.json")
@@ -522,11 +705,11 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
     from transformers import AutoModelForCausalLM
 
     path = Path(path) if path is not None else Path(__file__).resolve().parent
-    manifest = read_manifest(path)
+    manifest = Manifest.read(path)
     named = indexed_table_file(path, manifest)
-    if named != manifest["table"]["file"]:
+    if named != manifest.table.file:
         raise PrecompileLoadError(f"{path / INDEX} loads the table from {named!r}, but {MANIFEST} names "
-                                  f"{manifest['table']['file']!r}; the conversion is damaged, convert again")
+                                  f"{manifest.table.file!r}; the conversion is damaged, convert again")
     try:
         config = original_config(manifest)
         _check_table(path, manifest, config)
@@ -536,8 +719,8 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
     cls = precompiled_class(base_cls, manifest)
     if isinstance(dtype, str):
         dtype = _DTYPES[dtype]
-    dtype = dtype or _DTYPES[manifest["table"]["dtype"]]
-    if manifest.get("kind", "full") == "overlay":
+    dtype = dtype or _DTYPES[manifest.table.dtype]
+    if manifest.kind == "overlay":
         root = overlay_base(path, base, verify_base, manifest)
         tmp = _overlay_dir(path, root, manifest)
         try:

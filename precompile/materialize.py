@@ -15,7 +15,7 @@ from pathlib import Path
 from .convert import ConvertResult, convert, plan_conversion
 from .errors import UserError
 from .layout import TABLE_FILE
-from .loader import MANIFEST, overlay_base, read_manifest
+from .loader import MANIFEST, Manifest, overlay_base
 from .profiles import load_profile, recorded_profile
 from .progress import Progress
 from .source import file_sha256
@@ -27,25 +27,25 @@ def materialize(overlay_dir: str | os.PathLike, full_dir: str | os.PathLike, *, 
     """Write FULL_DIR: the overlay's base without the eliminated tensors, plus the overlay's table."""
     progress = progress or Progress(quiet=True)
     overlay_dir = Path(overlay_dir)
-    manifest = read_manifest(overlay_dir)
-    if manifest.get("kind") != "overlay":
+    manifest = Manifest.read(overlay_dir)
+    if manifest.kind != "overlay":
         raise UserError(f"{overlay_dir} is already a full conversion; copy it instead of materializing it")
     table = overlay_dir / TABLE_FILE
-    if file_sha256(table) != manifest["outputs"].get(TABLE_FILE):
+    if file_sha256(table) != manifest.outputs.get(TABLE_FILE):
         raise UserError(f"{table} differs from the sha256 in its manifest; the overlay is damaged, convert again")
     progress.log("checking the base against the overlay's manifest")
     root = overlay_base(overlay_dir, base, full=True, manifest=manifest)
-    src = manifest["source"]
-    hub = base is None and src.get("id")
-    opts = manifest["options"]
+    src = manifest.source
+    hub = base is None and src.id
+    opts = manifest.options
     # the profile the overlay was made with (recorded in its manifest) needs no --profile
     prof = load_profile(profile) if profile is not None else recorded_profile(manifest, str(overlay_dir / MANIFEST))
-    kw = dict(revision=src["revision"] if hub else None, profile=prof, dtype=opts["dtype"],
+    kw = dict(revision=src.revision if hub else None, profile=prof, dtype=opts["dtype"],
               compute_dtype=opts["compute_dtype"])
-    source = src["id"] if hub else str(root)
+    source = src.id if hub else str(root)
     plan = plan_conversion(source, **kw)
-    if plan.profile.name != manifest["profile"]["name"]:
+    if plan.profile.name != manifest.profile.name:
         raise UserError(f"the base reads as profile {plan.profile.name}, but the overlay was made with "
-                        f"{manifest['profile']['name']}; pass --profile with the overlay's profile")
+                        f"{manifest.profile.name}; pass --profile with the overlay's profile")
     return convert(source, full_dir, device="cpu", force=force, link=link, progress=progress, table=table,
                    self_check=self_check, **kw)

@@ -20,9 +20,10 @@ from .profiles import ModelSpec, conversion_profile, resolve, select_profile
 
 if TYPE_CHECKING:  # convert imports torch and transformers: plans from a config need neither
     from .convert import ConversionPlan
+    from .loader import Manifest
 
 DEFAULT_BATCH_SIZES = (1, 16, 256, 1024)
-MANIFEST = "precompile.json"  # the converted OUT_DIR's manifest (loader.MANIFEST)
+MANIFEST = "precompile.json"  # Copied from precompile.loader.MANIFEST (which imports torch)
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,8 @@ def figures(s: Sizes, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> dic
 
 def output_files(conv: ConversionPlan) -> dict[str, int]:
     """The exact size in bytes of every weight file a conversion writes (headers included)."""
-    import torch
-
     from .layout import TABLE_FILE
-    from .tensors import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, write_header
+    from .tensors import DTYPE_NAMES, element_size, output_dtype, write_header
 
     lay = conv.layout
     table_entry = (lay.tensor_name, DTYPE_NAMES[conv.model_dtype], (lay.vocab_size, lay.width), conv.table_bytes)
@@ -142,8 +141,8 @@ def output_files(conv: ConversionPlan) -> dict[str, int]:
             continue
         entries = []
         for t in sorted(sh.keep, key=lambda t: t.start):
-            dt = out_dtype if t.dtype in FLOAT_DTYPES else t.dtype
-            entries.append((t.name, dt, t.shape, t.numel * torch.empty((), dtype=DTYPES[dt]).element_size()))
+            dt = output_dtype(t.dtype, out_dtype)
+            entries.append((t.name, dt, t.shape, t.numel * element_size(dt)))
         data = sum(e[3] for e in entries)
         files[sh.out_file] = write_header(io.BytesIO(), entries, conv.checkpoint.metadata[sh.source_file]) + data
     return files
@@ -151,16 +150,13 @@ def output_files(conv: ConversionPlan) -> dict[str, int]:
 
 def exact_figures(conv: ConversionPlan, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> dict[str, Any]:
     """Byte figures of a planned conversion (`convert.plan_conversion`): what the files really hold."""
-    import torch
-
-    from .tensors import DTYPES, FLOAT_DTYPES
+    from .tensors import DTYPE_NAMES, dtype_name, element_size, output_dtype
 
     spec, lay, ckpt = conv.spec, conv.layout, conv.checkpoint
-    es = torch.empty((), dtype=conv.model_dtype).element_size()
+    es = conv.model_dtype.itemsize
 
     def out_bytes(t) -> int:
-        dt = conv.model_dtype if t.dtype in FLOAT_DTYPES else DTYPES[t.dtype]
-        return t.numel * torch.empty((), dtype=dt).element_size()
+        return t.numel * element_size(output_dtype(t.dtype, DTYPE_NAMES[conv.model_dtype]))
 
     gone = [ckpt.info(n) for n in lay.eliminated]
     layer0 = [t for t in gone if t.name != spec.embedding_tensor]
@@ -177,7 +173,7 @@ def exact_figures(conv: ConversionPlan, batch_sizes: tuple[int, ...] = DEFAULT_B
         batches.append({"batch": b, "reads_without_bytes": without, "reads_with_bytes": with_,
                         "reduction": without / with_})
     return {
-        "dtype": str(conv.model_dtype).removeprefix("torch."),
+        "dtype": dtype_name(conv.model_dtype),
         "tied": spec.tied,
         "embedding_kept": lay.keep_embedding,
         "x_in_table": lay.x_in_table,
@@ -222,10 +218,14 @@ def _hub_config(repo_id: str, revision: str | None) -> Path:
         return Path(hf_hub_download(repo_id, "config.json", revision=revision))
 
 
-def _has_weights(root: Path) -> bool:
-    from .tensors import INDEX_NAME, SINGLE_NAME
+def _converted_manifest(out_dir: Path) -> Manifest:
+    """A converted OUT_DIR's manifest (the loader, and with it torch, is imported only for one)."""
+    from .loader import Manifest, PrecompileLoadError
 
-    return (root / SINGLE_NAME).exists() or (root / INDEX_NAME).exists()
+    try:
+        return Manifest.read(out_dir)
+    except PrecompileLoadError as e:
+        raise UserError(str(e)) from None
 
 
 def load_config(source: str, revision: str | None = None) -> tuple[dict, str, Path | None]:
@@ -241,14 +241,12 @@ def load_config(source: str, revision: str | None = None) -> tuple[dict, str, Pa
     if p.exists() and not p.is_dir():  # a config.json (a FIFO or device is refused by the reader)
         return _read_json_file(p), "config", None
     if p.is_dir():
-        manifest = p / MANIFEST
-        if manifest.exists():
-            cfg = _read_json_file(manifest).get("source", {}).get("config")
-            if not isinstance(cfg, dict):
-                raise UserError(f"{manifest} has no source.config; the conversion is damaged, convert it again")
-            return cfg, "converted", None
+        if (p / MANIFEST).exists():
+            return _converted_manifest(p).source.config, "converted", None
+        from .tensors import has_safetensors
+
         config = read_config(p.resolve())
-        return config, "local", (p.resolve() if _has_weights(p) else None)
+        return config, "local", (p.resolve() if has_safetensors(p) else None)
     if not is_hub_id(source):
         raise UserError(f"SOURCE {source} not found: no such file or directory, and it is not a hub repo id "
                         f"(org/name)")
@@ -288,8 +286,8 @@ def plan_model(source: str, *, profile: str | None = None, assume_parallel: bool
         raise UserError(f"batch sizes {list(batch_sizes)} must be positive integers; pass e.g. 1,16,256,1024")
     config, kind, weights = load_config(source, revision)
     if kind == "converted":  # the profile the conversion recorded, unless --profile overrides it
-        manifest = Path(source).expanduser() / MANIFEST
-        prof = conversion_profile(_read_json_file(manifest), config, str(manifest), profile)
+        out_dir = Path(source).expanduser()
+        prof = conversion_profile(_converted_manifest(out_dir), config, str(out_dir / MANIFEST), profile)
     else:
         prof = select_profile(config, profile)
     spec = resolve(prof, config, assume_parallel=assume_parallel)

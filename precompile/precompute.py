@@ -258,20 +258,3 @@ def compute_rows(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: di
         out[..., c.start:c.stop] = projection_output(spec, p, h, w)
     return out
 
-
-def layer0_tensor_names(spec: ModelSpec, present: set[str] | frozenset[str]) -> list[str]:
-    """The tensors (besides the embedding) that computing the table reads."""
-    names: list[str] = [n for role in spec.qk_norms for n in spec.qk_norm_tensors(role)]
-    norms = [spec.embedding_norm, spec.attn_norm]
-    refs: list[tuple[str, str | None]] = [(p.weight, p.bias) for p in spec.projections]
-    if spec.folds_ffn and spec.ffn is not None:
-        norms.append(spec.ffn.norm)
-        refs += spec.ffn.refs()
-    for n in norms:
-        if n is not None:
-            names += [t for t in (n.weight, n.bias) if t]
-    for weight, bias in refs:
-        names.append(weight)
-        if bias and bias in present:
-            names.append(bias)
-    return list(dict.fromkeys(names))

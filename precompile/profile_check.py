@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .layout import projection_width
-from .precompute import layer0_tensor_names
+from .layout import projection_width, table_inputs
 from .profiles import ModelSpec, Profile, effective_data
 from .tensors import TensorInfo
 
@@ -61,7 +60,7 @@ def check_tensors(profile: Profile, config: dict, spec: ModelSpec, tensors: dict
     data = effective_data(profile, config)
     keys = tensor_keys(data)
     present = frozenset(tensors)
-    needed = [spec.embedding_tensor, *layer0_tensor_names(spec, present),
+    needed = [*table_inputs(spec, present),
               *(p.bias for p in spec.projections if p.bias_required)]
     required_biases = {p.bias for p in spec.projections if p.bias_required}
     for name in needed:

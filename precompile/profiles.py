@@ -15,12 +15,15 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .errors import UserError
 from .files import check_regular
+
+if TYPE_CHECKING:  # the loader imports torch; profiles are read without it
+    from .loader import Manifest
 
 NORM_KINDS = ("rms", "layer")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
@@ -471,22 +474,22 @@ def load_profile(path: str | Path) -> Profile:
     return Profile(name=data["name"], path=str(path), data=data, text=path.read_text(encoding="utf-8"))
 
 
-def recorded_profile(manifest: dict, where: str) -> Profile | None:
+def recorded_profile(manifest: Manifest, where: str) -> Profile | None:
     """The profile a conversion was made with, from its manifest (`where`); None for manifests without it."""
-    rec = manifest.get("profile") or {}
-    text = rec.get("text")
-    if not isinstance(text, str):
+    rec = manifest.profile
+    text = rec.text
+    if text is None:
         return None
-    label = f"{where} (the profile recorded from {rec.get('path')})"
+    label = f"{where} (the profile recorded from {rec.path})"
     try:
         data = yaml.load(text, Loader=YAML_LOADER)
     except yaml.YAMLError:
         raise UserError(f"{label} is not valid YAML; the manifest is damaged, pass --profile or convert again") from None
     validate_profile(data, label)
-    return Profile(name=data["name"], path=str(rec.get("path") or where), data=data, text=text)
+    return Profile(name=data["name"], path=str(rec.path or where), data=data, text=text)
 
 
-def conversion_profile(manifest: dict, config: dict, where: str, profile_path: str | Path | None = None) -> Profile:
+def conversion_profile(manifest: Manifest, config: dict, where: str, profile_path: str | Path | None = None) -> Profile:
     """The profile of an existing conversion: --profile, else the one its manifest records, else (older
     manifests) the shipped profile of the recorded name, else the one config.json selects."""
     if profile_path is not None:
@@ -494,7 +497,7 @@ def conversion_profile(manifest: dict, config: dict, where: str, profile_path: s
     recorded = recorded_profile(manifest, where)
     if recorded is not None:
         return recorded
-    name = (manifest.get("profile") or {}).get("name")
+    name = manifest.profile.name
     for p in builtin_profiles():
         if p.name == name:
             return p

@@ -107,11 +107,11 @@ def plan_push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False
             or "no output hashes recorded"
         raise UserError(f"{out} does not match its {MANIFEST} ({bad}); it is damaged or half-written, convert "
                         f"again before pushing")
-    src = manifest.get("source") or {}
-    if manifest.get("kind") == "overlay" and not src.get("id"):
+    src = manifest.source
+    if manifest.kind == "overlay" and not src.id:
         raise UserError(local_overlay_reason(str(out)))
-    names = sorted(manifest["outputs"]) + [MANIFEST]
-    label = src.get("id") or Path(str(src.get("path") or out)).name
+    names = sorted(manifest.outputs) + [MANIFEST]
+    label = src.id or Path(str(src.path or out)).name
     return PushPlan(out, repo_id, revision or "main", private,
                     commit_message or f"Upload {label} with layer 0 precomputed (precompile {__version__})",
                     tuple((n, (out / n).stat().st_size) for n in names),

@@ -42,9 +42,9 @@ from torch import nn
 
 from .errors import UserError, VerificationError
 from .layout import TABLE_FILE
-from .loader import original_config, precompiled_class, read_manifest
+from .loader import Manifest, original_config, precompiled_class
 from .source import fetch_files, weight_map
-from .tensors import INDEX_NAME, Checkpoint, mapped
+from .tensors import INDEX_NAME, Checkpoint, dtype_name, mapped
 
 if TYPE_CHECKING:
     from .convert import ConversionPlan
@@ -297,7 +297,7 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
 
     t0 = time.monotonic()
     spec, dtype = plan.spec, plan.model_dtype
-    manifest = read_manifest(tmp)
+    manifest = Manifest.read(tmp)
     attention = spec.attention_module
     layer = attention.rpartition(".")[0]
     points = compared_points(spec.block, spec.n_experts)
@@ -331,7 +331,7 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
         orig_d = float((orig[name] - exact[name]).abs().max())
         diff = float((conv[name] - exact[name]).abs().max()) if conv[name].shape == exact[name].shape else float("inf")
         results.append(PointResult(name, diff, point_bound(orig_d, scale, dtype), orig_d, scale))
-    result = SelfCheckResult(spec.profile, str(dtype).removeprefix("torch."), int(ids.numel()), tuple(results),
+    result = SelfCheckResult(spec.profile, dtype_name(dtype), int(ids.numel()), tuple(results),
                              time.monotonic() - t0)
     bad = next((p for p in result.points if not p.passed), None)
     if bad is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .files import check_inside, check_regular, read_json
-from .tensors import INDEX_NAME, SINGLE_NAME, Checkpoint, read_header, read_index
+from .tensors import INDEX_NAME, SINGLE_NAME, Checkpoint, read_header, read_index, weight_index
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt",
                   "spiece.model", "*.jinja", "README.md"]  # README.md: the source card's license/language
@@ -84,8 +84,9 @@ def _fetch_weights(src: Source) -> None:
     """The safetensors files the index names (or model.safetensors without one), at the revision already
     resolved: never every `*.safetensors` of the repo (Mistral's repos also ship a consolidated.safetensors
     of the whole model). A file the repo lacks is left for `checkpoint_files` to name."""
-    if (src.root / INDEX_NAME).exists():
-        names = sorted(set(read_index(src.root / INDEX_NAME).values()))
+    index = weight_index(src.root)
+    if index is not None:
+        names = sorted(set(read_index(index).values()))
     else:
         names = [SINGLE_NAME]
     missing = [n for n in names if not (src.root / n).exists()]
@@ -152,8 +153,9 @@ def fetch_files(src: Source, names: list[str]) -> None:
 
 def weight_map(src: Source) -> dict[str, str]:
     """Tensor name -> file, from the index (or the header of a single model.safetensors), reading no tensor."""
-    if (src.root / INDEX_NAME).exists() and not (src.root / SINGLE_NAME).exists():
-        return read_index(src.root / INDEX_NAME)
+    index = weight_index(src.root)
+    if index is not None:
+        return read_index(index)
     fetch_files(src, [SINGLE_NAME])
     infos, _ = read_header(src.root / SINGLE_NAME)
     return {name: SINGLE_NAME for name in infos}

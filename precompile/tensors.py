@@ -29,6 +29,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+# Float dtypes by torch's name, as options, the manifest and config.json spell them (the loader keeps a copy).
+TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                        "float16": torch.float16, "float64": torch.float64}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -59,6 +62,24 @@ class TensorInfo:
 
 def element_size(dtype: str) -> int:
     return torch.empty((), dtype=DTYPES[dtype]).element_size()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch's name of a dtype without the module ("bfloat16"), as TORCH_DTYPES and config.json spell it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def output_dtype(stored: str, model: str | None) -> str:
+    """The safetensors dtype a kept tensor is written in: a float tensor takes the model dtype (when one is
+    asked for), any other keeps its own."""
+    return model if model and stored in FLOAT_DTYPES else stored
+
+
+def weight_index(root: Path) -> Path | None:
+    """The index mapping each tensor to its file, or None when the checkpoint is one model.safetensors
+    (which wins when both are present, as transformers loads it)."""
+    index = root / INDEX_NAME
+    return index if index.exists() and not (root / SINGLE_NAME).exists() else None
 
 
 def read_header(path: Path, name: str | None = None) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -158,10 +179,8 @@ class Checkpoint:
                                     f"the checkpoint is incomplete, re-download it")
 
     def _index(self) -> dict[str, str] | None:
-        p = self.root / INDEX_NAME
-        if not p.exists() or (self.root / SINGLE_NAME).exists():
-            return None
-        return read_index(p)
+        p = weight_index(self.root)
+        return None if p is None else read_index(p)
 
     def info(self, name: str) -> TensorInfo:
         try:
@@ -221,16 +240,16 @@ def mapped(ckpt: Checkpoint, name: str) -> torch.Tensor:
 
 def checkpoint_files(root: Path) -> list[str]:
     """The safetensors files of a checkpoint, checking that every file its index names is present."""
-    if (root / SINGLE_NAME).exists():
-        return [SINGLE_NAME]
-    index = root / INDEX_NAME
-    if index.exists():
+    index = weight_index(root)
+    if index is not None:
         files = sorted(set(read_index(index).values()))
         missing = [f for f in files if not (root / f).exists()]
         if missing:
             raise UserError(f"missing or incomplete model files in {root}: {', '.join(missing)} "
                             f"(named by {INDEX_NAME}); download them, or use --overlay to read only layer 0")
         return files
+    if (root / SINGLE_NAME).exists():
+        return [SINGLE_NAME]
     if any(root.glob("*.bin")) or any(root.glob("*.pt")) or any(root.glob("*.pth")):
         raise UserError(f"{root} holds only PyTorch pickle weights (*.bin/*.pt); convert them to safetensors "
                         f"first, or pass --allow-pickle")

@@ -30,14 +30,13 @@ from .allowance import FACTOR, LOGIT_KEYS, Allowance, Distance, Scale, apply_giv
     from_fp32, from_roundoff
 from .errors import UserError
 from .files import check_regular
-from .layout import table_layout
-from .loader import MANIFEST, PrecompileLoadError, indexed_table_file, read_manifest
-from .precompute import layer0_tensor_names
+from .layout import layer0_tensor_names, table_layout
+from .loader import MANIFEST, Manifest, PrecompileLoadError, SourceNotFoundError, indexed_table_file, locate_source
 from .profiles import conversion_profile, resolve
 from .progress import Progress
 from .rowcheck import check_rows
 from .source import Source, file_sha256, read_config, resolve_source
-from .tensors import DTYPES, Checkpoint, TensorInfo
+from .tensors import DTYPES, TORCH_DTYPES, Checkpoint, TensorInfo, dtype_name
 
 BUILTIN_PROMPTS = [
     "The capital of France is",
@@ -146,26 +145,30 @@ def _thresholds(given: dict | None) -> dict[str, float | None]:
     return th
 
 
-def resolve_reference(manifest: dict, reference: str | None) -> Source:
-    """The original checkpoint: --reference, else the source recorded at conversion."""
+def resolve_reference(manifest: Manifest, reference: str | None) -> Source:
+    """The original checkpoint: --reference, else the source recorded at conversion (`locate_source`)."""
     if reference is not None:
         try:
             return resolve_source(reference)
         except UserError as e:
             raise UserError(f"reference not found: {e}") from None
-    src = manifest.get("source") or {}
-    if src.get("path"):
-        p = Path(src["path"])
-        if not p.is_dir():
-            raise UserError(f"the source recorded in {MANIFEST} ({p}) no longer exists; pass --reference with "
-                            f"the original checkpoint (directory or hub id)")
-        return resolve_source(str(p))
-    if src.get("id"):
-        try:
-            return resolve_source(src["id"], src.get("revision"))
-        except UserError as e:
-            raise UserError(f"reference not found: {e}; or pass --reference") from None
-    raise UserError(f"{MANIFEST} records no source; pass --reference with the original checkpoint")
+    src = manifest.source
+    hub: list[Source] = []
+
+    def snapshot(repo: str, revision: str | None) -> Path:
+        hub.append(resolve_source(repo, revision))
+        return hub[0].root
+
+    try:
+        root = locate_source(manifest, hub=snapshot)
+    except SourceNotFoundError:
+        if src.path:
+            raise UserError(f"the source recorded in {MANIFEST} ({src.path}) no longer exists; pass --reference "
+                            f"with the original checkpoint (directory or hub id)") from None
+        raise UserError(f"{MANIFEST} records no source; pass --reference with the original checkpoint") from None
+    except UserError as e:
+        raise UserError(f"reference not found: {e}; or pass --reference") from None
+    return hub[0] if hub else resolve_source(str(root))
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -182,25 +185,26 @@ def _hash_files(root: Path, recorded: dict[str, str]) -> tuple[list[str], list[s
     return changed, missing
 
 
-def check_outputs(out: Path, manifest: dict) -> Check:
+def check_outputs(out: Path, manifest: Manifest | dict) -> Check:
     """Every OUT_DIR file recorded at conversion still has its sha256, and the index loads the table from the
     file the manifest names."""
-    recorded = manifest.get("outputs") or {}
+    manifest = Manifest.coerce(manifest)
+    recorded = manifest.outputs
     changed, missing = _hash_files(out, recorded)
     extra = sorted(p.name for p in out.iterdir() if p.is_file() and p.name not in recorded and p.name != MANIFEST)
     table_file = indexed_table_file(out, manifest)
-    other_table = table_file != manifest["table"]["file"]
+    other_table = table_file != manifest.table.file
     metrics = {"files": len(recorded), "changed": changed, "missing": missing, "unrecorded": extra}
     if other_table:
         metrics["table_file"] = f"the index loads the table from {table_file}, the manifest names " \
-                                f"{manifest['table']['file']}"
+                                f"{manifest.table.file}"
     return Check("integrity", bool(recorded) and not changed and not missing and not other_table, metrics,
                  {"changed": 0, "missing": 0})
 
 
-def check_reference_files(ref: Source, manifest: dict) -> Check:
+def check_reference_files(ref: Source, manifest: Manifest) -> Check:
     """The reference's files are those the conversion read (sha256 recorded in the manifest)."""
-    recorded = (manifest.get("source") or {}).get("files") or {}
+    recorded = manifest.source.files
     changed, missing = _hash_files(ref.root, recorded)
     return Check("reference", bool(recorded) and not changed and not missing,
                  {"root": str(ref.root), "files": len(recorded), "changed": changed, "missing": missing},
@@ -254,25 +258,24 @@ def check_copied(out_ckpt: Checkpoint, ref_ckpt: Checkpoint, table_tensor: str, 
                  {"mismatched": 0})
 
 
-def check_layout(manifest: dict, layout) -> Check:
+def check_layout(manifest: Manifest, layout) -> Check:
     """The manifest's table layout is the one the profile derives from the reference."""
-    table, loader = manifest.get("table") or {}, manifest.get("loader") or {}
-    want_cols = [c.as_dict() for c in layout.columns]
+    table, loader = manifest.table, manifest.loader
     problems = []
-    if table.get("columns") != want_cols:
+    if table.columns != layout.columns:
         problems.append("columns")
-    if list(table.get("shape") or []) != [layout.vocab_size, layout.width]:
+    if list(table.shape) != [layout.vocab_size, layout.width]:
         problems.append("shape")
-    if list(manifest.get("eliminated") or []) != list(layout.eliminated):
+    if manifest.eliminated != layout.eliminated:
         problems.append("eliminated")
-    if loader.get("keep_embedding") != layout.keep_embedding:
+    if loader.keep_embedding != layout.keep_embedding:
         problems.append("keep_embedding")
     x_stop = layout.columns[0].stop if layout.x_in_table else 0
-    if loader.get("x_stop") != x_stop:
+    if loader.x_stop != x_stop:
         problems.append("x_stop")
-    fmt = lambda cols: ", ".join(f"{c.get('name')}[{c.get('start')}:{c.get('stop')}]" for c in cols or [])  # noqa
+    fmt = lambda cols: ", ".join(f"{c.name}[{c.start}:{c.stop}]" for c in cols)  # noqa
     return Check("layout", not problems,
-                 {"mismatched": problems, "manifest": fmt(table.get("columns")), "expected": fmt(want_cols)},
+                 {"mismatched": problems, "manifest": fmt(table.columns), "expected": fmt(layout.columns)},
                  {"mismatched": 0})
 
 
@@ -285,21 +288,21 @@ def _row_ids(vocab: int, n: int | None, seed: int, prompt_ids: set[int]) -> tupl
     return ids, len(sample)
 
 
-def check_table_rows(out: Path, manifest: dict, spec, layout, ref_ckpt: Checkpoint, ids: list[int] | None,
+def check_table_rows(out: Path, manifest: Manifest, spec, layout, ref_ckpt: Checkpoint, ids: list[int] | None,
                      th: dict, device: torch.device, progress: Progress, extra: dict | None = None) -> Check:
     """Stored table rows against a float64 recomputation from the reference weights."""
     from safetensors import safe_open
 
-    table = manifest["table"]
-    table_dtype = _dtype(table["dtype"])
-    compute = _dtype((manifest.get("options") or {}).get("compute_dtype", "float32"))
+    table = manifest.table
+    table_dtype = TORCH_DTYPES[table.dtype]
+    compute = TORCH_DTYPES[manifest.options.get("compute_dtype", "float32")]
     threshold = {"element": "|s-t| <= ulp(s)/2 + lambda*sqrt(n)*u*sum|terms|", "lambda": th["rows_lambda"],
                  "row_mean_z": th["rows_z"], "failed_rows": 0}
     metrics: dict[str, Any] = dict(extra or {})
     tpath = out / indexed_table_file(out, manifest)  # what the model loads, whatever the manifest says
     check_regular(tpath)
     with safe_open(tpath, framework="pt") as tf:
-        sl = tf.get_slice(table["tensor"])
+        sl = tf.get_slice(table.tensor)
         shape = list(sl.get_shape())
         if shape != [layout.vocab_size, layout.width]:
             metrics["error"] = f"table shape {shape} differs from the layout's [{layout.vocab_size}, {layout.width}]"
@@ -317,8 +320,8 @@ def check_table_rows(out: Path, manifest: dict, spec, layout, ref_ckpt: Checkpoi
     metrics.update({"rows": stats.checked, "failed_rows": len(stats.failed_ids),
                     "failed_ids": stats.failed_ids[:10], "max_err_ulp": round(stats.max_ulp, 3),
                     "max_element_ratio": _r(stats.max_elem_ratio), "max_row_z": round(stats.max_row_z, 3),
-                    "non_finite_rows": stats.non_finite, "table_dtype": table["dtype"],
-                    "compute_dtype": str(compute).removeprefix("torch."), "seconds": round(stats.seconds, 2)})
+                    "non_finite_rows": stats.non_finite, "table_dtype": table.dtype,
+                    "compute_dtype": dtype_name(compute), "seconds": round(stats.seconds, 2)})
     return Check("table-rows", not stats.failed_ids, metrics, threshold)
 
 
@@ -331,11 +334,6 @@ def _guard(name: str, fn) -> Check:
     except (UserError, OSError, RuntimeError, ValueError, KeyError, SafetensorError) as e:
         msg = str(e).splitlines()[0] if str(e) else ""
         return Check(name, False, {"error": f"{type(e).__name__}: {msg}"}, {})
-
-
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-            "float64": torch.float64}[name]
 
 
 def _r(x: float, digits: int = 4) -> float:
@@ -420,7 +418,7 @@ def _encode(tok, prompts: list[str], device: torch.device) -> dict:
     return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
 
 
-def _tokenizer(out: Path, manifest: dict):
+def _tokenizer(out: Path, manifest: Manifest):
     from transformers import AutoTokenizer
 
     from .loader import original_config
@@ -461,13 +459,13 @@ def _generate(model: nn.Module, enc: dict, n: int, pad: int, eos) -> tuple[torch
 # ----------------------------------------------------------------------------------------------- verify
 
 
-def read_out_dir(out_dir: str | Path) -> tuple[Path, dict]:
+def read_out_dir(out_dir: str | Path) -> tuple[Path, Manifest]:
     """OUT_DIR and its manifest, or a UserError saying what OUT_DIR is not (verify, push, --update-card)."""
     out = Path(out_dir)
     if not out.is_dir():
         raise UserError(f"OUT_DIR {out} is not a directory; pass the output directory of `precompile convert`")
     try:
-        return out, read_manifest(out)
+        return out, Manifest.read(out)
     except PrecompileLoadError as e:
         raise UserError(str(e)) from None
 
@@ -495,7 +493,7 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
     if not 0 <= seed < 2**64:
         raise UserError(f"--seed {seed} is out of range; use a whole number from 0 to 2**64 - 1")
     dev = pick_device(device)
-    table_dtype_name = manifest["table"]["dtype"]
+    table_dtype_name = manifest.table.dtype
     th = _thresholds(thresholds)
     ref = resolve_reference(manifest, reference)
     ref_config = read_config(ref.root)
@@ -503,7 +501,7 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
     spec = resolve(prof, ref_config)
     ref_ckpt = Checkpoint(ref.root)
     layout = table_layout(spec, frozenset(ref_ckpt.tensors))
-    dtype = _dtype(table_dtype_name)
+    dtype = TORCH_DTYPES[table_dtype_name]
     ref_bytes = sum(t.nbytes for t in ref_ckpt.tensors.values())
     half = dtype in (torch.bfloat16, torch.float16)
     if fp32_reference is None:
@@ -523,7 +521,7 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
     progress.log("hashing reference files")
     checks.append(check_reference_files(ref, manifest))
 
-    overlay = manifest.get("kind") == "overlay"
+    overlay = manifest.kind == "overlay"
 
     def copied() -> Check:
         if overlay:  # the kept tensors are read from the reference's own files: check those are the base's
@@ -536,9 +534,9 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
             return Check("copied-tensors", True, {"overlay": "kept tensors load from the reference itself"},
                          {"identical": True})
         out_ckpt = Checkpoint(out)
-        copied_bytes = sum(t.nbytes for n, t in out_ckpt.tensors.items() if n != manifest["table"]["tensor"])
+        copied_bytes = sum(t.nbytes for n, t in out_ckpt.tensors.items() if n != manifest.table.tensor)
         with progress.bar(copied_bytes, "comparing copied tensors", "B") as bar:
-            return check_copied(out_ckpt, ref_ckpt, manifest["table"]["tensor"], layout.eliminated, bar)
+            return check_copied(out_ckpt, ref_ckpt, manifest.table.tensor, layout.eliminated, bar)
 
     checks.append(_guard("copied-tensors", copied))
     checks.append(check_layout(manifest, layout))
@@ -616,7 +614,7 @@ def _model_checks(out: Path, ref: Source, ref_ckpt: Checkpoint, dtype: torch.dty
         fp_check, to_fp32 = _fp32_check(ref.root, kept, dev, th, fp_th)
         allow = from_fp32(to_fp32, th["fp32_ratio"])
     elif half:
-        allow = from_roundoff(str(dtype).removeprefix("torch."), layers, scale, th["fp32_ratio"])
+        allow = from_roundoff(dtype_name(dtype), layers, scale, th["fp32_ratio"])
     else:
         allow = fixed_float32()
     allow = apply_given(allow, given)

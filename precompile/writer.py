@@ -26,7 +26,7 @@ from .errors import UserError
 from .files import (TMP_PREFIX, interrupted, missing_ancestors, out_dir_lock, out_dir_target, record_signal,
                     remove_empty, remove_tree, signals_seen, write_error)
 from .source import blob_sha256, file_sha256
-from .tensors import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, TensorInfo, copy_range, element_size, write_header
+from .tensors import DTYPE_NAMES, DTYPES, TensorInfo, copy_range, element_size, output_dtype, write_header
 
 BLOCK = 8 << 20  # bytes read at a time when copying through a hash
 
@@ -148,7 +148,7 @@ def write_shard(src: Path, dst: Path, keep: list[TensorInfo], metadata: dict[str
     keep = sorted(keep, key=lambda t: t.start)
 
     def target(t: TensorInfo) -> str:
-        return out_dtype if (out_dtype and t.dtype in FLOAT_DTYPES) else t.dtype
+        return output_dtype(t.dtype, out_dtype)
 
     entries = [(t.name, target(t), t.shape, t.numel * element_size(target(t))) for t in keep]
     digest = hashlib.sha256()
