@@ -23,8 +23,8 @@ Usage: `model = load("out/")`, or from OUT_DIR alone:
 `from precompile_loader import load` / `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: run from a file without a sys.modules entry (importlib's
+# spec_from_file_location), dataclasses cannot resolve string annotations.
 import hashlib
 import json
 import os
@@ -245,7 +245,7 @@ class Manifest:
     guard: str | None = None  # a tensor name; absent in older outputs
 
     @classmethod
-    def read(cls, path: str | os.PathLike) -> Manifest:
+    def read(cls, path: str | os.PathLike) -> "Manifest":
         """Read and check OUT_DIR/precompile.json."""
         p = Path(path) / MANIFEST
         try:
@@ -260,7 +260,7 @@ class Manifest:
         return cls.from_dict(data, p)
 
     @classmethod
-    def from_dict(cls, m: object, where: str | os.PathLike = MANIFEST) -> Manifest:
+    def from_dict(cls, m: object, where: str | os.PathLike = MANIFEST) -> "Manifest":
         """The manifest in `m` (precompile.json as parsed JSON), checked; `where` names it in errors."""
         if not isinstance(m, dict) or m.get("format") != "precompile":
             raise PrecompileLoadError(f"{where} is not a precompile manifest; convert the model again")
@@ -293,7 +293,7 @@ class Manifest:
             guard=m.get("guard"))
 
     @classmethod
-    def coerce(cls, m: Manifest | dict) -> Manifest:
+    def coerce(cls, m: "Manifest | dict") -> "Manifest":
         """A Manifest from itself or from the dict `read_manifest` returns (public functions take either)."""
         return m if isinstance(m, Manifest) else cls.from_dict(m)
 
@@ -404,7 +404,7 @@ def indexed_table_file(path: Path, manifest: Manifest | dict) -> str:
     return named
 
 
-def original_config(manifest: Manifest) -> PretrainedConfig:
+def original_config(manifest: Manifest) -> "PretrainedConfig":
     """The source model's transformers config, as recorded at conversion time."""
     from transformers import AutoConfig
 
@@ -464,7 +464,7 @@ def precompiled_class(base: type, manifest: Manifest | dict) -> type:
                                          "_keys_to_ignore_on_load_unexpected": ignore})
 
 
-def _check_table(path: Path, manifest: Manifest, config: PretrainedConfig) -> None:
+def _check_table(path: Path, manifest: Manifest, config: "PretrainedConfig") -> None:
     from safetensors import safe_open
 
     table = manifest.table
@@ -501,7 +501,7 @@ def _check_table(path: Path, manifest: Manifest, config: PretrainedConfig) -> No
                                   f"convert again")
 
 
-def _check_widths(f: Path, cols: tuple[TableColumn, ...], manifest: Manifest, config: PretrainedConfig) -> None:
+def _check_widths(f: Path, cols: tuple[TableColumn, ...], manifest: Manifest, config: "PretrainedConfig") -> None:
     """The residual and q columns must be as wide as the model they are loaded into says."""
     hidden = getattr(config, "hidden_size", None)
     heads = getattr(config, "num_attention_heads", None)
@@ -696,7 +696,7 @@ def _overlay_dir(path: Path, root: Path, manifest: Manifest) -> Path:
 
 def load(path: str | os.PathLike | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, base: str | os.PathLike | None = None, verify_base: bool = False,
-         **kwargs) -> PreTrainedModel:
+         **kwargs) -> "PreTrainedModel":
     """Build the precompiled model from OUT_DIR (default: the directory holding this file).
 
     For an overlay, `base` is the original model's directory (default: from the manifest), and
