@@ -208,18 +208,19 @@ def render_card(plan: ConversionPlan, source_card: SourceCard, self_check: SelfC
     return "\n".join(lines) + "\n"
 
 
-def _with_card(out_dir: Path, card: Path) -> Manifest:
-    """OUT_DIR's manifest with `card`'s sha256 (and size, where sizes are recorded) as its README.md output."""
+def _with_card(out_dir: Path, card: Path) -> dict:
+    """OUT_DIR's manifest, to be written, with `card`'s sha256 (and size, where sizes are recorded) as its
+    README.md output."""
     manifest = Manifest.read(out_dir)
     sizes = manifest.output_sizes
     return replace(manifest, outputs={**manifest.outputs, CARD_FILE: file_sha256(card)},
-                   output_sizes=None if sizes is None else {**sizes, CARD_FILE: card.stat().st_size})
+                   output_sizes=None if sizes is None else {**sizes, CARD_FILE: card.stat().st_size}).to_dict()
 
 
 def record_card(out_dir: Path) -> str:
     """Put README.md's sha256 into the manifest's outputs (when OUT_DIR has a manifest yet); returns it."""
     if (out_dir / MANIFEST).exists():
-        write_json(out_dir / MANIFEST, _with_card(out_dir, out_dir / CARD_FILE).to_dict())
+        write_json(out_dir / MANIFEST, _with_card(out_dir, out_dir / CARD_FILE))
     return file_sha256(out_dir / CARD_FILE)
 
 
