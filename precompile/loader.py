@@ -49,7 +49,7 @@ SINGLE = "model.safetensors"  # Copied from precompile.tensors.SINGLE_NAME
 # Copied from precompile.tensors.TORCH_DTYPES
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "float64": torch.float64}
-# Copied from precompile.tensors.DTYPE_NAMES (restricted to _DTYPES): the safetensors code of each
+# The safetensors code of each of _DTYPES (precompile.tensors.DTYPE_NAMES of TORCH_DTYPES)
 _CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 
 
@@ -535,9 +535,17 @@ def _blob_sha256(path: Path) -> str | None:
     return None
 
 
+# Copied from precompile.tensors.weight_index with INDEX_NAME->INDEX, SINGLE_NAME->SINGLE
+def _weight_index(root: Path) -> Path | None:
+    """The index mapping each tensor to its file, or None when the checkpoint is one model.safetensors
+    (which wins when both are present, as transformers loads it)."""
+    index = root / INDEX
+    return index if index.exists() and not (root / SINGLE).exists() else None
+
+
 def _base_files(root: Path) -> dict[str, str]:
     """The base's tensor name -> file map: its index, or the header of its single file."""
-    if (root / INDEX).exists() and not (root / SINGLE).exists():
+    if _weight_index(root) is not None:
         try:
             wm = dict(json.loads((root / INDEX).read_text(encoding="utf-8"))["weight_map"])
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:

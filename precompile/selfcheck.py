@@ -338,7 +338,7 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
         raise VerificationError(
             f"self-check: layer 0 of the conversion disagrees with transformers' own model at its {bad.name}: "
             f"max |difference| {bad.diff:.3g} > bound {bad.bound:.3g} (the original in {result.dtype} is "
-            f"{bad.original:.3g} from {str(ref_dtype).removeprefix('torch.')}, values up to {bad.scale:.3g}); "
+            f"{bad.original:.3g} from {dtype_name(ref_dtype)}, values up to {bad.scale:.3g}); "
             f"profile {spec.profile} does not "
             f"describe this model's forward, fix the profile (nothing was written; --no-self-check skips this)")
     return result
