@@ -85,9 +85,8 @@ def table_layout(spec: ModelSpec, present: set[str] | frozenset[str]) -> TableLa
         w = projection_width(spec, p.role)
         cols.append(TableColumn(p.role, off, off + w, f"layer-0 {p.role} projection of the normed input", p.module))
         off += w
-    eliminated = [] if keep_embedding else [spec.embedding_tensor]
-    eliminated += [n for n in layer0_tensor_names(spec, present) if n in present]
-    seen = tuple(dict.fromkeys(eliminated))
+    eliminated = ([] if keep_embedding else [spec.embedding_tensor]) + layer0_tensor_names(spec, present)
+    seen = tuple(dict.fromkeys(n for n in eliminated if n in present))
     return TableLayout(columns=tuple(cols), vocab_size=spec.vocab_size, x_in_table=x_in_table,
                        keep_embedding=keep_embedding, eliminated=seen,
                        tensor_name=f"{spec.embedding_module}.table")
