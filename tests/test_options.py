@@ -33,7 +33,7 @@ def test_every_option_is_a_convert_flag_and_nothing_else_is():
     assert set(params) == set(FIELDS) | CONVERT_CLI_ONLY
     for f in option_fields():
         p, m = params[f.name], meta(f)
-        assert p.opts == [cli_flag(f)] and p.default == f.default and p.help == m.help, f.name
+        assert p.opts == [cli_flag(f)] and p.help == m.help, f.name  # defaults: test_flags_parse_into_options
         assert list(getattr(p.type, "choices", m.choices)) == list(m.choices), f.name
 
 
@@ -53,8 +53,8 @@ def test_materialize_flags_are_the_same_options():
     params, convert_params = _params("materialize"), _params("convert")
     for name in ("profile", "link", "self_check"):
         p, q = params[name], convert_params[name]
-        assert (p.opts, p.default, getattr(p.type, "choices", None)) == \
-            (q.opts, q.default, getattr(q.type, "choices", None))
+        assert (p.opts, p.default, p.flag_value, getattr(p.type, "choices", None)) == \
+            (q.opts, q.default, q.flag_value, getattr(q.type, "choices", None))
 
 
 def test_every_option_is_a_zoo_key_and_nothing_else_is():
