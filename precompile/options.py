@@ -39,6 +39,7 @@ class OptionMeta:
 
 
 def _option(default: Any, help: str, **meta: Any) -> Any:
+    """A ConvertOptions field: its default and its OptionMeta."""
     return field(default=default, metadata={"option": OptionMeta(help, **meta)})
 
 
@@ -48,7 +49,7 @@ class ConvertOptions:
 
     revision: str | None = _option(None, "Hub revision (branch, tag or commit) for a hub SOURCE.", what="a string",
                                    compared=True)
-    profile: str | os.PathLike | Profile | None = _option(
+    profile: str | os.PathLike | Profile | None = _option(  # noqa: RUF009 - _option is field(), frozen
         None, "Architecture profile YAML (default: chosen from config.json).", what="a path to a YAML profile",
         path=True, compared=True)
     device: str = _option("auto", "Where to compute the table (auto: CUDA when available).",

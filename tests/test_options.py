@@ -61,7 +61,7 @@ def test_every_option_is_a_zoo_key_and_nothing_else_is():
     assert set(OPTION_CHECKS) == set(FIELDS) | BATCH_ONLY
     assert list(OPTION_CHECKS)[:len(FIELDS)] == FIELDS
     for f in option_fields():
-        what, ok = OPTION_CHECKS[f.name]
+        _, ok = OPTION_CHECKS[f.name]
         assert f.default is None or ok(f.default), f.name
         assert not ok(["a list"]) and not ok(-1), f.name
     assert OPTION_CHECKS["chunk_size"][0] == "a positive integer" and not OPTION_CHECKS["chunk_size"][1](True)
@@ -151,9 +151,9 @@ def test_zoo_entry_with_allow_pickle_converts_a_pickle_checkpoint(checkpoint, tm
 def test_docs_show_every_option():
     """docs/batch.md holds the zoo table generated from ConvertOptions; README's convert table names every flag."""
     batch_md = (ROOT / "docs" / "batch.md").read_text()
-    table = re.search(r"<!-- options table.*?-->\n(.*?)\n<!-- end of options table -->", batch_md, re.S)
+    table = re.search(r"<!-- options table.*?-->\n(.*?)\n<!-- end of options table -->", batch_md, re.DOTALL)
     assert table and table.group(1) == zoo_table(), f"docs/batch.md: replace the options table with\n{zoo_table()}"
     readme = (ROOT / "README.md").read_text()
     convert_table = readme[readme.index("precompile convert SOURCE OUT_DIR [options]"):readme.index("Global options")]
-    flags = set(re.findall(r"^\| `(--[\w-]+)", convert_table, re.M))
+    flags = set(re.findall(r"^\| `(--[\w-]+)", convert_table, re.MULTILINE))
     assert {cli_flag(f) for f in option_fields()} <= flags
