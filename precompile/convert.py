@@ -25,7 +25,7 @@ from .files import out_dir_lock, out_dir_target
 from .generation import write_generation_config
 from .layout import TABLE_FILE
 from .loader import FORMAT_VERSION, MANIFEST
-from .options import ConvertOptions, check_value
+from .options import ConvertOptions
 from .planning import ConversionPlan, ShardPlan, describe_plan, plan_conversion, recorded_options
 from .precompute import compute_rows, layer0_tensor_names
 from .progress import Progress
@@ -49,11 +49,12 @@ class ConvertResult:
 
 
 def pick_device(device: str) -> torch.device:
-    check_value("device", device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was given but no CUDA device is available; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device} is not one of auto, cpu, cuda")
     return torch.device(device)
 
 
