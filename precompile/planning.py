@@ -63,8 +63,13 @@ class ConversionPlan:
         return self.layout.vocab_size * self.layout.width * torch.empty((), dtype=self.model_dtype).element_size()
 
     @property
+    def table_file_bytes(self) -> int:
+        """The table file's tensor data: the table and the one-element guard (layout.table_file_header)."""
+        return self.table_bytes + self.model_dtype.itemsize
+
+    @property
     def out_bytes(self) -> int:
-        return self.table_bytes + sum(s.out_bytes for s in self.shards)
+        return self.table_file_bytes + sum(s.out_bytes for s in self.shards)
 
 
 def _check_shape(ckpt: Checkpoint, name: str, shape: tuple[int, ...], what: str) -> None:
