@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from precompile.convert import FFN_BLOCK, _table_chunks, convert, describe_shards, plan_conversion
+from precompile.convert import FFN_BLOCK, _table_chunks, convert, describe_shards
 from precompile.errors import UserError
 from precompile.layout import TABLE_FILE, table_file_header
+from precompile.planning import plan_conversion
 from precompile.precompute import Scratch, activation, apply_norm, compute_rows, ffn_output, folded_ffn
 from precompile.profiles import ACTIVATIONS
 from precompile.progress import Progress
