@@ -156,10 +156,14 @@ class TableRecord:
     shape: tuple[int, int]
     dtype: str
     columns: tuple[TableColumn, ...]
+    guard: str | None = None  # the table file's one-element guard tensor; absent in older outputs
 
     def to_dict(self) -> dict:
-        return {"file": self.file, "tensor": self.tensor, "shape": list(self.shape), "dtype": self.dtype,
-                "columns": [c.to_dict() for c in self.columns]}
+        d = {"file": self.file, "tensor": self.tensor, "shape": list(self.shape), "dtype": self.dtype,
+             "columns": [c.to_dict() for c in self.columns]}
+        if self.guard is not None:
+            d["guard"] = self.guard
+        return d
 
 
 @dataclass(frozen=True)
@@ -242,7 +246,6 @@ class Manifest:
     kind: str = "full"  # or "overlay": the table only, loaded over the unchanged source
     tool_version: str | None = None
     format_version: int = FORMAT_VERSION
-    guard: str | None = None  # a tensor name; absent in older outputs
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "Manifest":
@@ -281,7 +284,7 @@ class Manifest:
                                 mtimes=src.get("mtimes")),
             table=TableRecord(t["file"], t["tensor"], tuple(t["shape"]), t["dtype"],
                               tuple(TableColumn(c["name"], c["start"], c["stop"], c.get("holds"), c.get("module"))
-                                    for c in t["columns"])),
+                                    for c in t["columns"]), t.get("guard")),
             loader=LoaderRecord(ld["embedding_module"], ld["attention_module"], ld["hidden_size"], ld["x_stop"],
                                 ld["keep_embedding"], tuple(ld.get("identity_modules", [])),
                                 tuple(ld.get("zero_modules", []))),
@@ -289,8 +292,7 @@ class Manifest:
                                      if k in ProfileRecord.__dataclass_fields__}),
             options=m.get("options", {}), eliminated=tuple(m.get("eliminated", [])), outputs=m.get("outputs", {}),
             output_sizes=m.get("output_sizes"), kind=m.get("kind", "full"),
-            tool_version=m.get("tool_version") if isinstance(m.get("tool_version"), str) else None,
-            guard=m.get("guard"))
+            tool_version=m.get("tool_version") if isinstance(m.get("tool_version"), str) else None)
 
     @classmethod
     def coerce(cls, m: "Manifest | dict") -> "Manifest":
@@ -305,8 +307,6 @@ class Manifest:
              "eliminated": list(self.eliminated), "outputs": self.outputs}
         if self.output_sizes is not None:
             d["output_sizes"] = self.output_sizes
-        if self.guard is not None:
-            d["guard"] = self.guard
         return d
 
 
@@ -370,7 +370,7 @@ def _manifest_problem(m: dict) -> str | None:
          "options must be an object whose compute_dtype is a float dtype"),
         (all(int_map(x) for x in (m.get("output_sizes", {}), src.get("sizes", {}), src.get("mtimes", {}))),
          "output_sizes, source.sizes and source.mtimes must map file names to integers"),
-        (isinstance(m.get("guard", ""), str), "guard must be a tensor name"),
+        (isinstance(t.get("guard", ""), str), "table.guard must be a tensor name"),
     ]
     return next((why for ok, why in checks if not ok), None)
 
@@ -763,9 +763,15 @@ def _entry_classes() -> dict[str, type]:
     from transformers import PretrainedConfig, PreTrainedModel
 
     class PrecompiledConfig(PretrainedConfig):
-        """OUT_DIR's own config type, so that plain transformers never mistakes it for the original model."""
+        """The entry type for `trust_remote_code`: config.json holds the original model type (for AutoTokenizer
+        without trust_remote_code), which transformers would otherwise warn does not match this class."""
 
         model_type = "precompiled"
+
+        @classmethod
+        def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+            config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+            return cls.from_dict(config_dict, **kwargs)
 
     class PrecompiledForCausalLM(PreTrainedModel):
         """Entry point for `AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`."""

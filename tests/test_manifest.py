@@ -53,11 +53,13 @@ def test_round_trip_gives_the_same_manifest_and_bytes(converted, kind, tmp_path)
 
 def test_guard_is_written_only_when_set(converted):
     m = Manifest.read(converted[1])
-    assert m.guard is None and "guard" not in m.to_dict()
-    g = replace(m, guard="model.layers.0.self_attn.q_proj.weight")
-    assert g.to_dict()["guard"] == g.guard and Manifest.from_dict(g.to_dict()) == g
-    with pytest.raises(PrecompileLoadError, match="guard must be a tensor name"):
-        Manifest.from_dict({**m.to_dict(), "guard": 3})
+    assert m.table.guard and m.to_dict()["table"]["guard"] == m.table.guard
+    older = replace(m, table=replace(m.table, guard=None))  # made before the table file held a guard
+    assert "guard" not in older.to_dict()["table"] and Manifest.from_dict(older.to_dict()) == older
+    d = m.to_dict()
+    d["table"]["guard"] = 3
+    with pytest.raises(PrecompileLoadError, match="table.guard must be a tensor name"):
+        Manifest.from_dict(d)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -149,7 +151,7 @@ def _copies() -> list[tuple[str, str, str, str, list[tuple[str, str]]]]:
 def test_copies_are_marked():
     marked = {(m, n) for m, n, *_ in _copies()}
     assert {("loader", "INDEX"), ("loader", "SINGLE"), ("loader", "_DTYPES"), ("loader", "_weight_index"),
-            ("plan", "MANIFEST")} <= marked
+            ("accounting", "MANIFEST")} <= marked
 
 
 @pytest.mark.parametrize("copy", _copies(), ids=lambda c: f"{c[0]}.{c[1]}")
