@@ -130,6 +130,11 @@ class Zeros(nn.Module):
         return torch.zeros_like(hidden)
 
 
+def _set(d: dict, **optional) -> dict:
+    """d with each optional field that is set: a field older outputs lack stays absent, not null."""
+    return {**d, **{k: v for k, v in optional.items() if v is not None}}
+
+
 @dataclass(frozen=True)
 class TableColumn:
     """One column group of the table row: `name` is "x", "x+ffn", or a projection role ("q", "k", "v", "qkv")."""
@@ -141,10 +146,8 @@ class TableColumn:
     module: str | None = None  # the layer-0 module whose output this slice replaces
 
     def to_dict(self) -> dict:
-        d = {"name": self.name, "start": self.start, "stop": self.stop, "holds": self.holds}
-        if self.module:
-            d["module"] = self.module
-        return d
+        return _set({"name": self.name, "start": self.start, "stop": self.stop, "holds": self.holds},
+                    module=self.module or None)
 
 
 @dataclass(frozen=True)
@@ -159,11 +162,8 @@ class TableRecord:
     guard: str | None = None  # the table file's one-element guard tensor; absent in older outputs
 
     def to_dict(self) -> dict:
-        d = {"file": self.file, "tensor": self.tensor, "shape": list(self.shape), "dtype": self.dtype,
-             "columns": [c.to_dict() for c in self.columns]}
-        if self.guard is not None:
-            d["guard"] = self.guard
-        return d
+        return _set({"file": self.file, "tensor": self.tensor, "shape": list(self.shape), "dtype": self.dtype,
+                     "columns": [c.to_dict() for c in self.columns]}, guard=self.guard)
 
 
 @dataclass(frozen=True)
@@ -205,11 +205,7 @@ class SourceRecord:
 
     def to_dict(self) -> dict:
         d: dict = {"id": self.id, "revision": self.revision} if self.id is not None else {"path": self.path}
-        d.update({"files": self.files, "config": self.config})
-        for k in ("sizes", "mtimes"):
-            if getattr(self, k) is not None:
-                d[k] = getattr(self, k)
-        return d
+        return _set({**d, "files": self.files, "config": self.config}, sizes=self.sizes, mtimes=self.mtimes)
 
 
 @dataclass(frozen=True)
@@ -305,9 +301,7 @@ class Manifest:
              "kind": self.kind, "profile": self.profile.to_dict(), "source": self.source.to_dict(),
              "options": self.options, "table": self.table.to_dict(), "loader": self.loader.to_dict(),
              "eliminated": list(self.eliminated), "outputs": self.outputs}
-        if self.output_sizes is not None:
-            d["output_sizes"] = self.output_sizes
-        return d
+        return _set(d, output_sizes=self.output_sizes)
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
