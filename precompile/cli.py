@@ -373,11 +373,11 @@ def plan(source, batch_sizes, assume_parallel, profile_path, revision, json_path
 
 @main.command()
 def profiles():
-    """How each causal LM of the installed transformers stands: supported (profile, block), refused or not yet
-    (the reason); the same classification as docs/support.md."""
-    from .support import support_matrix, to_text
+    """How each causal LM of transformers stands: supported (profile, block), refused or not yet (the reason);
+    the classification of docs/support.md, shipped with the package."""
+    from .support import profiles_text
 
-    click.echo(to_text(support_matrix()))
+    click.echo(profiles_text())
 
 
 def run() -> None:

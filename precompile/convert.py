@@ -32,10 +32,10 @@ from .profile_check import check_tensors
 from .profiles import ModelSpec, Profile, builtin_profiles, resolve, select_profile
 from .progress import Progress
 from .selfcheck import SelfCheckResult, self_check as check_layer0
-from .source import (ALLOW_PATTERNS, PartialCheckpoint, Source, blob_sha256, carried_files, check_native,
+from .source import (ALLOW_PATTERNS, Source, blob_sha256, carried_files, check_native,
                      check_tokenizer, fetch_files, file_sha256, read_config, resolve_source, weight_map)
-from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo,
-                      has_safetensors, mapped, open_checkpoint)
+from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, INDEX_NAME, SINGLE_NAME, Checkpoint, PartialCheckpoint,
+                      TensorInfo, has_safetensors, mapped, open_checkpoint)
 from .writer import (TMP_PREFIX, atomic_dir, check_free_space, check_out_dir, scratch_dir, share_file, write_json,
                      write_shard, write_table)
 

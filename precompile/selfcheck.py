@@ -44,7 +44,7 @@ from .errors import UserError, VerificationError
 from .layout import TABLE_FILE
 from .loader import original_config, precompiled_class, read_manifest
 from .source import fetch_files, weight_map
-from .tensors import INDEX_NAME, Checkpoint, mapped
+from .tensors import INDEX_NAME, Checkpoint, PartialCheckpoint, mapped
 
 if TYPE_CHECKING:
     from .convert import ConversionPlan
@@ -254,8 +254,6 @@ def _source_checkpoint(plan: ConversionPlan, names: list[str]) -> Checkpoint:
     """The source's tensors layer 0 reads: the plan's checkpoint, or for an overlay the files holding them."""
     if plan.kind != "overlay":
         return plan.checkpoint
-    from .source import PartialCheckpoint
-
     wmap = weight_map(plan.source)
     names = [n for n in names if n in wmap]
     fetch_files(plan.source, sorted({wmap[n] for n in names}))
@@ -264,8 +262,6 @@ def _source_checkpoint(plan: ConversionPlan, names: list[str]) -> Checkpoint:
 
 def _converted_checkpoints(tmp: Path, table: str, source: Checkpoint) -> list[Checkpoint]:
     """Where the converted model's tensors come from: OUT_DIR's files, then (an overlay) its base."""
-    from .source import PartialCheckpoint
-
     if (tmp / INDEX_NAME).exists():
         return [Checkpoint(tmp)]
     return [PartialCheckpoint(tmp, {table: TABLE_FILE}, [table]), source]

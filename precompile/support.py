@@ -11,8 +11,9 @@ the signals name *refused* types; everything else is *not yet*, with what the sc
 by validating a changed profile, so the matrix follows the schema as it grows). What the signals
 cannot decide is data in configs/_support.yaml, each entry with its reason.
 
-`python -m precompile.support --write docs/support.md` regenerates the matrix; `precompile
-profiles` prints the same classification.
+`python -m precompile.support --write docs/support.md` regenerates the matrix and, from the same rows,
+configs/_support_matrix.json, which `precompile profiles` prints without reading transformers at all
+(scanning its sources takes seconds; tests/test_support.py fails when either file is stale).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from __future__ import annotations
 import ast
 import copy
 import itertools
+import json
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cache, lru_cache
 from pathlib import Path
 
@@ -42,6 +44,7 @@ SUPPORTED, REFUSED, NOT_YET = "supported", "refused", "not yet"
 STATUSES = (SUPPORTED, REFUSED, NOT_YET)
 ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention", "attention")
 OVERRIDES_FILE = "_support.yaml"
+MATRIX_FILE = "_support_matrix.json"  # the generated classification, shipped in the wheel for `precompile profiles`
 
 _POSITION_ATTR = re.compile(r"^(wpe|embed_positions|positions_embed|position_embeddings?|positional_embeddings?|pos_emb\w*|"
                             r"embed_pos\w*|pos_embed\w*)$")
@@ -575,26 +578,77 @@ def to_text(rows: list[Support]) -> str:
     return "\n".join(out)
 
 
+def to_json(rows: list[Support], transformers_version: str) -> str:
+    """configs/_support_matrix.json: the rows docs/support.md shows, one JSON object per line."""
+    lines = [json.dumps(asdict(r), sort_keys=True) for r in rows]
+    return (f'{{"transformers": {json.dumps(transformers_version)},\n "rows": [\n  '
+            + ",\n  ".join(lines) + "\n]}\n")
+
+
+def shipped_matrix(path: Path | None = None) -> tuple[str, list[Support]]:
+    """(transformers version, rows) of the classification shipped in configs/ (what `precompile profiles` prints)."""
+    from .files import read_json
+
+    path = path or _configs_dir() / MATRIX_FILE
+    try:
+        data = read_json(path, "regenerate it: python -m precompile.support --write docs/support.md")
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; regenerate it: python -m precompile.support --write docs/support.md") \
+            from None
+    return data["transformers"], [Support(**{**r, "shape": Layer0Shape(**r["shape"])}) for r in data["rows"]]
+
+
+def installed_transformers() -> str | None:
+    """The installed transformers' version, read from its package without importing it (a second of imports,
+    which `precompile profiles` exists to avoid); None when it is not installed or says no version."""
+    from importlib.util import find_spec
+
+    spec = find_spec("transformers")
+    if spec is None or not spec.origin:
+        return None
+    m = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', Path(spec.origin).read_text(encoding="utf-8"), re.MULTILINE)
+    return m.group(1) if m else None
+
+
+def profiles_text() -> str:
+    """`precompile profiles`: the shipped classification, saying which transformers it describes."""
+    version, rows = shipped_matrix()
+    head = f"causal LMs of transformers {version} (docs/support.md)"
+    installed = installed_transformers()
+    if installed is not None and installed != version:
+        head += (f"; transformers {installed} is installed: python -m precompile.support classifies that one "
+                 f"(it reads transformers' sources, seconds)")
+    return head + "\n\n" + to_text(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m precompile.support [--write FILE | --check FILE]`: print, write or check the matrix."""
+    """`python -m precompile.support [--write FILE | --check FILE] [--data FILE]`: print, write or check the
+    matrix (docs/support.md) and the classification `precompile profiles` reads (--data)."""
     import argparse
 
+    import transformers
+
     ap = argparse.ArgumentParser(prog="python -m precompile.support", description=main.__doc__)
-    ap.add_argument("--write", metavar="FILE", help="write the Markdown matrix (docs/support.md)")
-    ap.add_argument("--check", metavar="FILE", help="exit 1 when FILE differs from what would be written")
+    ap.add_argument("--write", metavar="FILE", help="write the Markdown matrix (docs/support.md) and --data")
+    ap.add_argument("--check", metavar="FILE", help="exit 1 when FILE or --data differs from what would be written")
+    ap.add_argument("--data", metavar="FILE", help=f"the JSON classification (default: configs/{MATRIX_FILE})")
     args = ap.parse_args(argv)
     rows = support_matrix()
-    md = to_markdown(rows)
-    if args.check:
-        same = Path(args.check).is_file() and Path(args.check).read_text(encoding="utf-8") == md
-        print(f"{args.check} is {'up to date' if same else 'stale: run python -m precompile.support --write ' + args.check}")
-        return 0 if same else 1
-    if args.write:
-        Path(args.write).write_text(md, encoding="utf-8")
-        c = counts(rows)
-        print(f"wrote {args.write}: {len(rows)} model types, " + ", ".join(f"{v} {k}" for k, v in c.items()))
+    if not (args.write or args.check):
+        print(to_text(rows))
         return 0
-    print(to_text(rows))
+    outputs = {Path(f): text for f, text in ((args.write or args.check, to_markdown(rows)),
+                                             (args.data or _configs_dir() / MATRIX_FILE,
+                                              to_json(rows, transformers.__version__)))}
+    if args.check:
+        stale = [str(p) for p, text in outputs.items() if not (p.is_file() and p.read_text(encoding="utf-8") == text)]
+        print(f"{', '.join(stale)} stale: run python -m precompile.support --write {args.check}" if stale
+              else f"{', '.join(map(str, outputs))} up to date")
+        return 1 if stale else 0
+    for p, text in outputs.items():
+        p.write_text(text, encoding="utf-8")
+    c = counts(rows)
+    print(f"wrote {', '.join(map(str, outputs))}: {len(rows)} model types, " + ", ".join(f"{v} {k}" for k, v in c.items()))
     return 0
 
 
