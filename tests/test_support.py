@@ -51,6 +51,20 @@ def test_docs_support_md_is_up_to_date(matrix):
         "docs/support.md is stale: run python -m precompile.support --write docs/support.md"
 
 
+def test_shipped_classification_is_up_to_date(matrix):
+    """What `precompile profiles` prints (configs/_support_matrix.json) is what the generator writes now."""
+    import transformers
+
+    version, rows = support.shipped_matrix()
+    if version != transformers.__version__:
+        pytest.skip(f"the shipped classification describes transformers {version}, {transformers.__version__} is "
+                    "installed")
+    assert (ROOT / "configs" / support.MATRIX_FILE).read_text(encoding="utf-8") == \
+        support.to_json(matrix, transformers.__version__), \
+        "configs/_support_matrix.json is stale: run python -m precompile.support --write docs/support.md"
+    assert rows == matrix
+
+
 def test_classification_follows_the_facts(matrix):
     """Representative rows, each decided by a different fact."""
     by = {r.model_type: r for r in matrix}
@@ -122,18 +136,24 @@ def test_cli_profiles_prints_the_matrix(matrix):
 
 
 def test_generator_runs_from_the_command_line(tmp_path):
-    out = tmp_path / "support.md"
-    r = subprocess.run([sys.executable, "-m", "precompile.support", "--write", str(out)], capture_output=True,
-                       text=True, cwd=ROOT, timeout=300, check=False)
+    out, data = tmp_path / "support.md", tmp_path / "support.json"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "precompile.support", *args, "--data", str(data)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+
+    r = run("--write", str(out))
     assert r.returncode == 0, r.stderr
     assert out.read_text().startswith("# Support matrix\n") and "| llama | LlamaForCausalLM |" in out.read_text()
-    r = subprocess.run([sys.executable, "-m", "precompile.support", "--check", str(out)], capture_output=True,
-                       text=True, cwd=ROOT, timeout=300, check=False)
+    assert support.shipped_matrix(data)[1] == support.support_matrix()
+    r = run("--check", str(out))
     assert r.returncode == 0 and "up to date" in r.stdout, r.stdout + r.stderr
-    out.write_text(out.read_text().replace("| llama |", "| llama2 |"))
-    r = subprocess.run([sys.executable, "-m", "precompile.support", "--check", str(out)], capture_output=True,
-                       text=True, cwd=ROOT, timeout=300, check=False)
-    assert r.returncode == 1 and "stale" in r.stdout, r.stdout + r.stderr
+    for path, old, new in ((out, "| llama |", "| llama2 |"), (data, '"llama"', '"llama2"')):
+        text = path.read_text()
+        path.write_text(text.replace(old, new))
+        r = run("--check", str(out))
+        assert r.returncode == 1 and f"{path} stale" in r.stdout, r.stdout + r.stderr
+        path.write_text(text)
 
 
 # ---------------------------------------------------------------- configs/README.md documents every key
