@@ -375,7 +375,7 @@ def plan(source, batch_sizes, assume_parallel, profile_path, revision, json_path
 def profiles():
     """How each causal LM of transformers stands: supported (profile, block), refused or not yet (the reason);
     the classification of docs/support.md, shipped with the package."""
-    from .support import profiles_text
+    from .shipped import profiles_text
 
     click.echo(profiles_text())
 

@@ -21,10 +21,9 @@ from __future__ import annotations
 import ast
 import copy
 import itertools
-import json
 import re
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
 
@@ -39,12 +38,10 @@ from .profiles import (
     select_profile,
     validate_profile,
 )
+from .shipped import MATRIX_FILE, NOT_YET, REFUSED, SUPPORTED, Layer0Shape, Support, counts, to_json, to_text
 
-SUPPORTED, REFUSED, NOT_YET = "supported", "refused", "not yet"
-STATUSES = (SUPPORTED, REFUSED, NOT_YET)
 ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention", "attention")
 OVERRIDES_FILE = "_support.yaml"
-MATRIX_FILE = "_support_matrix.json"  # the generated classification, shipped in the wheel for `precompile profiles`
 
 _POSITION_ATTR = re.compile(r"^(wpe|embed_positions|positions_embed|position_embeddings?|positional_embeddings?|pos_emb\w*|"
                             r"embed_pos\w*|pos_embed\w*)$")
@@ -53,27 +50,6 @@ _SEPARATE = ("q_proj", "query", "q", "wq", "q_linear")
 _LATENT = ("q_a_proj", "kv_a_proj_with_mqa", "kv_a_proj")
 _QK_NORM = re.compile(r"self\.(q_norm|q_layernorm|query_layernorm|q_ln|query_norm)\s*=\s*([\w.]+)\((.*)")
 _OUTSIDE_SCALE = re.compile(r"inputs_embeds\s*\*(?!\*)|\*\s*inputs_embeds\b")
-
-
-@dataclass(frozen=True)
-class Layer0Shape:
-    """What layer 0 looks like before its sequence mixer; '?' where the source does not tell."""
-
-    mixer: str  # "attention", or the type transformers gives layer 0 (linear_attention, hybrid, ...)
-    block: str  # serial | parallel | ?
-    norm: str  # rms | layer | none | ?  (the norm in front of the mixer)
-    projections: str  # separate | fused | latent | ?
-    qk_norm: str  # - | per head | full width
-    embedding_scale: str  # - | module | outside the module
-
-
-@dataclass(frozen=True)
-class Support:
-    model_type: str
-    architecture: str
-    status: str  # supported | refused | not yet
-    detail: str  # supported: the profile's name; otherwise the reason
-    shape: Layer0Shape
 
 
 # ----------------------------------------------------------------------------------------- source facts
@@ -503,13 +479,6 @@ def support_matrix() -> list[Support]:
 # ---------------------------------------------------------------------------------------------- output
 
 
-def counts(rows: list[Support]) -> dict[str, int]:
-    out = {s: 0 for s in STATUSES}
-    for r in rows:
-        out[r.status] = out.get(r.status, 0) + 1
-    return out
-
-
 def _shape_text(s: Layer0Shape) -> str:
     parts = [f"{s.norm} norm" if s.norm not in ("?", "none") else "no norm" if s.norm == "none" else "norm ?",
              f"{s.projections} q/k/v" if s.projections != "latent" else "latent q/kv"]
@@ -553,72 +522,6 @@ def to_markdown(rows: list[Support]) -> str:
         lines.append(f"| {r.model_type} | {r.architecture} | {r.shape.block} | {_shape_text(r.shape)} | "
                      f"{r.status} | {reason} |")
     return "\n".join(lines) + "\n"
-
-
-def to_text(rows: list[Support]) -> str:
-    """`precompile profiles`: supported types with profile and block, then refused and not-yet ones with why."""
-    out = []
-    for status, head in ((SUPPORTED, ("MODEL TYPE", "ARCHITECTURE", "PROFILE", "BLOCK")),
-                         (REFUSED, ("MODEL TYPE", "ARCHITECTURE", "REASON")),
-                         (NOT_YET, ("MODEL TYPE", "ARCHITECTURE", "MISSING"))):
-        sel = [r for r in rows if r.status == status]
-        if not sel:
-            continue
-        table = [head] + [(r.model_type, r.architecture, r.detail, r.shape.block) if status == SUPPORTED
-                          else (r.model_type, r.architecture, r.detail) for r in sel]
-        widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
-        out.append(f"{status} ({len(sel)}):")
-        for row in table:
-            out.append("  " + "  ".join(f"{c:<{w}}" for c, w in zip(row, widths)) + "  " + row[-1])
-        out.append("")
-    other = [r for r in rows if r.status not in STATUSES]
-    for r in other:
-        out.append(f"unclassified: {r.model_type} ({r.architecture}): {r.detail}")
-    out.append("any other architecture: write a profile (configs/README.md) and pass it with --profile")
-    return "\n".join(out)
-
-
-def to_json(rows: list[Support], transformers_version: str) -> str:
-    """configs/_support_matrix.json: the rows docs/support.md shows, one JSON object per line."""
-    lines = [json.dumps(asdict(r), sort_keys=True) for r in rows]
-    return (f'{{"transformers": {json.dumps(transformers_version)},\n "rows": [\n  '
-            + ",\n  ".join(lines) + "\n]}\n")
-
-
-def shipped_matrix(path: Path | None = None) -> tuple[str, list[Support]]:
-    """(transformers version, rows) of the classification shipped in configs/ (what `precompile profiles` prints)."""
-    from .files import read_json
-
-    path = path or _configs_dir() / MATRIX_FILE
-    try:
-        data = read_json(path, "regenerate it: python -m precompile.support --write docs/support.md")
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing; regenerate it: python -m precompile.support --write docs/support.md") \
-            from None
-    return data["transformers"], [Support(**{**r, "shape": Layer0Shape(**r["shape"])}) for r in data["rows"]]
-
-
-def installed_transformers() -> str | None:
-    """The installed transformers' version, read from its package without importing it (a second of imports,
-    which `precompile profiles` exists to avoid); None when it is not installed or says no version."""
-    from importlib.util import find_spec
-
-    spec = find_spec("transformers")
-    if spec is None or not spec.origin:
-        return None
-    m = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', Path(spec.origin).read_text(encoding="utf-8"), re.MULTILINE)
-    return m.group(1) if m else None
-
-
-def profiles_text() -> str:
-    """`precompile profiles`: the shipped classification, saying which transformers it describes."""
-    version, rows = shipped_matrix()
-    head = f"causal LMs of transformers {version} (docs/support.md)"
-    installed = installed_transformers()
-    if installed is not None and installed != version:
-        head += (f"; transformers {installed} is installed: python -m precompile.support classifies that one "
-                 f"(it reads transformers' sources, seconds)")
-    return head + "\n\n" + to_text(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

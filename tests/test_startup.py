@@ -69,13 +69,13 @@ def test_the_check_sees_an_import(tmp_path, config_dir):
 
 
 def test_profiles_prints_the_shipped_classification(tmp_path):
-    from precompile import support
+    from precompile import shipped
 
     r, _ = imported(tmp_path, "profiles")
     assert r.returncode == 0, r.stderr
-    version, rows = support.shipped_matrix()
+    version, rows = shipped.shipped_matrix()
     assert r.stdout.startswith(f"causal LMs of transformers {version} (docs/support.md)")
-    assert support.to_text(rows) in r.stdout
+    assert shipped.to_text(rows) in r.stdout
 
 
 def test_convert_without_self_check_imports_no_transformers(tmp_path):

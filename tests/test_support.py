@@ -14,6 +14,7 @@ import tiny
 from conftest import ROOT
 
 from precompile import support
+from precompile.shipped import STATUSES, shipped_matrix
 from precompile.profiles import builtin_profiles, refusals
 
 DOC = ROOT / "docs" / "support.md"
@@ -27,7 +28,7 @@ def matrix() -> list[support.Support]:
 def test_every_registry_type_is_classified(matrix):
     """A transformers upgrade that adds a model type the facts cannot decide fails here (drift)."""
     assert [r.model_type for r in matrix] == sorted(support.registry())
-    unclassified = [f"{r.model_type} ({r.architecture}): {r.detail}" for r in matrix if r.status not in support.STATUSES]
+    unclassified = [f"{r.model_type} ({r.architecture}): {r.detail}" for r in matrix if r.status not in STATUSES]
     assert not unclassified, "add configs/_support.yaml entries or signals for: " + "; ".join(unclassified)
     assert all(r.detail for r in matrix)
 
@@ -55,7 +56,7 @@ def test_shipped_classification_is_up_to_date(matrix):
     """What `precompile profiles` prints (configs/_support_matrix.json) is what the generator writes now."""
     import transformers
 
-    version, rows = support.shipped_matrix()
+    version, rows = shipped_matrix()
     if version != transformers.__version__:
         pytest.skip(f"the shipped classification describes transformers {version}, {transformers.__version__} is "
                     "installed")
@@ -145,7 +146,7 @@ def test_generator_runs_from_the_command_line(tmp_path):
     r = run("--write", str(out))
     assert r.returncode == 0, r.stderr
     assert out.read_text().startswith("# Support matrix\n") and "| llama | LlamaForCausalLM |" in out.read_text()
-    assert support.shipped_matrix(data)[1] == support.support_matrix()
+    assert shipped_matrix(data)[1] == support.support_matrix()
     r = run("--check", str(out))
     assert r.returncode == 0 and "up to date" in r.stdout, r.stdout + r.stderr
     for path, old, new in ((out, "| llama |", "| llama2 |"), (data, '"llama"', '"llama2"')):
