@@ -248,9 +248,9 @@ def bench(out_dir: str | os.PathLike, source: str | None = None, *, device: str 
     timer = _Layer0Timer(toggle, manifest, sync)
     vocab = manifest["table"]["shape"][0]
     samples: dict[bool, list[dict[str, float]]] = {False: [], True: []}
-    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
     memory: dict[bool, float] = {}
-    with torch.inference_mode():
+    with warnings.catch_warnings(), torch.inference_mode():  # the filter ends with the measurements
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
         # warm-up with every shape the repetitions use (first calls build kernels and fault pages in)
         _measure(toggle, vocab, tuple(batches), prompt_len, 2, dev, timer, sync, 0, (False, True), {})
         for rep in range(reps):

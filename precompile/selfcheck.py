@@ -29,7 +29,6 @@ bfloat16, whose own rounding is 2^-9 of a value (tests/test_selfcheck.py; README
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,9 +54,6 @@ FLOOR_EPS = 2.0  # epsilons of the model dtype at the tensor's largest magnitude
 RANDOM_IDS = 256
 SEQUENCES = 4
 SEED = 0
-# Building on the meta device patches nn.Module globally and transformers' logging is global: one self-check at a
-# time per process (`batch --jobs N` converts in threads).
-_ONE_AT_A_TIME = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -237,9 +233,9 @@ def _capture(model: nn.Module, ids: torch.Tensor, layer: str, attention: str, po
 
 
 def _build(cls: type, config, dtype: torch.dtype) -> nn.Module:
-    from .verify import parameters_on_meta
+    from .verify import BUILD_LOCK, parameters_on_meta
 
-    with parameters_on_meta():
+    with BUILD_LOCK, parameters_on_meta():
         return cls._from_config(config, dtype=dtype, attn_implementation="eager").eval()
 
 
@@ -274,8 +270,7 @@ def self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     saying why the two could not be run (a conversion that cannot be checked is not published).
     """
     try:
-        with _ONE_AT_A_TIME:
-            return _self_check(plan, tmp)
+        return _self_check(plan, tmp)
     except (VerificationError, UserError):
         raise
     except Exception as e:  # noqa: BLE001 - whatever transformers raises, one line and the way out
