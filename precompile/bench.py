@@ -4,7 +4,8 @@ One model in one process: the original is loaded from the source checkpoint, the
 OUT_DIR, and layer 0's modules are toggled between the original ones and the lookups
 (`loader.apply_layout`), so both variants share every other weight, the same memory and the
 same threads. The variants alternate call by call (each prefill and decode step runs once per
-variant back to back, which goes first alternating between repetitions) and figures are medians, so drift in a shared machine's speed hits both alike.
+variant back to back, which goes first alternating between repetitions) and figures are medians,
+so drift in a shared machine's speed hits both alike.
 
 The theoretical saving is the share of per-token weight reads that precompute removes at
 batch 1 (the paper's accounting over the whole model): eliminated weights read per token /

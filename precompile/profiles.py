@@ -473,7 +473,8 @@ def recorded_profile(manifest: dict, where: str) -> Profile | None:
     try:
         data = yaml.load(text, Loader=YAML_LOADER)
     except yaml.YAMLError:
-        raise UserError(f"{label} is not valid YAML; the manifest is damaged, pass --profile or convert again") from None
+        raise UserError(f"{label} is not valid YAML; the manifest is damaged, pass --profile or convert again") \
+            from None
     validate_profile(data, label)
     return Profile(name=data["name"], path=str(rec.get("path") or where), data=data, text=text)
 

@@ -21,7 +21,7 @@ STATUSES = (SUPPORTED, REFUSED, NOT_YET)
 
 
 def configs_dir() -> Path:
-    """configs/ ships inside the wheel as package data (precompile/configs); in a checkout it sits beside the package."""
+    """configs/ ships inside the wheel as package data (precompile/configs); in a checkout it sits beside it."""
     packaged = Path(__file__).resolve().parent / "configs"
     return packaged if packaged.is_dir() else packaged.parent.parent / "configs"
 
@@ -105,7 +105,8 @@ def installed_transformers() -> str | None:
     spec = find_spec("transformers")
     if spec is None or not spec.origin:
         return None
-    m = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', Path(spec.origin).read_text(encoding="utf-8"), re.MULTILINE)
+    text = Path(spec.origin).read_text(encoding="utf-8")
+    m = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', text, re.MULTILINE)
     return m.group(1) if m else None
 
 

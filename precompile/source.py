@@ -223,7 +223,7 @@ def check_native(config: dict, root: Path, native_types: Collection[str] = ()) -
     architectures all have native classes is ignored (older repos kept one after upstreaming).
     A model type in `native_types` (the shipped profiles': native in every transformers release this
     package accepts, as tests/test_plan.py checks) without an auto_map needs no look into
-    transformers, whose import would cost 1.4 s of every conversion.
+    transformers, whose import would slow every conversion.
     """
     p = root / "config.json"
     model_type = config.get("model_type")

@@ -43,8 +43,8 @@ from .shipped import MATRIX_FILE, NOT_YET, REFUSED, SUPPORTED, Layer0Shape, Supp
 ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention", "attention")
 OVERRIDES_FILE = "_support.yaml"
 
-_POSITION_ATTR = re.compile(r"^(wpe|embed_positions|positions_embed|position_embeddings?|positional_embeddings?|pos_emb\w*|"
-                            r"embed_pos\w*|pos_embed\w*)$")
+_POSITION_ATTR = re.compile(r"^(wpe|embed_positions|positions_embed|position_embeddings?|positional_embeddings?|"
+                            r"pos_emb\w*|embed_pos\w*|pos_embed\w*)$")
 _FUSED = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "W_pack", "in_proj", "qkv_linear")
 _SEPARATE = ("q_proj", "query", "q", "wq", "q_linear")
 _LATENT = ("q_a_proj", "kv_a_proj_with_mqa", "kv_a_proj")
@@ -264,7 +264,8 @@ def _source_facts(arch: str, mixer: str) -> _Facts | None:
     assigns = _self_assigns(base)
     absolute = any(_POSITION_ATTR.match(a) and "rotary" not in (_called_class(v) or "").lower()
                    and "rope" not in (_called_class(v) or "").lower() for a, v in assigns.items())
-    emb_cls = next((_called_class(v) for v in assigns.values() if "embedding" in (_called_class(v) or "").lower()), None)
+    emb_cls = next((_called_class(v) for v in assigns.values() if "embedding" in (_called_class(v) or "").lower()),
+                   None)
     if emb_cls in mod:  # an embeddings module of its own (BERT-style): positions may live inside it
         absolute = absolute or any(_POSITION_ATTR.match(a) for a in _self_assigns(mod.get(emb_cls)))
     fwd = _method(base, "forward")
@@ -551,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     for p, text in outputs.items():
         p.write_text(text, encoding="utf-8")
     c = counts(rows)
-    print(f"wrote {', '.join(map(str, outputs))}: {len(rows)} model types, " + ", ".join(f"{v} {k}" for k, v in c.items()))
+    print(f"wrote {', '.join(map(str, outputs))}: {len(rows)} model types, "
+          + ", ".join(f"{v} {k}" for k, v in c.items()))
     return 0
 
 

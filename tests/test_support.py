@@ -132,7 +132,8 @@ def test_every_supported_type_is_compared_with_transformers(matrix):
 def test_cli_profiles_prints_the_matrix(matrix):
     text = support.to_text(matrix)
     for r in matrix:
-        assert re.search(rf"^  {re.escape(r.model_type)} +{re.escape(r.architecture)} ", text, re.MULTILINE), r.model_type
+        row = rf"^  {re.escape(r.model_type)} +{re.escape(r.architecture)} "
+        assert re.search(row, text, re.MULTILINE), r.model_type
     assert "not yet (" in text and "refused (" in text and "supported (" in text
 
 
