@@ -27,6 +27,7 @@ from torch import nn
 
 from .errors import UserError
 from .loader import _DTYPES, _set_module, apply_layout, read_manifest
+from .procfs import proc_bytes
 from .progress import Progress
 
 
@@ -277,7 +278,7 @@ def bench(out_dir: str | os.PathLike, source: str | None = None, *, device: str 
     result.rows.append(("weights in memory", "bytes", held[False], held[True]))
     if memory:
         result.rows.append(("peak CUDA memory", "bytes", memory[False], memory[True]))
-    hwm = _vm_hwm()
+    hwm = proc_bytes("/proc/self/status", "VmHWM")
     if hwm:
         result.notes.append(f"process peak RSS (both variants resident at once): {hwm / 2**30:.2f} GiB")
     result.notes.append(f"weights read per token at batch 1: {reads[0]:,} original, {reads[1]:,} precompiled "
@@ -286,13 +287,3 @@ def bench(out_dir: str | os.PathLike, source: str | None = None, *, device: str 
     result.notes.append(f"{torch.get_num_threads()} threads, {reps} repetitions, variants alternating call by call, "
                         f"medians; decode: {decode_tokens} steps after an 8-token prompt")
     return result
-
-
-def _vm_hwm() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
