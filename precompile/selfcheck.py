@@ -233,9 +233,9 @@ def _capture(model: nn.Module, ids: torch.Tensor, layer: str, attention: str, po
 
 
 def _build(cls: type, config, dtype: torch.dtype) -> nn.Module:
-    from .verify import BUILD_LOCK, parameters_on_meta
+    from .verify import parameters_on_meta
 
-    with BUILD_LOCK, parameters_on_meta():
+    with parameters_on_meta():
         return cls._from_config(config, dtype=dtype, attn_implementation="eager").eval()
 
 
@@ -281,10 +281,8 @@ def self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
 
 
 def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from .profiles import effective_data, with_defaults
-    from .verify import quiet_transformers
+    from .verify import BUILD_LOCK, quiet_transformers
 
     t0 = time.monotonic()
     spec, dtype = plan.spec, plan.model_dtype
@@ -296,7 +294,9 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     layer_keys = layer_keys["keys"] if isinstance(layer_keys, dict) else layer_keys
     tokens = check_tokens(plan.config, plan.source.root, spec.vocab_size)
     used, ids = torch.unique(tokens, return_inverse=True)
-    with quiet_transformers():
+    with BUILD_LOCK, quiet_transformers():  # imports and builds take turns across threads; the runs below do not
+        from transformers import AutoConfig, AutoModelForCausalLM
+
         cfg = dict(plan.config)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         _truncate(config, layer_keys)

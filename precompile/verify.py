@@ -375,8 +375,9 @@ def quiet_transformers() -> Iterator[None]:
                     tlog.enable_progress_bar()
 
 
-# transformers sets torch's process-wide default dtype while it builds or loads a model (local_torch_dtype): the
-# builds of concurrent threads (`batch --jobs`) take turns.
+# transformers sets torch's process-wide default dtype while it builds or loads a model (local_torch_dtype), and its
+# lazy imports are not thread-safe: the transformers imports and model builds of concurrent threads (`batch --jobs`)
+# take turns; what runs the models afterwards does not.
 BUILD_LOCK = threading.RLock()
 # parameters_on_meta's depth in each thread; torch's parameter-registration hook reads it (registered once: adding
 # and removing a hook per build would change torch's hook table while another thread's module iterates over it).
@@ -413,13 +414,14 @@ def reference_model(converted: nn.Module, ref_root: Path, ref_ckpt: Checkpoint, 
                     device: torch.device) -> nn.Module:
     """The original transformers model, sharing every parameter the converted model holds under the same
     name and shape; the rest (the eliminated tensors) is read from the reference checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    with BUILD_LOCK:
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(ref_root))
-    base = AutoModelForCausalLM._model_mapping[type(config)]
-    attn = getattr(converted.config, "_attn_implementation", None)
-    with BUILD_LOCK, parameters_on_meta():
-        ref = base._from_config(config, dtype=dtype, attn_implementation=attn)
+        config = AutoConfig.from_pretrained(str(ref_root))
+        base = AutoModelForCausalLM._model_mapping[type(config)]
+        attn = getattr(converted.config, "_attn_implementation", None)
+        with parameters_on_meta():
+            ref = base._from_config(config, dtype=dtype, attn_implementation=attn)
     conv = dict(converted.named_parameters(remove_duplicate=False))
     loaded: dict[int, nn.Parameter] = {}
     for mod_name, module in ref.named_modules():
@@ -451,12 +453,13 @@ def _encode(tok, prompts: list[str], device: torch.device) -> dict:
 
 
 def _tokenizer(out: Path, manifest: dict):
-    from transformers import AutoTokenizer
-
     from .loader import original_config
 
-    # the original config, so that OUT_DIR's config.json (custom code) is never consulted
-    tok = AutoTokenizer.from_pretrained(str(out), config=original_config(manifest))
+    with BUILD_LOCK:
+        from transformers import AutoTokenizer
+
+        # the original config, so that OUT_DIR's config.json (custom code) is never consulted
+        tok = AutoTokenizer.from_pretrained(str(out), config=original_config(manifest))
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
@@ -686,9 +689,9 @@ def _fp32_check(ref_root: Path, kept: list, dev: torch.device, th: dict,
                 fp_th: dict) -> tuple[Check, Distance]:
     """Distances of the original's and the converted model's logits to the float32 upcast's: the converted
     model passes when its mean and RMS distances are at most fp32_ratio times the original's."""
-    from transformers import AutoModelForCausalLM
-
     with BUILD_LOCK:
+        from transformers import AutoModelForCausalLM
+
         fp32 = AutoModelForCausalLM.from_pretrained(str(ref_root), dtype=torch.float32).to(dev).eval()
     do, dc = Distance(), Distance()
     for enc, lo, lc in kept:
