@@ -26,10 +26,11 @@ WRAPPER = ("import atexit, json, os, sys\n"
            "run()\n")
 
 
-def imported(tmp_path: Path, *args: str | Path) -> tuple[subprocess.CompletedProcess, set[str]]:
+def imported(tmp_path: Path, *args: str | Path, env: dict[str, str] | None = None) \
+        -> tuple[subprocess.CompletedProcess, set[str]]:
     """Run `precompile ARGS`; (the process, the top-level packages it imported)."""
     out = tmp_path / "modules.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "MODULES_OUT": str(out)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "MODULES_OUT": str(out), **(env or {})}
     r = subprocess.run([sys.executable, "-c", WRAPPER, *map(str, args)], capture_output=True, text=True, env=env,
                        cwd=tmp_path, timeout=300)
     return r, {m.split(".")[0] for m in json.loads(out.read_text())}
@@ -52,9 +53,13 @@ def test_commands_without_a_model_import_neither_torch_nor_transformers(tmp_path
     assert not mods & set(HEAVY), f"precompile {' '.join(args)} imported {sorted(mods & set(HEAVY))}"
 
 
-@pytest.mark.parametrize("kind", ["directory", "config.json"])
+@pytest.mark.parametrize("kind", ["directory", "config.json", "hub id"])
 def test_plan_on_a_config_imports_neither_torch_nor_transformers(tmp_path, config_dir, kind):
-    r, mods = imported(tmp_path, "plan", config_dir if kind == "directory" else config_dir / "config.json")
+    import tiny
+
+    source = {"directory": config_dir, "config.json": config_dir / "config.json", "hub id": "org/tiny"}[kind]
+    tiny.lay_out_hub_cache(tmp_path / "hf", "org/tiny", config_dir)  # plan fetches only config.json of a hub id
+    r, mods = imported(tmp_path, "plan", source, env={"HF_HOME": str(tmp_path / "hf")})
     assert r.returncode == 0, r.stderr
     assert "eliminated" in r.stdout
     assert not mods & set(HEAVY), sorted(mods & set(HEAVY))
