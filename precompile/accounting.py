@@ -1,4 +1,4 @@
-"""`plan`: what precomputing layer 0 buys a model, in the paper's terms, before converting it.
+"""Accounting for `precompile plan`: what precomputing layer 0 buys a model, in the paper's terms, before converting.
 
 The paper's accounting (arXiv 2402.13388, section 2) needs only config.json: the sizes
 of layer 0 and the whole model. When the weights are local a second, exact column comes
@@ -19,7 +19,7 @@ from .errors import UserError
 from .profiles import ModelSpec, conversion_profile, resolve, select_profile
 
 if TYPE_CHECKING:  # convert imports torch and transformers: plans from a config need neither
-    from .convert import ConversionPlan
+    from .planning import ConversionPlan
 
 DEFAULT_BATCH_SIZES = (1, 16, 256, 1024)
 MANIFEST = "precompile.json"  # the converted OUT_DIR's manifest (loader.MANIFEST)
@@ -127,12 +127,11 @@ def output_files(conv: ConversionPlan) -> dict[str, int]:
     """The exact size in bytes of every weight file a conversion writes (headers included)."""
     import torch
 
-    from .layout import TABLE_FILE
+    from .layout import TABLE_FILE, table_file_header
     from .tensors import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, write_header
 
-    lay = conv.layout
-    table_entry = (lay.tensor_name, DTYPE_NAMES[conv.model_dtype], (lay.vocab_size, lay.width), conv.table_bytes)
-    files = {TABLE_FILE: write_header(io.BytesIO(), [table_entry], {"format": "pt"}) + conv.table_bytes}
+    entries, metadata = table_file_header(conv.layout, DTYPE_NAMES[conv.model_dtype], conv.model_dtype.itemsize)
+    files = {TABLE_FILE: write_header(io.BytesIO(), entries, metadata) + sum(e[3] for e in entries)}
     out_dtype = DTYPE_NAMES[conv.model_dtype]
     for sh in conv.shards:
         if sh.out_file is None:
@@ -170,7 +169,7 @@ def exact_figures(conv: ConversionPlan, batch_sizes: tuple[int, ...] = DEFAULT_B
     layer0_bytes = sum(t.nbytes for t in layer0)
     source_bytes = sum(t.nbytes for t in ckpt.tensors.values())
     kept = [t for t in ckpt.tensors.values() if t.name not in set(lay.eliminated)]
-    output_bytes = conv.table_bytes + sum(out_bytes(t) for t in kept)
+    output_bytes = conv.table_file_bytes + sum(out_bytes(t) for t in kept)
     batches = []
     for b in batch_sizes:
         without, with_ = b * emb_row + layer0_bytes, b * row_with
@@ -290,7 +289,7 @@ def plan_model(source: str, *, profile: str | None = None, assume_parallel: bool
     spec = resolve(prof, config, assume_parallel=assume_parallel)
     out = model_figures(source, kind, prof.name, config, spec, batch_sizes, assume_parallel)
     if weights is not None and not assume_parallel:
-        from .convert import plan_conversion
+        from .planning import plan_conversion
 
         try:
             out["exact"] = exact_figures(plan_conversion(str(weights), profile=profile), batch_sizes)
