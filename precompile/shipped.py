@@ -111,11 +111,11 @@ def installed_transformers() -> str | None:
 
 
 def profiles_text() -> str:
-    """`precompile profiles`: the shipped classification, saying which transformers it describes."""
+    """`precompile profiles`: the shipped classification, then which transformers it describes."""
     version, rows = shipped_matrix()
-    head = f"causal LMs of transformers {version} (docs/support.md)"
+    last = f"(the causal LMs of transformers {version}, as in docs/support.md"
     installed = installed_transformers()
     if installed is not None and installed != version:
-        head += (f"; transformers {installed} is installed: python -m precompile.support classifies that one "
-                 f"(it reads transformers' sources, seconds)")
-    return head + "\n\n" + to_text(rows)
+        last += (f"; transformers {installed} is installed: python -m precompile.support classifies that one, "
+                 f"reading its sources")
+    return to_text(rows) + "\n" + last + ")"
