@@ -233,6 +233,7 @@ def load_config(source: str, revision: str | None = None) -> tuple[dict, str, Pa
     kind is one of "hub", "local", "config", "converted".
     """
     from .source import is_hub_id, read_config
+    from .weight_files import has_safetensors
 
     p = Path(source).expanduser()
     if p.exists() and revision is not None:

@@ -31,7 +31,8 @@ from .precompute import compute_rows
 from .progress import Progress
 from .selfcheck import SelfCheckResult, self_check as check_layer0
 from .source import blob_sha256, file_sha256
-from .tensors import DTYPE_NAMES, INDEX_NAME, dtype_name, mapped, weight_index
+from .tensors import DTYPE_NAMES, INDEX_NAME, dtype_name, mapped
+from .weight_files import weight_index
 from .writer import (TMP_PREFIX, atomic_dir, check_free_space, check_out_dir, scratch_dir, share_file, write_json,
                      write_shard, write_table)
 

@@ -44,8 +44,8 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 MANIFEST = "precompile.json"
 # The loader imports nothing of the package, so it keeps copies; tests/test_manifest.py checks they agree.
-INDEX = "model.safetensors.index.json"  # Copied from precompile.tensors.INDEX_NAME
-SINGLE = "model.safetensors"  # Copied from precompile.tensors.SINGLE_NAME
+INDEX = "model.safetensors.index.json"  # Copied from precompile.weight_files.INDEX_NAME
+SINGLE = "model.safetensors"  # Copied from precompile.weight_files.SINGLE_NAME
 # Copied from precompile.tensors.TORCH_DTYPES
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "float64": torch.float64}
@@ -529,7 +529,7 @@ def _blob_sha256(path: Path) -> str | None:
     return None
 
 
-# Copied from precompile.tensors.weight_index with INDEX_NAME->INDEX, SINGLE_NAME->SINGLE
+# Copied from precompile.weight_files.weight_index with INDEX_NAME->INDEX, SINGLE_NAME->SINGLE
 def _weight_index(root: Path) -> Path | None:
     """The index mapping each tensor to its file, or None when the checkpoint is one model.safetensors
     (which wins when both are present, as transformers loads it)."""

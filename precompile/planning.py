@@ -21,10 +21,10 @@ from .layout import TableLayout, projection_width, table_inputs, table_layout
 from .options import ConvertOptions, check_value, meta
 from .profile_check import check_tensors
 from .profiles import ModelSpec, Profile, builtin_profiles, resolve, select_profile
-from .source import (ALLOW_PATTERNS, PartialCheckpoint, Source, carried_files, check_native, check_tokenizer,
-                     fetch_files, read_config, resolve_source, weight_map)
-from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, SINGLE_NAME, TORCH_DTYPES, Checkpoint, TensorInfo,
-                      dtype_name, element_size, has_safetensors, open_checkpoint, output_dtype)
+from .source import (ALLOW_PATTERNS, Source, carried_files, check_native, check_tokenizer, fetch_files, read_config,
+                     resolve_source, weight_map)
+from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, SINGLE_NAME, TORCH_DTYPES, Checkpoint, PartialCheckpoint,
+                      TensorInfo, dtype_name, element_size, has_safetensors, open_checkpoint, output_dtype)
 from .writer import TMP_PREFIX, scratch_dir
 
 DTYPE_CHOICES = {n: TORCH_DTYPES[n] for n in meta("dtype").choices if n != "auto"}

@@ -13,7 +13,6 @@ import copy
 import json
 import math
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ import yaml
 
 from .errors import UserError
 from .files import check_regular
+from .shipped import configs_dir as _configs_dir
 
 if TYPE_CHECKING:  # the loader imports torch; profiles are read without it
     from .loader import Manifest
@@ -201,14 +201,6 @@ class Profile:
     @property
     def block(self) -> str:
         return self.data["block"]
-
-
-def _configs_dir() -> Path:
-    """configs/ ships inside the wheel as package data; in a checkout it sits beside the package."""
-    packaged = resources.files("precompile") / "configs"
-    if packaged.is_dir():
-        return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "configs"
 
 
 def _fail(path: str, key: str, problem: str) -> UserError:
@@ -484,7 +476,8 @@ def recorded_profile(manifest: Manifest, where: str) -> Profile | None:
     try:
         data = yaml.load(text, Loader=YAML_LOADER)
     except yaml.YAMLError:
-        raise UserError(f"{label} is not valid YAML; the manifest is damaged, pass --profile or convert again") from None
+        raise UserError(f"{label} is not valid YAML; the manifest is damaged, pass --profile or convert again") \
+            from None
     validate_profile(data, label)
     return Profile(name=data["name"], path=str(rec.path or where), data=data, text=text)
 

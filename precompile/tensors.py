@@ -21,6 +21,8 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import UserError
 from .files import check_inside, check_regular, read_json
+from .weight_files import (INDEX_NAME, PICKLE_INDEX, PICKLE_SUFFIXES, SINGLE_NAME, has_safetensors,
+                           weight_index)
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -32,10 +34,6 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 # Float dtypes by torch's name, as options, the manifest and config.json spell them (the loader keeps a copy).
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                                         "float16": torch.float16, "float64": torch.float64}
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -73,13 +71,6 @@ def output_dtype(stored: str, model: str | None) -> str:
     """The safetensors dtype a kept tensor is written in: a float tensor takes the model dtype (when one is
     asked for), any other keeps its own."""
     return model if model and stored in FLOAT_DTYPES else stored
-
-
-def weight_index(root: Path) -> Path | None:
-    """The index mapping each tensor to its file, or None when the checkpoint is one model.safetensors
-    (which wins when both are present, as transformers loads it)."""
-    index = root / INDEX_NAME
-    return index if index.exists() and not (root / SINGLE_NAME).exists() else None
 
 
 def read_header(path: Path, name: str | None = None) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -210,6 +201,27 @@ class Checkpoint:
                 from None
 
 
+class PartialCheckpoint(Checkpoint):
+    """Only the files of a checkpoint that hold the given tensors (what an overlay reads)."""
+
+    def __init__(self, root: Path, wmap: dict[str, str], names: list[str]):
+        self.root = self.source_root = Path(root)
+        self.files = sorted({wmap[n] for n in names if n in wmap})
+        self.source_files = list(self.files)
+        self.tensors = {}
+        self.metadata = {}
+        for fname in self.files:
+            infos, meta = read_header(self.root / fname, fname)
+            self.metadata[fname] = meta
+            for name, info in infos.items():
+                if wmap.get(name) == fname:
+                    self.tensors[name] = info
+        for name in names:
+            if wmap.get(name) in self.files and name not in self.tensors:
+                raise UserError(f"{self.root / INDEX_NAME} maps {name} to {wmap[name]}, which does not hold it; "
+                                f"the checkpoint is incomplete, re-download it")
+
+
 def read_index(path: Path) -> dict[str, str]:
     """An index's weight_map; every file it names must be a plain relative path inside the checkpoint."""
     try:
@@ -255,10 +267,6 @@ def checkpoint_files(root: Path) -> list[str]:
                         f"first, or pass --allow-pickle")
     raise UserError(f"no {SINGLE_NAME} or {INDEX_NAME} in {root}; SOURCE must be a Hugging Face checkpoint "
                     f"with safetensors weights (for PyTorch *.bin weights pass --allow-pickle)")
-
-
-def has_safetensors(root: Path) -> bool:
-    return (root / SINGLE_NAME).exists() or (root / INDEX_NAME).exists()
 
 
 def pickle_files(root: Path) -> list[str]:

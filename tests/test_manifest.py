@@ -179,7 +179,7 @@ OWNERS = [
     (r"\bmanifest\s*\[|\bmanifest\.get\(|\.get\([\"']source[\"']\)", set()),  # the manifest as a raw dict
     (r"(?:json\.loads?|read_json|_read_json_file)\([^)]*(?:MANIFEST|precompile\.json)", set()),  # read raw
     (r"def layer0_tensor_names|\[\s*spec\.embedding_tensor\s*\]\s*\+", {"layout.py"}),  # the layer-0 list
-    (r"\.exists\(\)\s+and\s+not\s+\([^)]*SINGLE", {"tensors.py", "loader.py"}),  # index-or-single rule
+    (r"\.exists\(\)\s+and\s+not\s+\([^)]*SINGLE", {"weight_files.py", "loader.py"}),  # index-or-single rule
     (r"in FLOAT_DTYPES else", {"tensors.py"}),  # the output-dtype rule: tensors.output_dtype
 ]
 
