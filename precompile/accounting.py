@@ -243,8 +243,6 @@ def load_config(source: str, revision: str | None = None) -> tuple[dict, str, Pa
     if p.is_dir():
         if (p / MANIFEST).exists():
             return _converted_manifest(p).source.config, "converted", None
-        from .tensors import has_safetensors
-
         config = read_config(p.resolve())
         return config, "local", (p.resolve() if has_safetensors(p) else None)
     if not is_hub_id(source):
