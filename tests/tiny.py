@@ -168,7 +168,30 @@ MORE_FAMILIES: dict[str, dict] = {
                        num_experts_per_tok=2, tie_word_embeddings=False, **dict(_SMALL, intermediate_size=32)),
     "phi3": dict(model_type="phi3", num_key_value_heads=2, tie_word_embeddings=False, **_SMALL),
 }
+_MLA = dict(q_lora_rank=24, kv_lora_rank=20, qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=10,
+            num_key_value_heads=4)  # query/key heads 20 wide (12 + 8), values 10: no width equals hidden / heads
+# Layer-0 shapes of issue #17 beyond attention over q/k/v (tests/test_layer0_shapes.py): latent attention (MLA),
+# state-space and short-convolution mixers.
+SHAPE_FAMILIES: dict[str, dict] = {
+    # layer 0 MoE (first_k_dense_replace 0); the query through q_a_proj -> q_a_layernorm -> q_b_proj
+    "deepseek_v3": dict(model_type="deepseek_v3", n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                        first_k_dense_replace=0, tie_word_embeddings=False, **_MLA, **_MOE_SMALL),
+    # q_proj (q_lora_rank null), dense layer 0, biases on q_a/kv_a
+    "deepseek_v3_q_proj": dict(model_type="deepseek_v3", n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                               topk_group=1, first_k_dense_replace=1, attention_bias=True, tie_word_embeddings=True,
+                               **dict(_MLA, q_lora_rank=None), **_MOE_SMALL),
+    "deepseek_v2": dict(model_type="deepseek_v2", n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=0,
+                        tie_word_embeddings=False, **_MLA, **_MOE_SMALL),
+    "glm4_moe_lite": dict(model_type="glm4_moe_lite", n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                          topk_group=1, mlp_layer_types=["dense", "sparse"], tie_word_embeddings=False, **_MLA,
+                          **_MOE_SMALL),
+    # no pad id: transformers' YoutuPreTrainedModel._init_weights zeroes the padding row at every load (through
+    # .data, past the loaded-weights guard), so the loaded model would not be the stored one
+    "youtu": dict(model_type="youtu", tie_word_embeddings=True, **_MLA, **dict(_SMALL, pad_token_id=None)),
+    "minicpm3": dict(model_type="minicpm3", scale_emb=3.3, tie_word_embeddings=True, **_MLA, **_SMALL),
+}
 FAMILIES.update(MORE_FAMILIES)
+FAMILIES.update(SHAPE_FAMILIES)
 # Every model type a test converts and compares against transformers (the support matrix reads this).
 TESTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted({f["model_type"] for f in FAMILIES.values()}))
 OFFSET_NORM_TYPES = ("gemma", "gemma2", "gemma3_text", "vaultgemma", "nemotron")  # norms scale by (1 + w)
