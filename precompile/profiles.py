@@ -685,11 +685,16 @@ def _config_value(config: dict, spec: Any, name: str, profile: Profile) -> Any:
 
 
 def config_get(config: dict, key: str) -> Any:
-    """config[key]; a dotted key reads a nested section (DBRX's `attn_config.kv_n_heads`)."""
+    """config[key]; a dotted key reads a nested section (DBRX's `attn_config.kv_n_heads`) or a list's entry by its
+    index (`layer_types.0`: layer 0's mixer)."""
     if key in config:
         return config[key]
     head, dot, rest = key.partition(".")
     sub = config.get(head) if dot else None
+    if isinstance(sub, list) and rest.partition(".")[0].isdigit():
+        index, _, rest = rest.partition(".")
+        sub = sub[int(index)] if int(index) < len(sub) else None
+        return sub if not rest else config_get(sub, rest) if isinstance(sub, dict) else None
     return config_get(sub, rest) if isinstance(sub, dict) else None
 
 
@@ -731,7 +736,7 @@ def with_defaults(profile: Profile, config: dict) -> dict:
 
 
 def _matches(when: dict, config: dict) -> bool:
-    return all(config.get(k, None) == v for k, v in when.items())
+    return all(config_get(config, k) == v for k, v in when.items())
 
 
 def effective_data(profile: Profile, config: dict) -> dict:

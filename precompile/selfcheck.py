@@ -179,21 +179,27 @@ class _Reader:
 @contextmanager
 def _lazy_parameters(model: nn.Module, read: Callable[[str, torch.dtype], torch.Tensor],
                      dtype: torch.dtype) -> Iterator[None]:
-    """Each module's own parameters are read while it runs and dropped after: memory of one module."""
+    """Each module's parameters are read while it runs and dropped after: memory of one module. A module with
+    parameters of its own reads its submodules' too, which its forward may use without calling them (Mamba's
+    mixer reads conv1d.weight); a submodule's own hooks then find them read."""
     handles = []
     for mod_name, module in model.named_modules():
-        names = [n for n, p in module._parameters.items() if p is not None]
-        if not names:
+        if not any(p is not None for p in module._parameters.values()):
             continue
-        meta = {n: module._parameters[n] for n in names}
+        read_here: list[tuple[nn.Module, str, nn.Parameter]] = []
 
-        def pre(m, _args, mod_name=mod_name, names=names) -> None:
-            for n in names:
-                m._parameters[n] = nn.Parameter(read(f"{mod_name}.{n}" if mod_name else n, dtype),
-                                                requires_grad=False)
+        def pre(m, _args, mod_name=mod_name, read_here=read_here) -> None:
+            for sub_name, sub in m.named_modules(prefix=mod_name):
+                for n, p in list(sub._parameters.items()):
+                    if p is not None and p.is_meta:
+                        read_here.append((sub, n, p))
+                        sub._parameters[n] = nn.Parameter(read(f"{sub_name}.{n}" if sub_name else n, dtype),
+                                                          requires_grad=False)
 
-        def post(m, _args, _out, meta=meta) -> None:
-            m._parameters.update(meta)
+        def post(m, _args, _out, read_here=read_here) -> None:
+            for sub, n, p in read_here:
+                sub._parameters[n] = p
+            read_here.clear()
 
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post, always_call=True)]
     try:

@@ -189,6 +189,11 @@ SHAPE_FAMILIES: dict[str, dict] = {
     # .data, past the loaded-weights guard), so the loaded model would not be the stored one
     "youtu": dict(model_type="youtu", tie_word_embeddings=True, **_MLA, **dict(_SMALL, pad_token_id=None)),
     "minicpm3": dict(model_type="minicpm3", scale_emb=3.3, tie_word_embeddings=True, **_MLA, **_SMALL),
+    # state-space mixer: 2 layers, inner width 128 (expand 2), tied
+    "mamba": dict(model_type="mamba", hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, vocab_size=VOCAB,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True),
+    "mamba_untied": dict(model_type="mamba", hidden_size=48, state_size=4, num_hidden_layers=2, expand=3,
+                         vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
 }
 FAMILIES.update(MORE_FAMILIES)
 FAMILIES.update(SHAPE_FAMILIES)
