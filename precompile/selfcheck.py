@@ -178,13 +178,14 @@ class _Reader:
 
 @contextmanager
 def _lazy_parameters(model: nn.Module, read: Callable[[str, torch.dtype], torch.Tensor],
-                     dtype: torch.dtype) -> Iterator[None]:
+                     dtype: torch.dtype, whole: str = "") -> Iterator[None]:
     """Each module's parameters are read while it runs and dropped after: memory of one module. A module with
-    parameters of its own reads its submodules' too, which its forward may use without calling them (Mamba's
-    mixer reads conv1d.weight); a submodule's own hooks then find them read."""
+    parameters of its own, and the module `whole` (layer 0's sequence mixer), read their submodules' too, which
+    their forward may use without calling them (Mamba's mixer reads conv1d.weight, LFM2's conv.weight); a
+    submodule's own hooks then find them read."""
     handles = []
     for mod_name, module in model.named_modules():
-        if not any(p is not None for p in module._parameters.values()):
+        if mod_name != whole and not any(p is not None for p in module._parameters.values()):
             continue
         read_here: list[tuple[nn.Module, str, nn.Parameter]] = []
 
@@ -232,7 +233,7 @@ def _capture(model: nn.Module, ids: torch.Tensor, layer: str, attention: str, po
                model.get_submodule(attention).register_forward_hook(lambda _m, _a, out: keep(ATTENTION, _first(out))),
                model.get_submodule(layer).register_forward_hook(lambda _m, _a, out: keep(OUTPUT, _first(out)))]
     try:
-        with _lazy_parameters(model, read, dtype), torch.no_grad():
+        with _lazy_parameters(model, read, dtype, attention), torch.no_grad():
             model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     except _Stop:
         pass

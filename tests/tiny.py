@@ -194,6 +194,14 @@ SHAPE_FAMILIES: dict[str, dict] = {
                   pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True),
     "mamba_untied": dict(model_type="mamba", hidden_size=48, state_size=4, num_hidden_layers=2, expand=3,
                          vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
+    # short convolution in layer 0 (as released LFM2 checkpoints), attention in layer 1
+    "lfm2": dict(model_type="lfm2", num_key_value_heads=2, layer_types=["conv", "full_attention"],
+                 tie_word_embeddings=True, **dict(_SMALL, intermediate_size=128)),
+    "lfm2_attention_first": dict(model_type="lfm2", num_key_value_heads=2, layer_types=["full_attention", "conv"],
+                                 block_auto_adjust_ff_dim=False, tie_word_embeddings=False, **_SMALL),
+    "lfm2_moe": dict(model_type="lfm2_moe", num_key_value_heads=2, layer_types=["conv", "full_attention"],
+                     num_dense_layers=0, num_experts=4, num_experts_per_tok=2, tie_word_embeddings=True,
+                     **_MOE_SMALL),
 }
 FAMILIES.update(MORE_FAMILIES)
 FAMILIES.update(SHAPE_FAMILIES)
