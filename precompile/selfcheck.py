@@ -306,7 +306,8 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     spec, dtype = plan.spec, plan.model_dtype
     manifest = read_manifest(tmp)
     attention = spec.attention_module
-    layer = attention.rpartition(".")[0]
+    # the decoder layer: the attention's parent, or the list entry 0 above it (LongCat's self_attn.0 in layers.0)
+    layer = attention[:attention.index(".0.") + 2] if ".0." in attention else attention.rpartition(".")[0]
     points = compared_points(spec.block, spec.n_experts)
     layer_keys = effective_data(plan.profile, with_defaults(plan.profile, plan.config))["sizes"]["n_layers"]
     layer_keys = layer_keys["keys"] if isinstance(layer_keys, dict) else layer_keys

@@ -189,6 +189,15 @@ SHAPE_FAMILIES: dict[str, dict] = {
                           **_MOE_SMALL),
     # no pad id: transformers' YoutuPreTrainedModel._init_weights zeroes the padding row at every load (through
     # .data, past the loaded-weights guard), so the loaded model would not be the stored one
+    # Sarvam's MLA config, built by transformers as DeepseekV3ForCausalLM (q_proj: q_lora_rank null)
+    "sarvam_mla": dict(model_type="sarvam_mla", n_routed_experts=4, num_experts_per_tok=4, n_group=1, topk_group=1,
+                       first_k_dense_replace=1, tie_word_embeddings=False, **dict(_MLA, q_lora_rank=None),
+                       **_MOE_SMALL),
+    # two MLA sublayers per layer (the first folds), an MoE with zero experts beside them
+    "longcat_flash": dict(model_type="longcat_flash", num_layers=2, hidden_size=64, num_attention_heads=4,
+                          ffn_hidden_size=96, expert_ffn_hidden_size=32, n_routed_experts=4, zero_expert_num=2,
+                          moe_topk=2, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2, head_dim=8, tie_word_embeddings=False, **_MLA),  # head_dim: RoPE width
     "youtu": dict(model_type="youtu", tie_word_embeddings=True, **_MLA, **dict(_SMALL, pad_token_id=None)),
     "minicpm3": dict(model_type="minicpm3", scale_emb=3.3, tie_word_embeddings=True, **_MLA, **_SMALL),
     # state-space mixer: 2 layers, inner width 128 (expand 2), tied
