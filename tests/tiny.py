@@ -205,6 +205,12 @@ SHAPE_FAMILIES: dict[str, dict] = {
                   pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True),
     "mamba_untied": dict(model_type="mamba", hidden_size=48, state_size=4, num_hidden_layers=2, expand=3,
                          vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
+    "falcon_mamba": dict(model_type="falcon_mamba", hidden_size=64, state_size=8, num_hidden_layers=2, expand=2,
+                         vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True),
+    # 8 SSM heads of 16 (the inner width 128), 2 groups: in_proj 2 * 128 + 2 * 2 * 8 + 8 = 296 wide
+    "mamba2": dict(model_type="mamba2", hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, num_heads=8,
+                   head_dim=16, n_groups=2, chunk_size=16, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1,
+                   eos_token_id=2, tie_word_embeddings=False),
     # short convolution in layer 0 (as released LFM2 checkpoints), attention in layer 1
     "lfm2": dict(model_type="lfm2", num_key_value_heads=2, layer_types=["conv", "full_attention"],
                  tie_word_embeddings=True, **dict(_SMALL, intermediate_size=128)),
