@@ -49,3 +49,60 @@ def test_bfloat16_no_farther_than_original(family, converted):
     dist = (_logits(model, enc) - upcast).pow(2).mean().sqrt().item()
     assert dist <= BF16_FACTOR * base, (dist, base)
     _check_table_rows(src, out)
+
+
+@pytest.mark.parametrize("profile, patch, words", [
+    ("mamba", {"projections": [{"role": "mixer_in", "weight": "w", "module": "m"}]}, "projections[0].width"),
+    ("llama", {"projections": [{"role": "q", "weight": "w", "module": "m", "width": [8]},
+                               {"role": "k", "weight": "w", "module": "m"},
+                               {"role": "v", "weight": "w", "module": "m"}]}, "projections[0].width"),
+    ("mamba", {"projections": [{"role": "mixer_in", "weight": "w", "module": "m", "width": ["2 * (x"]}]},
+     "projections[0].width"),
+    ("mamba", {"projections": [{"role": "mixer_in", "weight": "w", "module": "m", "width": ["__import__('os')"]}]},
+     "projections[0].width"),
+    ("mamba", {"projections": [{"role": "mixer_in", "weight": "w", "module": "m", "width": 4, "zero_masked": 1}]},
+     "projections[0].zero_masked"),
+    ("deepseek_v3", {"projections": [{"role": "mla_q", "weight": "w", "module": "m", "width": 4,
+                                      "low_rank": {"weight": "a", "module": "b"}},
+                                     {"role": "mla_kv", "weight": "w", "module": "m", "width": 4}]},
+     "projections[0].low_rank.rank"),
+    ("deepseek_v3", {"projections": [{"role": "mla_q", "weight": "w", "module": "m", "width": 4},
+                                     {"role": "mla_kv", "weight": "w", "module": "m", "width": 4,
+                                      "out_norm": {"kind": "rms", "eps": 1e-6}}]}, "projections[1].out_norm.width"),
+    ("deepseek_v3", {"projections": [{"role": "mla_q", "weight": "w", "module": "m", "width": 4}]}, "projections"),
+])
+def test_new_keys_are_validated(profile, patch, words, tmp_path):
+    """A mistake in a projection's width, low_rank, out_norm or zero_masked names the file and the key."""
+    import yaml
+
+    from precompile.errors import UserError
+    from precompile.profiles import _apply_patch, _configs_dir, load_profile
+
+    data = _apply_patch(yaml.safe_load((_configs_dir() / f"{profile}.yaml").read_text()), patch)
+    data.pop("variants", None)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError, match=str(path)) as e:
+        load_profile(path)
+    assert f"'{words}'" in str(e.value)
+
+
+def test_expressions_read_config_keys():
+    """An arithmetic entry is present when every key it names is; the first present entry wins (GPT-J's n_inner)."""
+    from precompile.profiles import _config_value, expression_value
+
+    cfg = {"n_inner": None, "n_embd": 64, "a": {"b": 3}, "layer_types": ["conv", "full_attention"]}
+    assert expression_value(cfg, "4 * n_embd") == 256
+    assert expression_value(cfg, "(n_embd + a.b) // 2 - 1") == 32
+    assert expression_value(cfg, "4 * missing") is None
+    assert _config_value(cfg, ["n_inner", "4 * n_embd"], "x", None) == 256
+    assert _config_value({**cfg, "n_inner": 96}, ["n_inner", "4 * n_embd"], "x", None) == 96
+
+
+def test_a_mixer_config_with_a_biased_input_projection_is_refused():
+    """zero_masked is exact only without a bias: such a config is refused by name, not converted wrong."""
+    from precompile.errors import UserError
+    from precompile.profiles import _configs_dir, load_profile, resolve
+
+    with pytest.raises(UserError, match="use_bias"):
+        resolve(load_profile(_configs_dir() / "mamba.yaml"), tiny.make_config("mamba", use_bias=True).to_dict())
