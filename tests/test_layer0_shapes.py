@@ -12,12 +12,11 @@ from __future__ import annotations
 import pytest
 import test_families_parallel
 import tiny
-import torch
-from test_families_more import BF16_FACTOR, _check_table_rows
-from test_families_parallel import _batch, _generate, _logits, bf16_baseline
-from transformers import AutoModelForCausalLM
 
-import precompile
+# the checks of tests/test_families_more.py, run here on the families of this file (imported under other names,
+# so that pytest does not collect them here with that file's families)
+from test_families_more import test_bfloat16_no_farther_than_original as bfloat16_no_farther_than_original
+from test_families_more import test_float32_matches_transformers as float32_matches_transformers
 
 FAMILIES = list(tiny.SHAPE_FAMILIES)
 converted = test_families_parallel.converted  # (family, dtype) -> (source, OUT_DIR), once per module
@@ -25,30 +24,12 @@ converted = test_families_parallel.converted  # (family, dtype) -> (source, OUT_
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_float32_matches_transformers(family, converted):
-    src, out = converted(family, "float32")
-    enc = _batch()
-    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    model = precompile.load(out)
-    assert type(model).__mro__[1] is type(ref)  # the original class, with layer 0 swapped
-    want = _logits(ref, enc)
-    got = _logits(model, enc)
-    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
-    gen = _generate(ref, enc)
-    assert len(set(gen[:, -16:].flatten().tolist())) > 2  # greedy decoding is not degenerate
-    assert torch.equal(_generate(model, enc), gen)
-    _check_table_rows(src, out)
+    float32_matches_transformers(family, converted)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bfloat16_no_farther_than_original(family, converted):
-    src, out = converted(family, "bfloat16")
-    enc = _batch()
-    upcast, base = bf16_baseline(src, enc)
-    model = precompile.load(out)
-    assert model.dtype == torch.bfloat16
-    dist = (_logits(model, enc) - upcast).pow(2).mean().sqrt().item()
-    assert dist <= BF16_FACTOR * base, (dist, base)
-    _check_table_rows(src, out)
+    bfloat16_no_farther_than_original(family, converted)
 
 
 @pytest.mark.parametrize("profile, patch, words", [
