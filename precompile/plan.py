@@ -366,12 +366,14 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(quantity, paper's count, exact from the weights) rows shared by the text and markdown views."""
     ex = r.get("exact")
     ffn = f"{r['ffn_kind'].upper()}, hidden {_n(r['ffn_hidden'])}" + (
-        f", {r['n_experts']} experts" if r["n_experts"] > 1 else "")
+        f", {r['n_experts']} experts" if r["n_experts"] > 1 else "") if r["ffn_hidden"] else "none"
+    qkv = r["row_width"] == r["q_width"] + 2 * r["e"]  # else latent attention or another mixer: the profile's widths
     rows = [
         ("block", r["block"] + (" (assumed)" if r["assume_parallel"] else ""), ""),
         ("attention", f"{r['attention']}: {r['n_heads']} heads, {r['n_kv_heads']} kv heads, head_dim {r['head_dim']}",
          ""),
-        ("d / q width / e (k, v width)", f"{r['d']} / {r['q_width']} / {r['e']}", ""),
+        ("d / q width / e (k, v width)", f"{r['d']} / {r['q_width']} / {r['e']}", "") if qkv else
+        ("d / projection outputs per token", f"{r['d']} / {r['row_width']}", ""),
         ("layers / vocab", f"{r['n_layers']} / {_n(r['vocab_size'])}", ""),
         ("FFN", ffn, ""),
         ("weights eliminated (layer 0)", _n(r["eliminated_weights"]),
