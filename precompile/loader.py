@@ -265,7 +265,8 @@ _SPECIAL_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": 
 
 
 def _decode_floats(obj):
-    """config.json's {"__float__": "Infinity"} (how transformers writes inf, e.g. Mamba-2's time_step_limit) as floats."""
+    """config.json's {"__float__": "Infinity"} (how transformers writes inf, e.g. Mamba-2's time_step_limit)
+    as floats."""
     if isinstance(obj, dict):
         if set(obj) == {"__float__"} and obj["__float__"] in _SPECIAL_FLOATS:
             return _SPECIAL_FLOATS[obj["__float__"]]

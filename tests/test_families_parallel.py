@@ -161,8 +161,9 @@ def test_parameter_arithmetic(family, converted):
     assert manifest["profile"]["block"] == block
     assert table["shape"] == [tiny.VOCAB, WIDTHS[family]]
     eliminated = manifest["eliminated"]
+    assert table["guard"] in eliminated and after[table["guard"]] == 1  # the one-element guard (README)
     assert sum(after.values()) == (sum(before.values()) - sum(before[n] for n in eliminated)
-                                   + tiny.VOCAB * WIDTHS[family])
+                                   + tiny.VOCAB * WIDTHS[family] + 1)
     keep = re.compile(KEEP_PARALLEL if block == "parallel" else KEEP_SERIAL)
     layer0_src = {n for n in before if LAYER0.search(n)}
     assert {n for n in after if LAYER0.search(n)} == {n for n in layer0_src if keep.search(n)}
