@@ -19,10 +19,10 @@ from typing import Any
 
 from .convert import COMPUTE_CHOICES, DTYPE_CHOICES, LINK_MODES, convert, plan_conversion
 from .errors import UserError, VerificationError
+from .files import file_sha256
 from .loader import MANIFEST, PrecompileLoadError, read_manifest
 from .profiles import read_yaml
 from .progress import Progress
-from .source import file_sha256
 
 
 def _is_repo_id(v: str) -> bool:

@@ -21,8 +21,7 @@ from . import __version__
 from .errors import UserError
 from .loader import FORMAT_VERSION, MANIFEST
 from .plan import exact_figures, model_figures, to_markdown
-from .source import file_sha256
-from .writer import signals_deferred, write_json
+from .files import file_sha256, signals_deferred, write_json
 
 if TYPE_CHECKING:  # convert imports this module
     from .convert import ConversionPlan

@@ -111,7 +111,7 @@ def convert(source, out_dir, revision, profile_path, device, dtype, compute_dtyp
         import tempfile
         from pathlib import Path
 
-        from .writer import TMP_PREFIX, scratch_dir
+        from .files import TMP_PREFIX, scratch_dir
 
         with scratch_dir(Path(tempfile.mkdtemp(prefix=TMP_PREFIX))) as scratch:
             plan = plan_conversion(source, revision=revision, profile=profile_path, dtype=dtype,

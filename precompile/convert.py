@@ -24,7 +24,8 @@ from . import __version__
 from .card import CARD_FILE, SelfCheckSummary, write_card
 from .errors import UserError
 from .generation import write_generation_config
-from .files import out_dir_lock, out_dir_target
+from .files import (TMP_PREFIX, atomic_dir, blob_sha256, check_free_space, check_out_dir, file_sha256, out_dir_lock,
+                    out_dir_target, scratch_dir, share_file, write_json)
 from .layout import TABLE_FILE, TableLayout, table_layout
 from .loader import FORMAT_VERSION, MANIFEST
 from .precompute import compute_rows, layer0_tensor_names
@@ -32,12 +33,11 @@ from .profile_check import check_tensors
 from .profiles import ModelSpec, Profile, builtin_profiles, resolve, select_profile
 from .progress import Progress
 from .selfcheck import SelfCheckResult, self_check as check_layer0
-from .source import (ALLOW_PATTERNS, PartialCheckpoint, Source, blob_sha256, carried_files, check_native,
-                     check_tokenizer, fetch_files, file_sha256, read_config, resolve_source, weight_map)
+from .source import (ALLOW_PATTERNS, PartialCheckpoint, Source, carried_files, check_native, check_tokenizer,
+                     fetch_files, read_config, resolve_source, weight_map)
 from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo,
                       has_safetensors, mapped, open_checkpoint)
-from .writer import (TMP_PREFIX, atomic_dir, check_free_space, check_out_dir, scratch_dir, share_file, write_json,
-                     write_shard, write_table)
+from .writer import write_shard, write_table
 
 DTYPE_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPUTE_CHOICES = {"float32": torch.float32, "float64": torch.float64}

@@ -29,14 +29,14 @@ from torch import nn
 from .allowance import FACTOR, LOGIT_KEYS, Allowance, Distance, Scale, apply_given, fixed_float32, \
     from_fp32, from_roundoff
 from .errors import UserError
-from .files import check_regular
+from .files import check_regular, file_sha256
 from .layout import table_layout
 from .loader import MANIFEST, PrecompileLoadError, indexed_table_file, read_manifest
 from .precompute import layer0_tensor_names
 from .profiles import conversion_profile, resolve
 from .progress import Progress
 from .rowcheck import check_rows
-from .source import Source, file_sha256, read_config, resolve_source
+from .source import Source, read_config, resolve_source
 from .tensors import DTYPES, Checkpoint, TensorInfo
 
 BUILTIN_PROMPTS = [
