@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from . import __version__
+from .version import __version__
 from .errors import UserError, VerificationError, one_line
 from .generation import GENERATION_CONFIG
 from .process import skip_exit_collection, use_huge_pages

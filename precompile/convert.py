@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .card import CARD_FILE, SelfCheckSummary, write_card
+from .device import pick_device
 from .errors import UserError
 from .generation import write_generation_config
 from .files import (TMP_PREFIX, atomic_dir, blob_sha256, check_free_space, check_out_dir, file_sha256, out_dir_lock,
@@ -88,16 +89,6 @@ class ConvertResult:
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256
     methods: dict[str, str] = field(default_factory=dict)  # shared shard -> reflink/copy/hardlink
     self_check: SelfCheckResult | None = None  # None: skipped (--no-self-check)
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was given but no CUDA device is available; use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"--device {device} is not one of auto, cpu, cuda")
-    return torch.device(device)
 
 
 def _check_shape(ckpt: Checkpoint, name: str, shape: tuple[int, ...], what: str) -> None:

@@ -43,8 +43,10 @@ from torch import nn
 from .errors import UserError, VerificationError
 from .layout import TABLE_FILE
 from .loader import original_config, precompiled_class, read_manifest
-from .source import fetch_files, weight_map
+from .profiles import effective_data, with_defaults
+from .source import PartialCheckpoint, fetch_files, weight_map
 from .tensors import INDEX_NAME, Checkpoint, mapped
+from .verify import parameters_on_meta, quiet_transformers
 
 if TYPE_CHECKING:
     from .convert import ConversionPlan
@@ -237,8 +239,6 @@ def _capture(model: nn.Module, ids: torch.Tensor, layer: str, attention: str, po
 
 
 def _build(cls: type, config, dtype: torch.dtype) -> nn.Module:
-    from .verify import parameters_on_meta
-
     with parameters_on_meta():
         return cls._from_config(config, dtype=dtype, attn_implementation="eager").eval()
 
@@ -254,8 +254,6 @@ def _source_checkpoint(plan: ConversionPlan, names: list[str]) -> Checkpoint:
     """The source's tensors layer 0 reads: the plan's checkpoint, or for an overlay the files holding them."""
     if plan.kind != "overlay":
         return plan.checkpoint
-    from .source import PartialCheckpoint
-
     wmap = weight_map(plan.source)
     names = [n for n in names if n in wmap]
     fetch_files(plan.source, sorted({wmap[n] for n in names}))
@@ -264,8 +262,6 @@ def _source_checkpoint(plan: ConversionPlan, names: list[str]) -> Checkpoint:
 
 def _converted_checkpoints(tmp: Path, table: str, source: Checkpoint) -> list[Checkpoint]:
     """Where the converted model's tensors come from: OUT_DIR's files, then (an overlay) its base."""
-    from .source import PartialCheckpoint
-
     if (tmp / INDEX_NAME).exists():
         return [Checkpoint(tmp)]
     return [PartialCheckpoint(tmp, {table: TABLE_FILE}, [table]), source]
@@ -291,9 +287,6 @@ def self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
 
 def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .profiles import effective_data, with_defaults
-    from .verify import quiet_transformers
 
     t0 = time.monotonic()
     spec, dtype = plan.spec, plan.model_dtype
