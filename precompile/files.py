@@ -223,9 +223,7 @@ def check_out_dir(out_dir: Path, force: bool) -> Path:
             raise UserError(f"OUT_DIR {out_dir} is a file; choose a directory path")
         if any(out_dir.iterdir()) and not force:
             raise UserError(f"OUT_DIR {out_dir} exists and is not empty; pass --force to replace it")
-    above = out_dir.parent
-    while not above.exists() and above != above.parent:
-        above = above.parent
+    above = nearest_existing(out_dir.parent)
     if not above.is_dir():
         raise UserError(f"cannot create OUT_DIR {out_dir}: {above} is a file, not a directory; "
                         f"choose a writable OUT_DIR")
@@ -235,7 +233,9 @@ def check_out_dir(out_dir: Path, force: bool) -> Path:
 
 
 def check_free_space(where: Path, need: int, what: str = "the output") -> None:
-    """Fail before any work when the filesystem holding `where` has less free space than `need` bytes."""
+    """Fail before any work when the filesystem that holds (or will hold) `where` has less free space than
+    `need` bytes."""
+    where = nearest_existing(where)
     free = shutil.disk_usage(where).free
     if free < need:
         raise UserError(f"not enough disk space in {where}: {what} needs {need:,} bytes ({need / 2**30:.2f} GiB), "
@@ -376,6 +376,14 @@ def remove_stale_temps(out_dir: Path, log: Callable[[str], None]) -> None:
         else:
             shutil.rmtree(p, ignore_errors=True)
         log(f"removed {p}, left by an earlier run (pid {m.group(1)}) that no longer exists")
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the deepest of its ancestors that exists: where a directory about to be made will live."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def missing_ancestors(path: Path) -> list[Path]:

@@ -266,10 +266,8 @@ def open_checkpoint(root: Path, allow_pickle: bool = False, scratch: Path | None
         return Checkpoint(root)  # names what is missing
     if scratch is None:
         raise ValueError("open_checkpoint: a scratch directory is needed for a pickle checkpoint")
-    above = Path(scratch).absolute()
-    while not above.exists() and above != above.parent:
-        above = above.parent
-    check_free_space(above, sum((root / f).stat().st_size for f in files), "a safetensors copy of the pickle weights")
+    check_free_space(Path(scratch), sum((root / f).stat().st_size for f in files),
+                     "a safetensors copy of the pickle weights")
     pickle_to_safetensors(root, files, Path(scratch))
     ckpt = Checkpoint(Path(scratch))
     ckpt.source_root = root
