@@ -574,9 +574,15 @@ def _entry_classes() -> dict[str, type]:
     from transformers import PretrainedConfig, PreTrainedModel
 
     class PrecompiledConfig(PretrainedConfig):
-        """OUT_DIR's own config type, so that plain transformers never mistakes it for the original model."""
+        """The entry type for `trust_remote_code`: config.json holds the original model type (for AutoTokenizer
+        without trust_remote_code), which transformers would otherwise warn does not match this class."""
 
         model_type = "precompiled"
+
+        @classmethod
+        def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+            config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+            return cls.from_dict(config_dict, **kwargs)
 
     class PrecompiledForCausalLM(PreTrainedModel):
         """Entry point for `AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`."""

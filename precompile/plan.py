@@ -127,12 +127,11 @@ def output_files(conv: ConversionPlan) -> dict[str, int]:
     """The exact size in bytes of every weight file a conversion writes (headers included)."""
     import torch
 
-    from .layout import TABLE_FILE
+    from .layout import TABLE_FILE, table_file_header
     from .tensors import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, write_header
 
-    lay = conv.layout
-    table_entry = (lay.tensor_name, DTYPE_NAMES[conv.model_dtype], (lay.vocab_size, lay.width), conv.table_bytes)
-    files = {TABLE_FILE: write_header(io.BytesIO(), [table_entry], {"format": "pt"}) + conv.table_bytes}
+    entries, metadata = table_file_header(conv.layout, DTYPE_NAMES[conv.model_dtype], conv.model_dtype.itemsize)
+    files = {TABLE_FILE: write_header(io.BytesIO(), entries, metadata) + sum(e[3] for e in entries)}
     out_dtype = DTYPE_NAMES[conv.model_dtype]
     for sh in conv.shards:
         if sh.out_file is None:
@@ -170,7 +169,7 @@ def exact_figures(conv: ConversionPlan, batch_sizes: tuple[int, ...] = DEFAULT_B
     layer0_bytes = sum(t.nbytes for t in layer0)
     source_bytes = sum(t.nbytes for t in ckpt.tensors.values())
     kept = [t for t in ckpt.tensors.values() if t.name not in set(lay.eliminated)]
-    output_bytes = conv.table_bytes + sum(out_bytes(t) for t in kept)
+    output_bytes = conv.table_file_bytes + sum(out_bytes(t) for t in kept)
     batches = []
     for b in batch_sizes:
         without, with_ = b * emb_row + layer0_bytes, b * row_with

@@ -12,7 +12,7 @@ import io
 import queue
 import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
@@ -22,10 +22,14 @@ from .tensors import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, TensorInfo, element_size
 
 
 def write_table(path: Path, name: str, shape: tuple[int, int], dtype: torch.dtype,
-                chunks: Iterable[torch.Tensor], pending: int = 2) -> str:
+                chunks: Iterable[torch.Tensor], pending: int = 2, *,
+                extra: Sequence[tuple[str, str, tuple[int, ...], int]] = (),
+                metadata: dict[str, str] | None = None) -> str:
     """Stream a [vocab, W] tensor: header first, then each chunk's rows as they are computed.
 
-    Returns the file's sha256, hashed on the way out so the table is never read back.
+    `extra` header entries (name, dtype, shape, nbytes) follow the table, written as zeros: markers
+    such as the layout's guard, never data. Returns the file's sha256, hashed on the way out so the
+    table is never read back.
 
     A background thread writes chunk k while the caller's iterator computes chunk k+1. At most
     `pending` chunks wait in between, so at most pending + 2 chunks are ever alive (the one being
@@ -49,7 +53,8 @@ def write_table(path: Path, name: str, shape: tuple[int, int], dtype: torch.dtyp
             del item
 
     with open(path, "wb") as f:
-        write_header(f, [(name, DTYPE_NAMES[dtype], shape, shape[0] * row_bytes)], {"format": "pt"})
+        write_header(f, [(name, DTYPE_NAMES[dtype], shape, shape[0] * row_bytes), *extra],
+                     metadata or {"format": "pt"})
         f.flush()
         with open(path, "rb") as head:
             digest.update(head.read())
@@ -72,6 +77,11 @@ def write_table(path: Path, name: str, shape: tuple[int, int], dtype: torch.dtyp
         raise failed[0]
     if rows != shape[0]:
         raise RuntimeError(f"table stream wrote {rows} rows, expected {shape[0]}")
+    with open(path, "ab") as f:
+        for entry in extra:
+            zeros = bytes(entry[3])
+            f.write(zeros)
+            digest.update(zeros)
     return digest.hexdigest()
 
 
