@@ -43,35 +43,37 @@ def import_graph(package: Path, name: str = "precompile") -> dict[str, dict[str,
     graph: dict[str, dict[str, int]] = {}
     for mod in sorted(mods):
         edges: dict[str, int] = {}
-
-        def add(target: str, line: int) -> None:
+        for target, line in _imported(package / f"{mod}.py", mods, name):
             if target != mod:
                 edges.setdefault(target, line)
-
-        for node in ast.walk(ast.parse((package / f"{mod}.py").read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom):
-                if node.level == 1:
-                    dotted = node.module
-                elif node.level == 0 and (node.module == name or (node.module or "").startswith(name + ".")):
-                    dotted = node.module[len(name) + 1:] or None
-                else:
-                    continue
-                if dotted:
-                    add(dotted.split(".")[0], node.lineno)
-                else:  # from . import x, y: submodules, or names of the package __init__
-                    for alias in node.names:
-                        add(alias.name if alias.name in mods else "__init__", node.lineno)
-            elif isinstance(node, ast.Import):
-                for alias in node.names:
-                    if alias.name == name:
-                        add("__init__", node.lineno)
-                    elif alias.name.startswith(name + "."):
-                        add(alias.name.split(".")[1], node.lineno)
         graph[mod] = edges
     if "__init__" in graph:
         for mod in mods - set(TOP):
             graph["__init__"].setdefault(mod, 0)
     return graph
+
+
+def _imported(path: Path, mods: set[str], name: str):
+    """(package module, line) for each import of one in the file, in the order ast walks them."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:
+                dotted = node.module
+            elif node.level == 0 and (node.module == name or (node.module or "").startswith(name + ".")):
+                dotted = node.module[len(name) + 1:] or None
+            else:
+                continue
+            if dotted:
+                yield dotted.split(".")[0], node.lineno
+            else:  # from . import x, y: submodules, or names of the package __init__
+                for alias in node.names:
+                    yield (alias.name if alias.name in mods else "__init__"), node.lineno
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == name:
+                    yield "__init__", node.lineno
+                elif alias.name.startswith(name + "."):
+                    yield alias.name.split(".")[1], node.lineno
 
 
 def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
