@@ -49,7 +49,7 @@ from .tensors import INDEX_NAME, Checkpoint, mapped
 from .verify import parameters_on_meta, quiet_transformers
 
 if TYPE_CHECKING:
-    from .convert import ConversionPlan
+    from .planning import ConversionPlan
 
 RESIDUAL, ATTENTION, OUTPUT = "residual input", "attention output", "layer output"
 FACTOR = 2.0  # the converted model's distance to the reference against the original's (see the module doc)
