@@ -31,7 +31,7 @@ from .planning import ConversionPlan, ShardPlan, describe_plan, plan_conversion,
 from .precompute import compute_rows, layer0_tensor_names
 from .progress import Progress
 from .selfcheck import SelfCheckResult, self_check as check_layer0
-from .tensors import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME, mapped
+from .tensors import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME, mapped, read_header, read_index
 from .version import __version__
 from .writer import write_shard, write_table
 
@@ -354,8 +354,6 @@ def _given_table(path: Path, entries: list[tuple[str, str, tuple[int, ...], int]
     """The rows of a table file written for this plan (with or without the guard), chunk by chunk."""
     from safetensors import safe_open
 
-    from .tensors import read_header
-
     infos, _ = read_header(path)
     name, dtype, shape, _ = entries[0]
     info = infos.get(name)
@@ -409,8 +407,6 @@ def _base_stats(plan: ConversionPlan) -> dict:
     root = plan.source.root
     names = set(_source_hashes_names(plan))
     if (root / INDEX_NAME).exists() and not (root / SINGLE_NAME).exists():
-        from .tensors import read_index
-
         names |= set(read_index(root / INDEX_NAME).values())
     sizes, mtimes = {}, {}
     for n in sorted(names):
