@@ -13,7 +13,6 @@ import copy
 import json
 import math
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import yaml
 
 from .errors import UserError
 from .files import check_regular
+from .shipped import configs_dir as _configs_dir
 
 NORM_KINDS = ("rms", "layer")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
@@ -198,14 +198,6 @@ class Profile:
     @property
     def block(self) -> str:
         return self.data["block"]
-
-
-def _configs_dir() -> Path:
-    """configs/ ships inside the wheel as package data; in a checkout it sits beside the package."""
-    packaged = resources.files("precompile") / "configs"
-    if packaged.is_dir():
-        return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "configs"
 
 
 def _fail(path: str, key: str, problem: str) -> UserError:
@@ -481,7 +473,8 @@ def recorded_profile(manifest: dict, where: str) -> Profile | None:
     try:
         data = yaml.load(text, Loader=YAML_LOADER)
     except yaml.YAMLError:
-        raise UserError(f"{label} is not valid YAML; the manifest is damaged, pass --profile or convert again") from None
+        raise UserError(f"{label} is not valid YAML; the manifest is damaged, pass --profile or convert again") \
+            from None
     validate_profile(data, label)
     return Profile(name=data["name"], path=str(rec.get("path") or where), data=data, text=text)
 

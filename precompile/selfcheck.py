@@ -29,7 +29,6 @@ bfloat16, whose own rounding is 2^-9 of a value (tests/test_selfcheck.py; README
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,9 +43,9 @@ from .errors import UserError, VerificationError
 from .layout import TABLE_FILE
 from .loader import original_config, precompiled_class, read_manifest
 from .profiles import effective_data, with_defaults
-from .source import PartialCheckpoint, fetch_files, weight_map
-from .tensors import INDEX_NAME, Checkpoint, mapped
-from .verify import parameters_on_meta, quiet_transformers
+from .source import fetch_files, weight_map
+from .tensors import INDEX_NAME, Checkpoint, PartialCheckpoint, mapped
+from .verify import BUILD_LOCK, parameters_on_meta, quiet_transformers
 
 if TYPE_CHECKING:
     from .planning import ConversionPlan
@@ -57,9 +56,6 @@ FLOOR_EPS = 2.0  # epsilons of the model dtype at the tensor's largest magnitude
 RANDOM_IDS = 256
 SEQUENCES = 4
 SEED = 0
-# Building on the meta device patches nn.Module globally and transformers' logging is global: one self-check at a
-# time per process (`batch --jobs N` converts in threads).
-_ONE_AT_A_TIME = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -274,8 +270,7 @@ def self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     saying why the two could not be run (a conversion that cannot be checked is not published).
     """
     try:
-        with _ONE_AT_A_TIME:
-            return _self_check(plan, tmp)
+        return _self_check(plan, tmp)
     except (VerificationError, UserError):
         raise
     except Exception as e:  # noqa: BLE001 - whatever transformers raises, one line and the way out
@@ -286,8 +281,6 @@ def self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
 
 
 def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     t0 = time.monotonic()
     spec, dtype = plan.spec, plan.model_dtype
     manifest = read_manifest(tmp)
@@ -298,7 +291,9 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     layer_keys = layer_keys["keys"] if isinstance(layer_keys, dict) else layer_keys
     tokens = check_tokens(plan.config, plan.source.root, spec.vocab_size)
     used, ids = torch.unique(tokens, return_inverse=True)
-    with quiet_transformers():
+    with BUILD_LOCK, quiet_transformers():  # imports and builds take turns across threads; the runs below do not
+        from transformers import AutoConfig, AutoModelForCausalLM
+
         cfg = dict(plan.config)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         _truncate(config, layer_keys)
