@@ -385,6 +385,7 @@ def _check_widths(f: Path, cols: list[dict], manifest: dict, config: PretrainedC
                                       f"{want[c['name']]}; the table does not belong to this model, convert again")
 
 
+# Copied from precompile.files.file_sha256, less its hub-blob shortcut (this one checks the bytes)
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -393,6 +394,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# Copied from precompile.files.blob_sha256
 def _blob_sha256(path: Path) -> str | None:
     """The sha256 a hub cache records for a file by naming its blob after it, or None outside the cache."""
     real = Path(os.path.realpath(path))

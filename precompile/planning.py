@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .files import TMP_PREFIX, scratch_dir
 from .layout import TableLayout, projection_width, table_layout
 from .options import ConvertOptions, check_value, meta
 from .precompute import layer0_tensor_names
@@ -26,7 +27,6 @@ from .source import (ALLOW_PATTERNS, Source, carried_files, check_native, check_
                      resolve_source, weight_map)
 from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, SINGLE_NAME, Checkpoint, PartialCheckpoint, TensorInfo,
                       has_safetensors, open_checkpoint)
-from .writer import TMP_PREFIX, scratch_dir
 
 DTYPE_CHOICES = {n: getattr(torch, n) for n in meta("dtype").choices if n != "auto"}
 COMPUTE_CHOICES = {n: getattr(torch, n) for n in meta("compute_dtype").choices}
