@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .loader import TableColumn
-from .profiles import ModelSpec
+from .profiles import ModelSpec, Projection
 
 TABLE_FILE = "precompile_table.safetensors"
 GUARD_NOTE = ("{guard} here is a 1-element guard, not a weight: its shape makes plain transformers stop instead of "
@@ -32,8 +32,12 @@ class TableLayout:
         return self.columns[-1].stop
 
 
-def projection_width(spec: ModelSpec, role: str) -> int:
-    """Output width of a projection by role, from the real head sizes."""
+def projection_width(spec: ModelSpec, role: str | Projection) -> int:
+    """Output width of a projection: its own `width` (a Projection given), or by role from the real head sizes."""
+    if isinstance(role, Projection):
+        if role.width is not None:
+            return role.width
+        role = role.role
     return {"q": spec.q_width, "k": spec.kv_width, "v": spec.kv_width,
             "qkv": spec.q_width + 2 * spec.kv_width}[role]
 
@@ -50,12 +54,13 @@ def layer0_tensor_names(spec: ModelSpec, present: set[str] | frozenset[str]) -> 
             if bias and bias in present:
                 names.append(bias)
 
-    norms = [spec.embedding_norm, spec.attn_norm]
+    norms = [spec.embedding_norm, spec.attn_norm, *(n for p in spec.projections for n in p.extra_norms)]
     if spec.folds_ffn and spec.ffn is not None:
         add(spec.ffn.refs())
         norms.append(spec.ffn.norm)
     names += [t for n in norms if n is not None for t in (n.weight, n.bias) if t]
-    add([(p.weight, p.bias) for p in spec.projections])
+    add([r for p in spec.projections
+         for r in ((p.weight, p.bias), *([(p.low_rank.weight, p.low_rank.bias)] if p.low_rank else []))])
     return list(dict.fromkeys(names))
 
 
@@ -82,8 +87,9 @@ def table_layout(spec: ModelSpec, present: set[str] | frozenset[str]) -> TableLa
         cols.append(TableColumn(name, 0, spec.hidden_size, holds))
         off = spec.hidden_size
     for p in spec.projections:
-        w = projection_width(spec, p.role)
-        cols.append(TableColumn(p.role, off, off + w, f"layer-0 {p.role} projection of the normed input", p.module))
+        w = projection_width(spec, p)
+        cols.append(TableColumn(p.role, off, off + w, f"layer-0 {p.role} projection of the normed input", p.module,
+                                p.zero_masked))
         off += w
     eliminated = ([] if keep_embedding else [spec.embedding_tensor]) + layer0_tensor_names(spec, present)
     seen = tuple(dict.fromkeys(n for n in eliminated if n in present))

@@ -104,10 +104,11 @@ class TableEmbedding(nn.Module):
 class TableSlice(nn.Module):
     """Replaces a layer-0 projection: returns its precomputed output, ignoring the input."""
 
-    def __init__(self, start: int, stop: int, kept: _Kept):
+    def __init__(self, start: int, stop: int, kept: _Kept, zero_masked: bool = False):
         super().__init__()
         self.start, self.stop = start, stop
         self._kept = kept
+        self.zero_masked = zero_masked
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         rows = self._kept.rows
@@ -117,10 +118,31 @@ class TableSlice(nn.Module):
         if rows.shape[:-1] != hidden.shape[:-1]:
             raise RuntimeError(f"precompiled lookup rows {tuple(rows.shape[:-1])} do not match layer 0's "
                                f"input {tuple(hidden.shape[:-1])}")
-        return rows[..., self.start: self.stop]
+        out = rows[..., self.start: self.stop]
+        if self.zero_masked:  # the mixer zeroed padded positions' input (a bias-free projection of 0 is 0)
+            out = out * hidden.ne(0).any(-1, keepdim=True).to(out.dtype)
+        return out
 
     def extra_repr(self) -> str:
         return f"columns={self.start}:{self.stop}"
+
+
+class NormIdentity(nn.Identity):
+    """Replaces a layer-0 norm whose only consumers now read the table.
+
+    Like the norm it has a `weight` of the model's dtype (Mamba's block casts its input to
+    `norm.weight.dtype`): the looked-up rows, which layer 0 of the same call reads.
+    """
+
+    def __init__(self, kept: _Kept):
+        super().__init__()
+        self._kept = kept
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self._kept.rows is None:
+            raise RuntimeError("a precompiled model needs input_ids: layer 0 reads its looked-up rows")
+        return self._kept.rows
 
 
 class Zeros(nn.Module):
@@ -144,10 +166,11 @@ class TableColumn:
     stop: int
     holds: str | None
     module: str | None = None  # the layer-0 module whose output this slice replaces
+    zero_masked: bool = False  # the module's input is zero at padded positions: so is the looked-up output
 
     def to_dict(self) -> dict:
         return _set({"name": self.name, "start": self.start, "stop": self.stop, "holds": self.holds},
-                    module=self.module or None)
+                    module=self.module or None, zero_masked=self.zero_masked or None)
 
 
 @dataclass(frozen=True)
@@ -279,7 +302,8 @@ class Manifest:
                                 path=src.get("path"), files=src.get("files", {}), sizes=src.get("sizes"),
                                 mtimes=src.get("mtimes")),
             table=TableRecord(t["file"], t["tensor"], tuple(t["shape"]), t["dtype"],
-                              tuple(TableColumn(c["name"], c["start"], c["stop"], c.get("holds"), c.get("module"))
+                              tuple(TableColumn(c["name"], c["start"], c["stop"], c.get("holds"), c.get("module"),
+                                                bool(c.get("zero_masked")))
                                     for c in t["columns"]), t.get("guard")),
             loader=LoaderRecord(ld["embedding_module"], ld["attention_module"], ld["hidden_size"], ld["x_stop"],
                                 ld["keep_embedding"], tuple(ld.get("identity_modules", [])),
@@ -400,11 +424,28 @@ def indexed_table_file(path: Path, manifest: Manifest | dict) -> str:
 
 def original_config(manifest: Manifest) -> "PretrainedConfig":
     """The source model's transformers config, as recorded at conversion time."""
+    return config_from_dict(manifest.source.config)
+
+
+_SPECIAL_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def _decode_floats(obj):
+    """config.json's {"__float__": "Infinity"} (how transformers writes inf, e.g. Mamba-2's time_step_limit)
+    as floats."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__float__"} and obj["__float__"] in _SPECIAL_FLOATS:
+            return _SPECIAL_FLOATS[obj["__float__"]]
+        return {k: _decode_floats(v) for k, v in obj.items()}
+    return [_decode_floats(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def config_from_dict(config: dict) -> "PretrainedConfig":
+    """The transformers config of config.json's values, read as from_pretrained reads the file."""
     from transformers import AutoConfig
 
-    cfg = dict(manifest.source.config)
-    model_type = cfg.pop("model_type")
-    return AutoConfig.for_model(model_type, **cfg)
+    cfg = _decode_floats(dict(config))
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -423,9 +464,9 @@ def apply_layout(model: nn.Module, manifest: Manifest | dict) -> None:
     _set_module(model, spec.embedding_module, emb)
     for col in table.columns:
         if col.module:
-            _set_module(model, col.module, TableSlice(col.start, col.stop, kept))
+            _set_module(model, col.module, TableSlice(col.start, col.stop, kept, col.zero_masked))
     for path in spec.identity_modules:
-        _set_module(model, path, nn.Identity())
+        _set_module(model, path, NormIdentity(kept))
     for path in spec.zero_modules:
         _set_module(model, path, Zeros())
 
@@ -513,6 +554,7 @@ def _check_widths(f: Path, cols: tuple[TableColumn, ...], manifest: Manifest, co
                                       f"{want[c.name]}; the table does not belong to this model, convert again")
 
 
+# Copied from precompile.files.file_sha256, less its hub-blob shortcut (this one checks the bytes)
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -521,6 +563,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# Copied from precompile.files.blob_sha256
 def _blob_sha256(path: Path) -> str | None:
     """The sha256 a hub cache records for a file by naming its blob after it, or None outside the cache."""
     real = Path(os.path.realpath(path))

@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .files import TMP_PREFIX, scratch_dir
 from .layout import TableLayout, projection_width, table_inputs, table_layout
 from .options import ConvertOptions, check_value, meta
 from .profile_check import check_tensors
-from .profiles import ModelSpec, Profile, builtin_profiles, resolve, select_profile
+from .profiles import ModelSpec, Profile, Projection, builtin_profiles, resolve, select_profile
 from .source import (ALLOW_PATTERNS, Source, carried_files, check_native, check_tokenizer, fetch_files, read_config,
                      resolve_source, weight_map)
 from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, SINGLE_NAME, TORCH_DTYPES, Checkpoint, PartialCheckpoint,
                       TensorInfo, dtype_name, element_size, has_safetensors, open_checkpoint, output_dtype)
-from .writer import TMP_PREFIX, scratch_dir
 
 DTYPE_CHOICES = {n: TORCH_DTYPES[n] for n in meta("dtype").choices if n != "auto"}
 COMPUTE_CHOICES = {n: TORCH_DTYPES[n] for n in meta("compute_dtype").choices}
@@ -81,6 +81,20 @@ def _check_shape(ckpt: Checkpoint, name: str, shape: tuple[int, ...], what: str)
                         f"float (F32, F16, BF16, F64)")
 
 
+def _check_inner(ckpt: Checkpoint, p: Projection, d: int) -> None:
+    """The shapes of a projection's low-rank input, its norm and the norm over its leading outputs."""
+    lr = p.low_rank
+    if lr is not None:
+        _check_shape(ckpt, lr.weight, (lr.rank, d), "low_rank.rank x hidden_size")
+        if lr.bias and lr.bias in ckpt.tensors:
+            _check_shape(ckpt, lr.bias, (lr.rank,), "low_rank.rank")
+    for norm, n, what in ((lr.norm if lr else None, lr.rank if lr else 0, "low_rank.rank"),
+                          (p.out_norm, p.out_norm_width, "out_norm.width")):
+        for t in (norm.weight, norm.bias) if norm else ():
+            if t:
+                _check_shape(ckpt, t, (n,), what)
+
+
 def _validate(spec: ModelSpec, ckpt: Checkpoint, layout: TableLayout) -> None:
     d = spec.hidden_size
     _check_shape(ckpt, spec.embedding_tensor, (spec.vocab_size, d), "vocab_size x hidden_size")
@@ -92,8 +106,11 @@ def _validate(spec: ModelSpec, ckpt: Checkpoint, layout: TableLayout) -> None:
             if t:
                 _check_shape(ckpt, t, (d,), "hidden_size")
     for p in spec.projections:
-        w = projection_width(spec, p.role)
-        _check_shape(ckpt, p.weight, (w, d), f"{p.role} width {w} from heads and head_dim x hidden_size")
+        w = projection_width(spec, p)
+        src = "its width key" if p.width is not None else "heads and head_dim"
+        d_in, into = (p.low_rank.rank, "low_rank.rank") if p.low_rank else (d, "hidden_size")
+        _check_shape(ckpt, p.weight, (w, d_in), f"{p.role} width {w} from {src} x {into}")
+        _check_inner(ckpt, p, d)
         if p.bias and p.bias in ckpt.tensors:
             _check_shape(ckpt, p.bias, (w,), f"{p.role} width")
         elif p.bias_required:

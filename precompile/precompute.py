@@ -155,8 +155,14 @@ def normed_parts(spec: ModelSpec, p: Projection, y: torch.Tensor) -> dict[str, t
 
 
 def projection_output(spec: ModelSpec, p: Projection, h: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Layer 0's projection of normed input h, with the q/k norms that follow it."""
+    """Layer 0's projection of normed input h: through its low-rank projection and norm first, if any, and
+    with the norms that follow it (over its leading outputs; q/k norms)."""
+    if p.low_rank is not None:
+        h = _linear(h, w, (p.low_rank.weight, p.low_rank.bias))
+        h = h if p.low_rank.norm is None else apply_norm(p.low_rank.norm, h, w)
     y = _linear(h, w, (p.weight, p.bias))
+    if p.out_norm is not None:
+        y[..., :p.out_norm_width] = apply_norm(p.out_norm, y[..., :p.out_norm_width], w)
     for role, part in normed_parts(spec, p, y).items():
         flat = part.reshape(*y.shape[:-1], -1)
         part.copy_(qk_normed(spec, role, flat, w).view(part.shape))

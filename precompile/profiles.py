@@ -9,9 +9,12 @@ one family (e.g. GPT-NeoX with and without a parallel residual) are expressed as
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import math
+import operator
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +32,12 @@ NORM_KINDS = ("rms", "layer")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
 FFN_KINDS = ("mlp", "glu", "moe")
 EXPERT_KINDS = ("mlp", "glu")
-PROJ_ROLES = ("q", "k", "v", "qkv")
+PROJ_ROLES = ("q", "k", "v", "qkv", "mla_q", "mla_kv", "mixer_in")
+# roles whose width is not given by the heads: the profile names it (`width`)
+WIDTH_ROLES = ("mla_q", "mla_kv", "mixer_in")
+# the sets of roles a layer 0 may project into: attention (separate or fused), latent attention (MLA: the query and
+# the kv latent with its rotary key), or a sequence mixer other than attention (state-space, short convolution)
+ROLE_SETS = (["k", "q", "v"], ["qkv"], ["mla_kv", "mla_q"], ["mixer_in"])
 BLOCKS = ("serial", "parallel")
 
 _TOP_KEYS = {
@@ -55,6 +63,17 @@ class Norm:
 
 
 @dataclass(frozen=True)
+class LowRank:
+    """A projection in front of another, with a norm between (MLA's q_a_proj -> q_a_layernorm -> q_b_proj)."""
+
+    weight: str
+    bias: str | None
+    module: str
+    rank: int
+    norm: Norm | None
+
+
+@dataclass(frozen=True)
 class Projection:
     """A layer-0 projection whose output goes into the table."""
 
@@ -64,6 +83,23 @@ class Projection:
     bias_required: bool
     module: str
     heads_interleaved: bool = False
+    width: int | None = None  # the output width of a role without heads (WIDTH_ROLES)
+    low_rank: LowRank | None = None  # the projection reads low_rank.norm(low_rank(h)) instead of h
+    out_norm: Norm | None = None  # a norm over the first out_norm_width outputs (MLA's kv latent; the rest passes)
+    out_norm_width: int = 0
+    zero_masked: bool = False  # the mixer zeroes padded positions' input: their looked-up output is zero too
+
+    @property
+    def identity_modules(self) -> tuple[str, ...]:
+        """The low-rank projection, its norm and the output norm: identities once the projection is looked up."""
+        lr = self.low_rank
+        mods = (lr.module, lr.norm.module if lr.norm else None) if lr else ()
+        return tuple(m for m in (*mods, self.out_norm.module if self.out_norm else None) if m)
+
+    @property
+    def extra_norms(self) -> tuple[Norm, ...]:
+        """The norms inside the projection: the low-rank one and the output one."""
+        return tuple(n for n in (self.low_rank.norm if self.low_rank else None, self.out_norm) if n)
 
 
 @dataclass(frozen=True)
@@ -137,6 +173,7 @@ class ModelSpec:
     qk_norms: dict[str, Norm] = field(default_factory=dict)  # role ("q"/"k") -> norm after the projection
     qk_norm_span: str = "head"  # the q/k norms act over each head ("head") or the whole output ("projection")
     embedding_multiplier: float | None = None  # applied by the model's forward to the embedding module's output
+    shared_intermediate_size: int | None = None  # a MoE FFN's shared expert width (plan's count)
 
     @property
     def q_width(self) -> int:
@@ -244,6 +281,64 @@ def _check_config_ref(v: Any, path: str, where: str, value_ok) -> None:
         where = f"{where}.keys"
     if not (isinstance(v, list) and v and all(isinstance(k, str) for k in v)):
         raise _fail(path, where, "must be a list of config.json keys, {keys, default}, or a value")
+    for k in v:
+        if is_expression(k):
+            try:
+                _parse_expression(k)
+            except ValueError as e:
+                raise _fail(path, where, f"holds '{k}', not an arithmetic expression over config keys ({e})") from None
+
+
+_EXPR_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+             ast.Div: operator.truediv}
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def is_expression(key: str) -> bool:
+    """A config reference entry that is arithmetic over config keys (`4 * n_embd`), not a single key."""
+    return any(c in key for c in "+-*/() ")
+
+
+def _parse_expression(text: str) -> tuple[ast.expr, list[str]]:
+    """The expression's tree (config keys renamed to _0, _1, ...) and the keys; ValueError when it is not
+    + - * / // over numbers, parentheses and config keys (dotted keys read nested sections)."""
+    keys: list[str] = []
+
+    def name(m: re.Match) -> str:
+        keys.append(m.group(0))
+        return f"_{len(keys) - 1}"
+
+    try:
+        tree = ast.parse(_NAME.sub(name, text), mode="eval").body
+    except SyntaxError:
+        raise ValueError("it does not parse") from None
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.BinOp, ast.UnaryOp, ast.Constant, ast.Name, ast.Load, ast.USub,
+                                 *_EXPR_OPS)) or (isinstance(node, ast.Constant) and not _is_num(node.value)):
+            raise ValueError(f"{type(node).__name__} is not allowed")
+    return tree, keys
+
+
+def expression_value(config: dict, text: str) -> float | int | None:
+    """An arithmetic expression over config keys, or None when a key it names is absent or not a number."""
+    tree, keys = _parse_expression(text)
+    values = [config_get(config, k) for k in keys]
+    if not all(_is_num(v) for v in values):
+        return None
+
+    def ev(node: ast.expr):
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Name):
+            return values[int(node.id[1:])]
+        if isinstance(node, ast.UnaryOp):
+            return -ev(node.operand)
+        return _EXPR_OPS[type(node.op)](ev(node.left), ev(node.right))
+
+    try:
+        return ev(tree)
+    except ZeroDivisionError:
+        return None
 
 
 def _check_norm(obj: Any, path: str, where: str, per_head: bool = False) -> None:
@@ -259,6 +354,32 @@ def _check_norm(obj: Any, path: str, where: str, per_head: bool = False) -> None
         if not per_head and HEAD in (obj.get(key) or ""):
             raise _fail(path, f"{where}.{key}", f"holds {HEAD}, which only a per-head q/k norm may use")
     _check_config_ref(obj["eps"], path, f"{where}.eps", _is_num)
+
+
+def _check_projection_extras(p: dict, path: str, where: str) -> None:
+    """A projection's width, low-rank input and output norm (latent attention, other sequence mixers)."""
+    _check_config_ref(p.get("width", 1), path, f"{where}.width", _is_num)
+    if (p["role"] in WIDTH_ROLES) != ("width" in p):
+        raise _fail(path, f"{where}.width", f"is {'missing' if 'width' not in p else 'not allowed'} (role "
+                                            f"{p['role']}: only {', '.join(WIDTH_ROLES)} name their output width)")
+    if not isinstance(p.get("zero_masked", False), bool):
+        raise _fail(path, f"{where}.zero_masked", "must be true or false")
+    lr = p.get("low_rank")
+    if lr is not None:
+        _check_keys(lr, {"weight", "bias", "module", "rank", "norm"}, ("weight", "module", "rank"), path,
+                    f"{where}.low_rank")
+        for key in ("weight", "module"):
+            _check_name(lr, key, path, f"{where}.low_rank", optional=False)
+        _check_name(lr, "bias", path, f"{where}.low_rank")
+        _check_config_ref(lr["rank"], path, f"{where}.low_rank.rank", _is_num)
+        if lr.get("norm") is not None:
+            _check_norm(lr["norm"], path, f"{where}.low_rank.norm")
+    on = p.get("out_norm")
+    if on is not None:
+        if not isinstance(on, dict) or "width" not in on:
+            raise _fail(path, f"{where}.out_norm.width", "is missing (how many leading outputs the norm covers)")
+        _check_config_ref(on["width"], path, f"{where}.out_norm.width", _is_num)
+        _check_norm({k: v for k, v in on.items() if k != "width"}, path, f"{where}.out_norm")
 
 
 def _check_tensor_ref(obj: Any, path: str, where: str) -> None:
@@ -312,7 +433,7 @@ def _check_body(data: dict, path: str) -> None:
         raise _fail(path, "block", f"is '{data['block']}', expected serial or parallel")
     sizes = data["sizes"]
     _check_keys(sizes, {"hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "n_layers",
-                        "intermediate_size", "n_experts", "multi_query"},
+                        "intermediate_size", "n_experts", "multi_query", "shared_intermediate_size"},
                 ("hidden_size", "num_heads", "vocab_size", "n_layers"), path, "sizes")
     for k, v in sizes.items():
         _check_config_ref(v, path, f"sizes.{k}", lambda x: _is_num(x) or isinstance(x, bool))
@@ -343,10 +464,11 @@ def _check_body(data: dict, path: str) -> None:
         raise _fail(path, "projections", "must be a non-empty list")
     for i, p in enumerate(projs):
         where = f"projections[{i}]"
-        _check_keys(p, {"role", "weight", "bias", "bias_when", "module", "heads_interleaved"},
-                    ("role", "weight", "module"), path, where)
+        _check_keys(p, {"role", "weight", "bias", "bias_when", "module", "heads_interleaved", "width", "low_rank",
+                        "out_norm", "zero_masked"}, ("role", "weight", "module"), path, where)
         if p["role"] not in PROJ_ROLES:
-            raise _fail(path, f"{where}.role", f"is '{p['role']}', expected one of q, k, v, qkv")
+            raise _fail(path, f"{where}.role", f"is '{p['role']}', expected one of {', '.join(PROJ_ROLES)}")
+        _check_projection_extras(p, path, where)
         for key in ("weight", "module"):
             _check_name(p, key, path, where, optional=False)
         _check_name(p, "bias", path, where)
@@ -363,8 +485,9 @@ def _check_body(data: dict, path: str) -> None:
             if role in qk:
                 _check_norm(qk[role], path, f"qk_norm.{role}", per_head=qk.get("over", "head") == "head")
     roles = sorted(p["role"] for p in projs)
-    if roles not in (["k", "q", "v"], ["qkv"]):
-        raise _fail(path, "projections", "must hold q, k and v, or one fused qkv")
+    if roles not in ROLE_SETS:
+        raise _fail(path, "projections", "must hold q, k and v, or one fused qkv, or mla_q and mla_kv (latent "
+                                         "attention), or one mixer_in (a sequence mixer other than attention)")
     if data["block"] == "parallel" and not data.get("ffn"):
         raise _fail(path, "ffn", "is missing (a parallel block folds layer 0's FFN into the table)")
     if data.get("ffn"):
@@ -549,19 +672,25 @@ def _config_value(config: dict, spec: Any, name: str, profile: Profile) -> Any:
     keys, default, has_default = (spec, None, False) if isinstance(spec, list) else (
         spec["keys"], spec.get("default"), "default" in spec)
     for k in keys:
-        if config_get(config, k) is not None:
-            return config_get(config, k)
+        val = expression_value(config, k) if is_expression(k) else config_get(config, k)
+        if val is not None:
+            return val
     if has_default:
         return default
     return None
 
 
 def config_get(config: dict, key: str) -> Any:
-    """config[key]; a dotted key reads a nested section (DBRX's `attn_config.kv_n_heads`)."""
+    """config[key]; a dotted key reads a nested section (DBRX's `attn_config.kv_n_heads`) or a list's entry by its
+    index (`layer_types.0`: layer 0's mixer)."""
     if key in config:
         return config[key]
     head, dot, rest = key.partition(".")
     sub = config.get(head) if dot else None
+    if isinstance(sub, list) and rest.partition(".")[0].isdigit():
+        index, _, rest = rest.partition(".")
+        sub = sub[int(index)] if int(index) < len(sub) else None
+        return sub if not rest else config_get(sub, rest) if isinstance(sub, dict) else None
     return config_get(sub, rest) if isinstance(sub, dict) else None
 
 
@@ -603,7 +732,7 @@ def with_defaults(profile: Profile, config: dict) -> dict:
 
 
 def _matches(when: dict, config: dict) -> bool:
-    return all(config.get(k, None) == v for k, v in when.items())
+    return all(config_get(config, k) == v for k, v in when.items())
 
 
 def effective_data(profile: Profile, config: dict) -> dict:
@@ -658,6 +787,26 @@ def _ffn(f: dict, config: dict, profile: Profile) -> Ffn:
                shared=shared, shared_combine=(sh or {}).get("combine", "sum"))
 
 
+def _projection_extras(p: dict, config: dict, profile: Profile, where: str, ref_count) -> dict[str, Any]:
+    """A projection's width, low-rank input and output norm, resolved (the keys of `Projection` they set)."""
+    out: dict[str, Any] = {"zero_masked": bool(p.get("zero_masked"))}
+    if "width" in p:
+        out["width"] = ref_count(p["width"], f"{where}.width")
+    lr = p.get("low_rank")
+    if lr:
+        out["low_rank"] = LowRank(weight=lr["weight"], bias=lr.get("bias"), module=lr["module"],
+                                  rank=ref_count(lr["rank"], f"{where}.low_rank.rank"),
+                                  norm=_norm(lr.get("norm"), config, profile, f"{where}.low_rank.norm"))
+    on = p.get("out_norm")
+    if on:
+        out["out_norm"] = _norm({k: v for k, v in on.items() if k != "width"}, config, profile, f"{where}.out_norm")
+        out["out_norm_width"] = ref_count(on["width"], f"{where}.out_norm.width")
+        if out["out_norm_width"] > out.get("width", out["out_norm_width"]):
+            raise UserError(f"profile {profile.path}: {where}.out_norm.width ({out['out_norm_width']}) exceeds the "
+                            f"projection's width ({out['width']}); fix the profile or config.json")
+    return out
+
+
 def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> ModelSpec:
     """Resolve a profile against config.json into concrete sizes and names."""
     config = with_defaults(profile, config)
@@ -689,6 +838,14 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
             key = next((k for k in keys if config.get(k) is not None), None)
             where = f"config.json gives {key}" if key else f"profile {profile.name} gives sizes.{name}"
             raise UserError(f"{where} = {val!r} (the model's {name}); it must be a positive whole number")
+        return int(val)
+
+    def ref_count(spec: Any, where: str) -> int:
+        """A config reference (not a sizes key) that must give a positive whole number."""
+        val = _config_value(config, spec, where, profile)
+        if isinstance(val, bool) or not _is_num(val) or int(val) != val or val <= 0:
+            raise UserError(f"config.json gives {val!r} for key '{where}' of profile {profile.path} "
+                            f"({spec}); it must be a positive whole number: fix config.json or the profile")
         return int(val)
 
     d = count("hidden_size")
@@ -732,12 +889,13 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
                         f"table's x + FFN would have to be divided by it); drop one of them")
     ffn = _ffn(data["ffn"], config, profile) if data.get("ffn") else None
     projections = []
-    for p in data["projections"]:
+    for i, p in enumerate(data["projections"]):
         when = p.get("bias_when", True)
         required = bool(config.get(when, False)) if isinstance(when, str) else bool(when)
         projections.append(Projection(role=p["role"], weight=p["weight"], bias=p.get("bias"),
                                       bias_required=required and p.get("bias") is not None,
-                                      module=p["module"], heads_interleaved=bool(p.get("heads_interleaved"))))
+                                      module=p["module"], heads_interleaved=bool(p.get("heads_interleaved")),
+                                      **_projection_extras(p, config, profile, f"projections[{i}]", ref_count)))
     qk = data.get("qk_norm") or {}
     qk_norms = {role: _norm(qk[role], config, profile, f"qk_norm.{role}") for role in ("q", "k") if role in qk}
     if qk_norms and any(p.role == "qkv" and p.heads_interleaved for p in projections) and (
@@ -750,6 +908,7 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
     if block == "parallel" and ffn is not None and ffn.norm is not None and ffn.norm.module:
         identity.append(ffn.norm.module)
     identity += [n.module for n in qk_norms.values() if n.module]
+    identity += [m for p in projections for m in p.identity_modules]
     inter = size("intermediate_size", required=False)
     n_exp = size("n_experts", required=False)
     return ModelSpec(
@@ -762,5 +921,6 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
         embedding_norm=emb_norm, attn_norm=attn_norm,
         projections=tuple(projections), attention_module=data["attention_module"], ffn=ffn,
         identity_modules=tuple(identity), qk_norms=qk_norms, qk_norm_span=qk.get("over", "head"),
-        embedding_multiplier=multiplier,
+        embedding_multiplier=multiplier, shared_intermediate_size=(
+            count("shared_intermediate_size") if size("shared_intermediate_size", required=False) else None),
     )

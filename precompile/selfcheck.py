@@ -41,9 +41,11 @@ from torch import nn
 
 from .errors import UserError, VerificationError
 from .layout import TABLE_FILE
-from .loader import Manifest, original_config, precompiled_class
+from .loader import Manifest, config_from_dict, original_config, precompiled_class
+from .profiles import effective_data, with_defaults
 from .source import fetch_files, weight_map
 from .tensors import INDEX_NAME, Checkpoint, PartialCheckpoint, dtype_name, mapped
+from .verify import BUILD_LOCK, parameters_on_meta, quiet_transformers
 
 if TYPE_CHECKING:
     from .planning import ConversionPlan
@@ -174,22 +176,29 @@ class _Reader:
 
 @contextmanager
 def _lazy_parameters(model: nn.Module, read: Callable[[str, torch.dtype], torch.Tensor],
-                     dtype: torch.dtype) -> Iterator[None]:
-    """Each module's own parameters are read while it runs and dropped after: memory of one module."""
+                     dtype: torch.dtype, whole: str = "") -> Iterator[None]:
+    """Each module's parameters are read while it runs and dropped after: memory of one module. A module with
+    parameters of its own, and the module `whole` (layer 0's sequence mixer), read their submodules' too, which
+    their forward may use without calling them (Mamba's mixer reads conv1d.weight, LFM2's conv.weight); a
+    submodule's own hooks then find them read."""
     handles = []
     for mod_name, module in model.named_modules():
-        names = [n for n, p in module._parameters.items() if p is not None]
-        if not names:
+        if mod_name != whole and not any(p is not None for p in module._parameters.values()):
             continue
-        meta = {n: module._parameters[n] for n in names}
+        read_here: list[tuple[nn.Module, str, nn.Parameter]] = []
 
-        def pre(m, _args, mod_name=mod_name, names=names) -> None:
-            for n in names:
-                m._parameters[n] = nn.Parameter(read(f"{mod_name}.{n}" if mod_name else n, dtype),
-                                                requires_grad=False)
+        def pre(m, _args, mod_name=mod_name, read_here=read_here) -> None:
+            for sub_name, sub in m.named_modules(prefix=mod_name):
+                for n, p in list(sub._parameters.items()):
+                    if p is not None and p.is_meta:
+                        read_here.append((sub, n, p))
+                        sub._parameters[n] = nn.Parameter(read(f"{sub_name}.{n}" if sub_name else n, dtype),
+                                                          requires_grad=False)
 
-        def post(m, _args, _out, meta=meta) -> None:
-            m._parameters.update(meta)
+        def post(m, _args, _out, read_here=read_here) -> None:
+            for sub, n, p in read_here:
+                sub._parameters[n] = p
+            read_here.clear()
 
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post, always_call=True)]
     try:
@@ -222,7 +231,7 @@ def _capture(model: nn.Module, ids: torch.Tensor, layer: str, attention: str, po
                model.get_submodule(attention).register_forward_hook(lambda _m, _a, out: keep(ATTENTION, _first(out))),
                model.get_submodule(layer).register_forward_hook(lambda _m, _a, out: keep(OUTPUT, _first(out)))]
     try:
-        with _lazy_parameters(model, read, dtype), torch.no_grad():
+        with _lazy_parameters(model, read, dtype, attention), torch.no_grad():
             model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     except _Stop:
         pass
@@ -233,8 +242,6 @@ def _capture(model: nn.Module, ids: torch.Tensor, layer: str, attention: str, po
 
 
 def _build(cls: type, config, dtype: torch.dtype) -> nn.Module:
-    from .verify import parameters_on_meta
-
     with parameters_on_meta():
         return cls._from_config(config, dtype=dtype, attn_implementation="eager").eval()
 
@@ -281,24 +288,21 @@ def self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
 
 
 def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
-    from .profiles import effective_data, with_defaults
-    from .verify import BUILD_LOCK, quiet_transformers
-
     t0 = time.monotonic()
     spec, dtype = plan.spec, plan.model_dtype
     manifest = Manifest.read(tmp)
     attention = spec.attention_module
-    layer = attention.rpartition(".")[0]
+    # the decoder layer: the attention's parent, or the list entry 0 above it (LongCat's self_attn.0 in layers.0)
+    layer = attention[:attention.index(".0.") + 2] if ".0." in attention else attention.rpartition(".")[0]
     points = compared_points(spec.block, spec.n_experts)
     layer_keys = effective_data(plan.profile, with_defaults(plan.profile, plan.config))["sizes"]["n_layers"]
     layer_keys = layer_keys["keys"] if isinstance(layer_keys, dict) else layer_keys
     tokens = check_tokens(plan.config, plan.source.root, spec.vocab_size)
     used, ids = torch.unique(tokens, return_inverse=True)
     with BUILD_LOCK, quiet_transformers():  # imports and builds take turns across threads; the runs below do not
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        cfg = dict(plan.config)
-        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        config = config_from_dict(plan.config)
         _truncate(config, layer_keys)
         base = AutoModelForCausalLM._model_mapping[type(config)]
         conv_config = original_config(manifest)
