@@ -563,11 +563,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")  # Copied from precompile.files._SHA256
+
+
 # Copied from precompile.files.blob_sha256
 def _blob_sha256(path: Path) -> str | None:
-    """The sha256 a hub cache records for a file by naming its blob after it, or None outside the cache."""
+    """The sha256 of a hub cache file without reading it: its blob is named by it (None elsewhere)."""
     real = Path(os.path.realpath(path))
-    if path.is_symlink() and real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
+    if Path(path).is_symlink() and real.parent.name == "blobs" and _SHA256.match(real.name):
         return real.name
     return None
 
