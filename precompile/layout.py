@@ -7,9 +7,12 @@ manifest, the loader and `plan` cannot disagree.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .loader import TableColumn
 from .profiles import ModelSpec, Projection
+
+if TYPE_CHECKING:  # the loader imports torch; `plan` on a config reads projection widths without it
+    from .loader import TableColumn
 
 TABLE_FILE = "precompile_table.safetensors"
 GUARD_NOTE = ("{guard} here is a 1-element guard, not a weight: its shape makes plain transformers stop instead of "
@@ -75,6 +78,8 @@ def table_layout(spec: ModelSpec, present: set[str] | frozenset[str]) -> TableLa
     x leaves the table only when it is exactly the stored row of an embedding that stays for a tied
     LM head: then no value is stored twice.
     """
+    from .loader import TableColumn
+
     keep_embedding = spec.tied
     x_in_table = not (keep_embedding and spec.x_is_stored_row)
     cols: list[TableColumn] = []
