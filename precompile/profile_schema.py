@@ -202,8 +202,10 @@ class ProjectionDef:
 @dataclass(frozen=True, kw_only=True)
 class QkNorm:
     """Q/k norms.
-    Norms applied to the q and k projection outputs before RoPE (per token, so they fold; their modules
-    become identities). List only norms that act before RoPE."""
+    Norms applied to the q and k projection outputs (also to the q and k parts of a fused `qkv`, in its
+    `[q | k | v]` or `heads_interleaved` layout); they are per token, so they fold and their modules become
+    identities. List only norms that act before RoPE: Hunyuan's act after it and stay at run time (leave
+    them out)."""
 
     q: NormDef | None = key("the norm of q (a per-head norm's tensor names may hold `{h}`: one tensor per head, "
                          "e.g. StableLM's `q_layernorm.norms.{h}.weight`)", None)
@@ -309,7 +311,7 @@ class Variant:
     in order (`null` deletes a key)."""
 
     when: dict[str, Any] = key("config.json keys and the values they must have",
-                               form="a mapping of config keys to values")
+                               form="a mapping (map config keys to values)")
     set: dict[str, Any] = key("profile keys to merge in", form="a mapping of profile keys")
 
 
@@ -319,7 +321,7 @@ class Refusal:
     A config the trick cannot apply to."""
 
     when: dict[str, Any] = key("config.json keys and the values they must have",
-                               form="a mapping of config keys to values")
+                               form="a mapping (map config keys to values)")
     reason: str = key("why, shown to the user")
 
 
@@ -333,7 +335,7 @@ class ProfileDef:
     match: Match = key("the checkpoints this profile is the default for")
     defaults: dict[str, Any] = key("config values to assume when config.json lacks a key or has it null (hub "
                                    "configs often omit transformers' defaults)", {},
-                                   form="a mapping of config keys to values")
+                                   form="a mapping (map config keys to values)")
     block: str = key("`serial`: only q/k/v fold; `parallel`: the FFN, its norm and the skip connection fold too",
                      choices=BLOCKS)
     sizes: Sizes = key("where config.json gives the sizes")

@@ -237,7 +237,7 @@ def _default_text(f: Field) -> str:
     if is_required(f):
         return "**required**"
     d = _default(f)
-    if d is None or d == () or d == {}:
+    if d is None or d == () or d == {} or d == "":
         return "-"
     return f"`{str(d).lower() if isinstance(d, bool) else d}`"
 
@@ -246,15 +246,15 @@ def key_table(root: type) -> str:
     """Markdown: one table per section (key, value, default, meaning), then the value forms."""
     lines: list[str] = []
     for cls, paths in sections(root).items():
-        where = ", ".join(f"`{p}`" for p in paths if p) or "the top level of a profile"
+        where = ", ".join(f"`{p}`" for p in paths if p)
         _, _, doc = (cls.__doc__ or "").strip().partition("\n")
-        lines += [f"### {section_title(cls)}", "", f"At {where}. {' '.join(doc.split())}".rstrip(), "",
+        lines += [f"### {section_title(cls)}", "", f"{f'At {where}. ' if where else ''}{' '.join(doc.split())}", "",
                   "| key | value | default | meaning |", "|---|---|---|---|"]
         for f in fields(cls):
             cells = [f"`{f.name}`", form(hints(cls)[f.name], f), _default_text(f), f.metadata["doc"]]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")
     lines += ["### Value forms", ""]
-    for vc in value_classes(root):
+    for vc in sorted(value_classes(root), key=lambda c: len(c.__mro__)):  # a base form before its variants
         lines.append(f"- **{vc.FORM}**: {' '.join((vc.__doc__ or '').split())}")
     return "\n".join(lines).rstrip() + "\n"
