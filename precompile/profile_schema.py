@@ -3,7 +3,9 @@
 This is the single definition of what a profile may say. `precompile.profiles` validates and parses
 profiles with it and resolves the parsed definition against config.json; configs/README.md's key table is
 generated from it (`python -m precompile.profiles --write-key-table`). To add a key, add a field with
-`key(help, default, ...)` to its section (and a `check` rule when it relates to other keys).
+`key(help, default, ...)` to its section (and a `check` rule when it relates to other keys), read it in
+`profiles.resolve`, and regenerate the key table; a new section also goes into the profile that
+tests/test_profile_schema.py exercises every section with (`FULL`).
 """
 
 from __future__ import annotations

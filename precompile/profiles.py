@@ -412,8 +412,9 @@ def _activation(act: Any, config: dict) -> str:
     """An activation name, or {config, default} read from config.json, in the profile's vocabulary."""
     if not isinstance(act, str):
         act = config.get(act.config) or act.default
-        act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-               "swish": "silu"}.get(act, act)
+        if isinstance(act, str):
+            act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                   "swish": "silu"}.get(act, act)
         if act not in ACTIVATIONS:
             raise UserError(f"activation '{act}' of config.json is not supported; "
                             f"supported: {', '.join(ACTIVATIONS)}")
@@ -427,8 +428,8 @@ def _ffn(f: FfnDef, config: dict, profile: Profile) -> Ffn:
     up, down = _tensor_ref(f.up), _tensor_ref(f.down)
     if f.kind != "moe":
         return Ffn(kind=f.kind, activation=act, norm=fnorm, up=up, gate=gate, down=down, module=f.module)
-    n = int(f.experts.read(config) or 0)
-    top_k = int(f.top_k.read(config) or 0)
+    n, top_k = (int(v) if is_number(v) and math.isfinite(v) else 0 for v in (f.experts.read(config),
+                                                                               f.top_k.read(config)))
     if n < 1 or not 1 <= top_k <= n:
         raise UserError(f"config.json gives {n} experts and top_k {top_k} for profile {profile.name}; "
                         f"need at least one expert and 1 <= top_k <= experts")

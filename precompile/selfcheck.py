@@ -243,7 +243,7 @@ def _build(cls: type, config, dtype: torch.dtype) -> nn.Module:
         return cls._from_config(config, dtype=dtype, attn_implementation="eager").eval()
 
 
-def _truncate(config, keys: list[str]) -> None:
+def _truncate(config, keys: tuple[str, ...]) -> None:
     """One layer: every n_layers key the profile names is set to 1 (aliases included)."""
     for k in keys:
         if hasattr(config, k):
@@ -292,7 +292,7 @@ def self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
 def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .profiles import effective_data, with_defaults
+    from .profiles import effective_definition
     from .verify import quiet_transformers
 
     t0 = time.monotonic()
@@ -301,8 +301,7 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     attention = spec.attention_module
     layer = attention.rpartition(".")[0]
     points = compared_points(spec.block, spec.n_experts)
-    layer_keys = effective_data(plan.profile, with_defaults(plan.profile, plan.config))["sizes"]["n_layers"]
-    layer_keys = layer_keys["keys"] if isinstance(layer_keys, dict) else layer_keys
+    layer_keys = effective_definition(plan.profile, plan.config).sizes.n_layers.keys  # () for a literal count
     tokens = check_tokens(plan.config, plan.source.root, spec.vocab_size)
     used, ids = torch.unique(tokens, return_inverse=True)
     with quiet_transformers():
