@@ -29,7 +29,7 @@ from .layout import TABLE_FILE, TableLayout, table_layout
 from .loader import FORMAT_VERSION, MANIFEST
 from .precompute import compute_rows, layer0_tensor_names
 from .profile_check import check_tensors
-from .profiles import ModelSpec, Profile, builtin_profiles, resolve, select_profile
+from .profiles import ModelSpec, Profile, Projection, builtin_profiles, resolve, select_profile
 from .progress import Progress
 from .selfcheck import SelfCheckResult, self_check as check_layer0
 from .source import (ALLOW_PATTERNS, PartialCheckpoint, Source, blob_sha256, carried_files, check_native,
@@ -123,8 +123,11 @@ def _validate(spec: ModelSpec, ckpt: Checkpoint, layout: TableLayout) -> None:
     from .layout import projection_width
 
     for p in spec.projections:
-        w = projection_width(spec, p.role)
-        _check_shape(ckpt, p.weight, (w, d), f"{p.role} width {w} from heads and head_dim x hidden_size")
+        w = projection_width(spec, p)
+        src = "its width key" if p.width is not None else "heads and head_dim"
+        d_in, into = (p.low_rank.rank, "low_rank.rank") if p.low_rank else (d, "hidden_size")
+        _check_shape(ckpt, p.weight, (w, d_in), f"{p.role} width {w} from {src} x {into}")
+        _check_inner(ckpt, p, d)
         if p.bias and p.bias in ckpt.tensors:
             _check_shape(ckpt, p.bias, (w,), f"{p.role} width")
         elif p.bias_required:
@@ -139,6 +142,20 @@ def _validate(spec: ModelSpec, ckpt: Checkpoint, layout: TableLayout) -> None:
     if spec.folds_ffn and spec.ffn:
         for ref in spec.ffn.refs():
             ckpt.info(ref[0])
+
+
+def _check_inner(ckpt: Checkpoint, p: Projection, d: int) -> None:
+    """The shapes of a projection's low-rank input, its norm and the norm over its leading outputs."""
+    lr = p.low_rank
+    if lr is not None:
+        _check_shape(ckpt, lr.weight, (lr.rank, d), "low_rank.rank x hidden_size")
+        if lr.bias and lr.bias in ckpt.tensors:
+            _check_shape(ckpt, lr.bias, (lr.rank,), "low_rank.rank")
+    for norm, n, what in ((lr.norm if lr else None, lr.rank if lr else 0, "low_rank.rank"),
+                          (p.out_norm, p.out_norm_width, "out_norm.width")):
+        for t in (norm.weight, norm.bias) if norm else ():
+            if t:
+                _check_shape(ckpt, t, (n,), what)
 
 
 def plan_conversion(source: str, *, revision: str | None = None, profile: str | Profile | None = None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .profiles import ModelSpec
+from .profiles import ModelSpec, Projection
 
 TABLE_FILE = "precompile_table.safetensors"
 
@@ -20,11 +20,14 @@ class Column:
     stop: int
     holds: str
     module: str | None = None  # the layer-0 module whose output this slice replaces
+    zero_masked: bool = False  # the module's input is zero at padded positions: so is the looked-up output
 
     def as_dict(self) -> dict:
         d = {"name": self.name, "start": self.start, "stop": self.stop, "holds": self.holds}
         if self.module:
             d["module"] = self.module
+        if self.zero_masked:
+            d["zero_masked"] = True
         return d
 
 
@@ -46,8 +49,12 @@ class TableLayout:
         return tuple(c for c in self.columns if c.module)
 
 
-def projection_width(spec: ModelSpec, role: str) -> int:
-    """Output width of a projection by role, from the real head sizes."""
+def projection_width(spec: ModelSpec, role: str | Projection) -> int:
+    """Output width of a projection: its own `width` (a Projection given), or by role from the real head sizes."""
+    if isinstance(role, Projection):
+        if role.width is not None:
+            return role.width
+        role = role.role
     return {"q": spec.q_width, "k": spec.kv_width, "v": spec.kv_width,
             "qkv": spec.q_width + 2 * spec.kv_width}[role]
 
@@ -70,12 +77,13 @@ def table_layout(spec: ModelSpec, present: set[str] | frozenset[str]) -> TableLa
         cols.append(Column(name, 0, spec.hidden_size, holds))
         off = spec.hidden_size
     for p in spec.projections:
-        w = projection_width(spec, p.role)
-        cols.append(Column(p.role, off, off + w, f"layer-0 {p.role} projection of the normed input", p.module))
+        w = projection_width(spec, p)
+        cols.append(Column(p.role, off, off + w, f"layer-0 {p.role} projection of the normed input", p.module,
+                           p.zero_masked))
         off += w
     eliminated = [] if keep_embedding else [spec.embedding_tensor]
     eliminated += [n for role in spec.qk_norms for n in spec.qk_norm_tensors(role)]
-    norms = [spec.embedding_norm, spec.attn_norm]
+    norms = [spec.embedding_norm, spec.attn_norm, *(n for p in spec.projections for n in p.extra_norms)]
     if spec.folds_ffn and spec.ffn is not None:
         norms.append(spec.ffn.norm)
         for ref in spec.ffn.refs():
@@ -84,9 +92,8 @@ def table_layout(spec: ModelSpec, present: set[str] | frozenset[str]) -> TableLa
         if norm is not None:
             eliminated.extend(n for n in (norm.weight, norm.bias) if n)
     for p in spec.projections:
-        eliminated.append(p.weight)
-        if p.bias:
-            eliminated.append(p.bias)
+        for weight, bias in ((p.weight, p.bias), *([(p.low_rank.weight, p.low_rank.bias)] if p.low_rank else [])):
+            eliminated += [weight, *([bias] if bias else [])]
     seen: list[str] = []
     for name in eliminated:
         if name in present and name not in seen:

@@ -99,10 +99,11 @@ class TableEmbedding(nn.Module):
 class TableSlice(nn.Module):
     """Replaces a layer-0 projection: returns its precomputed output, ignoring the input."""
 
-    def __init__(self, start: int, stop: int, kept: _Kept):
+    def __init__(self, start: int, stop: int, kept: _Kept, zero_masked: bool = False):
         super().__init__()
         self.start, self.stop = start, stop
         self._kept = kept
+        self.zero_masked = zero_masked
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         rows = self._kept.rows
@@ -112,10 +113,31 @@ class TableSlice(nn.Module):
         if rows.shape[:-1] != hidden.shape[:-1]:
             raise RuntimeError(f"precompiled lookup rows {tuple(rows.shape[:-1])} do not match layer 0's "
                                f"input {tuple(hidden.shape[:-1])}")
-        return rows[..., self.start: self.stop]
+        out = rows[..., self.start: self.stop]
+        if self.zero_masked:  # the mixer zeroed padded positions' input (a bias-free projection of 0 is 0)
+            out = out * hidden.ne(0).any(-1, keepdim=True).to(out.dtype)
+        return out
 
     def extra_repr(self) -> str:
         return f"columns={self.start}:{self.stop}"
+
+
+class NormIdentity(nn.Identity):
+    """Replaces a layer-0 norm whose only consumers now read the table.
+
+    Like the norm it has a `weight` of the model's dtype (Mamba's block casts its input to
+    `norm.weight.dtype`): the looked-up rows, which layer 0 of the same call reads.
+    """
+
+    def __init__(self, kept: _Kept):
+        super().__init__()
+        self._kept = kept
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self._kept.rows is None:
+            raise RuntimeError("a precompiled model needs input_ids: layer 0 reads its looked-up rows")
+        return self._kept.rows
 
 
 class Zeros(nn.Module):
@@ -258,9 +280,9 @@ def apply_layout(model: nn.Module, manifest: dict) -> None:
     _set_module(model, spec["embedding_module"], emb)
     for col in table["columns"]:
         if col.get("module"):
-            _set_module(model, col["module"], TableSlice(col["start"], col["stop"], kept))
+            _set_module(model, col["module"], TableSlice(col["start"], col["stop"], kept, bool(col.get("zero_masked"))))
     for path in spec["identity_modules"]:
-        _set_module(model, path, nn.Identity())
+        _set_module(model, path, NormIdentity(kept))
     for path in spec["zero_modules"]:
         _set_module(model, path, Zeros())
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .profiles import ModelSpec, conversion_profile, resolve, select_profile
+from .layout import projection_width
+from .profiles import ModelSpec, Projection, conversion_profile, resolve, select_profile
 
 if TYPE_CHECKING:  # convert imports torch and transformers: plans from a config need neither
     from .convert import ConversionPlan
@@ -42,34 +43,61 @@ class Sizes:
     ffn_hidden: int
     n_experts: int
     vocab_size: int
+    # the table's projection part and the projection weights it replaces: q_w + 2e and d*q_w + 2*d*e for q/k/v;
+    # the profile's own widths (and low-rank inputs) for latent attention and other sequence mixers
+    row_width: int = 0
+    projection_weights: int = 0
+    router: bool = False  # a mixture of experts with a router (d x n_experts) in the FFN
+    shared_ffn_hidden: int = 0  # the width of the shared expert every token takes (0: none)
 
     @property
     def ffn_weights(self) -> int:
-        """One layer's FFN: MLP 2*d*hidden, GLU 3*d*hidden, times the experts."""
-        return (3 if self.ffn_kind == "glu" else 2) * self.d * self.ffn_hidden * self.n_experts
+        """One layer's FFN: MLP 2*d*hidden, GLU 3*d*hidden, times the experts; plus a router and a shared expert."""
+        mats = 3 if self.ffn_kind == "glu" else 2
+        router = self.d * self.n_experts if self.router else 0
+        return mats * self.d * (self.ffn_hidden * self.n_experts + self.shared_ffn_hidden) + router
 
 
 def sizes_from_spec(spec: ModelSpec) -> Sizes:
-    """Sizes of a resolved profile; the FFN width is needed for the whole-model count."""
-    if not spec.intermediate_size:
+    """Sizes of a resolved profile; the FFN width is needed for the whole-model count (and for a parallel block's
+    eliminated FFN), except for a mixer layer (Mamba's) that has no FFN."""
+    roles = {p.role for p in spec.projections}
+    if not spec.intermediate_size and (spec.block == "parallel" or roles != {"mixer_in"}):
         raise UserError(f"config.json gives no FFN hidden size (intermediate_size) for profile {spec.profile}; "
                         f"add it to config.json or pass a --profile whose sizes name the key")
+    ffn = spec.ffn
+    moe = ffn is not None and ffn.kind == "moe"
+    ffn_kind = ffn.experts[0].kind if moe else spec.ffn_kind
+    if moe and ffn.shared is not None and not spec.shared_intermediate_size:
+        raise UserError(f"profile {spec.profile} folds a shared expert but its sizes give no "
+                        f"shared_intermediate_size; name the config.json key (or an expression) in the profile")
     return Sizes(block=spec.block, attention=spec.attention_kind, d=spec.hidden_size, n_heads=spec.num_heads,
                  n_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, q_width=spec.q_width, e=spec.kv_width,
-                 n_layers=spec.n_layers, ffn_kind=spec.ffn_kind, ffn_hidden=spec.intermediate_size,
-                 n_experts=spec.n_experts, vocab_size=spec.vocab_size)
+                 n_layers=spec.n_layers, ffn_kind=ffn_kind, ffn_hidden=spec.intermediate_size or 0,
+                 n_experts=spec.n_experts, vocab_size=spec.vocab_size,
+                 row_width=sum(projection_width(spec, p) for p in spec.projections),
+                 projection_weights=sum(projection_weights(spec, p) for p in spec.projections),
+                 router=moe, shared_ffn_hidden=(spec.shared_intermediate_size or 0) if moe and ffn.shared else 0)
+
+
+def projection_weights(spec: ModelSpec, p: Projection) -> int:
+    """The weights of one layer-0 projection (with its low-rank input): what the table's column replaces."""
+    w = projection_width(spec, p)
+    lr = p.low_rank
+    return spec.hidden_size * lr.rank + lr.rank * w if lr else spec.hidden_size * w
 
 
 # --- the paper's formulas (pure) -------------------------------------------------------------------------------
 
 def eliminated_weights(s: Sizes) -> int:
-    """Layer-0 weights no longer read: Q d*q_w, K and V 2*d*e, plus the FFN for a parallel block."""
-    return s.d * s.q_width + 2 * s.d * s.e + (s.ffn_weights if s.block == "parallel" else 0)
+    """Layer-0 weights no longer read: Q d*q_w, K and V 2*d*e (or the profile's projections), plus the FFN for a
+    parallel block."""
+    return s.projection_weights + (s.ffn_weights if s.block == "parallel" else 0)
 
 
 def reads_with_per_token(s: Sizes) -> int:
-    """One table row: x (or x + FFN), q, k, v."""
-    return s.d + s.q_width + 2 * s.e
+    """One table row: x (or x + FFN), q, k, v (or the profile's projection outputs)."""
+    return s.d + s.row_width
 
 
 def reads(s: Sizes, batch: int) -> tuple[int, int]:
@@ -79,13 +107,16 @@ def reads(s: Sizes, batch: int) -> tuple[int, int]:
 
 def total_weights(s: Sizes) -> int:
     """The paper's whole-model count: per layer Q, O, K, V and FFN, plus embedding and LM head."""
-    per_layer = 2 * s.d * s.q_width + 2 * s.d * s.e + s.ffn_weights
+    # the output projection as wide as q (the paper's O); latent attention and other mixers: their layer-0
+    # projections twice (the output side, MLA's kv_b_proj, is taken as large as the input side)
+    standard = s.projection_weights == s.d * s.q_width + 2 * s.d * s.e
+    per_layer = (s.d * s.q_width if standard else s.projection_weights) + s.projection_weights + s.ffn_weights
     return s.n_layers * per_layer + 2 * s.d * s.vocab_size
 
 
 def memory(s: Sizes) -> tuple[int, int]:
     """(increase, decrease): the table adds q, k, v per vocabulary entry, layer 0 loses its eliminated weights."""
-    return (s.q_width + 2 * s.e) * s.vocab_size, eliminated_weights(s)
+    return s.row_width * s.vocab_size, eliminated_weights(s)
 
 
 def batch1_share_saved(s: Sizes) -> float:
@@ -107,7 +138,7 @@ def figures(s: Sizes, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> dic
     return {
         **asdict(s),
         "eliminated_weights": eliminated_weights(s),
-        "eliminated": {"q": s.d * s.q_width, "k": s.d * s.e, "v": s.d * s.e,
+        "eliminated": {"projections": s.projection_weights, "q": s.d * s.q_width, "k": s.d * s.e, "v": s.d * s.e,
                        "ffn": s.ffn_weights if s.block == "parallel" else 0},
         "reads_with_per_token": reads_with_per_token(s),
         "batches": batches,

@@ -155,8 +155,14 @@ def normed_parts(spec: ModelSpec, p: Projection, y: torch.Tensor) -> dict[str, t
 
 
 def projection_output(spec: ModelSpec, p: Projection, h: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Layer 0's projection of normed input h, with the q/k norms that follow it."""
+    """Layer 0's projection of normed input h: through its low-rank projection and norm first, if any, and
+    with the norms that follow it (over its leading outputs; q/k norms)."""
+    if p.low_rank is not None:
+        h = _linear(h, w, (p.low_rank.weight, p.low_rank.bias))
+        h = h if p.low_rank.norm is None else apply_norm(p.low_rank.norm, h, w)
     y = _linear(h, w, (p.weight, p.bias))
+    if p.out_norm is not None:
+        y[..., :p.out_norm_width] = apply_norm(p.out_norm, y[..., :p.out_norm_width], w)
     for role, part in normed_parts(spec, p, y).items():
         flat = part.reshape(*y.shape[:-1], -1)
         part.copy_(qk_normed(spec, role, flat, w).view(part.shape))
@@ -262,8 +268,9 @@ def compute_rows(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: di
 def layer0_tensor_names(spec: ModelSpec, present: set[str] | frozenset[str]) -> list[str]:
     """The tensors (besides the embedding) that computing the table reads."""
     names: list[str] = [n for role in spec.qk_norms for n in spec.qk_norm_tensors(role)]
-    norms = [spec.embedding_norm, spec.attn_norm]
+    norms = [spec.embedding_norm, spec.attn_norm, *(n for p in spec.projections for n in p.extra_norms)]
     refs: list[tuple[str, str | None]] = [(p.weight, p.bias) for p in spec.projections]
+    refs += [(p.low_rank.weight, p.low_rank.bias) for p in spec.projections if p.low_rank]
     if spec.folds_ffn and spec.ffn is not None:
         norms.append(spec.ffn.norm)
         refs += spec.ffn.refs()

@@ -65,6 +65,8 @@ def check_tensors(profile: Profile, config: dict, spec: ModelSpec, tensors: dict
              "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim}
     expect = [(spec.embedding_tensor, (spec.vocab_size, spec.hidden_size), ("vocab_size", "hidden_size"))]
     for p in spec.projections:
+        if p.width is not None or p.low_rank is not None:
+            continue  # sizes of their own (width, low_rank.rank, out_norm.width): convert's _validate names them
         w = projection_width(spec, p.role)
         expect.append((p.weight, (w, spec.hidden_size), (*_SIZES_OF_ROLE[p.role], "hidden_size")))
         if p.bias in present:

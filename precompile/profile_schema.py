@@ -10,6 +10,9 @@ tests/test_profile_schema.py exercises every section with (`FULL`).
 
 from __future__ import annotations
 
+import ast
+import operator
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,7 +22,12 @@ NORM_KINDS = ("rms", "layer")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
 FFN_KINDS = ("mlp", "glu", "moe")
 EXPERT_KINDS = ("mlp", "glu")
-PROJ_ROLES = ("q", "k", "v", "qkv")
+PROJ_ROLES = ("q", "k", "v", "qkv", "mla_q", "mla_kv", "mixer_in")
+# roles whose width is not given by the heads: the profile names it (`width`)
+WIDTH_ROLES = ("mla_q", "mla_kv", "mixer_in")
+# the sets of roles a layer 0 may project into: attention (separate or fused), latent attention (MLA: the query and
+# the kv latent with its rotary key), or a sequence mixer other than attention (state-space, short convolution)
+ROLE_SETS = (["k", "q", "v"], ["qkv"], ["mla_kv", "mla_q"], ["mixer_in"])
 BLOCKS = ("serial", "parallel")
 QK_NORM_SPANS = ("head", "projection")
 SHARED_COMBINE = ("sum", "average")
@@ -28,12 +36,69 @@ EXPERT = "{e}"  # in a moe FFN's tensor names: the expert index
 
 
 def config_get(config: dict, key: str) -> Any:
-    """config[key]; a dotted key reads a nested section (DBRX's `attn_config.kv_n_heads`)."""
+    """config[key]; a dotted key reads a nested section (DBRX's `attn_config.kv_n_heads`) or a list's entry by its
+    index (`layer_types.0`: layer 0's mixer)."""
     if key in config:
         return config[key]
     head, dot, rest = key.partition(".")
     sub = config.get(head) if dot else None
+    if isinstance(sub, list) and rest.partition(".")[0].isdigit():
+        index, _, rest = rest.partition(".")
+        sub = sub[int(index)] if int(index) < len(sub) else None
+        return sub if not rest else config_get(sub, rest) if isinstance(sub, dict) else None
     return config_get(sub, rest) if isinstance(sub, dict) else None
+
+
+_EXPR_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+             ast.Div: operator.truediv}
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def is_expression(key: str) -> bool:
+    """A config reference entry that is arithmetic over config keys (`4 * n_embd`), not a single key."""
+    return any(c in key for c in "+-*/() ")
+
+
+def _parse_expression(text: str) -> tuple[ast.expr, list[str]]:
+    """The expression's tree (config keys renamed to _0, _1, ...) and the keys; ValueError when it is not
+    + - * / // over numbers, parentheses and config keys (dotted keys read nested sections)."""
+    keys: list[str] = []
+
+    def name(m: re.Match) -> str:
+        keys.append(m.group(0))
+        return f"_{len(keys) - 1}"
+
+    try:
+        tree = ast.parse(_NAME.sub(name, text), mode="eval").body
+    except SyntaxError:
+        raise ValueError("it does not parse") from None
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.BinOp, ast.UnaryOp, ast.Constant, ast.Name, ast.Load, ast.USub,
+                                 *_EXPR_OPS)) or (isinstance(node, ast.Constant) and not is_number(node.value)):
+            raise ValueError(f"{type(node).__name__} is not allowed")
+    return tree, keys
+
+
+def expression_value(config: dict, text: str) -> float | int | None:
+    """An arithmetic expression over config keys, or None when a key it names is absent or not a number."""
+    tree, keys = _parse_expression(text)
+    values = [config_get(config, k) for k in keys]
+    if not all(is_number(v) for v in values):
+        return None
+
+    def ev(node: ast.expr):
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Name):
+            return values[int(node.id[1:])]
+        if isinstance(node, ast.UnaryOp):
+            return -ev(node.operand)
+        return _EXPR_OPS[type(node.op)](ev(node.left), ev(node.right))
+
+    try:
+        return ev(tree)
+    except ZeroDivisionError:
+        return None
 
 
 # ----------------------------------------------------------------------------------------- value forms
@@ -42,8 +107,9 @@ def config_get(config: dict, key: str) -> Any:
 @dataclass(frozen=True)
 class ConfigValue:
     """a list of config.json keys (the first present wins; a dotted key such as `attn_config.kv_n_heads` reads
-    a nested section), a mapping `{keys: [...], default: ...}` (the default when none is present), or the value
-    itself"""
+    a nested section, `layer_types.0` a list's entry; an entry may be arithmetic over keys with + - * / // and
+    parentheses, e.g. `"2 * intermediate_size"`), a mapping `{keys: [...], default: ...}` (the default when none
+    is present), or the value itself"""
 
     FORM: ClassVar[str] = "config value"
     keys: tuple[str, ...] = ()  # empty: `value` is the value itself
@@ -71,6 +137,12 @@ class ConfigValue:
             v, where = v["keys"], f"{where}.keys"
         if not (isinstance(v, list) and v and all(isinstance(k, str) for k in v)):
             raise fail(where, "must be a list of config.json keys, {keys, default}, or a value")
+        for k in v:
+            if is_expression(k):
+                try:
+                    _parse_expression(k)
+                except ValueError as e:
+                    raise fail(where, f"holds '{k}', not an arithmetic expression over config keys ({e})") from None
         return cls(keys=tuple(v), default=default)
 
     def to_yaml(self) -> Any:
@@ -83,8 +155,9 @@ class ConfigValue:
         if not self.keys:
             return self.value
         for k in self.keys:
-            if config_get(config, k) is not None:
-                return config_get(config, k)
+            val = expression_value(config, k) if is_expression(k) else config_get(config, k)
+            if val is not None:
+                return val
         return self.default
 
 
@@ -141,6 +214,7 @@ class Sizes:
     intermediate_size: SizeValue | None = key("the FFN's hidden width (for `plan`)", None)
     n_experts: SizeValue | None = key("experts per layer of a serial MoE (for `plan`)", None)
     multi_query: SizeValue | None = key("true: one key/value head when `num_kv_heads` is absent (Falcon)", None)
+    shared_intermediate_size: SizeValue | None = key("a MoE FFN's shared expert width (for `plan`)", None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,10 +261,34 @@ class EmbeddingDef:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LowRankDef:
+    """Low-rank input.
+    A projection in front of another, with a norm between (MLA's `q_a_proj` -> `q_a_layernorm` -> `q_b_proj`);
+    it folds into the table and its modules become identities."""
+
+    weight: str = key("the low-rank projection's weight", tensor=True)
+    module: str = key("its module path")
+    rank: ConfigValue = key("its output width (config keys or a number)")
+    bias: str | None = key("its bias tensor", None, tensor=True)
+    norm: NormDef | None = key("the norm between it and the projection", None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutNormDef(NormDef):
+    """Output norm.
+    A norm over the first `width` outputs of a projection, the rest passing unchanged (MLA's kv latent, whose
+    rotary part is not normed); the keys of a norm plus `width`."""
+
+    width: ConfigValue = key("how many leading outputs the norm covers")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ProjectionDef:
     """Projection.
     One layer-0 projection whose output goes into the table: `q`, `k` and `v`, or one fused `qkv` (stored
-    in the module's own layout)."""
+    in the module's own layout), or `mla_q` and `mla_kv` (latent attention: the per-token values before RoPE),
+    or one `mixer_in` (the input projection of a sequence mixer other than attention: state-space, short
+    convolution)."""
 
     role: str = key("what the projection computes", choices=PROJ_ROLES)
     weight: str = key("the weight tensor", tensor=True)
@@ -199,6 +297,18 @@ class ProjectionDef:
     bias_when: bool | str = key("a config.json key (or `true`) that makes `bias` required: a missing bias is then "
                                 "an error", True, form="true, false or a config.json key")
     heads_interleaved: bool = key("a fused qkv whose layout is per head `[q_h, k_h, v_h]` (Persimmon)", False)
+    width: ConfigValue | None = key(f"the output width, required for (and only for) roles without heads: "
+                                    f"{', '.join(WIDTH_ROLES)}", None)
+    low_rank: LowRankDef | None = key("a low-rank projection (with a norm) this one reads instead of the normed "
+                                      "input", None)
+    out_norm: OutNormDef | None = key("a norm over the leading outputs", None)
+    zero_masked: bool = key("the mixer zeroes padded positions' input (Mamba): their looked-up output is zero too",
+                            False)
+
+    def check(self, fail: Fail, where: str) -> None:
+        if (self.role in WIDTH_ROLES) != (self.width is not None):
+            raise fail(f"{where}.width", f"is {'missing' if self.width is None else 'not allowed'} (role {self.role}: "
+                                         f"only {', '.join(WIDTH_ROLES)} name their output width)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -346,7 +456,8 @@ class ProfileDef:
     embedding: EmbeddingDef = key("the token embedding")
     attn_norm: NormDef | None = key("the norm in front of the attention; absent when the attention reads the residual "
                                  "stream itself (OLMo 2, EXAONE 4)", None)
-    projections: tuple[ProjectionDef, ...] = key("q, k and v, or one fused qkv",
+    projections: tuple[ProjectionDef, ...] = key("q, k and v, or one fused qkv, or mla_q and mla_kv, or one "
+                                              "mixer_in",
                                               form="a non-empty list of projections")
     qk_norm: QkNorm | None = key("norms applied to the q and k outputs before RoPE", None)
     attention_module: str = key("layer 0's attention module: after it runs, the looked-up rows are released")
@@ -361,11 +472,15 @@ class ProfileDef:
             norms.append(("ffn.norm", self.ffn.norm))
         if self.qk_norm is not None and self.qk_norm.over != "head":
             norms += [("qk_norm.q", self.qk_norm.q), ("qk_norm.k", self.qk_norm.k)]
+        for i, p in enumerate(self.projections):
+            norms += [(f"projections[{i}].low_rank.norm", p.low_rank and p.low_rank.norm),
+                      (f"projections[{i}].out_norm", p.out_norm)]
         for at, norm in norms:
             for k in ("weight", "bias"):
                 if norm is not None and HEAD in (getattr(norm, k) or ""):
                     raise fail(f"{at}.{k}", f"holds {HEAD}, which only a per-head q/k norm may use")
-        if sorted(p.role for p in self.projections) not in (["k", "q", "v"], ["qkv"]):
-            raise fail("projections", "must hold q, k and v, or one fused qkv")
+        if sorted(p.role for p in self.projections) not in ROLE_SETS:
+            raise fail("projections", "must hold q, k and v, or one fused qkv, or mla_q and mla_kv (latent "
+                                      "attention), or one mixer_in (a sequence mixer other than attention)")
         if self.block == "parallel" and self.ffn is None:
             raise fail("ffn", "is missing (a parallel block folds layer 0's FFN into the table)")

@@ -31,10 +31,12 @@ from .profile_schema import (
     ACTIVATIONS,
     EXPERT,
     HEAD,
+    ConfigValue,
     FfnDef,
     FlagValue,
     NormDef,
     ProfileDef,
+    ProjectionDef,
     TensorRef,
     config_get,
 )
@@ -53,6 +55,17 @@ class Norm:
 
 
 @dataclass(frozen=True)
+class LowRank:
+    """A projection in front of another, with a norm between (MLA's q_a_proj -> q_a_layernorm -> q_b_proj)."""
+
+    weight: str
+    bias: str | None
+    module: str
+    rank: int
+    norm: Norm | None
+
+
+@dataclass(frozen=True)
 class Projection:
     """A layer-0 projection whose output goes into the table."""
 
@@ -62,6 +75,23 @@ class Projection:
     bias_required: bool
     module: str
     heads_interleaved: bool = False
+    width: int | None = None  # the output width of a role without heads (WIDTH_ROLES)
+    low_rank: LowRank | None = None  # the projection reads low_rank.norm(low_rank(h)) instead of h
+    out_norm: Norm | None = None  # a norm over the first out_norm_width outputs (MLA's kv latent; the rest passes)
+    out_norm_width: int = 0
+    zero_masked: bool = False  # the mixer zeroes padded positions' input: their looked-up output is zero too
+
+    @property
+    def identity_modules(self) -> tuple[str, ...]:
+        """The low-rank projection, its norm and the output norm: identities once the projection is looked up."""
+        lr = self.low_rank
+        mods = (lr.module, lr.norm.module if lr.norm else None) if lr else ()
+        return tuple(m for m in (*mods, self.out_norm.module if self.out_norm else None) if m)
+
+    @property
+    def extra_norms(self) -> tuple[Norm, ...]:
+        """The norms inside the projection: the low-rank one and the output one."""
+        return tuple(n for n in (self.low_rank.norm if self.low_rank else None, self.out_norm) if n)
 
 
 @dataclass(frozen=True)
@@ -135,6 +165,7 @@ class ModelSpec:
     qk_norms: dict[str, Norm] = field(default_factory=dict)  # role ("q"/"k") -> norm after the projection
     qk_norm_span: str = "head"  # the q/k norms act over each head ("head") or the whole output ("projection")
     embedding_multiplier: float | None = None  # applied by the model's forward to the embedding module's output
+    shared_intermediate_size: int | None = None  # a MoE FFN's shared expert width (plan's count)
 
     @property
     def q_width(self) -> int:
@@ -389,7 +420,7 @@ def with_defaults(profile: Profile, config: dict) -> dict:
 
 
 def _matches(when: dict, config: dict) -> bool:
-    return all(config.get(k, None) == v for k, v in when.items())
+    return all(config_get(config, k) == v for k, v in when.items())
 
 
 def effective_data(profile: Profile, config: dict) -> dict:
@@ -450,6 +481,25 @@ def _ffn(f: FfnDef, config: dict, profile: Profile) -> Ffn:
                shared=shared, shared_combine=sh.combine if sh else "sum")
 
 
+def _projection_extras(p: ProjectionDef, config: dict, profile: Profile, where: str, ref_count) -> dict[str, Any]:
+    """A projection's width, low-rank input and output norm, resolved (the keys of `Projection` they set)."""
+    out: dict[str, Any] = {"zero_masked": p.zero_masked}
+    if p.width is not None:
+        out["width"] = ref_count(p.width, f"{where}.width")
+    lr = p.low_rank
+    if lr:
+        out["low_rank"] = LowRank(weight=lr.weight, bias=lr.bias, module=lr.module,
+                                  rank=ref_count(lr.rank, f"{where}.low_rank.rank"),
+                                  norm=_norm(lr.norm, config, profile, f"{where}.low_rank.norm"))
+    if p.out_norm:
+        out["out_norm"] = _norm(p.out_norm, config, profile, f"{where}.out_norm")
+        out["out_norm_width"] = ref_count(p.out_norm.width, f"{where}.out_norm.width")
+        if out["out_norm_width"] > out.get("width", out["out_norm_width"]):
+            raise UserError(f"profile {profile.path}: {where}.out_norm.width ({out['out_norm_width']}) exceeds the "
+                            f"projection's width ({out['width']}); fix the profile or config.json")
+    return out
+
+
 def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> ModelSpec:
     """Resolve a profile against config.json into concrete sizes and names."""
     config = with_defaults(profile, config)
@@ -480,6 +530,14 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
             key = next((k for k in (spec.keys if spec is not None else ()) if config.get(k) is not None), None)
             where = f"config.json gives {key}" if key else f"profile {profile.name} gives sizes.{name}"
             raise UserError(f"{where} = {val!r} (the model's {name}); it must be a positive whole number")
+        return int(val)
+
+    def ref_count(spec: ConfigValue, where: str) -> int:
+        """A config reference (not a sizes key) that must give a positive whole number."""
+        val = spec.read(config)
+        if isinstance(val, bool) or not is_number(val) or int(val) != val or val <= 0:
+            raise UserError(f"config.json gives {val!r} for key '{where}' of profile {profile.path} "
+                            f"({spec.to_yaml()}); it must be a positive whole number: fix config.json or the profile")
         return int(val)
 
     d = count("hidden_size")
@@ -525,12 +583,13 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
                         f"table's x + FFN would have to be divided by it); drop one of them")
     ffn = _ffn(body.ffn, config, profile) if body.ffn else None
     projections = []
-    for p in body.projections:
+    for i, p in enumerate(body.projections):
         when = p.bias_when
         required = bool(config.get(when, False)) if isinstance(when, str) else bool(when)
         projections.append(Projection(role=p.role, weight=p.weight, bias=p.bias,
                                       bias_required=required and p.bias is not None,
-                                      module=p.module, heads_interleaved=p.heads_interleaved))
+                                      module=p.module, heads_interleaved=p.heads_interleaved,
+                                      **_projection_extras(p, config, profile, f"projections[{i}]", ref_count)))
     qk = body.qk_norm
     span = qk.over if qk else "head"
     qk_norms = {role: _norm(getattr(qk, role), config, profile, f"qk_norm.{role}")
@@ -545,6 +604,7 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
     if block == "parallel" and ffn is not None and ffn.norm is not None and ffn.norm.module:
         identity.append(ffn.norm.module)
     identity += [n.module for n in qk_norms.values() if n.module]
+    identity += [m for p in projections for m in p.identity_modules]
     inter = size("intermediate_size", required=False)
     n_exp = size("n_experts", required=False)
     return ModelSpec(
@@ -557,7 +617,8 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
         embedding_norm=emb_norm, attn_norm=attn_norm,
         projections=tuple(projections), attention_module=body.attention_module, ffn=ffn,
         identity_modules=tuple(identity), qk_norms=qk_norms, qk_norm_span=span,
-        embedding_multiplier=multiplier,
+        embedding_multiplier=multiplier, shared_intermediate_size=(
+            count("shared_intermediate_size") if size("shared_intermediate_size", required=False) else None),
     )
 
 

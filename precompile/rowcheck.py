@@ -42,7 +42,7 @@ from .precompute import (
     qk_norm_weights,
     route,
 )
-from .profiles import Expert, Ffn, ModelSpec
+from .profiles import Expert, Ffn, ModelSpec, Norm, Projection
 
 ACT_SLOPE = 1.2  # bound on |act'(x)| for silu, gelu, gelu_tanh and relu (1.1, 1.13, 1.13, 1)
 
@@ -102,8 +102,7 @@ def magnitudes(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: dict
             m.append(x_model.abs().float())
             m2.append(x_model.abs().float())
     for p in spec.projections:
-        pm, pm2 = _lin(h, w32, (p.weight, p.bias), "abs"), torch.sqrt(_lin(h, w32, (p.weight, p.bias), "sq"))
-        y = F.linear(h, w32[p.weight], w32[p.bias] if p.bias and p.bias in w32 else None)
+        pm, pm2, y = _projection_magnitudes(p, h, w32)
         for (role, yp), mp, mp2 in zip(normed_parts(spec, p, y).items(), normed_parts(spec, p, pm).values(),
                                        normed_parts(spec, p, pm2).values()):
             flat = (*y.shape[:-1], -1)
@@ -113,6 +112,41 @@ def magnitudes(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: dict
         m.append(pm)
         m2.append(pm2)
     return torch.cat(m, dim=-1).double(), torch.cat(m2, dim=-1).double()
+
+
+def _linear_magnitudes(h: torch.Tensor, err: torch.Tensor, err2: torch.Tensor, w32: dict[str, torch.Tensor],
+                       ref: tuple[str, str | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A linear map of input h whose own error scales are err and err2 (zeros: an exact input): its output's
+    sum|terms| and sqrt(sum terms^2), and the output."""
+    weight, bias = ref
+    y = F.linear(h, w32[weight], w32[bias] if bias and bias in w32 else None)
+    return _lin(h.abs() + err, w32, ref, "abs"), torch.sqrt(_lin(torch.sqrt(h * h + err2 * err2), w32, ref, "sq")), y
+
+
+def _norm_gain(norm: Norm, w32: dict[str, torch.Tensor]) -> torch.Tensor:
+    return (w32[norm.weight] + norm.offset).abs() if norm.weight else torch.ones((), dtype=torch.float32)
+
+
+def _projection_magnitudes(p: Projection, h: torch.Tensor,
+                           w32: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A projection's sum|terms| and sqrt(sum terms^2), through its low-rank input and norm and the norm over its
+    leading outputs (each carried to first order, as the q/k norms are), and its output."""
+    zero = torch.zeros_like(h)
+    err, err2 = zero, zero
+    lr = p.low_rank
+    if lr is not None:
+        m, m2, a = _linear_magnitudes(h, zero, zero, w32, (lr.weight, lr.bias))
+        if lr.norm is not None:
+            m, m2 = _normed_magnitudes(lr.norm, a, m, m2, a.shape[-1], _norm_gain(lr.norm, w32))
+            a = apply_norm(lr.norm, a, w32)
+        h, err, err2 = a, m, m2
+    pm, pm2, y = _linear_magnitudes(h, err, err2, w32, (p.weight, p.bias))
+    if p.out_norm is not None:
+        n = p.out_norm_width
+        lead = _normed_magnitudes(p.out_norm, y[..., :n], pm[..., :n], pm2[..., :n], n, _norm_gain(p.out_norm, w32))
+        for part, normed in zip((pm, pm2), lead):
+            part[..., :n] = normed
+    return pm, pm2, y
 
 
 def _expert_magnitudes(expert: Expert, act: str, h2: torch.Tensor,
@@ -163,23 +197,29 @@ def _qk_normed_magnitudes(spec: ModelSpec, role: str, y: torch.Tensor, m: torch.
     """
     norm = spec.qk_norms[role]
     group = y.shape[-1] if spec.qk_norm_span == "projection" else spec.head_dim
+    gain = torch.ones((), dtype=y.dtype)
+    if norm.weight:
+        heads = spec.qk_norm_heads(role) if spec.qk_norm_span == "head" else 1
+        gain = (qk_norm_weights(norm, heads, w32)[norm.weight] + norm.offset).abs()
+    return _normed_magnitudes(norm, y, m, m2, group, gain)
+
+
+def _normed_magnitudes(norm: Norm, y: torch.Tensor, m: torch.Tensor, m2: torch.Tensor, group: int,
+                       gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The magnitudes m, m2 of y carried through a norm over groups of `group` values with weights `gain` (|w|)."""
     shape = (*y.shape[:-1], -1, group)
     y, m, m2 = y.reshape(shape), m.reshape(shape), m2.reshape(shape)
     if norm.kind == "layer":
         y = y - y.mean(-1, keepdim=True)
     sigma = torch.sqrt(y.pow(2).mean(-1, keepdim=True) + norm.eps)
     y_hat = (y / sigma).abs()
-    gain = torch.ones((), dtype=y.dtype)
-    if norm.weight:
-        heads = spec.qk_norm_heads(role) if spec.qk_norm_span == "head" else 1
-        gain = (qk_norm_weights(norm, heads, w32)[norm.weight] + norm.offset).abs()
     out = [(gain / sigma * (v + y_hat * v.mean(-1, keepdim=True))).reshape(*v.shape[:-2], -1) for v in (m, m2)]
     return out[0], out[1]
 
 
 def dot_length(spec: ModelSpec) -> int:
     """Terms accumulated in sequence for one table value: the norm's mean, the projection, a folded FFN."""
-    n = 2 * spec.hidden_size
+    n = 2 * spec.hidden_size + 2 * max((p.low_rank.rank for p in spec.projections if p.low_rank), default=0)
     if spec.folds_ffn and spec.intermediate_size:
         n += 2 * spec.intermediate_size
     return n

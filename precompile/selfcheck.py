@@ -178,22 +178,29 @@ class _Reader:
 
 @contextmanager
 def _lazy_parameters(model: nn.Module, read: Callable[[str, torch.dtype], torch.Tensor],
-                     dtype: torch.dtype) -> Iterator[None]:
-    """Each module's own parameters are read while it runs and dropped after: memory of one module."""
+                     dtype: torch.dtype, whole: str = "") -> Iterator[None]:
+    """Each module's parameters are read while it runs and dropped after: memory of one module. A module with
+    parameters of its own, and the module `whole` (layer 0's sequence mixer), read their submodules' too, which
+    their forward may use without calling them (Mamba's mixer reads conv1d.weight, LFM2's conv.weight); a
+    submodule's own hooks then find them read."""
     handles = []
     for mod_name, module in model.named_modules():
-        names = [n for n, p in module._parameters.items() if p is not None]
-        if not names:
+        if mod_name != whole and not any(p is not None for p in module._parameters.values()):
             continue
-        meta = {n: module._parameters[n] for n in names}
+        read_here: list[tuple[nn.Module, str, nn.Parameter]] = []
 
-        def pre(m, _args, mod_name=mod_name, names=names) -> None:
-            for n in names:
-                m._parameters[n] = nn.Parameter(read(f"{mod_name}.{n}" if mod_name else n, dtype),
-                                                requires_grad=False)
+        def pre(m, _args, mod_name=mod_name, read_here=read_here) -> None:
+            for sub_name, sub in m.named_modules(prefix=mod_name):
+                for n, p in list(sub._parameters.items()):
+                    if p is not None and p.is_meta:
+                        read_here.append((sub, n, p))
+                        sub._parameters[n] = nn.Parameter(read(f"{sub_name}.{n}" if sub_name else n, dtype),
+                                                          requires_grad=False)
 
-        def post(m, _args, _out, meta=meta) -> None:
-            m._parameters.update(meta)
+        def post(m, _args, _out, read_here=read_here) -> None:
+            for sub, n, p in read_here:
+                sub._parameters[n] = p
+            read_here.clear()
 
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post, always_call=True)]
     try:
@@ -226,7 +233,7 @@ def _capture(model: nn.Module, ids: torch.Tensor, layer: str, attention: str, po
                model.get_submodule(attention).register_forward_hook(lambda _m, _a, out: keep(ATTENTION, _first(out))),
                model.get_submodule(layer).register_forward_hook(lambda _m, _a, out: keep(OUTPUT, _first(out)))]
     try:
-        with _lazy_parameters(model, read, dtype), torch.no_grad():
+        with _lazy_parameters(model, read, dtype, attention), torch.no_grad():
             model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     except _Stop:
         pass
@@ -299,7 +306,8 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     spec, dtype = plan.spec, plan.model_dtype
     manifest = read_manifest(tmp)
     attention = spec.attention_module
-    layer = attention.rpartition(".")[0]
+    # the decoder layer: the attention's parent, or the list entry 0 above it (LongCat's self_attn.0 in layers.0)
+    layer = attention[:attention.index(".0.") + 2] if ".0." in attention else attention.rpartition(".")[0]
     points = compared_points(spec.block, spec.n_experts)
     layer_keys = effective_definition(plan.profile, plan.config).sizes.n_layers.keys  # () for a literal count
     tokens = check_tokens(plan.config, plan.source.root, spec.vocab_size)

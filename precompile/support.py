@@ -379,6 +379,11 @@ _PROBES = {
         qk_norm={"q": d["attn_norm"], "k": d["attn_norm"]}),
     "embedding multiplier applied outside the embedding module": lambda d: d["embedding"].update(
         multiplier={"value": 2.0}),
+    "latent attention (MLA: low-rank q/kv projections with a norm between, split rotary part)": lambda d: d.update(
+        projections=[{"role": "mla_q", "weight": "q_b.weight", "module": "q_b", "width": 64,
+                      "low_rank": {"weight": "q_a.weight", "module": "q_a", "rank": 8, "norm": d["attn_norm"]}},
+                     {"role": "mla_kv", "weight": "kv_a.weight", "module": "kv_a", "width": 12,
+                      "out_norm": {**d["attn_norm"], "width": 8}}]),
 }
 
 
@@ -401,7 +406,7 @@ def _shapes(cfg, facts: _Facts | None) -> tuple[list[str], list[str]]:
     lacks: list[str] = []
     found: list[str] = []
     if _text_dict(cfg).get("kv_lora_rank"):
-        lacks.append("latent attention (MLA: low-rank q/kv projections with a norm between, split rotary part)")
+        found.append("latent attention (MLA: low-rank q/kv projections with a norm between, split rotary part)")
     if facts is not None:
         s = facts.shape
         if s.mixer not in ATTENTION_LAYERS:

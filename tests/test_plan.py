@@ -8,6 +8,7 @@ the exact column and the dry run are checked against the files of a real convers
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -255,6 +256,40 @@ def test_exact_bytes_of_a_tied_model(checkpoint):
     assert "model.embed_tokens.weight" not in [t["name"] for t in ex["eliminated_tensors"]]
     # q/k/v biases and the input norm are in the exact count, not in the paper's
     assert ex["layer0_eliminated_weights"] == r["eliminated_weights"] + r["q_width"] + 2 * r["e"] + r["d"]
+
+
+# --- the paper's count against the real layer 0 of every tested family ----------------------------------------
+
+def _matrices(tensors: list[dict], vocab: int) -> int:
+    """Weights in the weight matrices among `tensors` (not norm weights, Cohere's [heads, head_dim] ones included,
+    biases or the [vocab, d] embedding)."""
+    return sum(math.prod(t["shape"]) for t in tensors
+               if len(t["shape"]) >= 2 and t["shape"][0] != vocab and "norm" not in t["name"].split(".")[-2])
+
+
+@pytest.mark.parametrize("family", sorted(tiny.FAMILIES))
+def test_eliminated_count_is_layer0s_weight_matrices(checkpoint, family):
+    """The paper's count (config.json alone) is exactly the weight matrices the conversion of the real checkpoint
+    eliminates: q/k/v (or the fused qkv, a latent attention's projections with their low-rank inputs, a mixer's
+    input projection) and, in a parallel block, the FFN with its router, every expert and the shared one."""
+    r = plan_model(str(checkpoint(family, shard_kb=None)))
+    assert r["eliminated_weights"] == _matrices(r["exact"]["eliminated_tensors"], r["vocab_size"])
+    assert r["memory_increase"] == r["vocab_size"] * (r["exact"]["table_shape"][1] - (
+        r["d"] if r["exact"]["x_in_table"] else 0))
+
+
+@pytest.mark.parametrize("family, overrides", [("gptj", {"n_inner": None}), ("bloom", {})])
+def test_ffn_width_by_default_is_four_times_hidden(checkpoint, family, overrides):
+    """GPT-J with n_inner null and BLOOM (no key at all) have an FFN 4 x hidden wide: plan counts it, and the
+    whole-model count is the model's weight matrices (the LM head counted once when tied)."""
+    src = checkpoint(family, shard_kb=None, **overrides)
+    r = plan_model(str(src))
+    assert (r["ffn_hidden"], r["ffn_kind"]) == (4 * r["d"], "mlp")
+    assert r["eliminated_weights"] == _matrices(r["exact"]["eliminated_tensors"], r["vocab_size"])
+    model = tiny.build_model(family, **overrides)
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    tied = model.config.tie_word_embeddings
+    assert r["total_weights"] - (r["d"] * r["vocab_size"] if tied else 0) == matrices
 
 
 # --- output formats ---------------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ from precompile.profile_schema import ProfileDef
 from precompile.profiles import KEY_TABLE_MARKERS, builtin_profiles, validate_profile, write_key_table
 from precompile.schema import dump, hints, is_required, key_table, parse, section_title, sections
 
-# A profile that uses every section of the schema at least once (a MoE parallel block with a shared expert,
-# q/k norms, an embedding scale and norm, a variant and a refusal); test_every_section_is_exercised keeps
+# A profile that uses every section of the schema at least once (latent-attention projections with a low-rank
+# input and an output norm, a MoE parallel block with a shared expert, q/k norms, an embedding scale and norm, a
+# variant and a refusal); test_every_section_is_exercised keeps
 # it complete as the schema grows.
 FULL = yaml.safe_load("""
 name: full
@@ -48,10 +49,21 @@ embedding:
 attn_norm: {kind: rms, weight: model.layers.0.ln.weight, eps: [rms_norm_eps], offset: 1.0,
             module: model.layers.0.ln}
 projections:
-  - {role: q, weight: model.layers.0.attn.q.weight, module: model.layers.0.attn.q, bias: model.layers.0.attn.q.bias,
-     bias_when: use_bias}
-  - {role: k, weight: model.layers.0.attn.k.weight, module: model.layers.0.attn.k}
-  - {role: v, weight: model.layers.0.attn.v.weight, module: model.layers.0.attn.v, heads_interleaved: false}
+  - role: mla_q
+    weight: model.layers.0.attn.q_b.weight
+    module: model.layers.0.attn.q_b
+    bias: model.layers.0.attn.q_b.bias
+    bias_when: use_bias
+    heads_interleaved: false
+    width: ["num_attention_heads * (qk_nope_head_dim + qk_rope_head_dim)"]
+    low_rank: {weight: model.layers.0.attn.q_a.weight, bias: model.layers.0.attn.q_a.bias, module: model.layers.0.attn.q_a,
+               rank: [q_lora_rank], norm: {kind: rms, weight: model.layers.0.attn.q_a_norm.weight, eps: 1.0e-6}}
+  - role: mla_kv
+    weight: model.layers.0.attn.kv_a.weight
+    module: model.layers.0.attn.kv_a
+    width: ["kv_lora_rank + qk_rope_head_dim"]
+    zero_masked: false
+    out_norm: {kind: rms, weight: model.layers.0.attn.kv_a_norm.weight, eps: 1.0e-6, width: [kv_lora_rank]}
 qk_norm:
   over: head
   q: {kind: rms, weight: model.layers.0.attn.q_norm.weight, eps: [rms_norm_eps]}

@@ -168,7 +168,54 @@ MORE_FAMILIES: dict[str, dict] = {
                        num_experts_per_tok=2, tie_word_embeddings=False, **dict(_SMALL, intermediate_size=32)),
     "phi3": dict(model_type="phi3", num_key_value_heads=2, tie_word_embeddings=False, **_SMALL),
 }
+_MLA = dict(q_lora_rank=24, kv_lora_rank=20, qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=10,
+            num_key_value_heads=4)  # query/key heads 20 wide (12 + 8), values 10: no width equals hidden / heads
+# Layer-0 shapes of issue #17 beyond attention over q/k/v (tests/test_layer0_shapes.py): latent attention (MLA),
+# state-space and short-convolution mixers.
+SHAPE_FAMILIES: dict[str, dict] = {
+    # layer 0 MoE (first_k_dense_replace 0); the query through q_a_proj -> q_a_layernorm -> q_b_proj
+    "deepseek_v3": dict(model_type="deepseek_v3", n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                        first_k_dense_replace=0, tie_word_embeddings=False, **_MLA, **_MOE_SMALL),
+    # q_proj (q_lora_rank null), dense layer 0, biases on q_a/kv_a
+    "deepseek_v3_q_proj": dict(model_type="deepseek_v3", n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                               topk_group=1, first_k_dense_replace=1, attention_bias=True, tie_word_embeddings=True,
+                               **dict(_MLA, q_lora_rank=None), **_MOE_SMALL),
+    # every expert taken (top 4 of 4): with top 2 a bfloat16 rounding flips one token's experts in a later layer
+    # (measured: one logit row 0.33 off, the rest within rounding), which says nothing about layer 0's table
+    "deepseek_v2": dict(model_type="deepseek_v2", n_routed_experts=4, first_k_dense_replace=0,
+                        tie_word_embeddings=False, **_MLA, **dict(_MOE_SMALL, num_experts_per_tok=4)),
+    "glm4_moe_lite": dict(model_type="glm4_moe_lite", n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                          topk_group=1, mlp_layer_types=["dense", "sparse"], tie_word_embeddings=False, **_MLA,
+                          **_MOE_SMALL),
+    # no pad id: transformers' YoutuPreTrainedModel._init_weights zeroes the padding row at every load (through
+    # .data, past the loaded-weights guard), so the loaded model would not be the stored one
+    # Sarvam's MLA config, built by transformers as DeepseekV3ForCausalLM (q_proj: q_lora_rank null)
+    "sarvam_mla": dict(model_type="sarvam_mla", n_routed_experts=4, num_experts_per_tok=4, n_group=1, topk_group=1,
+                       first_k_dense_replace=1, tie_word_embeddings=False, **dict(_MLA, q_lora_rank=None),
+                       **_MOE_SMALL),
+    # two MLA sublayers per layer (the first folds), an MoE with zero experts beside them
+    "longcat_flash": dict(model_type="longcat_flash", num_layers=2, hidden_size=64, num_attention_heads=4,
+                          ffn_hidden_size=96, expert_ffn_hidden_size=32, n_routed_experts=4, zero_expert_num=2,
+                          moe_topk=2, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2, head_dim=8, tie_word_embeddings=False, **_MLA),  # head_dim: RoPE width
+    "youtu": dict(model_type="youtu", tie_word_embeddings=True, **_MLA, **dict(_SMALL, pad_token_id=None)),
+    "minicpm3": dict(model_type="minicpm3", scale_emb=3.3, tie_word_embeddings=True, **_MLA, **_SMALL),
+    # state-space mixer: 2 layers, inner width 128 (expand 2), tied
+    "mamba": dict(model_type="mamba", hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, vocab_size=VOCAB,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True),
+    "mamba_untied": dict(model_type="mamba", hidden_size=48, state_size=4, num_hidden_layers=2, expand=3,
+                         vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
+    # short convolution in layer 0 (as released LFM2 checkpoints), attention in layer 1
+    "lfm2": dict(model_type="lfm2", num_key_value_heads=2, layer_types=["conv", "full_attention"],
+                 tie_word_embeddings=True, **dict(_SMALL, intermediate_size=128)),
+    "lfm2_attention_first": dict(model_type="lfm2", num_key_value_heads=2, layer_types=["full_attention", "conv"],
+                                 block_auto_adjust_ff_dim=False, tie_word_embeddings=False, **_SMALL),
+    "lfm2_moe": dict(model_type="lfm2_moe", num_key_value_heads=2, layer_types=["conv", "full_attention"],
+                     num_dense_layers=0, num_experts=4, num_experts_per_tok=2, tie_word_embeddings=True,
+                     **_MOE_SMALL),
+}
 FAMILIES.update(MORE_FAMILIES)
+FAMILIES.update(SHAPE_FAMILIES)
 # Every model type a test converts and compares against transformers (the support matrix reads this).
 TESTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted({f["model_type"] for f in FAMILIES.values()}))
 OFFSET_NORM_TYPES = ("gemma", "gemma2", "gemma3_text", "vaultgemma", "nemotron")  # norms scale by (1 + w)
