@@ -62,12 +62,11 @@ def _is_value_class(tp: Any) -> bool:
     return isinstance(tp, type) and hasattr(tp, "from_yaml")
 
 
-def _alternatives(tp: Any) -> tuple[list[Any], bool]:
-    """(the non-null alternatives of a union type, or [tp]; whether null is one of them)."""
+def _alternatives(tp: Any) -> list[Any]:
+    """The non-null alternatives of a union type, or [tp]."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        return [a for a in args if a is not type(None)], type(None) in args
-    return [tp], False
+        return [a for a in typing.get_args(tp) if a is not type(None)]
+    return [tp]
 
 
 def is_number(v: Any) -> bool:
@@ -109,7 +108,7 @@ def parse(cls: type, value: Any, fail: Fail, where: str = "") -> Any:
 
 
 def _value(tp: Any, v: Any, f: Field, fail: Fail, where: str) -> Any:
-    alts, _ = _alternatives(tp)
+    alts = _alternatives(tp)
     if len(alts) > 1:
         for alt in alts:
             if _takes(alt, v):
@@ -122,12 +121,10 @@ def _value(tp: Any, v: Any, f: Field, fail: Fail, where: str) -> Any:
     if _is_section(tp):
         return parse(tp, v, fail, where)
     if origin is tuple:
-        (item, _), = [typing.get_args(tp)]
+        item = typing.get_args(tp)[0]
         if not isinstance(v, list) or (item is str and not all(isinstance(x, str) and x for x in v)):
             raise fail(where, f"must be {form(tp, f)}")
         return tuple(_value(item, x, f, fail, f"{where}[{i}]") for i, x in enumerate(v))
-    if tp is Any:
-        return v
     if not _takes(tp, v) or (tp is str and not v):
         raise fail(where, f"must be {form(tp, f)}")
     if tp is str and f.metadata["choices"] and v not in f.metadata["choices"]:
@@ -139,7 +136,7 @@ def form(tp: Any, f: Field | None = None) -> str:
     """How a value of this type is written, in words: for errors ('must be ...') and the key table."""
     if f is not None and f.metadata.get("form"):
         return f.metadata["form"]
-    alts, _ = _alternatives(tp)
+    alts = _alternatives(tp)
     if len(alts) > 1:
         return " or ".join(form(a, f) for a in alts)
     tp = alts[0]
@@ -201,7 +198,7 @@ def tagged(obj: Any, tag: str, where: str = "") -> Iterator[tuple[str, str]]:
 
 def _field_types(tp: Any) -> Iterator[Any]:
     """The section and value classes a field's type refers to."""
-    for alt in _alternatives(tp)[0]:
+    for alt in _alternatives(tp):
         if typing.get_origin(alt) is tuple:
             alt = typing.get_args(alt)[0]
         if _is_section(alt) or _is_value_class(alt):
