@@ -139,7 +139,7 @@ def _load_text(plan: ConversionPlan) -> list[str]:
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         'model = AutoModelForCausalLM.from_pretrained("REPO_ID_OR_DIR", trust_remote_code=True)',
-        'tokenizer = AutoTokenizer.from_pretrained("REPO_ID_OR_DIR", trust_remote_code=True)',
+        'tokenizer = AutoTokenizer.from_pretrained("REPO_ID_OR_DIR")',
         "```",
         "",
         "`trust_remote_code=True` runs this repository's `precompile_loader.py`, which imports only torch, "

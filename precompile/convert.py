@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -25,7 +26,7 @@ from .card import CARD_FILE, SelfCheckSummary, write_card
 from .errors import UserError
 from .generation import write_generation_config
 from .files import out_dir_lock, out_dir_target
-from .layout import TABLE_FILE, TableLayout, table_layout
+from .layout import TABLE_FILE, TableLayout, table_file_header, table_layout
 from .loader import FORMAT_VERSION, MANIFEST
 from .precompute import compute_rows, layer0_tensor_names
 from .profile_check import check_tensors
@@ -76,8 +77,13 @@ class ConversionPlan:
         return self.layout.vocab_size * self.layout.width * torch.empty((), dtype=self.model_dtype).element_size()
 
     @property
+    def table_file_bytes(self) -> int:
+        """The table file's tensor data: the table and the one-element guard (layout.table_file_header)."""
+        return self.table_bytes + self.model_dtype.itemsize
+
+    @property
     def out_bytes(self) -> int:
-        return self.table_bytes + sum(s.out_bytes for s in self.shards)
+        return self.table_file_bytes + sum(s.out_bytes for s in self.shards)
 
 
 @dataclass
@@ -334,20 +340,23 @@ def describe_shards(plan: ConversionPlan, methods: dict[str, str]) -> str:
 
 
 def _out_config(plan: ConversionPlan) -> dict:
-    """OUT_DIR/config.json: its own model type, so plain transformers can never load it as the original."""
-    c = plan.config
+    """OUT_DIR/config.json: the original config, entered through the shim's classes.
+
+    The original model type lets AutoTokenizer and AutoConfig load OUT_DIR without trust_remote_code
+    (transformers asks first only for model types it does not know). Plain AutoModelForCausalLM would
+    then build the original class, and the table file's guard stops it (see layout.table_file_header).
+    """
+    cfg = {k: v for k, v in plan.config.items() if k not in ("torch_dtype", "auto_map", "architectures")}
     return {
-        "model_type": "precompiled",
+        **cfg,
+        "dtype": str(plan.model_dtype).removeprefix("torch."),
         "architectures": ["PrecompiledForCausalLM"],
         "auto_map": {"AutoConfig": "precompile_loader.PrecompiledConfig",
                      "AutoModelForCausalLM": "precompile_loader.PrecompiledForCausalLM"},
         "precompile": {
-            "original_model_type": c.get("model_type"),
-            "original_architectures": c.get("architectures"),
+            "original_architectures": plan.config.get("architectures"),
             "load": "precompile.load(path), or from_pretrained(path, trust_remote_code=True); see precompile.json",
         },
-        "vocab_size": plan.spec.vocab_size,
-        "hidden_size": plan.spec.hidden_size,
     }
 
 
@@ -371,6 +380,7 @@ def build_manifest(plan: ConversionPlan, options: dict, source_files: dict[str, 
         "table": {
             "file": TABLE_FILE,
             "tensor": layout.tensor_name,
+            "guard": layout.guard,
             "shape": [layout.vocab_size, layout.width],
             "dtype": dtype_name,
             "columns": [c.as_dict() for c in layout.columns],
@@ -488,8 +498,8 @@ def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, de
             result.methods, src_hashes, out_hashes = shards.result()
         progress.log(describe_shards(plan, result.methods))
         out_hashes[TABLE_FILE] = table_hash
-        index_map = {plan.layout.tensor_name: TABLE_FILE}
-        total = plan.table_bytes
+        index_map = {plan.layout.tensor_name: TABLE_FILE, plan.layout.guard: TABLE_FILE}
+        total = plan.table_file_bytes
         for s in plan.shards:
             if s.out_file is not None:
                 index_map.update({t.name: s.out_file for t in s.keep})
@@ -504,20 +514,42 @@ def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, de
 
 def _write_table_file(plan: ConversionPlan, tmp: Path, dev: torch.device, chunk_size: int, progress: Progress,
                       table: str | os.PathLike | None) -> str:
-    """Compute the table into tmp, or copy a given one after checking it is this plan's table; its sha256."""
+    """Compute the table into tmp, or rewrite a given one after checking it is this plan's table; its sha256.
+
+    A given table (an overlay's, for `materialize`) is streamed into a new file rather than copied, so
+    the file is byte for byte what computing it here writes, guard and metadata included.
+    """
     lay = plan.layout
+    dtype = DTYPE_NAMES[plan.model_dtype]
+    entries, metadata = table_file_header(lay, dtype, plan.model_dtype.itemsize)
     if table is None:
-        return write_table(tmp / TABLE_FILE, lay.tensor_name, (lay.vocab_size, lay.width), plan.model_dtype,
-                           _table_chunks(plan, dev, chunk_size, progress))
+        chunks = _table_chunks(plan, dev, chunk_size, progress)
+    else:
+        chunks = _given_table(Path(table), entries, chunk_size)
+    return write_table(tmp / TABLE_FILE, lay.tensor_name, (lay.vocab_size, lay.width), plan.model_dtype, chunks,
+                       extra=entries[1:], metadata=metadata)
+
+
+def _given_table(path: Path, entries: list[tuple[str, str, tuple[int, ...], int]], chunk_size: int) -> Iterator:
+    """The rows of a table file written for this plan (with or without the guard), chunk by chunk."""
+    from safetensors import safe_open
+
     from .tensors import read_header
 
-    infos, _ = read_header(Path(table))
-    info = infos.get(lay.tensor_name)
-    want = (lay.tensor_name, (lay.vocab_size, lay.width), DTYPE_NAMES[plan.model_dtype])
-    if info is None or len(infos) != 1 or (info.name, tuple(info.shape), info.dtype) != want:
-        raise UserError(f"{table} does not hold the table this source needs ({want[0]} {list(want[1])} {want[2]}); "
+    infos, _ = read_header(path)
+    name, dtype, shape, _ = entries[0]
+    info = infos.get(name)
+    if info is None or set(infos) - {e[0] for e in entries} or (tuple(info.shape), info.dtype) != (shape, dtype):
+        raise UserError(f"{path} does not hold the table this source needs ({name} {list(shape)} {dtype}); "
                         f"the overlay and the base do not belong together")
-    return share_file(Path(table), tmp / TABLE_FILE, "copy")[1]
+
+    def rows():
+        with safe_open(path, framework="pt") as f:
+            table = f.get_slice(name)
+            for start in range(0, shape[0], chunk_size):
+                yield table[start:start + chunk_size]
+
+    return rows()
 
 
 def _write_overlay(plan: ConversionPlan, out_dir: Path, options: dict, force: bool, result: ConvertResult,

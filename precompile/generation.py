@@ -2,8 +2,8 @@
 
 transformers gives a model loaded without generation_config.json the settings it derives from
 config.json (`GenerationConfig.from_model_config`: eos/bos/pad and legacy generation keys, with the
-config class's defaults). OUT_DIR's own config.json is the precompiled one, so without this file the
-converted model would get empty settings and greedy decoding would run past the end-of-sequence token.
+config class's defaults). The converted model is loaded through the shim, which got empty settings
+without this file, so greedy decoding ran past the end-of-sequence token.
 """
 
 from __future__ import annotations

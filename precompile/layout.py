@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from .profiles import ModelSpec, Projection
 
 TABLE_FILE = "precompile_table.safetensors"
+GUARD_NOTE = ("{guard} here is a 1-element guard, not a weight: its shape makes plain transformers stop instead of "
+              "loading this directory as the original model with random layer-0 weights; load it with "
+              "precompile.load or from_pretrained(..., trust_remote_code=True)")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class TableLayout:
     keep_embedding: bool
     eliminated: tuple[str, ...]
     tensor_name: str
+    guard: str  # an eliminated layer-0 weight's name, stored as 1 element in the table file (see GUARD_NOTE)
 
     @property
     def width(self) -> int:
@@ -100,4 +104,17 @@ def table_layout(spec: ModelSpec, present: set[str] | frozenset[str]) -> TableLa
             seen.append(name)
     return TableLayout(columns=tuple(cols), vocab_size=spec.vocab_size, x_in_table=x_in_table,
                        keep_embedding=keep_embedding, eliminated=tuple(seen),
-                       tensor_name=f"{spec.embedding_module}.table")
+                       tensor_name=f"{spec.embedding_module}.table", guard=spec.projections[0].weight)
+
+
+def table_file_header(lay: TableLayout, dtype: str, itemsize: int) -> tuple[list[tuple[str, str, tuple[int, ...], int]],
+                                                                           dict[str, str]]:
+    """The table file's tensors (name, dtype, shape, nbytes) in order, and its metadata.
+
+    OUT_DIR's config.json carries the original model type, so that AutoTokenizer and AutoConfig work
+    without trust_remote_code. The guard keeps plain AutoModelForCausalLM from then loading the original
+    class with layer 0 missing: it stops on the guard's shape (transformers refuses mismatched sizes).
+    """
+    shape = (lay.vocab_size, lay.width)
+    return ([(lay.tensor_name, dtype, shape, shape[0] * shape[1] * itemsize), (lay.guard, dtype, (1,), itemsize)],
+            {"format": "pt", "precompile": GUARD_NOTE.format(guard=lay.guard)})

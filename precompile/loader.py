@@ -258,11 +258,27 @@ def indexed_table_file(path: Path, manifest: dict) -> str:
 
 def original_config(manifest: dict) -> PretrainedConfig:
     """The source model's transformers config, as recorded at conversion time."""
+    return config_from_dict(manifest["source"]["config"])
+
+
+_SPECIAL_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def _decode_floats(obj):
+    """config.json's {"__float__": "Infinity"} (how transformers writes inf, e.g. Mamba-2's time_step_limit) as floats."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__float__"} and obj["__float__"] in _SPECIAL_FLOATS:
+            return _SPECIAL_FLOATS[obj["__float__"]]
+        return {k: _decode_floats(v) for k, v in obj.items()}
+    return [_decode_floats(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def config_from_dict(config: dict) -> PretrainedConfig:
+    """The transformers config of config.json's values, read as from_pretrained reads the file."""
     from transformers import AutoConfig
 
-    cfg = dict(manifest["source"]["config"])
-    model_type = cfg.pop("model_type")
-    return AutoConfig.for_model(model_type, **cfg)
+    cfg = _decode_floats(dict(config))
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -594,9 +610,15 @@ def _entry_classes() -> dict[str, type]:
     from transformers import PretrainedConfig, PreTrainedModel
 
     class PrecompiledConfig(PretrainedConfig):
-        """OUT_DIR's own config type, so that plain transformers never mistakes it for the original model."""
+        """The entry type for `trust_remote_code`: config.json holds the original model type (for AutoTokenizer
+        without trust_remote_code), which transformers would otherwise warn does not match this class."""
 
         model_type = "precompiled"
+
+        @classmethod
+        def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+            config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+            return cls.from_dict(config_dict, **kwargs)
 
     class PrecompiledForCausalLM(PreTrainedModel):
         """Entry point for `AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`."""

@@ -158,12 +158,11 @@ def output_files(conv: ConversionPlan) -> dict[str, int]:
     """The exact size in bytes of every weight file a conversion writes (headers included)."""
     import torch
 
-    from .layout import TABLE_FILE
+    from .layout import TABLE_FILE, table_file_header
     from .tensors import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, write_header
 
-    lay = conv.layout
-    table_entry = (lay.tensor_name, DTYPE_NAMES[conv.model_dtype], (lay.vocab_size, lay.width), conv.table_bytes)
-    files = {TABLE_FILE: write_header(io.BytesIO(), [table_entry], {"format": "pt"}) + conv.table_bytes}
+    entries, metadata = table_file_header(conv.layout, DTYPE_NAMES[conv.model_dtype], conv.model_dtype.itemsize)
+    files = {TABLE_FILE: write_header(io.BytesIO(), entries, metadata) + sum(e[3] for e in entries)}
     out_dtype = DTYPE_NAMES[conv.model_dtype]
     for sh in conv.shards:
         if sh.out_file is None:
@@ -201,7 +200,7 @@ def exact_figures(conv: ConversionPlan, batch_sizes: tuple[int, ...] = DEFAULT_B
     layer0_bytes = sum(t.nbytes for t in layer0)
     source_bytes = sum(t.nbytes for t in ckpt.tensors.values())
     kept = [t for t in ckpt.tensors.values() if t.name not in set(lay.eliminated)]
-    output_bytes = conv.table_bytes + sum(out_bytes(t) for t in kept)
+    output_bytes = conv.table_file_bytes + sum(out_bytes(t) for t in kept)
     batches = []
     for b in batch_sizes:
         without, with_ = b * emb_row + layer0_bytes, b * row_with
@@ -367,12 +366,14 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(quantity, paper's count, exact from the weights) rows shared by the text and markdown views."""
     ex = r.get("exact")
     ffn = f"{r['ffn_kind'].upper()}, hidden {_n(r['ffn_hidden'])}" + (
-        f", {r['n_experts']} experts" if r["n_experts"] > 1 else "")
+        f", {r['n_experts']} experts" if r["n_experts"] > 1 else "") if r["ffn_hidden"] else "none"
+    qkv = r["row_width"] == r["q_width"] + 2 * r["e"]  # else latent attention or another mixer: the profile's widths
     rows = [
         ("block", r["block"] + (" (assumed)" if r["assume_parallel"] else ""), ""),
         ("attention", f"{r['attention']}: {r['n_heads']} heads, {r['n_kv_heads']} kv heads, head_dim {r['head_dim']}",
          ""),
-        ("d / q width / e (k, v width)", f"{r['d']} / {r['q_width']} / {r['e']}", ""),
+        ("d / q width / e (k, v width)", f"{r['d']} / {r['q_width']} / {r['e']}", "") if qkv else
+        ("d / projection outputs per token", f"{r['d']} / {r['row_width']}", ""),
         ("layers / vocab", f"{r['n_layers']} / {_n(r['vocab_size'])}", ""),
         ("FFN", ffn, ""),
         ("weights eliminated (layer 0)", _n(r["eliminated_weights"]),

@@ -108,7 +108,8 @@ def expression_value(config: dict, text: str) -> float | int | None:
 class ConfigValue:
     """a list of config.json keys (the first present wins; a dotted key such as `attn_config.kv_n_heads` reads
     a nested section, `layer_types.0` a list's entry; an entry may be arithmetic over keys with + - * / // and
-    parentheses, e.g. `"2 * intermediate_size"`), a mapping `{keys: [...], default: ...}` (the default when none
+    parentheses, e.g. `"4 * n_embd"`, present when every key it names is: GPT-J's FFN width is
+    `[n_inner, "4 * n_embd"]`), a mapping `{keys: [...], default: ...}` (the default when none
     is present), or the value itself"""
 
     FORM: ClassVar[str] = "config value"
@@ -296,14 +297,16 @@ class ProjectionDef:
     bias: str | None = key("the bias tensor; skipped when the checkpoint lacks it", None, tensor=True)
     bias_when: bool | str = key("a config.json key (or `true`) that makes `bias` required: a missing bias is then "
                                 "an error", True, form="true, false or a config.json key")
-    heads_interleaved: bool = key("a fused qkv whose layout is per head `[q_h, k_h, v_h]` (Persimmon)", False)
+    heads_interleaved: bool = key("a fused qkv whose layout is per head `[q_h, k_h, v_h]` (Persimmon; the table "
+                                  "keeps the module's own layout)", False)
     width: ConfigValue | None = key(f"the output width, required for (and only for) roles without heads: "
                                     f"{', '.join(WIDTH_ROLES)}", None)
     low_rank: LowRankDef | None = key("a low-rank projection (with a norm) this one reads instead of the normed "
                                       "input", None)
     out_norm: OutNormDef | None = key("a norm over the leading outputs", None)
-    zero_masked: bool = key("the mixer zeroes padded positions' input (Mamba): their looked-up output is zero too",
-                            False)
+    zero_masked: bool = key("the mixer multiplies its input by the attention mask before this projection (Mamba's, "
+                            "LFM2's), so the looked-up output is zero where that input is (exact for a projection "
+                            "without bias; refuse a bias with `refuse`)", False)
 
     def check(self, fail: Fail, where: str) -> None:
         if (self.role in WIDTH_ROLES) != (self.width is not None):
@@ -422,9 +425,11 @@ class Variant:
     A patch applied when config.json matches: every matching variant's `set` is deep-merged into the profile
     in order (`null` deletes a key)."""
 
-    when: dict[str, Any] = key("config.json keys and the values they must have",
+    when: dict[str, Any] = key("config.json keys and the values they must have (a dotted key reads a nested section "
+                               "or a list entry: `layer_types.0` is layer 0's type)",
                                form="a mapping (map config keys to values)")
-    set: dict[str, Any] = key("profile keys to merge in", form="a mapping of profile keys")
+    set: dict[str, Any] = key("profile keys to merge in (a list such as `projections` is replaced whole)",
+                              form="a mapping of profile keys")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -460,7 +465,8 @@ class ProfileDef:
                                               "mixer_in",
                                               form="a non-empty list of projections")
     qk_norm: QkNorm | None = key("norms applied to the q and k outputs before RoPE", None)
-    attention_module: str = key("layer 0's attention module: after it runs, the looked-up rows are released")
+    attention_module: str = key("layer 0's attention module (for a mixer other than attention, the mixer module): "
+                                "after it runs, the looked-up rows are released")
     ffn: FfnDef | None = key("layer 0's FFN (required for a parallel block)", None)
     variants: tuple[Variant, ...] = key("patches applied when config.json matches", ())
     refuse: tuple[Refusal, ...] = key("configs refused, with the reason", ())

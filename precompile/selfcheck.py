@@ -42,7 +42,7 @@ from torch import nn
 
 from .errors import UserError, VerificationError
 from .layout import TABLE_FILE
-from .loader import original_config, precompiled_class, read_manifest
+from .loader import config_from_dict, original_config, precompiled_class, read_manifest
 from .source import fetch_files, weight_map
 from .tensors import INDEX_NAME, Checkpoint, mapped
 
@@ -297,7 +297,7 @@ def self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
 
 
 def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from .profiles import effective_definition
     from .verify import quiet_transformers
@@ -313,8 +313,7 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     tokens = check_tokens(plan.config, plan.source.root, spec.vocab_size)
     used, ids = torch.unique(tokens, return_inverse=True)
     with quiet_transformers():
-        cfg = dict(plan.config)
-        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        config = config_from_dict(plan.config)
         _truncate(config, layer_keys)
         base = AutoModelForCausalLM._model_mapping[type(config)]
         conv_config = original_config(manifest)

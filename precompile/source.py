@@ -244,7 +244,7 @@ def check_native(config: dict, root: Path, native_types: Collection[str] = ()) -
     """
     p = root / "config.json"
     model_type = config.get("model_type")
-    if model_type == "precompiled":
+    if model_type == "precompiled" or isinstance(config.get("precompile"), dict) or (root / "precompile.json").exists():
         raise UserError(f"{root} is already a precompiled model (see its precompile.json); convert the original "
                         f"checkpoint instead")
     if isinstance(model_type, str) and model_type in native_types and not config.get("auto_map"):

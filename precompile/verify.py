@@ -30,7 +30,7 @@ from .allowance import FACTOR, LOGIT_KEYS, Allowance, Distance, Scale, apply_giv
     from_fp32, from_roundoff
 from .errors import UserError
 from .files import check_regular
-from .layout import table_layout
+from .layout import TableLayout, table_layout
 from .loader import MANIFEST, PrecompileLoadError, indexed_table_file, read_manifest
 from .precompute import layer0_tensor_names
 from .profiles import conversion_profile, resolve
@@ -228,12 +228,17 @@ def _tensor_sha(ckpt: Checkpoint, info: TensorInfo, dtype: str | None = None) ->
     return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def check_copied(out_ckpt: Checkpoint, ref_ckpt: Checkpoint, table_tensor: str, eliminated: tuple[str, ...],
+def check_copied(out_ckpt: Checkpoint, ref_ckpt: Checkpoint, layout: TableLayout, guarded: bool = True,
                  bar=None) -> Check:
     """Each tensor OUT_DIR carries over equals the reference's, byte for byte (cast to the output dtype
-    when the conversion changed it); the reference tensors it lacks are exactly the eliminated ones."""
+    when the conversion changed it); the reference tensors it lacks are exactly the eliminated ones;
+    the table file's guard is there (without it plain transformers would load random layer-0 weights)."""
     mismatched, missing_in_ref, nbytes = [], [], 0
-    names = [n for n in out_ckpt.tensors if n != table_tensor]
+    eliminated = layout.eliminated
+    guard = out_ckpt.tensors.get(layout.guard)
+    if guarded and (guard is None or tuple(guard.shape) != (1,)):
+        mismatched.append(f"{layout.guard} (the guard)")
+    names = [n for n in out_ckpt.tensors if n not in (layout.tensor_name, layout.guard)]
     for name in names:
         info = out_ckpt.tensors[name]
         rinfo = ref_ckpt.tensors.get(name)
@@ -265,6 +270,8 @@ def check_layout(manifest: dict, layout) -> Check:
         problems.append("shape")
     if list(manifest.get("eliminated") or []) != list(layout.eliminated):
         problems.append("eliminated")
+    if table.get("tensor") != layout.tensor_name or table.get("guard", layout.guard) != layout.guard:
+        problems.append("tensor names")  # no guard: made before config.json held the original model type
     if loader.get("keep_embedding") != layout.keep_embedding:
         problems.append("keep_embedding")
     x_stop = layout.columns[0].stop if layout.x_in_table else 0
@@ -536,9 +543,9 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
             return Check("copied-tensors", True, {"overlay": "kept tensors load from the reference itself"},
                          {"identical": True})
         out_ckpt = Checkpoint(out)
-        copied_bytes = sum(t.nbytes for n, t in out_ckpt.tensors.items() if n != manifest["table"]["tensor"])
+        copied_bytes = sum(t.nbytes for n, t in out_ckpt.tensors.items() if n != layout.tensor_name)
         with progress.bar(copied_bytes, "comparing copied tensors", "B") as bar:
-            return check_copied(out_ckpt, ref_ckpt, manifest["table"]["tensor"], layout.eliminated, bar)
+            return check_copied(out_ckpt, ref_ckpt, layout, "guard" in manifest["table"], bar)
 
     checks.append(_guard("copied-tensors", copied))
     checks.append(check_layout(manifest, layout))

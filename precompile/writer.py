@@ -18,7 +18,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -32,10 +32,14 @@ BLOCK = 8 << 20  # bytes read at a time when copying through a hash
 
 
 def write_table(path: Path, name: str, shape: tuple[int, int], dtype: torch.dtype,
-                chunks: Iterable[torch.Tensor], pending: int = 2) -> str:
+                chunks: Iterable[torch.Tensor], pending: int = 2, *,
+                extra: Sequence[tuple[str, str, tuple[int, ...], int]] = (),
+                metadata: dict[str, str] | None = None) -> str:
     """Stream a [vocab, W] tensor: header first, then each chunk's rows as they are computed.
 
-    Returns the file's sha256, hashed on the way out so the table is never read back.
+    `extra` header entries (name, dtype, shape, nbytes) follow the table, written as zeros: markers
+    such as the layout's guard, never data. Returns the file's sha256, hashed on the way out so the
+    table is never read back.
 
     A background thread writes chunk k while the caller's iterator computes chunk k+1. At most
     `pending` chunks wait in between, so at most pending + 2 chunks are ever alive (the one being
@@ -59,7 +63,8 @@ def write_table(path: Path, name: str, shape: tuple[int, int], dtype: torch.dtyp
             del item
 
     with open(path, "wb") as f:
-        write_header(f, [(name, DTYPE_NAMES[dtype], shape, shape[0] * row_bytes)], {"format": "pt"})
+        write_header(f, [(name, DTYPE_NAMES[dtype], shape, shape[0] * row_bytes), *extra],
+                     metadata or {"format": "pt"})
         f.flush()
         with open(path, "rb") as head:
             digest.update(head.read())
@@ -82,6 +87,11 @@ def write_table(path: Path, name: str, shape: tuple[int, int], dtype: torch.dtyp
         raise failed[0]
     if rows != shape[0]:
         raise RuntimeError(f"table stream wrote {rows} rows, expected {shape[0]}")
+    with open(path, "ab") as f:
+        for entry in extra:
+            zeros = bytes(entry[3])
+            f.write(zeros)
+            digest.update(zeros)
     return digest.hexdigest()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import precompile
 import tiny
@@ -142,11 +142,13 @@ def test_output_layout_and_parameter_arithmetic(family, checkpoint, tmp_path):
     if not tied:
         expect_gone.add("model.embed_tokens.weight")
     assert eliminated == expect_gone
-    assert not eliminated & set(out_counts)
+    guard = manifest["table"]["guard"]  # an eliminated name, kept as one element so plain transformers stops
+    assert guard == "model.layers.0.self_attn.q_proj.weight" and out_counts[guard] == 1
+    assert not (eliminated - {guard}) & set(out_counts)
     table_name = manifest["table"]["tensor"]
     assert out_counts[table_name] == tiny.VOCAB * width
     assert sum(out_counts.values()) == sum(src_counts.values()) - sum(src_counts[n] for n in eliminated) + \
-        tiny.VOCAB * width
+        tiny.VOCAB * width + 1
     if tied:  # the head stays bound to the real embedding, which is kept
         model = precompile.load(out)
         assert model.lm_head.weight is model.get_input_embeddings().weight
@@ -169,11 +171,15 @@ def test_inputs_embeds_is_refused_and_rows_are_cleared(checkpoint, tmp_path, bat
             model(inputs_embeds=torch.zeros(1, 3, 64))
 
 
-def test_plain_transformers_cannot_mistake_out_dir(checkpoint, tmp_path, batch):
-    src = checkpoint("llama")
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt_neox"])
+def test_plain_transformers_cannot_mistake_out_dir(family, checkpoint, tmp_path, batch):
+    """config.json holds the original model type (for AutoTokenizer): the table file's guard, an eliminated
+    layer-0 weight's name with one element, makes plain loading stop instead of running random weights."""
+    src = checkpoint(family)
     out = tmp_path / "out"
     precompile.convert(str(src), out)
-    with pytest.raises(Exception, match="precompiled|trust_remote_code"):
+    assert AutoConfig.from_pretrained(out).model_type == AutoConfig.from_pretrained(src).model_type
+    with pytest.raises(RuntimeError, match="mismatched"):
         AutoModelForCausalLM.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     ref = _logits(AutoModelForCausalLM.from_pretrained(src).eval(), batch)

@@ -75,20 +75,27 @@ def test_dry_run_names_the_derived_generation_config(no_gen_source, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_auto_tokenizer_with_trust_remote_code_loads_silently(checkpoint, tmp_path):
-    """stdin closed, a fresh process without this package on the path: no prompt, the source's tokenizer."""
+@pytest.mark.parametrize("trust", [None, True])
+def test_auto_tokenizer_loads_without_asking(checkpoint, tmp_path, trust):
+    """A fresh process without this package on the path; transformers' prompt is `input()`, which is recorded
+    (a closed stdin would hide it: transformers turns the EOFError into a silent fallback)."""
     src = checkpoint("llama")
     out = tmp_path / "out"
     convert(str(src), out)
-    code = ("import sys; from transformers import AutoTokenizer; "
-            "t = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True); "
-            "print(t('hello world')['input_ids'])")
+    code = ("import builtins, json, sys; asked = []\n"
+            "builtins.input = lambda *a: asked.append(a) or 'n'\n"
+            "from transformers import AutoConfig, AutoTokenizer\n"
+            f"t = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code={trust})\n"
+            f"c = AutoConfig.from_pretrained(sys.argv[1], trust_remote_code={trust})\n"
+            "print(json.dumps([asked, type(t).__name__, t('hello world')['input_ids'], c.vocab_size]))")
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code, str(out)], stdin=subprocess.DEVNULL, capture_output=True,
                        text=True, timeout=300, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
-    assert "custom code" not in r.stdout + r.stderr and "[y/N]" not in r.stdout + r.stderr
-    assert json.loads(r.stdout) == AutoTokenizer.from_pretrained(str(src))("hello world")["input_ids"]
+    asked, cls, ids, vocab = json.loads(r.stdout.splitlines()[-1])
+    ref = AutoTokenizer.from_pretrained(str(src))
+    assert asked == [] and cls == type(ref).__name__ and ids == ref("hello world")["input_ids"]
+    assert vocab == tiny.VOCAB
 
 
 def test_pipeline_text_generation(no_gen_source, tmp_path):

@@ -12,12 +12,11 @@ from __future__ import annotations
 import pytest
 import test_families_parallel
 import tiny
-import torch
-from test_families_more import BF16_FACTOR, _check_table_rows
-from test_families_parallel import _batch, _generate, _logits, bf16_baseline
-from transformers import AutoModelForCausalLM
 
-import precompile
+# the checks of tests/test_families_more.py, run here on the families of this file (imported under other names,
+# so that pytest does not collect them here with that file's families)
+from test_families_more import test_bfloat16_no_farther_than_original as bfloat16_no_farther_than_original
+from test_families_more import test_float32_matches_transformers as float32_matches_transformers
 
 FAMILIES = list(tiny.SHAPE_FAMILIES)
 converted = test_families_parallel.converted  # (family, dtype) -> (source, OUT_DIR), once per module
@@ -25,27 +24,67 @@ converted = test_families_parallel.converted  # (family, dtype) -> (source, OUT_
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_float32_matches_transformers(family, converted):
-    src, out = converted(family, "float32")
-    enc = _batch()
-    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    model = precompile.load(out)
-    assert type(model).__mro__[1] is type(ref)  # the original class, with layer 0 swapped
-    want = _logits(ref, enc)
-    got = _logits(model, enc)
-    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
-    gen = _generate(ref, enc)
-    assert len(set(gen[:, -16:].flatten().tolist())) > 2  # greedy decoding is not degenerate
-    assert torch.equal(_generate(model, enc), gen)
-    _check_table_rows(src, out)
+    float32_matches_transformers(family, converted)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bfloat16_no_farther_than_original(family, converted):
-    src, out = converted(family, "bfloat16")
-    enc = _batch()
-    upcast, base = bf16_baseline(src, enc)
-    model = precompile.load(out)
-    assert model.dtype == torch.bfloat16
-    dist = (_logits(model, enc) - upcast).pow(2).mean().sqrt().item()
-    assert dist <= BF16_FACTOR * base, (dist, base)
-    _check_table_rows(src, out)
+    bfloat16_no_farther_than_original(family, converted)
+
+
+@pytest.mark.parametrize("profile, patch, words", [
+    ("mamba", {"projections": [{"role": "mixer_in", "weight": "w", "module": "m"}]}, "projections[0].width"),
+    ("llama", {"projections": [{"role": "q", "weight": "w", "module": "m", "width": [8]},
+                               {"role": "k", "weight": "w", "module": "m"},
+                               {"role": "v", "weight": "w", "module": "m"}]}, "projections[0].width"),
+    ("mamba", {"projections": [{"role": "mixer_in", "weight": "w", "module": "m", "width": ["2 * (x"]}]},
+     "projections[0].width"),
+    ("mamba", {"projections": [{"role": "mixer_in", "weight": "w", "module": "m", "width": ["__import__('os')"]}]},
+     "projections[0].width"),
+    ("mamba", {"projections": [{"role": "mixer_in", "weight": "w", "module": "m", "width": 4, "zero_masked": 1}]},
+     "projections[0].zero_masked"),
+    ("deepseek_v3", {"projections": [{"role": "mla_q", "weight": "w", "module": "m", "width": 4,
+                                      "low_rank": {"weight": "a", "module": "b"}},
+                                     {"role": "mla_kv", "weight": "w", "module": "m", "width": 4}]},
+     "projections[0].low_rank.rank"),
+    ("deepseek_v3", {"projections": [{"role": "mla_q", "weight": "w", "module": "m", "width": 4},
+                                     {"role": "mla_kv", "weight": "w", "module": "m", "width": 4,
+                                      "out_norm": {"kind": "rms", "eps": 1e-6}}]}, "projections[1].out_norm.width"),
+    ("deepseek_v3", {"projections": [{"role": "mla_q", "weight": "w", "module": "m", "width": 4}]}, "projections"),
+])
+def test_new_keys_are_validated(profile, patch, words, tmp_path):
+    """A mistake in a projection's width, low_rank, out_norm or zero_masked names the file and the key."""
+    import yaml
+
+    from precompile.errors import UserError
+    from precompile.profiles import _apply_patch, _configs_dir, load_profile
+
+    data = _apply_patch(yaml.safe_load((_configs_dir() / f"{profile}.yaml").read_text()), patch)
+    data.pop("variants", None)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError, match=str(path)) as e:
+        load_profile(path)
+    assert f"'{words}'" in str(e.value)
+
+
+def test_expressions_read_config_keys():
+    """An arithmetic entry is present when every key it names is; the first present entry wins (GPT-J's n_inner)."""
+    from precompile.profile_schema import ConfigValue, expression_value
+
+    cfg = {"n_inner": None, "n_embd": 64, "a": {"b": 3}, "layer_types": ["conv", "full_attention"]}
+    assert expression_value(cfg, "4 * n_embd") == 256
+    assert expression_value(cfg, "(n_embd + a.b) // 2 - 1") == 32
+    assert expression_value(cfg, "4 * missing") is None
+    gptj_ffn = ConfigValue(keys=("n_inner", "4 * n_embd"))
+    assert gptj_ffn.read(cfg) == 256
+    assert gptj_ffn.read({**cfg, "n_inner": 96}) == 96
+
+
+def test_a_mixer_config_with_a_biased_input_projection_is_refused():
+    """zero_masked is exact only without a bias: such a config is refused by name, not converted wrong."""
+    from precompile.errors import UserError
+    from precompile.profiles import _configs_dir, load_profile, resolve
+
+    with pytest.raises(UserError, match="use_bias"):
+        resolve(load_profile(_configs_dir() / "mamba.yaml"), tiny.make_config("mamba", use_bias=True).to_dict())

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from precompile.convert import FFN_BLOCK, _table_chunks, convert, describe_shards, plan_conversion
 from precompile.errors import UserError
-from precompile.layout import TABLE_FILE
+from precompile.layout import TABLE_FILE, table_file_header
 from precompile.precompute import Scratch, activation, apply_norm, compute_rows, ffn_output, folded_ffn
 from precompile.profiles import ACTIVATIONS
 from precompile.progress import Progress
@@ -103,7 +103,9 @@ def test_streamed_output_is_byte_identical_to_the_in_memory_path(checkpoint, tmp
     res = convert(str(src), out, chunk_size=16, link="auto")
     plan = res.plan
     ref = _in_memory_table(plan, 16)
-    save_file({plan.layout.tensor_name: ref}, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    _, metadata = table_file_header(plan.layout, dtype, ref.itemsize)
+    save_file({plan.layout.tensor_name: ref, plan.layout.guard: torch.zeros(1, dtype=ref.dtype)},
+              tmp_path / "ref.safetensors", metadata=metadata)
     name = plan.layout.tensor_name
     assert _data_bytes(out / TABLE_FILE, name) == _data_bytes(tmp_path / "ref.safetensors", name)
     assert (out / TABLE_FILE).read_bytes() == (tmp_path / "ref.safetensors").read_bytes()

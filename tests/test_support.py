@@ -56,8 +56,11 @@ def test_classification_follows_the_facts(matrix):
     assert by["gpt2"].status == support.REFUSED and "absolute position" in by["gpt2"].detail  # _refused.yaml
     assert by["bert"].status == support.REFUSED and "absolute position" in by["bert"].detail  # source signal
     assert by["bart"].status == support.REFUSED and "encoder-decoder" in by["bart"].detail  # is_encoder_decoder
-    assert by["deepseek_v3"].status == support.NOT_YET and "latent attention" in by["deepseek_v3"].detail
-    assert by["mamba"].status == support.NOT_YET and "not softmax attention" in by["mamba"].detail
+    assert by["deepseek_v3"].status == support.SUPPORTED and by["mamba"].status == support.SUPPORTED
+    # latent attention is expressible: an MLA type without a profile needs only the YAML
+    assert by["axk1"].status == support.NOT_YET and "schema expresses its latent attention" in by["axk1"].detail
+    assert by["deepseek_v32"].status == support.NOT_YET and "not softmax attention" in by["deepseek_v32"].detail
+    assert by["qwen3_next"].status == support.NOT_YET and "in_proj_ba" in by["qwen3_next"].detail  # _support.yaml
     assert by["rwkv"].status == support.REFUSED and "token shift" in by["rwkv"].detail  # configs/_support.yaml
     olmo2, gptj, granite = by["olmo2"].shape, by["gptj"].shape, by["granite"].shape
     assert (olmo2.norm, olmo2.qk_norm) == ("none", "full width")

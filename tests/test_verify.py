@@ -215,6 +215,26 @@ def test_wrong_column_layout_in_manifest(converted, prompts_file, tmp_path):
     assert "table-rows" not in failed(r)  # the table itself is right
 
 
+def test_table_file_without_its_guard(converted, prompts_file, tmp_path):
+    """The guard keeps plain transformers from loading random layer-0 weights: a table file rewritten without
+    it (hashes updated, so integrity passes) fails copied-tensors, naming it."""
+    _, out = fresh_copy(converted("llama", "float32"), tmp_path)
+    m = json.loads((out / "precompile.json").read_text())
+    path, guard = out / m["table"]["file"], m["table"]["guard"]
+    with safe_open(path, framework="pt") as f:
+        table, metadata = f.get_tensor(m["table"]["tensor"]), f.metadata()
+    save_file({m["table"]["tensor"]: table}, path, metadata=metadata)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    del index["weight_map"][guard]
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    for name in (path.name, "model.safetensors.index.json"):
+        m["outputs"][name] = file_sha256(out / name)
+    (out / "precompile.json").write_text(json.dumps(m))
+    r = verify(out, prompts=prompts_file, max_new_tokens=NEW, rows=0)
+    assert failed(r) == {"copied-tensors"}
+    assert by_name(r)["copied-tensors"]["metrics"]["mismatched"] == [f"{guard} (the guard)"]
+
+
 def test_reference_layer0_weight_changed_after_conversion(converted, prompts_file, tmp_path):
     src, out = fresh_copy(converted("llama", "float32"), tmp_path, with_source=True)
     name = "model.layers.0.self_attn.k_proj.weight"
