@@ -1,7 +1,7 @@
 """precompile: precompute the token-only part of layer 0 of a causal LM (arXiv 2402.13388).
 
 Library API (the CLI is a thin layer over it):
-- `convert(source, out_dir, ...)`: write a precompiled checkpoint.
+- `convert(source, out_dir, ...)`: write a precompiled checkpoint; its options are `ConvertOptions` fields.
 - `plan_conversion(source, ...)`: what a conversion would read, eliminate and write.
 - `load(out_dir, device=None, dtype=None, base=None)`: the converted model as a transformers model
   (an overlay is laid over its base: the recorded source, or `base`).
@@ -14,13 +14,13 @@ import types
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "plan_conversion", "load", "verify", "materialize", "ConversionPlan", "ConvertResult",
-           "UserError", "VerificationError", "PrecompileLoadError", "__version__"]
+__all__ = ["convert", "plan_conversion", "load", "verify", "materialize", "ConversionPlan", "ConvertOptions",
+           "ConvertResult", "UserError", "VerificationError", "PrecompileLoadError", "__version__"]
 
 # Where each public name lives. They are imported on first use (PEP 562), so that `import precompile.cli`
 # (every command's start) costs no torch import before the CLI has installed its signal handling.
-_HOME = {"convert": "convert", "plan_conversion": "convert", "ConversionPlan": "convert", "ConvertResult": "convert",
-         "UserError": "errors", "VerificationError": "errors", "load": "loader", "PrecompileLoadError": "loader",
+_HOME = {"convert": "convert", "plan_conversion": "planning", "ConversionPlan": "planning",
+         "ConvertResult": "convert", "ConvertOptions": "options", "UserError": "errors", "VerificationError": "errors", "load": "loader", "PrecompileLoadError": "loader",
          "materialize": "materialize", "verify": "verify"}
 
 

@@ -8,6 +8,7 @@ the results go to a JSON report and JUnit XML.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -17,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .convert import COMPUTE_CHOICES, DTYPE_CHOICES, LINK_MODES, convert, plan_conversion
+from .convert import convert
 from .errors import UserError, VerificationError
 from .loader import MANIFEST, PrecompileLoadError, read_manifest
+from .options import ConvertOptions, accepts, describe, meta, option_fields
+from .planning import planned, recorded_options
 from .profiles import read_yaml
 from .progress import Progress
 from .source import file_sha256
@@ -35,22 +38,17 @@ def _is_repo_id(v: str) -> bool:
     return True
 
 
-# Options an entry (or `defaults:`) may set, with a check for each value.
+# Options an entry (or `defaults:`) may set, with a check for each value: every ConvertOptions field under its
+# name (precompile/options.py), then what batch does after converting.
 OPTION_CHECKS: dict[str, tuple[str, Any]] = {
-    "revision": ("a string", lambda v: isinstance(v, str)),
-    "profile": ("a path to a YAML profile", lambda v: isinstance(v, str)),
-    "dtype": (f"one of auto, {', '.join(DTYPE_CHOICES)}", lambda v: v == "auto" or v in DTYPE_CHOICES),
-    "compute_dtype": (f"one of {', '.join(COMPUTE_CHOICES)}", lambda v: v in COMPUTE_CHOICES),
-    "chunk_size": ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
-    "device": ("one of auto, cpu, cuda", lambda v: v in ("auto", "cpu", "cuda")),
-    "link": (f"one of {', '.join(LINK_MODES)}", lambda v: v in LINK_MODES),
+    **{f.name: (describe(f), functools.partial(accepts, f)) for f in option_fields()},
     "prompts": ("a prompts file path or a list of strings",
                 lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(p, str) for p in v))),
     "verify": ("true or false", lambda v: isinstance(v, bool)),
-    "overlay": ("true or false", lambda v: isinstance(v, bool)),
     "push_to": ("a hub repo id (namespace/name)", lambda v: isinstance(v, str) and _is_repo_id(v)),
-    "self_check": ("true or false", lambda v: isinstance(v, bool)),
 }
+# Fields holding a file path, which a zoo file gives relative to itself.
+PATH_FIELDS = (*(f.name for f in option_fields() if meta(f).path), "prompts")
 
 ENTRY_ONLY = {"source": "a hub id or a local path", "out": "a directory name under --out-root"}
 
@@ -61,6 +59,10 @@ class Entry:
     source: str
     out: str
     options: dict[str, Any]
+
+    @property
+    def convert_options(self) -> ConvertOptions:
+        return ConvertOptions(**{f.name: self.options[f.name] for f in option_fields() if f.name in self.options})
 
 
 @dataclass
@@ -129,7 +131,7 @@ def load_zoo(path: str | Path) -> list[Entry]:
                             f"'out'")
         outs[out] = i
         options = {**defaults, **{k: v for k, v in raw.items() if k not in ENTRY_ONLY}}
-        for key in ("profile", "prompts"):
+        for key in PATH_FIELDS:
             if isinstance(options.get(key), str) and not Path(options[key]).is_absolute():
                 options[key] = str((path.parent / options[key]).resolve())
         entries.append(Entry(i, source, out, options))
@@ -162,12 +164,6 @@ def select_shard(entries: list[Entry], shard: tuple[int, int] | None) -> list[En
     return [e for e in entries if e.index % n == i - 1]
 
 
-def _convert_options(entry: Entry) -> dict:
-    o = entry.options
-    return {"revision": o.get("revision"), "profile": o.get("profile"), "dtype": o.get("dtype", "auto"),
-            "compute_dtype": o.get("compute_dtype", "float32"), "overlay": bool(o.get("overlay", False))}
-
-
 def up_to_date(entry: Entry, out_dir: Path) -> bool:
     """True when OUT_DIR's manifest records this entry's source files, format version and options, and every
     output file is intact (see `stale_reason`)."""
@@ -179,8 +175,9 @@ def stale_reason(entry: Entry, out_dir: Path) -> str | None:
 
     Planning resolves the source (from the HF cache for hub ids) and reads headers only. Output files are
     checked lazily: every size first (a truncated table fails without reading anything), then every sha256.
-    Chunk size and device are not compared: they change table values only within the rounding bound
-    (the bytes are the same for the same options on one machine; README: Determinism).
+    Only the options declared `compared` are (precompile/options.py): the others, such as chunk size and
+    device, change table values at most within the rounding bound (the bytes are the same for the same
+    options on one machine; README: Determinism).
     """
     if not (out_dir / MANIFEST).exists():
         return "no manifest"
@@ -188,14 +185,15 @@ def stale_reason(entry: Entry, out_dir: Path) -> str | None:
         manifest = read_manifest(out_dir)
     except PrecompileLoadError as e:
         return f"manifest unusable ({e})"
-    opts = _convert_options(entry)
-    plan = plan_conversion(entry.source, **opts)
+    opts = entry.convert_options
+    with planned(entry.source, opts) as plan:
+        want = recorded_options(plan, opts)
     src = manifest["source"]
     if plan.source.describe() != {k: src.get(k) for k in plan.source.describe()}:
         return "another source"
     recorded = manifest.get("options", {})
-    want_dtype = str(plan.model_dtype).removeprefix("torch.")
-    if recorded.get("dtype") != want_dtype or recorded.get("compute_dtype") != opts["compute_dtype"]:
+    ignored = {f.name for f in option_fields() if not meta(f).compared}
+    if any(recorded.get(k) != want.get(k) for k in (recorded.keys() | want.keys()) - ignored):
         return "other options"
     if manifest.get("kind", "full") != plan.kind or manifest.get("profile", {}).get("name") != plan.profile.name:
         return "another kind or profile"
@@ -234,12 +232,12 @@ def available_memory() -> int:
 
 def estimate_memory(entry: Entry) -> int:
     """Peak bytes a conversion holds: layer-0 weights in the compute dtype plus a few chunks of rows."""
-    opts = _convert_options(entry)
-    plan = plan_conversion(entry.source, **opts)
-    elem = 8 if opts["compute_dtype"] == "float64" else 4
-    weights = sum(plan.checkpoint.info(n).numel for n in plan.read_tensors[1:]) * elem
-    chunk = min(entry.options.get("chunk_size", 4096), plan.layout.vocab_size)
-    rows = chunk * (plan.spec.hidden_size + plan.layout.width) * elem * 4
+    opts = entry.convert_options
+    with planned(entry.source, opts) as plan:
+        elem = 8 if opts.compute_dtype == "float64" else 4
+        weights = sum(plan.checkpoint.info(n).numel for n in plan.read_tensors[1:]) * elem
+        chunk = min(opts.chunk_size, plan.layout.vocab_size)
+        rows = chunk * (plan.spec.hidden_size + plan.layout.width) * elem * 4
     return weights + rows + (256 << 20)  # interpreter and library overhead per conversion
 
 
@@ -273,7 +271,7 @@ def _run_entry(entry: Entry, out_root: Path, verify_all: bool, progress: Progres
         if push_to:  # a missing token or a local overlay fails before the conversion, not after it
             from .push import check_push_source
 
-            check_push_source(push_to, entry.source, bool(entry.options.get("overlay")))
+            check_push_source(push_to, entry.source, entry.convert_options.overlay)
         reason = stale_reason(entry, out_dir)
         if reason is None:
             result.status = "skipped"
@@ -281,10 +279,7 @@ def _run_entry(entry: Entry, out_root: Path, verify_all: bool, progress: Progres
             if out_dir.exists():
                 result.reason = reason
                 progress.log(f"[{entry.index + 1}] {out_dir}: converting again: {reason}")
-            opts = _convert_options(entry)
-            convert(entry.source, out_dir, device=entry.options.get("device", "auto"),
-                    chunk_size=entry.options.get("chunk_size", 4096), link=entry.options.get("link", "auto"),
-                    force=True, progress=progress, self_check=entry.options.get("self_check", True), **opts)
+            convert(entry.source, out_dir, entry.convert_options, force=True, progress=progress)
             result.status = "ok"
         result.bytes = _tree_bytes(out_dir)
         result.plan = _plan(out_dir)
@@ -307,7 +302,7 @@ def _run_entry(entry: Entry, out_root: Path, verify_all: bool, progress: Progres
 
 
 def _plan(out_dir: Path) -> dict | None:
-    from .plan import plan_model
+    from .accounting import plan_model
 
     return plan_model(str(out_dir))
 
@@ -377,8 +372,8 @@ def dry_run(zoo: str | Path, out_root: str | Path, shard: str | None = None) -> 
             if up_to_date(e, Path(out_root) / e.out):
                 action = "skip (up to date)"
             else:
-                plan_conversion(e.source, **_convert_options(e))  # reads headers only: finds what would fail
-                action = "convert"
+                with planned(e.source, e.convert_options):  # reads headers only: finds what would fail
+                    action = "convert"
         except (UserError, PrecompileLoadError) as err:
             action = f"fail: {err}"
         if e.options.get("push_to") and not action.startswith("fail"):

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from . import __version__
+from .accounting import exact_figures, model_figures, to_markdown
 from .errors import UserError
 from .loader import FORMAT_VERSION, MANIFEST
-from .plan import exact_figures, model_figures, to_markdown
 from .source import file_sha256
 from .writer import signals_deferred, write_json
 
-if TYPE_CHECKING:  # convert imports this module
-    from .convert import ConversionPlan
+if TYPE_CHECKING:  # for annotations only: planning imports torch
+    from .planning import ConversionPlan
 
 CARD_FILE = "README.md"  # OUT_DIR's card; the source's own README.md is read for its metadata, never carried
 PAPER = "https://arxiv.org/abs/2402.13388"

@@ -15,10 +15,33 @@ import click
 from . import __version__
 from .errors import UserError, VerificationError, one_line
 from .generation import GENERATION_CONFIG
+from .options import ConvertOptions, cli_flag, meta, option_fields
 from .process import skip_exit_collection, use_huge_pages
 from .progress import Progress
 
-_DEVICE = click.Choice(["auto", "cpu", "cuda"])
+_DEVICE = click.Choice(meta("device").choices)
+
+
+def _convert_options(*names: str, **helps: str):
+    """Click options derived from the ConvertOptions fields `names` (default: all), in their order; `helps`
+    rewords a flag's help for a command that uses it on another kind of output."""
+    chosen = [f for f in option_fields() if not names or f.name in names]
+
+    def decorate(command):
+        for f in reversed(chosen):
+            m = meta(f)
+            kw = {"help": helps.get(f.name, m.help)}
+            if isinstance(f.default, bool):
+                kw.update(is_flag=True, flag_value=not f.default, default=f.default)
+            elif m.choices:
+                kw.update(type=click.Choice(m.choices), default=f.default, show_default=True)
+            elif m.minimum is not None:
+                kw.update(type=click.IntRange(min=m.minimum), default=f.default, show_default=True)
+            elif m.path:
+                kw.update(type=click.Path())
+            command = click.option(cli_flag(f), f.name, **kw)(command)
+        return command
+    return decorate
 
 
 class _Group(click.Group):
@@ -72,57 +95,30 @@ def main(debug: bool) -> None:
 @main.command()
 @click.argument("source")
 @click.argument("out_dir", type=click.Path(file_okay=True, dir_okay=True))
-@click.option("--revision", help="Hub revision (branch, tag or commit) for a hub SOURCE.")
-@click.option("--profile", "profile_path", type=click.Path(), help="Architecture profile YAML (default: "
-              "chosen from config.json).")
-@click.option("--device", type=_DEVICE, default="auto", show_default=True,
-              help="Where to compute the table (auto: CUDA when available).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="Output dtype (auto: the checkpoint's own).")
-@click.option("--compute-dtype", type=click.Choice(["float32", "float64"]), default="float32",
-              show_default=True, help="Precision of the table computation.")
-@click.option("--chunk-size", type=click.IntRange(min=1), default=4096, show_default=True,
-              help="Vocabulary rows per compute chunk.")
-@click.option("--link", type=click.Choice(["auto", "reflink", "hardlink", "copy"]), default="auto",
-              show_default=True, help="How unchanged shards enter OUT_DIR (hardlink: editing OUT_DIR edits the "
-              "source).")
+@_convert_options()
 @click.option("--force", is_flag=True, help="Replace an existing OUT_DIR (only once the new one is complete).")
 @click.option("--dry-run", is_flag=True, help="Print what would be read, eliminated and written; write nothing.")
-@click.option("--overlay", is_flag=True, help="Write only the table (+ manifest, config, tokenizer, shim), loaded "
-              "over the unchanged SOURCE; fetch only the files layer 0 needs.")
-@click.option("--allow-pickle", is_flag=True, help="Read PyTorch *.bin/*.pt weights when there are no safetensors "
-              "(loaded with torch.load(weights_only=True): tensors only, no code runs).")
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", help="Then upload OUT_DIR to this hub repo, as "
               "`precompile push` does (the token and an overlay's base are checked before converting).")
-@click.option("--no-self-check", "no_self_check", is_flag=True, help="Skip comparing layer 0 with transformers' own "
-              "model before OUT_DIR is written (a wrong profile then goes unnoticed).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def convert(source, out_dir, revision, profile_path, device, dtype, compute_dtype, chunk_size, link, force,
-            dry_run, overlay, allow_pickle, no_self_check, push_to, quiet):
+def convert(source, out_dir, force, dry_run, push_to, quiet, **options):
     """Convert SOURCE (hub id or local directory) into OUT_DIR."""
-    from .convert import convert as run_convert, describe_plan, plan_conversion
-
+    opts = ConvertOptions(**options)
     progress = Progress(quiet=quiet)
     if push_to and not dry_run:
         from .push import check_push_source
 
-        check_push_source(push_to, source, overlay)
+        check_push_source(push_to, source, opts.overlay)
     if dry_run:
-        import tempfile
-        from pathlib import Path
+        from .planning import describe_plan, planned
 
-        from .writer import TMP_PREFIX, scratch_dir
-
-        with scratch_dir(Path(tempfile.mkdtemp(prefix=TMP_PREFIX))) as scratch:
-            plan = plan_conversion(source, revision=revision, profile=profile_path, dtype=dtype,
-                                   compute_dtype=compute_dtype, allow_pickle=allow_pickle, scratch=scratch / "view",
-                                   overlay=overlay)
+        with planned(source, opts) as plan:
             click.echo(describe_plan(plan))
             click.echo(_dry_run_files(plan))
         return
-    run_convert(source, out_dir, revision=revision, profile=profile_path, device=device, dtype=dtype,
-                compute_dtype=compute_dtype, chunk_size=chunk_size, force=force, link=link, progress=progress,
-                allow_pickle=allow_pickle, overlay=overlay, self_check=not no_self_check)
+    from .convert import convert as run_convert
+
+    run_convert(source, out_dir, opts, force=force, progress=progress)
     if push_to:
         from .push import push as run_push
 
@@ -134,21 +130,19 @@ def convert(source, out_dir, revision, profile_path, device, dtype, compute_dtyp
 @click.argument("full_dir", type=click.Path(file_okay=True, dir_okay=True))
 @click.option("--base", type=click.Path(file_okay=False), help="The base model's directory (default: the source "
               "recorded in the overlay, from the HF cache at its revision or its local path).")
-@click.option("--profile", "profile_path", type=click.Path(), help="Architecture profile YAML (default: the one "
-              "recorded in the overlay's precompile.json).")
-@click.option("--link", type=click.Choice(["auto", "reflink", "hardlink", "copy"]), default="auto",
-              show_default=True, help="How unchanged shards enter FULL_DIR.")
+@_convert_options("profile", "link", "self_check",
+                  profile="Architecture profile YAML (default: the one recorded in the overlay's precompile.json).",
+                  link="How unchanged shards enter FULL_DIR.",
+                  self_check="Skip comparing layer 0 with transformers' own model before FULL_DIR is written.")
 @click.option("--force", is_flag=True, help="Replace an existing FULL_DIR (only once the new one is complete).")
-@click.option("--no-self-check", "no_self_check", is_flag=True, help="Skip comparing layer 0 with transformers' own "
-              "model before FULL_DIR is written.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def materialize(overlay_dir, full_dir, base, profile_path, link, force, no_self_check, quiet):
+def materialize(overlay_dir, full_dir, base, profile, link, self_check, force, quiet):
     """Turn OVERLAY_DIR into a full conversion in FULL_DIR (the same bytes as `convert` without --overlay, on
     the machine that made the overlay: its table is copied, not recomputed)."""
     from .materialize import materialize as run_materialize
 
-    run_materialize(overlay_dir, full_dir, base=base, profile=profile_path, force=force, link=link,
-                    progress=Progress(quiet=quiet), self_check=not no_self_check)
+    run_materialize(overlay_dir, full_dir, base=base, profile=profile, force=force, link=link,
+                    progress=Progress(quiet=quiet), self_check=self_check)
 
 
 @main.command()
@@ -313,7 +307,7 @@ def push(out_dir, repo_id, private, revision, commit_message, dry_run, quiet):
 
 
 def _dry_run_files(plan) -> str:
-    from .plan import output_files
+    from .accounting import output_files
 
     files = output_files(plan)
     lines = ["reads: " + ", ".join(plan.read_tensors),
@@ -354,7 +348,7 @@ def plan(source, batch_sizes, assume_parallel, profile_path, revision, json_path
     """
     import json
 
-    from .plan import parse_batch_sizes, plan_model, plot, to_markdown, to_text
+    from .accounting import parse_batch_sizes, plan_model, plot, to_markdown, to_text
 
     result = plan_model(source, profile=profile_path, assume_parallel=assume_parallel,
                         batch_sizes=parse_batch_sizes(batch_sizes), revision=revision)

@@ -1,7 +1,4 @@
-"""`convert`: plan a conversion from SOURCE, then compute the table and write OUT_DIR.
-
-Planning (resolve, profile, headers, shapes, output files and sizes) reads no
-tensor data, so `--dry-run` and the real run report the same figures.
+"""`convert`: execute a conversion plan (planning.py): compute the table and write OUT_DIR.
 
 Two kinds of output: "full" (the source's tensors minus the eliminated ones, plus
 the table) and "overlay" (the table alone, laid over the unchanged source at load
@@ -17,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -26,64 +23,19 @@ from .card import CARD_FILE, SelfCheckSummary, write_card
 from .errors import UserError
 from .generation import write_generation_config
 from .files import out_dir_lock, out_dir_target
-from .layout import TABLE_FILE, TableLayout, table_file_header, table_layout
+from .layout import TABLE_FILE, table_file_header
 from .loader import FORMAT_VERSION, MANIFEST
+from .options import ConvertOptions
+from .planning import ConversionPlan, ShardPlan, describe_plan, plan_conversion, recorded_options
 from .precompute import compute_rows, layer0_tensor_names
-from .profile_check import check_tensors
-from .profiles import ModelSpec, Profile, Projection, builtin_profiles, resolve, select_profile
 from .progress import Progress
 from .selfcheck import SelfCheckResult, self_check as check_layer0
-from .source import (ALLOW_PATTERNS, PartialCheckpoint, Source, blob_sha256, carried_files, check_native,
-                     check_tokenizer, fetch_files, file_sha256, read_config, resolve_source, weight_map)
-from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo,
-                      has_safetensors, mapped, open_checkpoint)
+from .source import blob_sha256, file_sha256
+from .tensors import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME, mapped
 from .writer import (TMP_PREFIX, atomic_dir, check_free_space, check_out_dir, scratch_dir, share_file, write_json,
                      write_shard, write_table)
 
-DTYPE_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-COMPUTE_CHOICES = {"float32": torch.float32, "float64": torch.float64}
-LINK_MODES = ("auto", "reflink", "hardlink", "copy")
 SHIM_FILE = "precompile_loader.py"
-PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]
-
-
-@dataclass
-class ShardPlan:
-    source_file: str
-    out_file: str | None  # None: every tensor in it is eliminated
-    action: str  # "share" (unchanged file) or "rewrite" (without eliminated tensors / new dtype)
-    keep: list[TensorInfo]
-    eliminated: list[str]
-    out_bytes: int
-
-
-@dataclass
-class ConversionPlan:
-    source: Source
-    config: dict
-    profile: Profile
-    spec: ModelSpec
-    layout: TableLayout
-    checkpoint: Checkpoint
-    model_dtype: torch.dtype
-    compute_dtype: torch.dtype
-    shards: list[ShardPlan]
-    carried: list[str]
-    read_tensors: list[str]
-    kind: str = "full"  # or "overlay": the table only, laid over the unchanged source at load time
-
-    @property
-    def table_bytes(self) -> int:
-        return self.layout.vocab_size * self.layout.width * torch.empty((), dtype=self.model_dtype).element_size()
-
-    @property
-    def table_file_bytes(self) -> int:
-        """The table file's tensor data: the table and the one-element guard (layout.table_file_header)."""
-        return self.table_bytes + self.model_dtype.itemsize
-
-    @property
-    def out_bytes(self) -> int:
-        return self.table_file_bytes + sum(s.out_bytes for s in self.shards)
 
 
 @dataclass
@@ -104,129 +56,6 @@ def pick_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device {device} is not one of auto, cpu, cuda")
     return torch.device(device)
-
-
-def _check_shape(ckpt: Checkpoint, name: str, shape: tuple[int, ...], what: str) -> None:
-    info = ckpt.info(name)
-    if tuple(info.shape) != tuple(shape):
-        raise UserError(f"{ckpt.root / info.file}: tensor {name} has shape {list(info.shape)}, but config.json "
-                        f"implies {list(shape)} ({what}); the config does not match the weights")
-    if info.dtype not in FLOAT_DTYPES:
-        raise UserError(f"{ckpt.root / info.file}: tensor {name} has dtype {info.dtype}; layer-0 weights must be "
-                        f"float (F32, F16, BF16, F64)")
-
-
-def _validate(spec: ModelSpec, ckpt: Checkpoint, layout: TableLayout) -> None:
-    d = spec.hidden_size
-    _check_shape(ckpt, spec.embedding_tensor, (spec.vocab_size, d), "vocab_size x hidden_size")
-    norms = [spec.embedding_norm, spec.attn_norm]
-    if spec.folds_ffn and spec.ffn:
-        norms.append(spec.ffn.norm)
-    for norm in norms:
-        for t in (norm.weight, norm.bias) if norm else ():
-            if t:
-                _check_shape(ckpt, t, (d,), "hidden_size")
-    from .layout import projection_width
-
-    for p in spec.projections:
-        w = projection_width(spec, p)
-        src = "its width key" if p.width is not None else "heads and head_dim"
-        d_in, into = (p.low_rank.rank, "low_rank.rank") if p.low_rank else (d, "hidden_size")
-        _check_shape(ckpt, p.weight, (w, d_in), f"{p.role} width {w} from {src} x {into}")
-        _check_inner(ckpt, p, d)
-        if p.bias and p.bias in ckpt.tensors:
-            _check_shape(ckpt, p.bias, (w,), f"{p.role} width")
-        elif p.bias_required:
-            ckpt.info(p.bias)
-    for role in spec.qk_norms:
-        heads = spec.qk_norm_heads(role)
-        for t in spec.qk_norm_tensors(role):
-            if spec.qk_norm_span == "projection":
-                _check_shape(ckpt, t, (projection_width(spec, role),), f"{role} norm over the whole projection")
-            elif tuple(ckpt.info(t).shape) != (heads, spec.head_dim):
-                _check_shape(ckpt, t, (spec.head_dim,), f"{role} norm over head_dim")
-    if spec.folds_ffn and spec.ffn:
-        for ref in spec.ffn.refs():
-            ckpt.info(ref[0])
-
-
-def _check_inner(ckpt: Checkpoint, p: Projection, d: int) -> None:
-    """The shapes of a projection's low-rank input, its norm and the norm over its leading outputs."""
-    lr = p.low_rank
-    if lr is not None:
-        _check_shape(ckpt, lr.weight, (lr.rank, d), "low_rank.rank x hidden_size")
-        if lr.bias and lr.bias in ckpt.tensors:
-            _check_shape(ckpt, lr.bias, (lr.rank,), "low_rank.rank")
-    for norm, n, what in ((lr.norm if lr else None, lr.rank if lr else 0, "low_rank.rank"),
-                          (p.out_norm, p.out_norm_width, "out_norm.width")):
-        for t in (norm.weight, norm.bias) if norm else ():
-            if t:
-                _check_shape(ckpt, t, (n,), what)
-
-
-def plan_conversion(source: str, *, revision: str | None = None, profile: str | Profile | None = None,
-                    dtype: str = "auto", compute_dtype: str = "float32", allow_pickle: bool = False,
-                    scratch: Path | None = None, overlay: bool = False) -> ConversionPlan:
-    """Everything a conversion will read, eliminate and write, from headers alone.
-
-    With allow_pickle, a pickle-only checkpoint is first rewritten as safetensors into `scratch`
-    (loaded with weights_only=True); the caller removes `scratch` afterwards.
-
-    overlay=True fetches (hub) or opens (local) only the files that hold the tensors layer 0 needs.
-    """
-    if dtype != "auto" and dtype not in DTYPE_CHOICES:
-        raise UserError(f"--dtype {dtype} is not one of auto, {', '.join(DTYPE_CHOICES)}")
-    if compute_dtype not in COMPUTE_CHOICES:
-        raise UserError(f"--compute-dtype {compute_dtype} is not one of {', '.join(COMPUTE_CHOICES)}")
-    src = resolve_source(source, revision, weights=not overlay)
-    config = read_config(src.root)
-    shipped = builtin_profiles()
-    check_native(config, src.root, {t for p in shipped for t in p.model_types})
-    prof = select_profile(config, profile, shipped)
-    spec = resolve(prof, config)
-    if allow_pickle and src.id is not None and not has_safetensors(src.root):
-        src = resolve_source(source, revision, ALLOW_PATTERNS + PICKLE_PATTERNS)
-    ckpt = _layer0_checkpoint(src, spec) if overlay else open_checkpoint(src.root, allow_pickle, scratch)
-    layout = table_layout(spec, frozenset(ckpt.tensors))
-    check_tensors(prof, config, spec, ckpt.tensors, ckpt.root)  # names the profile key of a wrong name or size
-    _validate(spec, ckpt, layout)
-    check_tokenizer(src.root, spec.vocab_size)
-    emb_dtype = ckpt.info(spec.embedding_tensor).dtype
-    model_dtype = DTYPE_CHOICES[dtype] if dtype != "auto" else DTYPES[emb_dtype]
-    if model_dtype not in DTYPE_CHOICES.values():
-        raise UserError(f"the checkpoint's dtype {emb_dtype} is not supported as a model dtype; pass --dtype")
-    out_dtype_name = DTYPE_NAMES[model_dtype]
-    eliminated = set(layout.eliminated)
-    shards = []
-    for i, fname in enumerate([] if overlay else ckpt.files):
-        tensors = [t for t in ckpt.tensors.values() if t.file == fname]
-        keep = [t for t in tensors if t.name not in eliminated]
-        gone = sorted(t.name for t in tensors if t.name in eliminated)
-        converts = any(t.dtype in FLOAT_DTYPES and t.dtype != out_dtype_name for t in keep)
-        out_name = "model-00001-of-00001.safetensors" if fname == SINGLE_NAME else fname.replace("/", "--")
-        if not keep:
-            shards.append(ShardPlan(fname, None, "drop", [], gone, 0))
-            continue
-        size = sum(t.numel * torch.empty((), dtype=DTYPES[out_dtype_name if t.dtype in FLOAT_DTYPES else t.dtype])
-                   .element_size() for t in keep)
-        action = "rewrite" if (gone or converts) else "share"  # out_bytes: tensor data, as index total_size
-        shards.append(ShardPlan(fname, out_name, action, keep, gone, size))
-    outs = [sh.out_file for sh in shards if sh.out_file]
-    if len(set(outs)) != len(outs):  # a shard in a subfolder is written flat, as OUT_DIR holds plain names only
-        dup = next(o for o in outs if outs.count(o) > 1)
-        raise UserError(f"two weight files of {src.root} would both be written as {dup} in OUT_DIR (one is in a "
-                        f"subfolder); rename one of them in the index")
-    read = [spec.embedding_tensor] + layer0_tensor_names(spec, frozenset(ckpt.tensors))
-    return ConversionPlan(src, config, prof, spec, layout, ckpt, model_dtype, COMPUTE_CHOICES[compute_dtype],
-                          shards, carried_files(src.root), read, "overlay" if overlay else "full")
-
-
-def _layer0_checkpoint(src: Source, spec: ModelSpec) -> PartialCheckpoint:
-    """The files holding the embedding and layer 0's tensors, fetched (hub) after reading only the index."""
-    wmap = weight_map(src)
-    names = [spec.embedding_tensor] + layer0_tensor_names(spec, frozenset(wmap))
-    fetch_files(src, sorted({wmap[n] for n in names if n in wmap}))
-    return PartialCheckpoint(src.root, wmap, names)
 
 
 FFN_BLOCK = 4096  # hidden units of a folded FFN cast to the compute dtype at a time
@@ -419,26 +248,19 @@ def _sizes(tmp: Path, outputs: dict[str, str]) -> dict[str, int]:
     return {n: (tmp / n).stat().st_size for n in outputs}
 
 
-def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = None,
-            profile: str | Profile | None = None,
-            device: str = "auto", dtype: str = "auto", compute_dtype: str = "float32", chunk_size: int = 4096,
-            force: bool = False, link: str = "auto", progress: Progress | None = None,
-            allow_pickle: bool = False, overlay: bool = False, table: str | os.PathLike | None = None,
-            self_check: bool = True) -> ConvertResult:
+def convert(source: str, out_dir: str | os.PathLike, options: ConvertOptions | None = None, *, force: bool = False,
+            progress: Progress | None = None, table: str | os.PathLike | None = None, **kwargs: Any) -> ConvertResult:
     """Convert SOURCE into OUT_DIR; OUT_DIR appears only when everything has been written.
 
-    allow_pickle: read PyTorch *.bin/*.pt weights (with weights_only=True) when there are no safetensors.
-    overlay=True writes only the table, config, tokenizer, manifest and shim (see `_write_overlay`).
+    options: a ConvertOptions (precompile/options.py), or its fields as keywords (`chunk_size=64`,
+    `allow_pickle=True`, `overlay=True`, ...), which replace those of a given `options`.
+    force: replace an existing OUT_DIR, only once the new one is complete.
     table: an already computed table file (an overlay's, for `materialize`) copied instead of computed.
-    self_check: before OUT_DIR appears, compare layer 0 with transformers' own model (precompile.selfcheck).
     """
+    opts = ConvertOptions.build(options, **kwargs)
     progress = progress or Progress(quiet=True)
-    if chunk_size < 1:
-        raise UserError(f"--chunk-size must be at least 1, got {chunk_size}")
-    if link not in LINK_MODES:
-        raise UserError(f"--link {link} is not one of {', '.join(LINK_MODES)}")
     t0 = time.monotonic()
-    dev = pick_device(device)
+    dev = pick_device(opts.device)
     out_dir = out_dir_target(out_dir)
     local = Path(source).expanduser()
     if local.is_dir():  # before anything is read or created: OUT_DIR must not be or hold the source
@@ -446,10 +268,7 @@ def convert(source: str, out_dir: str | os.PathLike, *, revision: str | None = N
     check_out_dir(out_dir, force)
     with out_dir_lock(out_dir, progress.log), \
             scratch_dir(out_dir.parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}-source") as scratch:
-        return _convert(source, out_dir, scratch, revision=revision, profile=profile, dev=dev, dtype=dtype,
-                        compute_dtype=compute_dtype, chunk_size=chunk_size, force=force, link=link,
-                        progress=progress, allow_pickle=allow_pickle, overlay=overlay, table=table, t0=t0,
-                        self_check=self_check)
+        return _convert(source, out_dir, scratch, opts, dev, force=force, progress=progress, table=table, t0=t0)
 
 
 def _check_apart(source_root: Path, out_dir: Path) -> None:
@@ -468,48 +287,59 @@ def _needed_bytes(plan: ConversionPlan, link: str) -> int:
     return plan.out_bytes - shared + carried + (1 << 20)  # + index, config, manifest, shim
 
 
-def _convert(source: str, out_dir: Path, scratch: Path, *, revision, profile, dev, dtype, compute_dtype,
-             chunk_size, force, link, progress, allow_pickle, overlay, table, t0, self_check) -> ConvertResult:
-    plan = plan_conversion(source, revision=revision, profile=profile, dtype=dtype, compute_dtype=compute_dtype,
-                           allow_pickle=allow_pickle, scratch=scratch, overlay=overlay)
+def _convert(source: str, out_dir: Path, scratch: Path, opts: ConvertOptions, dev: torch.device, *, force: bool,
+             progress: Progress, table: str | os.PathLike | None, t0: float) -> ConvertResult:
+    plan = plan_conversion(source, scratch=scratch, **opts.compared())
     _check_apart(plan.source.root, out_dir)
-    check_free_space(check_out_dir(out_dir, force), _needed_bytes(plan, link), f"the planned output of {out_dir}")
+    check_free_space(check_out_dir(out_dir, force), _needed_bytes(plan, opts.link),
+                     f"the planned output of {out_dir}")
     progress.log(describe_plan(plan, dev))
-    options = {"dtype": str(plan.model_dtype).removeprefix("torch."), "compute_dtype": compute_dtype}
-    if plan.checkpoint.source_files != plan.checkpoint.files:
-        options["pickle"] = "loaded with torch.load(weights_only=True)"
     result = ConvertResult(out_dir, plan, 0.0)
-    if overlay:
-        return _write_overlay(plan, out_dir, options, force, result, t0,
-                              lambda tmp: _write_table_file(plan, tmp, dev, chunk_size, progress, table), progress,
-                              self_check)
     with atomic_dir(out_dir, force, progress.log) as tmp:
-        # Shards are copied and hashed in the background while the table is computed, on CUDA and on the
-        # CPU alike: the copies mostly wait on the page cache and the disk, so beside the matmuls they cost
-        # far less than after them (benchmarks/bench_convert.py: 17.5 s against 22.5 s on 2 cores).
-        cancel = threading.Event()
-        with ThreadPoolExecutor(1, thread_name_prefix="precompile-shards") as pool:
-            shards = pool.submit(_write_shards, plan, tmp, link, progress, cancel)
-            try:
-                table_hash = _write_table_file(plan, tmp, dev, chunk_size, progress, table)
-            except BaseException:
-                cancel.set()
-                raise
-            result.methods, src_hashes, out_hashes = shards.result()
-        progress.log(describe_shards(plan, result.methods))
-        out_hashes[TABLE_FILE] = table_hash
-        index_map = {plan.layout.tensor_name: TABLE_FILE, plan.layout.guard: TABLE_FILE}
-        total = plan.table_file_bytes
-        for s in plan.shards:
-            if s.out_file is not None:
-                index_map.update({t.name: s.out_file for t in s.keep})
-                total += s.out_bytes
-        write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total},
-                                      "weight_map": dict(sorted(index_map.items()))})
-        _finish(plan, tmp, options, result, progress, self_check, out_hashes, src_hashes)
+        if plan.kind == "overlay":  # the table alone: the manifest pins the base it loads over (see _finish)
+            out_hashes = {TABLE_FILE: _write_table_file(plan, tmp, dev, opts.chunk_size, progress, table)}
+            src_hashes = None
+        else:
+            result.methods, src_hashes, out_hashes = _write_weights(plan, tmp, dev, opts, progress, table)
+        _finish(plan, tmp, recorded_options(plan, opts), result, progress, opts.self_check, out_hashes, src_hashes)
     result.seconds = time.monotonic() - t0
-    progress.log(f"wrote {out_dir} ({plan.out_bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s")
+    if plan.kind == "overlay":
+        progress.log(f"wrote overlay {out_dir} ({plan.table_bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s; "
+                     f"it loads over {plan.source.id or plan.source.path}")
+    else:
+        progress.log(f"wrote {out_dir} ({plan.out_bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s")
     return result
+
+
+def _write_weights(plan: ConversionPlan, tmp: Path, dev: torch.device, opts: ConvertOptions, progress: Progress,
+                   table: str | os.PathLike | None) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """A full conversion's weight files and index in tmp: how each shared shard was placed, and the sha256 of
+    the source files read and of the files written.
+
+    Shards are copied and hashed in the background while the table is computed, on CUDA and on the CPU
+    alike: the copies mostly wait on the page cache and the disk, so beside the matmuls they cost far less
+    than after them (benchmarks/bench_convert.py).
+    """
+    cancel = threading.Event()
+    with ThreadPoolExecutor(1, thread_name_prefix="precompile-shards") as pool:
+        shards = pool.submit(_write_shards, plan, tmp, opts.link, progress, cancel)
+        try:
+            table_hash = _write_table_file(plan, tmp, dev, opts.chunk_size, progress, table)
+        except BaseException:
+            cancel.set()
+            raise
+        methods, src_hashes, out_hashes = shards.result()
+    progress.log(describe_shards(plan, methods))
+    out_hashes[TABLE_FILE] = table_hash
+    index_map = {plan.layout.tensor_name: TABLE_FILE, plan.layout.guard: TABLE_FILE}
+    total = plan.table_file_bytes
+    for s in plan.shards:
+        if s.out_file is not None:
+            index_map.update({t.name: s.out_file for t in s.keep})
+            total += s.out_bytes
+    write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total},
+                                  "weight_map": dict(sorted(index_map.items()))})
+    return methods, src_hashes, out_hashes
 
 
 def _write_table_file(plan: ConversionPlan, tmp: Path, dev: torch.device, chunk_size: int, progress: Progress,
@@ -550,22 +380,6 @@ def _given_table(path: Path, entries: list[tuple[str, str, tuple[int, ...], int]
                 yield table[start:start + chunk_size]
 
     return rows()
-
-
-def _write_overlay(plan: ConversionPlan, out_dir: Path, options: dict, force: bool, result: ConvertResult,
-                   t0: float, write_table_file, progress: Progress, self_check: bool) -> ConvertResult:
-    """OUT_DIR for an overlay: table, config, tokenizer, shim and a manifest that pins the base.
-
-    The manifest records sha256 of every source file read (so a changed base is refused), plus each
-    file's size, and for local sources its mtime, so that loading can check the base without reading it.
-    """
-    with atomic_dir(out_dir, force, progress.log) as tmp:
-        write_table_file(tmp)
-        _finish(plan, tmp, options, result, progress, self_check)
-    result.seconds = time.monotonic() - t0
-    progress.log(f"wrote overlay {out_dir} ({plan.table_bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s; "
-                 f"it loads over {plan.source.id or plan.source.path}")
-    return result
 
 
 def _self_check(plan: ConversionPlan, tmp: Path, progress: Progress) -> SelfCheckResult:
@@ -616,26 +430,3 @@ def _base_stats(plan: ConversionPlan) -> dict:
             sizes[n] = st.st_size
             mtimes[n] = st.st_mtime_ns
     return {"sizes": sizes, **({"mtimes": mtimes} if plan.source.id is None else {})}
-
-
-def describe_plan(plan: ConversionPlan, device: torch.device | None = None) -> str:
-    """A few lines that tell the user what the conversion does before it starts."""
-    s, lay = plan.spec, plan.layout
-    src = plan.source.id + (f"@{plan.source.revision[:12]}" if plan.source.revision else "") if plan.source.id \
-        else plan.source.path
-    cols = ", ".join(f"{c.name}[{c.start}:{c.stop}]" for c in lay.columns)
-    n_elim = sum(plan.checkpoint.info(n).numel for n in lay.eliminated)
-    lines = [
-        f"source: {src}",
-        f"profile: {plan.profile.name} ({s.block} block, {s.attention_kind}: {s.num_heads} heads, "
-        f"{s.num_kv_heads} kv heads, head_dim {s.head_dim}, hidden {s.hidden_size}, vocab {s.vocab_size})",
-        f"table: [{lay.vocab_size}, {lay.width}] {str(plan.model_dtype).removeprefix('torch.')} "
-        f"({plan.table_bytes / 2**20:.1f} MiB): {cols}",
-        f"kind: {plan.kind}" + (" (table only; loads over the source, which is not copied)"
-                                if plan.kind == "overlay" else ""),
-        f"eliminated: {len(lay.eliminated)} tensors, {n_elim:,} weights"
-        + (" (embedding kept for the tied LM head)" if lay.keep_embedding else ""),
-    ]
-    if device is not None:
-        lines.append(f"compute: {str(plan.compute_dtype).removeprefix('torch.')} on {device}")
-    return "\n".join(lines)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .convert import ConvertResult, convert, plan_conversion
+from .convert import ConvertResult, convert
 from .errors import UserError
 from .layout import TABLE_FILE
 from .loader import MANIFEST, overlay_base, read_manifest
+from .options import ConvertOptions
+from .planning import plan_conversion
 from .profiles import load_profile, recorded_profile
 from .progress import Progress
 from .source import file_sha256
@@ -37,15 +39,13 @@ def materialize(overlay_dir: str | os.PathLike, full_dir: str | os.PathLike, *, 
     root = overlay_base(overlay_dir, base, full=True, manifest=manifest)
     src = manifest["source"]
     hub = base is None and src.get("id")
-    opts = manifest["options"]
     # the profile the overlay was made with (recorded in its manifest) needs no --profile
     prof = load_profile(profile) if profile is not None else recorded_profile(manifest, str(overlay_dir / MANIFEST))
-    kw = dict(revision=src["revision"] if hub else None, profile=prof, dtype=opts["dtype"],
-              compute_dtype=opts["compute_dtype"])
+    opts = ConvertOptions.from_record(manifest["options"], revision=src["revision"] if hub else None, profile=prof,
+                                      device="cpu", link=link, self_check=self_check)
     source = src["id"] if hub else str(root)
-    plan = plan_conversion(source, **kw)
+    plan = plan_conversion(source, **opts.compared())
     if plan.profile.name != manifest["profile"]["name"]:
         raise UserError(f"the base reads as profile {plan.profile.name}, but the overlay was made with "
                         f"{manifest['profile']['name']}; pass --profile with the overlay's profile")
-    return convert(source, full_dir, device="cpu", force=force, link=link, progress=progress, table=table,
-                   self_check=self_check, **kw)
+    return convert(source, full_dir, opts, force=force, progress=progress, table=table)

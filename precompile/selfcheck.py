@@ -47,7 +47,7 @@ from .source import fetch_files, weight_map
 from .tensors import INDEX_NAME, Checkpoint, mapped
 
 if TYPE_CHECKING:
-    from .convert import ConversionPlan
+    from .planning import ConversionPlan
 
 RESIDUAL, ATTENTION, OUTPUT = "residual input", "attention output", "layer output"
 FACTOR = 2.0  # the converted model's distance to the reference against the original's (see the module doc)

@@ -240,7 +240,7 @@ def test_same_input_and_options_give_identical_bytes(checkpoint, tmp_path):
 
 def _table_rows_within_bound(out: Path) -> RowStats:
     """Every row of OUT_DIR's table against float64, within rowcheck's derived rounding bound."""
-    from precompile.convert import plan_conversion
+    from precompile.planning import plan_conversion
 
     manifest = json.loads((out / "precompile.json").read_text())
     plan = plan_conversion(manifest["source"]["path"], dtype=manifest["options"]["dtype"])

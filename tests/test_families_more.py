@@ -23,7 +23,7 @@ from test_families_parallel import _batch, _generate, _logits, bf16_baseline
 from transformers import AutoModelForCausalLM
 
 import precompile
-from precompile.convert import plan_conversion
+from precompile.planning import plan_conversion
 from precompile.rowcheck import check_rows
 
 FAMILIES = list(tiny.MORE_FAMILIES)

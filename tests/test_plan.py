@@ -21,8 +21,8 @@ from safetensors import safe_open
 import tiny
 from conftest import run_cli, tree_snapshot
 from precompile import UserError, convert
+from precompile.accounting import parse_batch_sizes, plan_model
 from precompile.cli import main
-from precompile.plan import parse_batch_sizes, plan_model
 
 # Published config.json values and parameter counts of real models (copied from shared/reference).
 REF = json.loads((Path(__file__).parent / "data" / "model_configs.json").read_text())
@@ -343,7 +343,7 @@ def test_shipped_profiles_name_native_transformers_classes():
 def test_planning_a_shipped_family_does_not_import_transformers(tmp_path):
     """Start-up cost: `convert --dry-run` of a Mistral checkpoint never imports transformers (1.4 s on 2 cores)."""
     src = tiny.save_checkpoint(tiny.build_model("mistral"), tmp_path / "src")
-    code = ("import sys; from precompile.convert import plan_conversion; "
+    code = ("import sys; from precompile.planning import plan_conversion; "
             f"plan_conversion({str(src)!r}); print('transformers' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        cwd=Path(__file__).parent.parent)

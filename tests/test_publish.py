@@ -23,10 +23,10 @@ import tiny
 from conftest import ROOT, run_cli, tree_snapshot
 
 import precompile
+from precompile.accounting import to_markdown
 from precompile.card import CARD_FILE, SelfCheckSummary, read_source_card, render_card, update_card
 from precompile.cli import main as cli_main
 from precompile.errors import UserError
-from precompile.plan import to_markdown
 from precompile.push import PushPlan, push
 from precompile.verify import check_outputs
 

@@ -1,4 +1,4 @@
-"""`plan`: what precomputing layer 0 buys a model, in the paper's terms, before converting it.
+"""Accounting for `precompile plan`: what precomputing layer 0 buys a model, in the paper's terms, before converting.
 
 The paper's accounting (arXiv 2402.13388, section 2) needs only config.json: the sizes
 of layer 0 and the whole model. When the weights are local a second, exact column comes
@@ -20,7 +20,7 @@ from .layout import projection_width
 from .profiles import ModelSpec, Projection, conversion_profile, resolve, select_profile
 
 if TYPE_CHECKING:  # convert imports torch and transformers: plans from a config need neither
-    from .convert import ConversionPlan
+    from .planning import ConversionPlan
 
 DEFAULT_BATCH_SIZES = (1, 16, 256, 1024)
 MANIFEST = "precompile.json"  # the converted OUT_DIR's manifest (loader.MANIFEST)
@@ -325,7 +325,7 @@ def plan_model(source: str, *, profile: str | None = None, assume_parallel: bool
     spec = resolve(prof, config, assume_parallel=assume_parallel)
     out = model_figures(source, kind, prof.name, config, spec, batch_sizes, assume_parallel)
     if weights is not None and not assume_parallel:
-        from .convert import plan_conversion
+        from .planning import plan_conversion
 
         try:
             out["exact"] = exact_figures(plan_conversion(str(weights), profile=profile), batch_sizes)
