@@ -65,7 +65,8 @@ def main() -> None:
         print(f"  {name:28s} {m['wall']:6.2f}s wall  {m['inproc']:6.2f}s after start-up  "
               f"peak RssAnon {m['rss_anon'] / 2**20:.0f} MiB")
     base, prog = med[list(ENTRIES)[0]], med[list(ENTRIES)[1]]
-    print(f"  run / main: wall {prog['wall'] / base['wall']:.3f}x, after start-up {prog['inproc'] / base['inproc']:.3f}x, "
+    print(f"  run / main: wall {prog['wall'] / base['wall']:.3f}x, "
+          f"after start-up {prog['inproc'] / base['inproc']:.3f}x, "
           f"peak RssAnon {prog['rss_anon'] / base['rss_anon']:.3f}x")
 
 

@@ -20,7 +20,8 @@ __all__ = ["convert", "plan_conversion", "load", "verify", "materialize", "Conve
 # Where each public name lives. They are imported on first use (PEP 562), so that `import precompile.cli`
 # (every command's start) costs no torch import before the CLI has installed its signal handling.
 _HOME = {"convert": "convert", "plan_conversion": "planning", "ConversionPlan": "planning",
-         "ConvertResult": "convert", "ConvertOptions": "options", "UserError": "errors", "VerificationError": "errors", "load": "loader", "PrecompileLoadError": "loader",
+         "ConvertResult": "convert", "ConvertOptions": "options", "UserError": "errors", "VerificationError": "errors",
+         "load": "loader", "PrecompileLoadError": "loader",
          "materialize": "materialize", "verify": "verify"}
 
 

@@ -252,18 +252,13 @@ def _hub_config(repo_id: str, revision: str | None) -> Path:
         return Path(hf_hub_download(repo_id, "config.json", revision=revision))
 
 
-def _has_weights(root: Path) -> bool:
-    from .tensors import INDEX_NAME, SINGLE_NAME
-
-    return (root / SINGLE_NAME).exists() or (root / INDEX_NAME).exists()
-
-
 def load_config(source: str, revision: str | None = None) -> tuple[dict, str, Path | None]:
     """(config, kind, weights directory or None) for a hub id, model dir, converted OUT_DIR or config file.
 
     kind is one of "hub", "local", "config", "converted".
     """
     from .source import is_hub_id, read_config
+    from .weight_files import has_safetensors
 
     p = Path(source).expanduser()
     if p.exists() and revision is not None:
@@ -278,7 +273,7 @@ def load_config(source: str, revision: str | None = None) -> tuple[dict, str, Pa
                 raise UserError(f"{manifest} has no source.config; the conversion is damaged, convert it again")
             return cfg, "converted", None
         config = read_config(p.resolve())
-        return config, "local", (p.resolve() if _has_weights(p) else None)
+        return config, "local", (p.resolve() if has_safetensors(p) else None)
     if not is_hub_id(source):
         raise UserError(f"SOURCE {source} not found: no such file or directory, and it is not a hub repo id "
                         f"(org/name)")

@@ -23,6 +23,7 @@ from .errors import UserError, VerificationError
 from .loader import MANIFEST, PrecompileLoadError, read_manifest
 from .options import ConvertOptions, accepts, describe, meta, option_fields
 from .planning import planned, recorded_options
+from .procfs import proc_bytes
 from .profiles import read_yaml
 from .progress import Progress
 from .source import file_sha256
@@ -221,13 +222,8 @@ def stale_reason(entry: Entry, out_dir: Path) -> str | None:
 
 def available_memory() -> int:
     """MemAvailable from /proc/meminfo (bytes); 8 GiB where it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
+    return 8 << 30 if available is None else available
 
 
 def estimate_memory(entry: Entry) -> int:

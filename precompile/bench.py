@@ -4,7 +4,8 @@ One model in one process: the original is loaded from the source checkpoint, the
 OUT_DIR, and layer 0's modules are toggled between the original ones and the lookups
 (`loader.apply_layout`), so both variants share every other weight, the same memory and the
 same threads. The variants alternate call by call (each prefill and decode step runs once per
-variant back to back, which goes first alternating between repetitions) and figures are medians, so drift in a shared machine's speed hits both alike.
+variant back to back, which goes first alternating between repetitions) and figures are medians,
+so drift in a shared machine's speed hits both alike.
 
 The theoretical saving is the share of per-token weight reads that precompute removes at
 batch 1 (the paper's accounting over the whole model): eliminated weights read per token /
@@ -26,6 +27,7 @@ from torch import nn
 
 from .errors import UserError
 from .loader import _DTYPES, _set_module, apply_layout, read_manifest
+from .procfs import proc_bytes
 from .progress import Progress
 
 
@@ -248,9 +250,9 @@ def bench(out_dir: str | os.PathLike, source: str | None = None, *, device: str 
     timer = _Layer0Timer(toggle, manifest, sync)
     vocab = manifest["table"]["shape"][0]
     samples: dict[bool, list[dict[str, float]]] = {False: [], True: []}
-    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
     memory: dict[bool, float] = {}
-    with torch.inference_mode():
+    with warnings.catch_warnings(), torch.inference_mode():  # the filter ends with the measurements
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
         # warm-up with every shape the repetitions use (first calls build kernels and fault pages in)
         _measure(toggle, vocab, tuple(batches), prompt_len, 2, dev, timer, sync, 0, (False, True), {})
         for rep in range(reps):
@@ -276,7 +278,7 @@ def bench(out_dir: str | os.PathLike, source: str | None = None, *, device: str 
     result.rows.append(("weights in memory", "bytes", held[False], held[True]))
     if memory:
         result.rows.append(("peak CUDA memory", "bytes", memory[False], memory[True]))
-    hwm = _vm_hwm()
+    hwm = proc_bytes("/proc/self/status", "VmHWM")
     if hwm:
         result.notes.append(f"process peak RSS (both variants resident at once): {hwm / 2**30:.2f} GiB")
     result.notes.append(f"weights read per token at batch 1: {reads[0]:,} original, {reads[1]:,} precompiled "
@@ -285,13 +287,3 @@ def bench(out_dir: str | os.PathLike, source: str | None = None, *, device: str 
     result.notes.append(f"{torch.get_num_threads()} threads, {reps} repetitions, variants alternating call by call, "
                         f"medians; decode: {decode_tokens} steps after an 8-token prompt")
     return result
-
-
-def _vm_hwm() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

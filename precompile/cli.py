@@ -147,10 +147,10 @@ def materialize(overlay_dir, full_dir, base, profile, link, self_check, force, q
 
 @main.command()
 @click.argument("out_dir")
-@click.option("--prompts", "prompts_file", metavar="FILE", help="Prompts: a UTF-8 text file (one per line) or JSONL with a "
-              "\"prompt\" field (default: a small built-in set).")
-@click.option("--reference", metavar="SOURCE", help="The original checkpoint (directory or hub id; default: the source recorded in "
-              "precompile.json).")
+@click.option("--prompts", "prompts_file", metavar="FILE", help="Prompts: a UTF-8 text file (one per line) or JSONL "
+              "with a \"prompt\" field (default: a small built-in set).")
+@click.option("--reference", metavar="SOURCE", help="The original checkpoint (directory or hub id; default: the source "
+              "recorded in precompile.json).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True,
               help="Greedy tokens generated per prompt.")
 @click.option("--rows", default=str(1024), show_default=True, metavar="N|all",
@@ -319,8 +319,8 @@ def _dry_run_files(plan) -> str:
     for s in plan.shards:
         if s.out_file is None:
             lines.append(f"  (drops {s.source_file}: every tensor in it is eliminated)")
-    lines.append(f"  + index, config.json, precompile.json, precompile_loader.py, README.md, {len(plan.carried)} tokenizer/"
-                 f"generation files" + ("" if GENERATION_CONFIG in plan.carried else
+    lines.append(f"  + index, config.json, precompile.json, precompile_loader.py, README.md, "
+                 f"{len(plan.carried)} tokenizer/generation files" + ("" if GENERATION_CONFIG in plan.carried else
                                         f", {GENERATION_CONFIG} (derived from config.json, as transformers does)"))
     lines.append(f"total: {sum(files.values()):,} bytes in weight files; tensor data {plan.out_bytes:,} bytes")
     lines.append("nothing written (--dry-run)")
@@ -367,11 +367,11 @@ def plan(source, batch_sizes, assume_parallel, profile_path, revision, json_path
 
 @main.command()
 def profiles():
-    """How each causal LM of the installed transformers stands: supported (profile, block), refused or not yet
-    (the reason); the same classification as docs/support.md."""
-    from .support import support_matrix, to_text
+    """How each causal LM of transformers stands: supported (profile, block), refused or not yet (the reason);
+    the classification of docs/support.md, shipped with the package."""
+    from .shipped import profiles_text
 
-    click.echo(to_text(support_matrix()))
+    click.echo(profiles_text())
 
 
 def run() -> None:

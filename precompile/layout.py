@@ -48,10 +48,6 @@ class TableLayout:
     def width(self) -> int:
         return self.columns[-1].stop
 
-    @property
-    def projection_columns(self) -> tuple[Column, ...]:
-        return tuple(c for c in self.columns if c.module)
-
 
 def projection_width(spec: ModelSpec, role: str | Projection) -> int:
     """Output width of a projection: its own `width` (a Projection given), or by role from the real head sizes."""

@@ -141,7 +141,8 @@ def check_value(name: str, value: Any) -> None:
 
 def zoo_table() -> str:
     """The Markdown table of the options a zoo entry may set (docs/batch.md holds it; a test keeps it current)."""
-    rows = ["| field | value | default | skip rule compares | `convert` flag: help |", "| --- | --- | --- | --- | --- |"]
+    rows = ["| field | value | default | skip rule compares | `convert` flag: help |",
+            "| --- | --- | --- | --- | --- |"]
     for f in option_fields():
         m = meta(f)
         default = "none" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else f.default

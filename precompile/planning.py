@@ -22,10 +22,10 @@ from .options import ConvertOptions, check_value, meta
 from .precompute import layer0_tensor_names
 from .profile_check import check_tensors
 from .profiles import ModelSpec, Profile, Projection, builtin_profiles, resolve, select_profile
-from .source import (ALLOW_PATTERNS, PartialCheckpoint, Source, carried_files, check_native, check_tokenizer,
-                     fetch_files, read_config, resolve_source, weight_map)
-from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, SINGLE_NAME, Checkpoint, TensorInfo, has_safetensors,
-                      open_checkpoint)
+from .source import (ALLOW_PATTERNS, Source, carried_files, check_native, check_tokenizer, fetch_files, read_config,
+                     resolve_source, weight_map)
+from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, SINGLE_NAME, Checkpoint, PartialCheckpoint, TensorInfo,
+                      has_safetensors, open_checkpoint)
 from .writer import TMP_PREFIX, scratch_dir
 
 DTYPE_CHOICES = {n: getattr(torch, n) for n in meta("dtype").choices if n != "auto"}

@@ -48,10 +48,10 @@ def activation(name: str, x: torch.Tensor, inplace: bool = False) -> torch.Tenso
 class Scratch:
     """Buffers that a blocked FFN reuses from block to block.
 
-    A new tensor of tens of MiB costs a page fault for every page it touches first: casting a
-    64 MiB block of weights takes 24 ms into a new tensor (9 ms with huge pages) and 5 ms into a
-    used one. Each role keeps one buffer, grown when a larger shape asks for it; a tensor handed
-    out is valid until the next `take` of the same role.
+    A new tensor of tens of MiB costs a page fault for every page it touches first, so casting a
+    block of weights into a new tensor takes several times as long as into a used one. Each role
+    keeps one buffer, grown when a larger shape asks for it; a tensor handed out is valid until the
+    next `take` of the same role.
     """
 
     def __init__(self) -> None:
@@ -199,8 +199,8 @@ def folded_ffn(spec: ModelSpec, x: torch.Tensor, h: torch.Tensor, w: dict[str, t
     The FFN weights may be stored in another dtype (e.g. bfloat16 views of a memory-mapped file):
     they are cast `block` hidden units at a time, so the compute-dtype copy of a large FFN never
     exists whole. One block (the default) is exactly the unblocked computation. The blocks share
-    their casts' and intermediates' buffers and the activation runs in place: a 4096-row Pythia
-    chunk makes 4 new 64 MiB tensors here, where a tensor per cast and result made 17.
+    their casts' and intermediates' buffers and the activation runs in place, so a chunk allocates a
+    few tensors here, not one per cast and result.
     """
     ffn = spec.ffn
     h2 = h if ffn.norm is None else apply_norm(ffn.norm, x, w)
@@ -258,7 +258,7 @@ def compute_rows(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: di
     if layout.x_in_table:
         c = next(col)
         # a serial block's x is x_model exactly (the compute dtype holds every model-dtype value); copied
-        # from the narrower dtype it reads half the bytes (16 ms less per 4096-row Mistral chunk)
+        # from the narrower dtype it reads half the bytes
         out[..., c.start:c.stop] = folded_ffn(spec, x, h, w, ffn_block) if spec.folds_ffn else x_model
     for p, c in zip(spec.projections, col):
         out[..., c.start:c.stop] = projection_output(spec, p, h, w)

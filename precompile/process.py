@@ -16,10 +16,9 @@ def use_huge_pages() -> None:
     """Have torch back its large CPU tensors with transparent huge pages (its THP_MEM_ALLOC_ENABLE).
 
     Each table chunk allocates a few fresh tensors of tens of MiB, and each allocation is mapped
-    afresh: with 4 KiB pages that is 16384 page faults per 64 MiB (0.23 ms per MiB here), with
-    2 MiB pages 32. A Mistral-shaped conversion on 2 cores takes 9.75 s after start-up instead of
-    10.40 s (benchmarks/bench_process.py, medians of 10 interleaved runs). Memory is unchanged:
-    tensors are still handed back when freed.
+    afresh: with 4 KiB pages that is 16384 page faults per 64 MiB, with 2 MiB pages 32
+    (benchmarks/bench_process.py measures what that saves). Memory is unchanged: tensors are still
+    handed back when freed.
     torch reads the variable once, at its first CPU allocation, which importing precompile does not
     make (tests/test_process.py checks it); a value the user set is kept. No effect where the
     kernel's THP mode is `never`.
@@ -28,7 +27,7 @@ def use_huge_pages() -> None:
 
 
 def skip_exit_collection() -> None:
-    """Spare the interpreter's final garbage collection of every object torch created (0.4 s per
-    command on 2 cores). Objects are still released, atexit handlers run and files are flushed;
+    """Spare the interpreter's final garbage collection of every object torch created (a noticeable
+    part of a short command). Objects are still released, atexit handlers run and files are flushed;
     only the cycle search over objects that live to the end of the process is skipped."""
     gc.freeze()

@@ -19,7 +19,6 @@ import math
 import sys
 from dataclasses import dataclass, field, fields
 from functools import cached_property
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from .profile_schema import (
     config_get,
 )
 from .schema import is_number, key_table, parse
+from .shipped import configs_dir as _configs_dir
 
 @dataclass(frozen=True)
 class Norm:
@@ -237,14 +237,6 @@ class Profile:
         return self.definition.block
 
 
-def _configs_dir() -> Path:
-    """configs/ ships inside the wheel as package data; in a checkout it sits beside the package."""
-    packaged = resources.files("precompile") / "configs"
-    if packaged.is_dir():
-        return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "configs"
-
-
 def _fail(path: str, key: str, problem: str) -> UserError:
     return UserError(f"profile {path}: key '{key}' {problem}; fix the YAML (see configs/README.md)")
 
@@ -322,7 +314,8 @@ def recorded_profile(manifest: dict, where: str) -> Profile | None:
     try:
         data = yaml.load(text, Loader=YAML_LOADER)
     except yaml.YAMLError:
-        raise UserError(f"{label} is not valid YAML; the manifest is damaged, pass --profile or convert again") from None
+        raise UserError(f"{label} is not valid YAML; the manifest is damaged, pass --profile or convert again") \
+            from None
     validate_profile(data, label)
     return Profile(name=data["name"], path=str(rec.get("path") or where), data=data, text=text)
 

@@ -29,7 +29,6 @@ bfloat16, whose own rounding is 2^-9 of a value (tests/test_selfcheck.py; README
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,7 +43,7 @@ from .errors import UserError, VerificationError
 from .layout import TABLE_FILE
 from .loader import config_from_dict, original_config, precompiled_class, read_manifest
 from .source import fetch_files, weight_map
-from .tensors import INDEX_NAME, Checkpoint, mapped
+from .tensors import INDEX_NAME, Checkpoint, PartialCheckpoint, mapped
 
 if TYPE_CHECKING:
     from .planning import ConversionPlan
@@ -55,9 +54,6 @@ FLOOR_EPS = 2.0  # epsilons of the model dtype at the tensor's largest magnitude
 RANDOM_IDS = 256
 SEQUENCES = 4
 SEED = 0
-# Building on the meta device patches nn.Module globally and transformers' logging is global: one self-check at a
-# time per process (`batch --jobs N` converts in threads).
-_ONE_AT_A_TIME = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -261,8 +257,6 @@ def _source_checkpoint(plan: ConversionPlan, names: list[str]) -> Checkpoint:
     """The source's tensors layer 0 reads: the plan's checkpoint, or for an overlay the files holding them."""
     if plan.kind != "overlay":
         return plan.checkpoint
-    from .source import PartialCheckpoint
-
     wmap = weight_map(plan.source)
     names = [n for n in names if n in wmap]
     fetch_files(plan.source, sorted({wmap[n] for n in names}))
@@ -271,8 +265,6 @@ def _source_checkpoint(plan: ConversionPlan, names: list[str]) -> Checkpoint:
 
 def _converted_checkpoints(tmp: Path, table: str, source: Checkpoint) -> list[Checkpoint]:
     """Where the converted model's tensors come from: OUT_DIR's files, then (an overlay) its base."""
-    from .source import PartialCheckpoint
-
     if (tmp / INDEX_NAME).exists():
         return [Checkpoint(tmp)]
     return [PartialCheckpoint(tmp, {table: TABLE_FILE}, [table]), source]
@@ -285,8 +277,7 @@ def self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     saying why the two could not be run (a conversion that cannot be checked is not published).
     """
     try:
-        with _ONE_AT_A_TIME:
-            return _self_check(plan, tmp)
+        return _self_check(plan, tmp)
     except (VerificationError, UserError):
         raise
     except Exception as e:  # noqa: BLE001 - whatever transformers raises, one line and the way out
@@ -297,10 +288,8 @@ def self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
 
 
 def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
-    from transformers import AutoModelForCausalLM
-
     from .profiles import effective_definition
-    from .verify import quiet_transformers
+    from .verify import BUILD_LOCK, quiet_transformers
 
     t0 = time.monotonic()
     spec, dtype = plan.spec, plan.model_dtype
@@ -312,7 +301,9 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     layer_keys = effective_definition(plan.profile, plan.config).sizes.n_layers.keys  # () for a literal count
     tokens = check_tokens(plan.config, plan.source.root, spec.vocab_size)
     used, ids = torch.unique(tokens, return_inverse=True)
-    with quiet_transformers():
+    with BUILD_LOCK, quiet_transformers():  # imports and builds take turns across threads; the runs below do not
+        from transformers import AutoModelForCausalLM
+
         config = config_from_dict(plan.config)
         _truncate(config, layer_keys)
         base = AutoModelForCausalLM._model_mapping[type(config)]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .files import check_inside, check_regular, read_json
-from .tensors import INDEX_NAME, SINGLE_NAME, Checkpoint, read_header, read_index
+from .weight_files import INDEX_NAME, SINGLE_NAME
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt",
                   "spiece.model", "*.jinja", "README.md"]  # README.md: the source card's license/language
@@ -84,6 +84,8 @@ def _fetch_weights(src: Source) -> None:
     """The safetensors files the index names (or model.safetensors without one), at the revision already
     resolved: never every `*.safetensors` of the repo (Mistral's repos also ship a consolidated.safetensors
     of the whole model). A file the repo lacks is left for `checkpoint_files` to name."""
+    from .tensors import read_index  # torch: only once weights are fetched, so `plan` on a config stays light
+
     if (src.root / INDEX_NAME).exists():
         names = sorted(set(read_index(src.root / INDEX_NAME).values()))
     else:
@@ -152,32 +154,13 @@ def fetch_files(src: Source, names: list[str]) -> None:
 
 def weight_map(src: Source) -> dict[str, str]:
     """Tensor name -> file, from the index (or the header of a single model.safetensors), reading no tensor."""
+    from .tensors import read_header, read_index
+
     if (src.root / INDEX_NAME).exists() and not (src.root / SINGLE_NAME).exists():
         return read_index(src.root / INDEX_NAME)
     fetch_files(src, [SINGLE_NAME])
     infos, _ = read_header(src.root / SINGLE_NAME)
     return {name: SINGLE_NAME for name in infos}
-
-
-class PartialCheckpoint(Checkpoint):
-    """Only the files of a checkpoint that hold the given tensors (what an overlay reads)."""
-
-    def __init__(self, root: Path, wmap: dict[str, str], names: list[str]):
-        self.root = self.source_root = Path(root)
-        self.files = sorted({wmap[n] for n in names if n in wmap})
-        self.source_files = list(self.files)
-        self.tensors = {}
-        self.metadata = {}
-        for fname in self.files:
-            infos, meta = read_header(self.root / fname, fname)
-            self.metadata[fname] = meta
-            for name, info in infos.items():
-                if wmap.get(name) == fname:
-                    self.tensors[name] = info
-        for name in names:
-            if wmap.get(name) in self.files and name not in self.tensors:
-                raise UserError(f"{self.root / INDEX_NAME} maps {name} to {wmap[name]}, which does not hold it; "
-                                f"the checkpoint is incomplete, re-download it")
 
 
 def read_config(root: Path) -> dict:
@@ -240,7 +223,7 @@ def check_native(config: dict, root: Path, native_types: Collection[str] = ()) -
     architectures all have native classes is ignored (older repos kept one after upstreaming).
     A model type in `native_types` (the shipped profiles': native in every transformers release this
     package accepts, as tests/test_plan.py checks) without an auto_map needs no look into
-    transformers, whose import would cost 1.4 s of every conversion.
+    transformers, whose import would slow every conversion.
     """
     p = root / "config.json"
     model_type = config.get("model_type")

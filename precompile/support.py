@@ -11,8 +11,9 @@ the signals name *refused* types; everything else is *not yet*, with what the sc
 by validating a changed profile, so the matrix follows the schema as it grows). What the signals
 cannot decide is data in configs/_support.yaml, each entry with its reason.
 
-`python -m precompile.support --write docs/support.md` regenerates the matrix; `precompile
-profiles` prints the same classification.
+`python -m precompile.support --write docs/support.md` regenerates the matrix and, from the same rows,
+configs/_support_matrix.json, which `precompile profiles` prints without reading transformers at all
+(scanning its sources takes seconds; tests/test_support.py fails when either file is stale).
 """
 
 from __future__ import annotations
@@ -37,40 +38,18 @@ from .profiles import (
     select_profile,
     validate_profile,
 )
+from .shipped import MATRIX_FILE, NOT_YET, REFUSED, SUPPORTED, Layer0Shape, Support, counts, to_json, to_text
 
-SUPPORTED, REFUSED, NOT_YET = "supported", "refused", "not yet"
-STATUSES = (SUPPORTED, REFUSED, NOT_YET)
 ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention", "attention")
 OVERRIDES_FILE = "_support.yaml"
 
-_POSITION_ATTR = re.compile(r"^(wpe|embed_positions|positions_embed|position_embeddings?|positional_embeddings?|pos_emb\w*|"
-                            r"embed_pos\w*|pos_embed\w*)$")
+_POSITION_ATTR = re.compile(r"^(wpe|embed_positions|positions_embed|position_embeddings?|positional_embeddings?|"
+                            r"pos_emb\w*|embed_pos\w*|pos_embed\w*)$")
 _FUSED = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "W_pack", "in_proj", "qkv_linear")
 _SEPARATE = ("q_proj", "query", "q", "wq", "q_linear")
 _LATENT = ("q_a_proj", "kv_a_proj_with_mqa", "kv_a_proj")
 _QK_NORM = re.compile(r"self\.(q_norm|q_layernorm|query_layernorm|q_ln|query_norm)\s*=\s*([\w.]+)\((.*)")
 _OUTSIDE_SCALE = re.compile(r"inputs_embeds\s*\*(?!\*)|\*\s*inputs_embeds\b")
-
-
-@dataclass(frozen=True)
-class Layer0Shape:
-    """What layer 0 looks like before its sequence mixer; '?' where the source does not tell."""
-
-    mixer: str  # "attention", or the type transformers gives layer 0 (linear_attention, hybrid, ...)
-    block: str  # serial | parallel | ?
-    norm: str  # rms | layer | none | ?  (the norm in front of the mixer)
-    projections: str  # separate | fused | latent | ?
-    qk_norm: str  # - | per head | full width
-    embedding_scale: str  # - | module | outside the module
-
-
-@dataclass(frozen=True)
-class Support:
-    model_type: str
-    architecture: str
-    status: str  # supported | refused | not yet
-    detail: str  # supported: the profile's name; otherwise the reason
-    shape: Layer0Shape
 
 
 # ----------------------------------------------------------------------------------------- source facts
@@ -285,7 +264,8 @@ def _source_facts(arch: str, mixer: str) -> _Facts | None:
     assigns = _self_assigns(base)
     absolute = any(_POSITION_ATTR.match(a) and "rotary" not in (_called_class(v) or "").lower()
                    and "rope" not in (_called_class(v) or "").lower() for a, v in assigns.items())
-    emb_cls = next((_called_class(v) for v in assigns.values() if "embedding" in (_called_class(v) or "").lower()), None)
+    emb_cls = next((_called_class(v) for v in assigns.values() if "embedding" in (_called_class(v) or "").lower()),
+                   None)
     if emb_cls in mod:  # an embeddings module of its own (BERT-style): positions may live inside it
         absolute = absolute or any(_POSITION_ATTR.match(a) for a in _self_assigns(mod.get(emb_cls)))
     fwd = _method(base, "forward")
@@ -505,13 +485,6 @@ def support_matrix() -> list[Support]:
 # ---------------------------------------------------------------------------------------------- output
 
 
-def counts(rows: list[Support]) -> dict[str, int]:
-    out = {s: 0 for s in STATUSES}
-    for r in rows:
-        out[r.status] = out.get(r.status, 0) + 1
-    return out
-
-
 def _shape_text(s: Layer0Shape) -> str:
     parts = [f"{s.norm} norm" if s.norm not in ("?", "none") else "no norm" if s.norm == "none" else "norm ?",
              f"{s.projections} q/k/v" if s.projections != "latent" else "latent q/kv"]
@@ -557,49 +530,35 @@ def to_markdown(rows: list[Support]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_text(rows: list[Support]) -> str:
-    """`precompile profiles`: supported types with profile and block, then refused and not-yet ones with why."""
-    out = []
-    for status, head in ((SUPPORTED, ("MODEL TYPE", "ARCHITECTURE", "PROFILE", "BLOCK")),
-                         (REFUSED, ("MODEL TYPE", "ARCHITECTURE", "REASON")),
-                         (NOT_YET, ("MODEL TYPE", "ARCHITECTURE", "MISSING"))):
-        sel = [r for r in rows if r.status == status]
-        if not sel:
-            continue
-        table = [head] + [(r.model_type, r.architecture, r.detail, r.shape.block) if status == SUPPORTED
-                          else (r.model_type, r.architecture, r.detail) for r in sel]
-        widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
-        out.append(f"{status} ({len(sel)}):")
-        for row in table:
-            out.append("  " + "  ".join(f"{c:<{w}}" for c, w in zip(row, widths)) + "  " + row[-1])
-        out.append("")
-    other = [r for r in rows if r.status not in STATUSES]
-    for r in other:
-        out.append(f"unclassified: {r.model_type} ({r.architecture}): {r.detail}")
-    out.append("any other architecture: write a profile (configs/README.md) and pass it with --profile")
-    return "\n".join(out)
-
-
 def main(argv: list[str] | None = None) -> int:
-    """`python -m precompile.support [--write FILE | --check FILE]`: print, write or check the matrix."""
+    """`python -m precompile.support [--write FILE | --check FILE] [--data FILE]`: print, write or check the
+    matrix (docs/support.md) and the classification `precompile profiles` reads (--data)."""
     import argparse
 
+    import transformers
+
     ap = argparse.ArgumentParser(prog="python -m precompile.support", description=main.__doc__)
-    ap.add_argument("--write", metavar="FILE", help="write the Markdown matrix (docs/support.md)")
-    ap.add_argument("--check", metavar="FILE", help="exit 1 when FILE differs from what would be written")
+    ap.add_argument("--write", metavar="FILE", help="write the Markdown matrix (docs/support.md) and --data")
+    ap.add_argument("--check", metavar="FILE", help="exit 1 when FILE or --data differs from what would be written")
+    ap.add_argument("--data", metavar="FILE", help=f"the JSON classification (default: configs/{MATRIX_FILE})")
     args = ap.parse_args(argv)
     rows = support_matrix()
-    md = to_markdown(rows)
-    if args.check:
-        same = Path(args.check).is_file() and Path(args.check).read_text(encoding="utf-8") == md
-        print(f"{args.check} is {'up to date' if same else 'stale: run python -m precompile.support --write ' + args.check}")
-        return 0 if same else 1
-    if args.write:
-        Path(args.write).write_text(md, encoding="utf-8")
-        c = counts(rows)
-        print(f"wrote {args.write}: {len(rows)} model types, " + ", ".join(f"{v} {k}" for k, v in c.items()))
+    if not (args.write or args.check):
+        print(to_text(rows))
         return 0
-    print(to_text(rows))
+    outputs = {Path(f): text for f, text in ((args.write or args.check, to_markdown(rows)),
+                                             (args.data or _configs_dir() / MATRIX_FILE,
+                                              to_json(rows, transformers.__version__)))}
+    if args.check:
+        stale = [str(p) for p, text in outputs.items() if not (p.is_file() and p.read_text(encoding="utf-8") == text)]
+        print(f"{', '.join(stale)} stale: run python -m precompile.support --write {args.check}" if stale
+              else f"{', '.join(map(str, outputs))} up to date")
+        return 1 if stale else 0
+    for p, text in outputs.items():
+        p.write_text(text, encoding="utf-8")
+    c = counts(rows)
+    print(f"wrote {', '.join(map(str, outputs))}: {len(rows)} model types, "
+          + ", ".join(f"{v} {k}" for k, v in c.items()))
     return 0
 
 

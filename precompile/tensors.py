@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import UserError
 from .files import check_inside, check_regular, read_json
+from .weight_files import INDEX_NAME, PICKLE_INDEX, PICKLE_SUFFIXES, SINGLE_NAME, has_safetensors
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -29,10 +30,6 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -191,6 +188,27 @@ class Checkpoint:
                 from None
 
 
+class PartialCheckpoint(Checkpoint):
+    """Only the files of a checkpoint that hold the given tensors (what an overlay reads)."""
+
+    def __init__(self, root: Path, wmap: dict[str, str], names: list[str]):
+        self.root = self.source_root = Path(root)
+        self.files = sorted({wmap[n] for n in names if n in wmap})
+        self.source_files = list(self.files)
+        self.tensors = {}
+        self.metadata = {}
+        for fname in self.files:
+            infos, meta = read_header(self.root / fname, fname)
+            self.metadata[fname] = meta
+            for name, info in infos.items():
+                if wmap.get(name) == fname:
+                    self.tensors[name] = info
+        for name in names:
+            if wmap.get(name) in self.files and name not in self.tensors:
+                raise UserError(f"{self.root / INDEX_NAME} maps {name} to {wmap[name]}, which does not hold it; "
+                                f"the checkpoint is incomplete, re-download it")
+
+
 def read_index(path: Path) -> dict[str, str]:
     """An index's weight_map; every file it names must be a plain relative path inside the checkpoint."""
     try:
@@ -236,10 +254,6 @@ def checkpoint_files(root: Path) -> list[str]:
                         f"first, or pass --allow-pickle")
     raise UserError(f"no {SINGLE_NAME} or {INDEX_NAME} in {root}; SOURCE must be a Hugging Face checkpoint "
                     f"with safetensors weights (for PyTorch *.bin weights pass --allow-pickle)")
-
-
-def has_safetensors(root: Path) -> bool:
-    return (root / SINGLE_NAME).exists() or (root / INDEX_NAME).exists()
 
 
 def pickle_files(root: Path) -> list[str]:

@@ -17,6 +17,7 @@ import gc
 import hashlib
 import json
 import math
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -352,51 +353,82 @@ def _r(x: float, digits: int = 4) -> float:
 # ----------------------------------------------------------------------------------------------- models
 
 
+# transformers' logging is process-wide: it stays quiet while any thread is inside quiet_transformers(), and the
+# last one out restores what it was (threads that saved and restored it each on their own could leave it silenced).
+_QUIET = threading.Lock()
+_quiet: dict[str, Any] = {"depth": 0}
+
+
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
     """transformers' own loading bars and warnings would bury the report; restore them afterwards."""
     from transformers.utils import logging as tlog
 
-    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
+    with _QUIET:
+        if _quiet["depth"] == 0:
+            _quiet["saved"] = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+            tlog.set_verbosity_error()
+            tlog.disable_progress_bar()
+        _quiet["depth"] += 1
     try:
         yield
     finally:
-        tlog.set_verbosity(level)
-        if bars:
-            tlog.enable_progress_bar()
+        with _QUIET:
+            _quiet["depth"] -= 1
+            if _quiet["depth"] == 0:
+                level, bars = _quiet.pop("saved")
+                tlog.set_verbosity(level)
+                if bars:
+                    tlog.enable_progress_bar()
+
+
+# transformers sets torch's process-wide default dtype while it builds or loads a model (local_torch_dtype), and its
+# lazy imports are not thread-safe: the transformers imports and model builds of concurrent threads (`batch --jobs`)
+# take turns; what runs the models afterwards does not.
+BUILD_LOCK = threading.RLock()
+# parameters_on_meta's depth in each thread; torch's parameter-registration hook reads it (registered once: adding
+# and removing a hook per build would change torch's hook table while another thread's module iterates over it).
+_ON_META = threading.local()
+_META_HOOK: list = []
+_META_HOOK_LOCK = threading.Lock()
+
+
+def _parameter_on_meta(_module: nn.Module, _name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+    if getattr(_ON_META, "depth", 0) and param is not None and param.device.type != "meta":
+        return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    return None
 
 
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Build modules with their parameters on the meta device (no memory, no init) and real buffers."""
-    old = nn.Module.register_parameter
+    """Build modules with their parameters on the meta device (no memory, no init) and real buffers.
 
-    def register(self, name, param):
-        old(self, name, param)
-        if param is not None and param.device.type != "meta":
-            p = self._parameters[name]
-            self._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+    Only for modules this thread builds inside the block: nn.Module is not patched, and a module that another
+    thread builds meanwhile gets real parameters."""
+    from torch.nn.modules.module import register_module_parameter_registration_hook
 
-    nn.Module.register_parameter = register
+    with _META_HOOK_LOCK:
+        if not _META_HOOK:
+            _META_HOOK.append(register_module_parameter_registration_hook(_parameter_on_meta))
+    _ON_META.depth = getattr(_ON_META, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = old
+        _ON_META.depth -= 1
 
 
 def reference_model(converted: nn.Module, ref_root: Path, ref_ckpt: Checkpoint, dtype: torch.dtype,
                     device: torch.device) -> nn.Module:
     """The original transformers model, sharing every parameter the converted model holds under the same
     name and shape; the rest (the eliminated tensors) is read from the reference checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    with BUILD_LOCK:
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(ref_root))
-    base = AutoModelForCausalLM._model_mapping[type(config)]
-    attn = getattr(converted.config, "_attn_implementation", None)
-    with parameters_on_meta():
-        ref = base._from_config(config, dtype=dtype, attn_implementation=attn)
+        config = AutoConfig.from_pretrained(str(ref_root))
+        base = AutoModelForCausalLM._model_mapping[type(config)]
+        attn = getattr(converted.config, "_attn_implementation", None)
+        with parameters_on_meta():
+            ref = base._from_config(config, dtype=dtype, attn_implementation=attn)
     conv = dict(converted.named_parameters(remove_duplicate=False))
     loaded: dict[int, nn.Parameter] = {}
     for mod_name, module in ref.named_modules():
@@ -428,12 +460,13 @@ def _encode(tok, prompts: list[str], device: torch.device) -> dict:
 
 
 def _tokenizer(out: Path, manifest: dict):
-    from transformers import AutoTokenizer
-
     from .loader import original_config
 
-    # the original config, so that OUT_DIR's config.json (custom code) is never consulted
-    tok = AutoTokenizer.from_pretrained(str(out), config=original_config(manifest))
+    with BUILD_LOCK:
+        from transformers import AutoTokenizer
+
+        # the original config, so that OUT_DIR's config.json (custom code) is never consulted
+        tok = AutoTokenizer.from_pretrained(str(out), config=original_config(manifest))
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
@@ -576,7 +609,8 @@ def _model_checks(out: Path, ref: Source, ref_ckpt: Checkpoint, dtype: torch.dty
     progress.log("loading the converted model")
     t0 = time.monotonic()
     try:
-        conv = load(out, device=dev, **({"base": ref.root, "verify_base": True} if overlay else {}))
+        with BUILD_LOCK:
+            conv = load(out, device=dev, **({"base": ref.root, "verify_base": True} if overlay else {}))
     except (PrecompileLoadError, OSError, RuntimeError, ValueError, KeyError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         return [Check("load", False, {"error": msg}, {}),
@@ -662,9 +696,10 @@ def _fp32_check(ref_root: Path, kept: list, dev: torch.device, th: dict,
                 fp_th: dict) -> tuple[Check, Distance]:
     """Distances of the original's and the converted model's logits to the float32 upcast's: the converted
     model passes when its mean and RMS distances are at most fp32_ratio times the original's."""
-    from transformers import AutoModelForCausalLM
+    with BUILD_LOCK:
+        from transformers import AutoModelForCausalLM
 
-    fp32 = AutoModelForCausalLM.from_pretrained(str(ref_root), dtype=torch.float32).to(dev).eval()
+        fp32 = AutoModelForCausalLM.from_pretrained(str(ref_root), dtype=torch.float32).to(dev).eval()
     do, dc = Distance(), Distance()
     for enc, lo, lc in kept:
         lf = _logits(fp32, enc)

@@ -95,7 +95,8 @@ def test_config_missing(src, out):
     check_refused(src, out, words=("no config.json",))
 
 
-@pytest.mark.parametrize("text", ["{\"model_type\": \"llama\",", "[1, 2]", "\xff\xfe"], ids=["truncated", "list", "binary"])
+@pytest.mark.parametrize("text", ["{\"model_type\": \"llama\",", "[1, 2]", "\xff\xfe"],
+                         ids=["truncated", "list", "binary"])
 def test_config_malformed(src, out, text):
     (src / "config.json").write_bytes(text.encode("latin-1"))
     check_refused(src, out, words=("config.json",))

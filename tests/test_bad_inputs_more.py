@@ -458,7 +458,8 @@ def test_carried_file_symlinked_outside_source(src, out, tmp_path, name):
 
 def test_no_code_file_is_carried(src, out):
     (src / "tokenizer_custom.py").write_text("raise SystemExit('code from the checkpoint ran')\n")
-    edit_json(src / "tokenizer_config.json", lambda t: t.update(auto_map={"AutoTokenizer": ["tokenizer_custom.X", None]}))
+    edit_json(src / "tokenizer_config.json",
+              lambda t: t.update(auto_map={"AutoTokenizer": ["tokenizer_custom.X", None]}))
     r = invoke(src, out, "--quiet", "--device", "cpu")
     assert r.exit_code == 0, r.stderr
     assert not list(out.glob("*.py"))[1:] and [p.name for p in out.glob("*.py")] == ["precompile_loader.py"]

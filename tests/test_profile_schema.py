@@ -56,8 +56,9 @@ projections:
     bias_when: use_bias
     heads_interleaved: false
     width: ["num_attention_heads * (qk_nope_head_dim + qk_rope_head_dim)"]
-    low_rank: {weight: model.layers.0.attn.q_a.weight, bias: model.layers.0.attn.q_a.bias, module: model.layers.0.attn.q_a,
-               rank: [q_lora_rank], norm: {kind: rms, weight: model.layers.0.attn.q_a_norm.weight, eps: 1.0e-6}}
+    low_rank: {weight: model.layers.0.attn.q_a.weight, bias: model.layers.0.attn.q_a.bias,
+               module: model.layers.0.attn.q_a, rank: [q_lora_rank],
+               norm: {kind: rms, weight: model.layers.0.attn.q_a_norm.weight, eps: 1.0e-6}}
   - role: mla_kv
     weight: model.layers.0.attn.kv_a.weight
     module: model.layers.0.attn.kv_a

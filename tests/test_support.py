@@ -12,6 +12,7 @@ import tiny
 from conftest import ROOT
 
 from precompile import support
+from precompile.shipped import STATUSES, shipped_matrix
 from precompile.profiles import builtin_profiles, refusals
 
 DOC = ROOT / "docs" / "support.md"
@@ -25,7 +26,7 @@ def matrix() -> list[support.Support]:
 def test_every_registry_type_is_classified(matrix):
     """A transformers upgrade that adds a model type the facts cannot decide fails here (drift)."""
     assert [r.model_type for r in matrix] == sorted(support.registry())
-    unclassified = [f"{r.model_type} ({r.architecture}): {r.detail}" for r in matrix if r.status not in support.STATUSES]
+    unclassified = [f"{r.model_type} ({r.architecture}): {r.detail}" for r in matrix if r.status not in STATUSES]
     assert not unclassified, "add configs/_support.yaml entries or signals for: " + "; ".join(unclassified)
     assert all(r.detail for r in matrix)
 
@@ -47,6 +48,20 @@ def test_docs_support_md_is_up_to_date(matrix):
         pytest.skip(f"docs/support.md describes transformers {_doc_version()}, {transformers.__version__} is installed")
     assert DOC.read_text(encoding="utf-8") == support.to_markdown(matrix), \
         "docs/support.md is stale: run python -m precompile.support --write docs/support.md"
+
+
+def test_shipped_classification_is_up_to_date(matrix):
+    """What `precompile profiles` prints (configs/_support_matrix.json) is what the generator writes now."""
+    import transformers
+
+    version, rows = shipped_matrix()
+    if version != transformers.__version__:
+        pytest.skip(f"the shipped classification describes transformers {version}, {transformers.__version__} is "
+                    "installed")
+    assert (ROOT / "configs" / support.MATRIX_FILE).read_text(encoding="utf-8") == \
+        support.to_json(matrix, transformers.__version__), \
+        "configs/_support_matrix.json is stale: run python -m precompile.support --write docs/support.md"
+    assert rows == matrix
 
 
 def test_classification_follows_the_facts(matrix):
@@ -118,20 +133,28 @@ def test_every_supported_type_is_compared_with_transformers(matrix):
 def test_cli_profiles_prints_the_matrix(matrix):
     text = support.to_text(matrix)
     for r in matrix:
-        assert re.search(rf"^  {re.escape(r.model_type)} +{re.escape(r.architecture)} ", text, re.MULTILINE), r.model_type
+        row = rf"^  {re.escape(r.model_type)} +{re.escape(r.architecture)} "
+        assert re.search(row, text, re.MULTILINE), r.model_type
     assert "not yet (" in text and "refused (" in text and "supported (" in text
 
 
 def test_generator_runs_from_the_command_line(tmp_path):
-    out = tmp_path / "support.md"
-    r = subprocess.run([sys.executable, "-m", "precompile.support", "--write", str(out)], capture_output=True,
-                       text=True, cwd=ROOT, timeout=300, check=False)
+    out, data = tmp_path / "support.md", tmp_path / "support.json"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "precompile.support", *args, "--data", str(data)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+
+    r = run("--write", str(out))
     assert r.returncode == 0, r.stderr
     assert out.read_text().startswith("# Support matrix\n") and "| llama | LlamaForCausalLM |" in out.read_text()
-    r = subprocess.run([sys.executable, "-m", "precompile.support", "--check", str(out)], capture_output=True,
-                       text=True, cwd=ROOT, timeout=300, check=False)
+    assert shipped_matrix(data)[1] == support.support_matrix()
+    r = run("--check", str(out))
     assert r.returncode == 0 and "up to date" in r.stdout, r.stdout + r.stderr
-    out.write_text(out.read_text().replace("| llama |", "| llama2 |"))
-    r = subprocess.run([sys.executable, "-m", "precompile.support", "--check", str(out)], capture_output=True,
-                       text=True, cwd=ROOT, timeout=300, check=False)
-    assert r.returncode == 1 and "stale" in r.stdout, r.stdout + r.stderr
+    for path, old, new in ((out, "| llama |", "| llama2 |"), (data, '"llama"', '"llama2"')):
+        text = path.read_text()
+        path.write_text(text.replace(old, new))
+        r = run("--check", str(out))
+        assert r.returncode == 1 and f"{path} stale" in r.stdout, r.stdout + r.stderr
+        path.write_text(text)
+
