@@ -48,7 +48,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from precompile.source import file_sha256  # noqa: E402
+from precompile.files import file_sha256  # noqa: E402
 from precompile.tensors import write_header  # noqa: E402
 
 SHARD_BYTES = 1 << 30

@@ -12,7 +12,7 @@ Library API (the CLI is a thin layer over it):
 import sys
 import types
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["convert", "plan_conversion", "load", "verify", "materialize", "ConversionPlan", "ConvertOptions",
            "ConvertResult", "UserError", "VerificationError", "PrecompileLoadError", "__version__"]

@@ -20,13 +20,13 @@ from typing import Any
 
 from .convert import convert
 from .errors import UserError, VerificationError
+from .files import file_sha256
 from .loader import MANIFEST, PrecompileLoadError, read_manifest
 from .options import ConvertOptions, accepts, describe, meta, option_fields
 from .planning import planned, recorded_options
 from .procfs import proc_bytes
 from .profiles import read_yaml
 from .progress import Progress
-from .source import file_sha256
 
 
 def _is_repo_id(v: str) -> bool:

@@ -25,10 +25,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .device import pick_device
 from .errors import UserError
 from .loader import _DTYPES, _set_module, apply_layout, read_manifest
 from .procfs import proc_bytes
 from .progress import Progress
+from .source import resolve_source
 
 
 @dataclass
@@ -213,8 +215,6 @@ def bench(out_dir: str | os.PathLike, source: str | None = None, *, device: str 
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from .source import resolve_source
-
     progress = progress or Progress(quiet=True)
     if reps < 1 or decode_tokens < 1 or prompt_len < 1 or not batches:
         raise UserError("--reps, --decode-tokens, --prompt-len and --batches must be positive")
@@ -232,10 +232,7 @@ def bench(out_dir: str | os.PathLike, source: str | None = None, *, device: str 
         root = resolve_source(source, revision).root
     except UserError as e:
         raise UserError(f"bench needs the original checkpoint to run it side by side: {e}; pass --source") from None
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was given but no CUDA device is available; use --device cpu or auto")
+    dev = pick_device(device)
     dt = _DTYPES[dtype or manifest["table"]["dtype"]]
     progress.log(f"loading the original model from {root} ({str(dt).removeprefix('torch.')} on {dev})")
     model = AutoModelForCausalLM.from_pretrained(str(root), dtype=dt).to(dev).eval()

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from . import __version__
 from .accounting import exact_figures, model_figures, to_markdown
 from .errors import UserError
+from .files import file_sha256, signals_deferred, write_json
 from .loader import FORMAT_VERSION, MANIFEST
-from .source import file_sha256
-from .writer import signals_deferred, write_json
+from .verify import fmt_metrics, fmt_threshold, read_out_dir
+from .version import __version__
 
 if TYPE_CHECKING:  # for annotations only: planning imports torch
     from .planning import ConversionPlan
@@ -236,8 +236,6 @@ def write_card(out_dir: Path, plan: ConversionPlan, self_check: SelfCheckSummary
 
 def check_card(out_dir: Path) -> None:
     """`--update-card` needs a card the manifest records; say so before verify runs for minutes."""
-    from .verify import read_out_dir
-
     out_dir, manifest = read_out_dir(out_dir)
     if CARD_FILE not in (manifest.get("outputs") or {}) or not (out_dir / CARD_FILE).is_file():
         raise UserError(f"{out_dir} has no {CARD_FILE} model card recorded in its {MANIFEST} (converted by an older "
@@ -246,8 +244,6 @@ def check_card(out_dir: Path) -> None:
 
 def verify_section(result: dict) -> str:
     """The card's verification section: one line of outcome, then each check with its threshold."""
-    from .verify import fmt_metrics, fmt_threshold
-
     checks = result["checks"]
     failed = [c["name"] for c in checks if not c["passed"]]
     ref = result["reference"]

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from . import __version__
+from .version import __version__
 from .errors import UserError, VerificationError, one_line
 from .generation import GENERATION_CONFIG
 from .options import ConvertOptions, cli_flag, meta, option_fields

@@ -18,11 +18,12 @@ from typing import Any, Iterator
 
 import torch
 
-from . import __version__
 from .card import CARD_FILE, SelfCheckSummary, write_card
+from .device import pick_device
 from .errors import UserError
 from .generation import write_generation_config
-from .files import out_dir_lock, out_dir_target
+from .files import (TMP_PREFIX, atomic_dir, blob_sha256, check_free_space, check_out_dir, file_sha256, out_dir_lock,
+                    out_dir_target, scratch_dir, share_file, write_json)
 from .layout import TABLE_FILE, table_file_header
 from .loader import FORMAT_VERSION, MANIFEST
 from .options import ConvertOptions
@@ -30,10 +31,9 @@ from .planning import ConversionPlan, ShardPlan, describe_plan, plan_conversion,
 from .precompute import compute_rows, layer0_tensor_names
 from .progress import Progress
 from .selfcheck import SelfCheckResult, self_check as check_layer0
-from .source import blob_sha256, file_sha256
-from .tensors import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME, mapped
-from .writer import (TMP_PREFIX, atomic_dir, check_free_space, check_out_dir, scratch_dir, share_file, write_json,
-                     write_shard, write_table)
+from .tensors import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME, mapped, read_header, read_index
+from .version import __version__
+from .writer import write_shard, write_table
 
 SHIM_FILE = "precompile_loader.py"
 
@@ -46,16 +46,6 @@ class ConvertResult:
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256
     methods: dict[str, str] = field(default_factory=dict)  # shared shard -> reflink/copy/hardlink
     self_check: SelfCheckResult | None = None  # None: skipped (--no-self-check)
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was given but no CUDA device is available; use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"--device {device} is not one of auto, cpu, cuda")
-    return torch.device(device)
 
 
 FFN_BLOCK = 4096  # hidden units of a folded FFN cast to the compute dtype at a time
@@ -364,8 +354,6 @@ def _given_table(path: Path, entries: list[tuple[str, str, tuple[int, ...], int]
     """The rows of a table file written for this plan (with or without the guard), chunk by chunk."""
     from safetensors import safe_open
 
-    from .tensors import read_header
-
     infos, _ = read_header(path)
     name, dtype, shape, _ = entries[0]
     info = infos.get(name)
@@ -419,8 +407,6 @@ def _base_stats(plan: ConversionPlan) -> dict:
     root = plan.source.root
     names = set(_source_hashes_names(plan))
     if (root / INDEX_NAME).exists() and not (root / SINGLE_NAME).exists():
-        from .tensors import read_index
-
         names |= set(read_index(root / INDEX_NAME).values())
     sizes, mtimes = {}, {}
     for n in sorted(names):

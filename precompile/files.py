@@ -5,6 +5,10 @@ a prompts file or a zoo, and writing OUT_DIR, all refuse the same things the sam
 - only regular files are opened for reading (a FIFO would block forever, a device never ends);
 - JSON that is too deep for the parser, or not UTF-8, is one line naming the file;
 - a relative path from a checkpoint (an index's weight_map) must stay inside its directory;
+- a file's sha256 is read from its hub blob's name when it has one (`file_sha256`), and files
+  that enter OUT_DIR unchanged are cloned, copied or linked with their hash (`share_file`);
+- OUT_DIR appears complete or not at all (`atomic_dir`), after a free-space check
+  (`check_free_space`); private working files live in a `scratch_dir` that every exit removes;
 - one process at a time writes an OUT_DIR (`out_dir_lock`), and temporary directories that a
   killed run left behind are removed by the next one (`remove_stale_temps`);
 - an OSError while writing becomes one line naming the file and the cause (`write_error`);
@@ -14,6 +18,7 @@ a prompts file or a zoo, and writing OUT_DIR, all refuse the same things the sam
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -21,6 +26,7 @@ import shutil
 import signal
 import stat
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -119,7 +125,142 @@ def write_report(path: str | os.PathLike, text: str, flag: str) -> None:
         raise UserError(f"cannot write {flag} {path} ({e.strerror or e}); choose a writable path") from None
 
 
+# ---------------------------------------------------------------------------------------------- hashing
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def blob_sha256(path: Path) -> str | None:
+    """The sha256 of a hub cache file without reading it: its blob is named by it (None elsewhere)."""
+    real = Path(os.path.realpath(path))
+    if Path(path).is_symlink() and real.parent.name == "blobs" and _SHA256.match(real.name):
+        return real.name
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file; a hub cache blob is named by its sha256, which saves reading it."""
+    known = blob_sha256(path)
+    if known:
+        return known
+    h = hashlib.sha256()
+    with open(os.path.realpath(path), "rb") as f:
+        for block in iter(lambda: f.read(16 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------- OUT_DIR
+
+
+@contextmanager
+def atomic_dir(out_dir: Path, force: bool, log=None) -> Iterator[Path]:
+    """Yield a temporary directory beside OUT_DIR; rename it into place only if the body succeeds.
+
+    On any error, SIGINT or SIGTERM the temporary directory is removed and OUT_DIR is left as it was
+    (absent, or the previous conversion when --force replaces it). OUT_DIR's lock is held throughout
+    (see out_dir_lock); without --force the final rename replaces nothing but an empty OUT_DIR,
+    so a directory someone else filled meanwhile is kept. An OSError while writing is one line.
+    """
+    out_dir = out_dir_target(out_dir)
+    parent = out_dir.parent
+    check_out_dir(out_dir, force)
+    mark = signals_seen()
+    with out_dir_lock(out_dir, log):
+        tmp = parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+        except OSError as e:
+            raise UserError(f"cannot create {tmp} ({e.strerror}); choose a writable OUT_DIR") from None
+        trap = _Trap()
+        try:
+            try:
+                yield tmp
+            except OSError as e:
+                raise write_error(e, out_dir) from None
+            with signals_deferred():  # a signal between the two renames would leave no OUT_DIR at all
+                if interrupted(mark):  # one a library swallowed, or one held back by this block: never commit
+                    raise KeyboardInterrupt("interrupted before the final rename")
+                _commit(tmp, out_dir, force)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            trap.reraise(e)
+            raise
+        finally:
+            trap.restore()
+
+
+def _commit(tmp: Path, out_dir: Path, force: bool) -> None:
+    """Rename tmp to OUT_DIR. Without force, rename(2) itself refuses anything but an empty directory, so
+    nothing another process put there meanwhile is removed; with force the old OUT_DIR goes only once
+    the new one is in place."""
+    if force and (out_dir.exists() or out_dir.is_symlink()):
+        old = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}-old"
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        remove_tree(old)
+        return
+    try:
+        os.rename(tmp, out_dir)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise UserError(f"OUT_DIR {out_dir} was created or filled by another program while this conversion ran; "
+                        f"it was left untouched and this conversion discarded: pass --force to replace it, or "
+                        f"choose another OUT_DIR") from None
+
+
+def check_out_dir(out_dir: Path, force: bool) -> Path:
+    """Refuse an OUT_DIR that cannot be (re)placed, creating nothing; returns its nearest existing ancestor.
+
+    Called before any work, so a bad OUT_DIR fails in a second, not after the table is computed.
+    """
+    out_dir = out_dir_target(out_dir)
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise UserError(f"OUT_DIR {out_dir} is a file; choose a directory path")
+        if any(out_dir.iterdir()) and not force:
+            raise UserError(f"OUT_DIR {out_dir} exists and is not empty; pass --force to replace it")
+    above = nearest_existing(out_dir.parent)
+    if not above.is_dir():
+        raise UserError(f"cannot create OUT_DIR {out_dir}: {above} is a file, not a directory; "
+                        f"choose a writable OUT_DIR")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(f"{above} is not writable; choose a writable OUT_DIR")
+    return above
+
+
+def check_free_space(where: Path, need: int, what: str = "the output") -> None:
+    """Fail before any work when the filesystem that holds (or will hold) `where` has less free space than
+    `need` bytes."""
+    where = nearest_existing(where)
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise UserError(f"not enough disk space in {where}: {what} needs {need:,} bytes ({need / 2**30:.2f} GiB), "
+                        f"{free:,} bytes ({free / 2**30:.2f} GiB) are free; free some space or choose "
+                        f"another OUT_DIR")
+
+
+@contextmanager
+def scratch_dir(path: Path) -> Iterator[Path]:
+    """A private working directory (e.g. a pickle checkpoint rewritten as safetensors), removed on exit,
+    on any error, on SIGINT and on SIGTERM."""
+    trap = _Trap()
+    created = missing_ancestors(path)
+    try:
+        yield Path(path)
+    except BaseException as e:
+        shutil.rmtree(path, ignore_errors=True)
+        remove_empty(created)
+        trap.reraise(e)
+        if isinstance(e, OSError):
+            raise write_error(e, Path(path)) from None
+        raise
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        trap.restore()
 
 
 def out_dir_target(out_dir: str | os.PathLike) -> Path:
@@ -237,6 +378,14 @@ def remove_stale_temps(out_dir: Path, log: Callable[[str], None]) -> None:
         log(f"removed {p}, left by an earlier run (pid {m.group(1)}) that no longer exists")
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the deepest of its ancestors that exists: where a directory about to be made will live."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def missing_ancestors(path: Path) -> list[Path]:
     """The directories above `path` that do not exist yet, deepest first (what a failed run must remove)."""
     return [a for a in Path(path).absolute().parents if not a.exists()]
@@ -274,7 +423,155 @@ def write_error(e: OSError, out_dir: Path) -> UserError:
                      f"{hint}")
 
 
+# ---------------------------------------------------------------------------------------------- copying
+
+
+BLOCK = 8 << 20  # bytes read at a time when copying through a hash
+
+
+def copy_range(src, dst, start: int, length: int) -> None:
+    """Copy bytes [start, start+length) of src to dst's current position without a user-space buffer."""
+    dst.flush()
+    out_fd, in_fd = dst.fileno(), src.fileno()
+    pos = os.lseek(out_fd, 0, os.SEEK_CUR)
+    done = 0
+    try:
+        while done < length:
+            n = os.copy_file_range(in_fd, out_fd, length - done, start + done, pos + done)
+            if n == 0:
+                break
+            done += n
+    except OSError:
+        pass
+    os.lseek(out_fd, pos + done, os.SEEK_SET)
+    if done < length:  # filesystems without copy_file_range, or a short copy: finish in 16 MiB blocks
+        src.seek(start + done)
+        while done < length:
+            buf = src.read(min(16 << 20, length - done))
+            if not buf:
+                raise UserError(f"{src.name}: unexpected end of file; the file is truncated, re-download it")
+            dst.write(buf)
+            done += len(buf)
+
+
+
+def copy_hashed(fin, fout, ranges: list[tuple[int, int]], out_digest, src_digest=None) -> None:
+    """Copy the byte ranges [start, stop) of fin (sorted, disjoint) to fout, hashing what is written.
+
+    With src_digest, the whole of fin is read once, in order, and hashed too: one read serves the
+    source's sha256 and the output's, which the manifest records both.
+    """
+    spans = [(0, os.fstat(fin.fileno()).st_size)] if src_digest is not None else ranges
+    buf = memoryview(bytearray(BLOCK))
+    i = 0
+    for start, stop in spans:
+        fin.seek(start)
+        pos = start
+        while pos < stop:
+            n = fin.readinto(buf[: min(BLOCK, stop - pos)])
+            if not n:
+                raise UserError(f"{fin.name}: unexpected end of file; the file is truncated, re-download it")
+            if src_digest is not None:
+                src_digest.update(buf[:n])
+            while i < len(ranges) and ranges[i][1] <= pos:
+                i += 1
+            j = i
+            while j < len(ranges) and ranges[j][0] < pos + n:  # the parts of this block that are kept
+                part = buf[max(ranges[j][0], pos) - pos: min(ranges[j][1], pos + n) - pos]
+                fout.write(part)
+                out_digest.update(part)
+                j += 1
+            pos += n
+
+
+def share_file(src: Path, dst: Path, mode: str) -> tuple[str, str]:
+    """Place an unchanged file in OUT_DIR: reflink when possible, else copy (hardlink only when asked).
+
+    Returns the method used and the file's sha256, found the cheapest way: a hub blob's name, else
+    hashed while copying (one read), else read once after a clone or link (which read nothing).
+    A hard link shares the inode: editing OUT_DIR then edits the source.
+    """
+    known = blob_sha256(src)
+    src = Path(os.path.realpath(src))
+    if mode == "hardlink":
+        try:
+            os.link(src, dst)
+            return "hardlink", known or file_sha256(src)
+        except OSError as e:
+            raise UserError(f"cannot hard-link {src} into {dst.parent} ({e.strerror}); they must be on one "
+                            f"filesystem, or use --link copy") from None
+    if mode in ("auto", "reflink"):
+        try:
+            import fcntl
+
+            with open(src, "rb") as fin, open(dst, "wb") as fout:
+                fcntl.ioctl(fout.fileno(), 0x40049409, fin.fileno())  # FICLONE
+            return "reflink", known or file_sha256(src)
+        except (OSError, ImportError) as e:
+            if mode == "reflink":
+                dst.unlink(missing_ok=True)
+                raise UserError(f"cannot reflink {src} ({getattr(e, 'strerror', e)}): the filesystem does not "
+                                f"support copy-on-write clones; use --link auto or copy") from None
+            dst.unlink(missing_ok=True)
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        if known:  # nothing to hash: the kernel copies without a user-space buffer
+            copy_range(fin, fout, 0, size)
+            return "copy", known
+        digest = hashlib.sha256()
+        copy_hashed(fin, fout, [(0, size)], digest)
+    return "copy", digest.hexdigest()
+
+
+def write_json(path: Path, data: dict) -> None:
+    """JSON as this project writes it everywhere: sorted keys, two-space indent, trailing newline."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 # ---------------------------------------------------------------------------------------------- signals
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done (they are delivered afterwards)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class _Trap:
+    """SIGINT and SIGTERM become KeyboardInterrupt while trapped, and are remembered.
+
+    Remembering matters: a signal that lands inside a C extension's Python callback (safetensors
+    reading a slice, for one) can come out as an unrelated ValueError. `reraise` turns any error
+    that follows a trapped signal back into the interrupt it was.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received.append(signum)
+        record_signal(signum)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def reraise(self, error: BaseException) -> None:
+        if self.received and not isinstance(error, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"signal {self.received[-1]}") from error
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def record_signal(signum: int) -> None:
@@ -297,7 +594,7 @@ def interrupted(since: int = 0) -> bool:
     follow. Signals held back by a block that defers them count too."""
     if len(_received) > since:
         return True
-    if hasattr(signal, "sigpending"):  # e.g. held back by writer.signals_deferred
+    if hasattr(signal, "sigpending"):  # e.g. held back by signals_deferred
         return bool(signal.sigpending() & {signal.SIGINT, signal.SIGTERM})
     return False
 

@@ -265,7 +265,8 @@ _SPECIAL_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": 
 
 
 def _decode_floats(obj):
-    """config.json's {"__float__": "Infinity"} (how transformers writes inf, e.g. Mamba-2's time_step_limit) as floats."""
+    """config.json's {"__float__": "Infinity"} (how transformers writes inf, e.g. Mamba-2's time_step_limit)
+    as floats."""
     if isinstance(obj, dict):
         if set(obj) == {"__float__"} and obj["__float__"] in _SPECIAL_FLOATS:
             return _SPECIAL_FLOATS[obj["__float__"]]
@@ -384,6 +385,7 @@ def _check_widths(f: Path, cols: list[dict], manifest: dict, config: PretrainedC
                                       f"{want[c['name']]}; the table does not belong to this model, convert again")
 
 
+# Copied from precompile.files.file_sha256, less its hub-blob shortcut (this one checks the bytes)
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -392,6 +394,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# Copied from precompile.files.blob_sha256
 def _blob_sha256(path: Path) -> str | None:
     """The sha256 a hub cache records for a file by naming its blob after it, or None outside the cache."""
     real = Path(os.path.realpath(path))

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from .convert import ConvertResult, convert
 from .errors import UserError
+from .files import file_sha256
 from .layout import TABLE_FILE
 from .loader import MANIFEST, overlay_base, read_manifest
 from .options import ConvertOptions
 from .planning import plan_conversion
 from .profiles import load_profile, recorded_profile
 from .progress import Progress
-from .source import file_sha256
 
 
 def materialize(overlay_dir: str | os.PathLike, full_dir: str | os.PathLike, *, base: str | os.PathLike | None = None,

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .files import TMP_PREFIX, scratch_dir
 from .layout import TableLayout, projection_width, table_layout
 from .options import ConvertOptions, check_value, meta
 from .precompute import layer0_tensor_names
@@ -26,7 +27,6 @@ from .source import (ALLOW_PATTERNS, Source, carried_files, check_native, check_
                      resolve_source, weight_map)
 from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, SINGLE_NAME, Checkpoint, PartialCheckpoint, TensorInfo,
                       has_safetensors, open_checkpoint)
-from .writer import TMP_PREFIX, scratch_dir
 
 DTYPE_CHOICES = {n: getattr(torch, n) for n in meta("dtype").choices if n != "auto"}
 COMPUTE_CHOICES = {n: getattr(torch, n) for n in meta("compute_dtype").choices}
@@ -80,6 +80,20 @@ def _check_shape(ckpt: Checkpoint, name: str, shape: tuple[int, ...], what: str)
     if info.dtype not in FLOAT_DTYPES:
         raise UserError(f"{ckpt.root / info.file}: tensor {name} has dtype {info.dtype}; layer-0 weights must be "
                         f"float (F32, F16, BF16, F64)")
+
+
+def _check_inner(ckpt: Checkpoint, p: Projection, d: int) -> None:
+    """The shapes of a projection's low-rank input, its norm and the norm over its leading outputs."""
+    lr = p.low_rank
+    if lr is not None:
+        _check_shape(ckpt, lr.weight, (lr.rank, d), "low_rank.rank x hidden_size")
+        if lr.bias and lr.bias in ckpt.tensors:
+            _check_shape(ckpt, lr.bias, (lr.rank,), "low_rank.rank")
+    for norm, n, what in ((lr.norm if lr else None, lr.rank if lr else 0, "low_rank.rank"),
+                          (p.out_norm, p.out_norm_width, "out_norm.width")):
+        for t in (norm.weight, norm.bias) if norm else ():
+            if t:
+                _check_shape(ckpt, t, (n,), what)
 
 
 def _validate(spec: ModelSpec, ckpt: Checkpoint, layout: TableLayout) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import __version__
+from .version import __version__
 from .errors import UserError
 from .loader import MANIFEST
 from .progress import Progress

@@ -42,8 +42,10 @@ from torch import nn
 from .errors import UserError, VerificationError
 from .layout import TABLE_FILE
 from .loader import config_from_dict, original_config, precompiled_class, read_manifest
+from .profiles import effective_definition
 from .source import fetch_files, weight_map
 from .tensors import INDEX_NAME, Checkpoint, PartialCheckpoint, mapped
+from .verify import BUILD_LOCK, parameters_on_meta, quiet_transformers
 
 if TYPE_CHECKING:
     from .planning import ConversionPlan
@@ -240,8 +242,6 @@ def _capture(model: nn.Module, ids: torch.Tensor, layer: str, attention: str, po
 
 
 def _build(cls: type, config, dtype: torch.dtype) -> nn.Module:
-    from .verify import parameters_on_meta
-
     with parameters_on_meta():
         return cls._from_config(config, dtype=dtype, attn_implementation="eager").eval()
 
@@ -288,9 +288,6 @@ def self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
 
 
 def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
-    from .profiles import effective_definition
-    from .verify import BUILD_LOCK, quiet_transformers
-
     t0 = time.monotonic()
     spec, dtype = plan.spec, plan.model_dtype
     manifest = read_manifest(tmp)

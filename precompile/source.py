@@ -8,7 +8,6 @@ first, then (`fetch_files`) only the shards that hold the tensors layer 0 needs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -178,26 +177,6 @@ def read_config(root: Path) -> dict:
         raise UserError(f"{p} has a quantization_config ({method}): its weights are packed and would give a "
                         f"garbage table; convert the unquantized model instead")
     return config
-
-
-def blob_sha256(path: Path) -> str | None:
-    """The sha256 of a hub cache file without reading it: its blob is named by it (None elsewhere)."""
-    real = Path(os.path.realpath(path))
-    if Path(path).is_symlink() and real.parent.name == "blobs" and _SHA256.match(real.name):
-        return real.name
-    return None
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file; a hub cache blob is named by its sha256, which saves reading it."""
-    known = blob_sha256(path)
-    if known:
-        return known
-    h = hashlib.sha256()
-    with open(os.path.realpath(path), "rb") as f:
-        for block in iter(lambda: f.read(16 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def carried_files(root: Path) -> list[str]:

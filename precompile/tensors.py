@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import UserError
-from .files import check_inside, check_regular, read_json
+from .files import check_free_space, check_inside, check_regular, read_json
 from .weight_files import INDEX_NAME, PICKLE_INDEX, PICKLE_SUFFIXES, SINGLE_NAME, has_safetensors
 
 DTYPES: dict[str, torch.dtype] = {
@@ -281,12 +280,8 @@ def open_checkpoint(root: Path, allow_pickle: bool = False, scratch: Path | None
         return Checkpoint(root)  # names what is missing
     if scratch is None:
         raise ValueError("open_checkpoint: a scratch directory is needed for a pickle checkpoint")
-    from .writer import check_free_space
-
-    above = Path(scratch).absolute()
-    while not above.exists() and above != above.parent:
-        above = above.parent
-    check_free_space(above, sum((root / f).stat().st_size for f in files), "a safetensors copy of the pickle weights")
+    check_free_space(Path(scratch), sum((root / f).stat().st_size for f in files),
+                     "a safetensors copy of the pickle weights")
     pickle_to_safetensors(root, files, Path(scratch))
     ckpt = Checkpoint(Path(scratch))
     ckpt.source_root = root
@@ -358,31 +353,6 @@ def write_header(f, tensors: list[tuple[str, str, tuple[int, ...], int]], metada
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
     return 8 + len(raw)
-
-
-def copy_range(src, dst, start: int, length: int) -> None:
-    """Copy bytes [start, start+length) of src to dst's current position without a user-space buffer."""
-    dst.flush()
-    out_fd, in_fd = dst.fileno(), src.fileno()
-    pos = os.lseek(out_fd, 0, os.SEEK_CUR)
-    done = 0
-    try:
-        while done < length:
-            n = os.copy_file_range(in_fd, out_fd, length - done, start + done, pos + done)
-            if n == 0:
-                break
-            done += n
-    except OSError:
-        pass
-    os.lseek(out_fd, pos + done, os.SEEK_SET)
-    if done < length:  # filesystems without copy_file_range, or a short copy: finish in 16 MiB blocks
-        src.seek(start + done)
-        while done < length:
-            buf = src.read(min(16 << 20, length - done))
-            if not buf:
-                raise UserError(f"{src.name}: unexpected end of file; the file is truncated, re-download it")
-            dst.write(buf)
-            done += len(buf)
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

@@ -29,15 +29,17 @@ from torch import nn
 
 from .allowance import FACTOR, LOGIT_KEYS, Allowance, Distance, Scale, apply_given, fixed_float32, \
     from_fp32, from_roundoff
+from .device import pick_device
 from .errors import UserError
-from .files import check_regular
+from .files import check_regular, file_sha256
 from .layout import TableLayout, table_layout
-from .loader import MANIFEST, PrecompileLoadError, indexed_table_file, read_manifest
+from .loader import (MANIFEST, PrecompileLoadError, indexed_table_file, load, original_config, overlay_base,
+                     read_manifest)
 from .precompute import layer0_tensor_names
 from .profiles import conversion_profile, resolve
 from .progress import Progress
 from .rowcheck import check_rows
-from .source import Source, file_sha256, read_config, resolve_source
+from .source import Source, read_config, resolve_source
 from .tensors import DTYPES, Checkpoint, TensorInfo
 
 BUILTIN_PROMPTS = [
@@ -460,8 +462,6 @@ def _encode(tok, prompts: list[str], device: torch.device) -> dict:
 
 
 def _tokenizer(out: Path, manifest: dict):
-    from .loader import original_config
-
     with BUILD_LOCK:
         from transformers import AutoTokenizer
 
@@ -521,8 +521,6 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
     Bad input raises UserError before anything runs. A failed check does not raise: the result says
     which failed (the CLI maps that to exit 1).
     """
-    from .convert import pick_device
-
     progress = progress or Progress(quiet=True)
     t_start = time.monotonic()
     out, manifest = read_out_dir(out_dir)
@@ -567,8 +565,6 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
 
     def copied() -> Check:
         if overlay:  # the kept tensors are read from the reference's own files: check those are the base's
-            from .loader import overlay_base
-
             try:
                 overlay_base(out, base=ref.root, full=True, manifest=manifest)
             except PrecompileLoadError as e:
@@ -600,8 +596,6 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
 def _model_checks(out: Path, ref: Source, ref_ckpt: Checkpoint, dtype: torch.dtype, dev: torch.device, tok,
                   prompts: list[str], max_new: int, th: dict, fp32_reference: bool, half: bool, batch_size: int,
                   progress: Progress, overlay: bool = False, layers: int = 1) -> list[Check]:
-    from .loader import load
-
     given = {k: th[k] for k in LOGIT_KEYS}
     gen_th = {"identical_or_tie": True, "generation_tie": th["generation_tie"]}  # filled in once logits ran
     fp_th = {"converted <= fp32_ratio * original (mean, RMS)": th["fp32_ratio"]}

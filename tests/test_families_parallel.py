@@ -161,11 +161,12 @@ def test_parameter_arithmetic(family, converted):
     assert manifest["profile"]["block"] == block
     assert table["shape"] == [tiny.VOCAB, WIDTHS[family]]
     eliminated = manifest["eliminated"]
+    assert table["guard"] in eliminated and after[table["guard"]] == 1  # the one-element guard (README)
     assert sum(after.values()) == (sum(before.values()) - sum(before[n] for n in eliminated)
-                                   + tiny.VOCAB * WIDTHS[family])
+                                   + tiny.VOCAB * WIDTHS[family] + 1)
     keep = re.compile(KEEP_PARALLEL if block == "parallel" else KEEP_SERIAL)
     layer0_src = {n for n in before if LAYER0.search(n)}
-    assert {n for n in after if LAYER0.search(n)} == {n for n in layer0_src if keep.search(n)}
+    assert {n for n in after if LAYER0.search(n)} - {table["guard"]} == {n for n in layer0_src if keep.search(n)}
     extra = set()
     if not tiny.FAMILIES[family]["tie_word_embeddings"]:  # the table replaces an untied input embedding
         extra |= {n for n in before if re.search(r"(embed_in|wte|embed_tokens)\.weight$", n)}

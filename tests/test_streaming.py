@@ -201,20 +201,20 @@ def test_manifest_hashes_are_the_files_hashes(checkpoint, tmp_path, monkeypatch,
 def test_copy_hashed_writes_the_ranges_and_hashes_both_sides(tmp_path_factory, data, cuts, whole, block):
     """Any sorted, disjoint ranges (empty ones too), any block size: the output is their bytes in order,
     its digest theirs, and the source digest (when asked) the whole file's."""
-    import precompile.writer as writer
+    import precompile.files as files
 
     d = tmp_path_factory.mktemp("copy")
     (d / "src").write_bytes(data)
     points = sorted(min(c, len(data)) for c in cuts)
     ranges = [(points[i], points[i + 1]) for i in range(0, len(points) - 1, 2)]
     out_h, src_h = hashlib.sha256(), (hashlib.sha256() if whole else None)
-    old = writer.BLOCK
-    writer.BLOCK = block
+    old = files.BLOCK
+    files.BLOCK = block
     try:
         with open(d / "src", "rb") as fin, open(d / "dst", "wb") as fout:
-            writer.copy_hashed(fin, fout, ranges, out_h, src_h)
+            files.copy_hashed(fin, fout, ranges, out_h, src_h)
     finally:
-        writer.BLOCK = old
+        files.BLOCK = old
     want = b"".join(data[a:b] for a, b in ranges)
     assert (d / "dst").read_bytes() == want
     assert out_h.hexdigest() == hashlib.sha256(want).hexdigest()

@@ -15,7 +15,7 @@ import tiny
 from conftest import run_cli, tree_snapshot
 from precompile import convert
 from precompile.rowcheck import ulp
-from precompile.source import file_sha256
+from precompile.files import file_sha256
 from precompile.tensors import Checkpoint, read_header
 from precompile.verify import _row_ids, read_prompts, reference_model, verify
 

@@ -225,6 +225,8 @@ SHAPE_FAMILIES: dict[str, dict] = {
                  tie_word_embeddings=True, **dict(_SMALL, intermediate_size=128)),
     "lfm2_attention_first": dict(model_type="lfm2", num_key_value_heads=2, layer_types=["full_attention", "conv"],
                                  block_auto_adjust_ff_dim=False, tie_word_embeddings=False, **_SMALL),
+    "lfm3": dict(model_type="lfm3", num_key_value_heads=2, head_dim=16, layer_types=["conv", "full_attention"],
+                 tie_word_embeddings=False, **_SMALL),
     "lfm2_moe": dict(model_type="lfm2_moe", num_key_value_heads=2, layer_types=["conv", "full_attention"],
                      num_dense_layers=0, num_experts=4, num_experts_per_tok=2, tie_word_embeddings=True,
                      **_MOE_SMALL),
