@@ -127,6 +127,20 @@ def _validate(spec: ModelSpec, ckpt: Checkpoint, layout: TableLayout) -> None:
             ckpt.info(ref[0])
 
 
+def _check_inner(ckpt: Checkpoint, p: Projection, d: int) -> None:
+    """The shapes of a projection's low-rank input, its norm and the norm over its leading outputs."""
+    lr = p.low_rank
+    if lr is not None:
+        _check_shape(ckpt, lr.weight, (lr.rank, d), "low_rank.rank x hidden_size")
+        if lr.bias and lr.bias in ckpt.tensors:
+            _check_shape(ckpt, lr.bias, (lr.rank,), "low_rank.rank")
+    for norm, n, what in ((lr.norm if lr else None, lr.rank if lr else 0, "low_rank.rank"),
+                          (p.out_norm, p.out_norm_width, "out_norm.width")):
+        for t in (norm.weight, norm.bias) if norm else ():
+            if t:
+                _check_shape(ckpt, t, (n,), what)
+
+
 def plan_conversion(source: str, *, revision: str | None = None, profile: str | Profile | None = None,
                     dtype: str = "auto", compute_dtype: str = "float32", allow_pickle: bool = False,
                     scratch: Path | None = None, overlay: bool = False) -> ConversionPlan:

@@ -10,28 +10,13 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any
 
 from .errors import UserError
 from .layout import projection_width, table_inputs
-from .profiles import ModelSpec, Profile, effective_data
+from .profile_schema import ProfileDef
+from .profiles import ModelSpec, Profile, effective_definition
+from .schema import tagged
 from .tensors import TensorInfo
-
-# keys whose string values are tensor names on disk (embedding.tensor, norms' weight/bias, FFN parts, router)
-TENSOR_KEYS = ("tensor", "weight", "bias", "up", "gate", "down", "router")
-
-
-def tensor_keys(data: Any, path: str = "") -> list[tuple[str, str]]:
-    """(key path, tensor name or a template with an index such as {e}) for every tensor a profile's data names."""
-    out: list[tuple[str, str]] = []
-    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
-    for k, v in items:
-        where = f"{path}[{k}]" if isinstance(k, int) else f"{path}.{k}" if path else str(k)
-        if k in TENSOR_KEYS and isinstance(v, str):
-            out.append((where, v))
-        elif k not in ("variants", "defaults", "match", "sizes", "refuse"):
-            out += tensor_keys(v, where)
-    return out
 
 
 def _key_of(keys: list[tuple[str, str]], name: str) -> str:
@@ -41,10 +26,10 @@ def _key_of(keys: list[tuple[str, str]], name: str) -> str:
     return "?"
 
 
-def _size_source(data: dict, config: dict, name: str, value: int) -> str:
+def _size_source(body: ProfileDef, config: dict, name: str, value: int) -> str:
     """'sizes.num_kv_heads = 2 (config.json num_key_value_heads)': where a resolved size came from."""
-    spec = data["sizes"].get(name)
-    keys = spec if isinstance(spec, list) else spec.get("keys", []) if isinstance(spec, dict) else []
+    spec = getattr(body.sizes, name)
+    keys = spec.keys if spec is not None else ()
     key = next((k for k in keys if config.get(k) is not None), None)
     origin = f"config.json {key}" if key else "the profile's number" if spec is not None and not keys else \
         "the default" if spec is None else f"the default for absent {'/'.join(keys)}"
@@ -57,8 +42,8 @@ _SIZES_OF_ROLE = {"q": ("num_heads", "head_dim"), "k": ("num_kv_heads", "head_di
 
 def check_tensors(profile: Profile, config: dict, spec: ModelSpec, tensors: dict[str, TensorInfo], root: Path) -> None:
     """Every tensor the profile needs for this config exists in `tensors`, and the shapes its sizes give hold."""
-    data = effective_data(profile, config)
-    keys = tensor_keys(data)
+    body = effective_definition(profile, config)
+    keys = list(tagged(body, "tensor"))  # (key path, tensor name or a template with an index such as {e})
     present = frozenset(tensors)
     needed = [*table_inputs(spec, present),
               *(p.bias for p in spec.projections if p.bias_required)]
@@ -90,7 +75,7 @@ def check_tensors(profile: Profile, config: dict, spec: ModelSpec, tensors: dict
     for name, shape, used in expect:
         got = tuple(tensors[name].shape)
         if got != shape:
-            how = ", ".join(_size_source(data, config, s, sizes[s]) for s in used)
+            how = ", ".join(_size_source(body, config, s, sizes[s]) for s in used)
             raise UserError(f"profile {profile.path}: tensor {name} ('{_key_of(keys, name)}') has shape {list(got)} "
                             f"in {root}, but config.json implies {list(shape)} through the profile's sizes ({how}); "
                             f"fix those sizes keys of the profile, or config.json where it does not match the weights")

@@ -5,17 +5,20 @@ swaps, and the config.json keys that give the sizes. Architecture quirks live
 here as data so that adding a family needs a YAML file and no code. Variants of
 one family (e.g. GPT-NeoX with and without a parallel residual) are expressed as
 `variants:` patches applied when config.json matches.
+
+What a profile may say is defined once, in `precompile.profile_schema`: this module validates and parses
+profiles with it and resolves the parsed definition against config.json into a `ModelSpec`.
+`python -m precompile.profiles --write-key-table` regenerates configs/README.md's key table from it.
 """
 
 from __future__ import annotations
 
-import ast
 import copy
 import json
 import math
-import operator
-import re
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,31 +26,24 @@ import yaml
 
 from .errors import UserError
 from .files import check_regular
+from .profile_schema import (
+    ACTIVATIONS,
+    EXPERT,
+    HEAD,
+    ConfigValue,
+    FfnDef,
+    FlagValue,
+    NormDef,
+    ProfileDef,
+    ProjectionDef,
+    TensorRef,
+    config_get,
+)
+from .schema import is_number, key_table, parse
 from .shipped import configs_dir as _configs_dir
 
 if TYPE_CHECKING:  # the loader imports torch; profiles are read without it
     from .loader import Manifest
-
-NORM_KINDS = ("rms", "layer")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
-FFN_KINDS = ("mlp", "glu", "moe")
-EXPERT_KINDS = ("mlp", "glu")
-PROJ_ROLES = ("q", "k", "v", "qkv", "mla_q", "mla_kv", "mixer_in")
-# roles whose width is not given by the heads: the profile names it (`width`)
-WIDTH_ROLES = ("mla_q", "mla_kv", "mixer_in")
-# the sets of roles a layer 0 may project into: attention (separate or fused), latent attention (MLA: the query and
-# the kv latent with its rotary key), or a sequence mixer other than attention (state-space, short convolution)
-ROLE_SETS = (["k", "q", "v"], ["qkv"], ["mla_kv", "mla_q"], ["mixer_in"])
-BLOCKS = ("serial", "parallel")
-
-_TOP_KEYS = {
-    "name", "description", "match", "block", "sizes", "tie_word_embeddings", "embedding",
-    "attn_norm", "projections", "qk_norm", "attention_module", "ffn", "variants", "defaults",
-    "refuse",
-}
-_REQUIRED_TOP = ("name", "match", "block", "sizes", "embedding", "projections", "attention_module")
-QK_NORM_SPANS = ("head", "projection")
-HEAD = "{h}"  # in a per-head norm's tensor names: one tensor per head (StableLM's q_layernorm.norms.{h})
 
 
 @dataclass(frozen=True)
@@ -224,324 +220,47 @@ def attention_kind(num_heads: int, num_kv_heads: int) -> str:
 class Profile:
     name: str
     path: str
-    data: dict
+    data: dict  # the YAML as parsed: variants patch it before it is parsed into a definition
     text: str = ""  # the YAML as written: recorded in a conversion's manifest
+
+    @cached_property
+    def definition(self) -> ProfileDef:
+        """The typed profile (variants not applied); parsing it validates the data."""
+        return parse_profile(self.data, self.path)
 
     @property
     def architectures(self) -> list[str]:
-        return list(self.data["match"].get("architectures", []))
+        return list(self.definition.match.architectures)
 
     @property
     def model_types(self) -> list[str]:
-        return list(self.data["match"].get("model_types", []))
+        return list(self.definition.match.model_types)
 
     @property
     def block(self) -> str:
-        return self.data["block"]
+        return self.definition.block
 
 
 def _fail(path: str, key: str, problem: str) -> UserError:
     return UserError(f"profile {path}: key '{key}' {problem}; fix the YAML (see configs/README.md)")
 
 
-def _check_keys(obj: Any, allowed: set[str], required: tuple[str, ...], path: str, where: str) -> None:
-    if not isinstance(obj, dict):
-        raise _fail(path, where, "must be a mapping")
-    for k in required:
-        if k not in obj:
-            raise _fail(path, f"{where}.{k}" if where else k, "is missing")
-    for k in obj:
-        if k not in allowed:
-            raise _fail(path, f"{where}.{k}" if where else str(k),
-                        f"is not a known key (known here: {', '.join(sorted(allowed))})")
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _check_name(obj: Any, key: str, path: str, where: str, optional: bool = True) -> None:
-    """A tensor or module name: a non-empty string (or absent / null when optional)."""
-    v = obj.get(key)
-    if v is None and optional:
-        return
-    if not isinstance(v, str) or not v:
-        raise _fail(path, f"{where}.{key}" if where else key, "must be a tensor or module name (a string)")
-
-
-def _check_config_ref(v: Any, path: str, where: str, value_ok) -> None:
-    """A value taken from config.json: a list of keys, {keys, default}, or a literal accepted by value_ok."""
-    if value_ok(v):
-        return
-    if isinstance(v, dict):
-        _check_keys(v, {"keys", "default"}, ("keys",), path, where)
-        if "default" in v and v["default"] is not None and not value_ok(v["default"]):
-            raise _fail(path, f"{where}.default", "has the wrong type")
-        v = v["keys"]
-        where = f"{where}.keys"
-    if not (isinstance(v, list) and v and all(isinstance(k, str) for k in v)):
-        raise _fail(path, where, "must be a list of config.json keys, {keys, default}, or a value")
-    for k in v:
-        if is_expression(k):
-            try:
-                _parse_expression(k)
-            except ValueError as e:
-                raise _fail(path, where, f"holds '{k}', not an arithmetic expression over config keys ({e})") from None
-
-
-_EXPR_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
-             ast.Div: operator.truediv}
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
-
-
-def is_expression(key: str) -> bool:
-    """A config reference entry that is arithmetic over config keys (`4 * n_embd`), not a single key."""
-    return any(c in key for c in "+-*/() ")
-
-
-def _parse_expression(text: str) -> tuple[ast.expr, list[str]]:
-    """The expression's tree (config keys renamed to _0, _1, ...) and the keys; ValueError when it is not
-    + - * / // over numbers, parentheses and config keys (dotted keys read nested sections)."""
-    keys: list[str] = []
-
-    def name(m: re.Match) -> str:
-        keys.append(m.group(0))
-        return f"_{len(keys) - 1}"
-
-    try:
-        tree = ast.parse(_NAME.sub(name, text), mode="eval").body
-    except SyntaxError:
-        raise ValueError("it does not parse") from None
-    for node in ast.walk(tree):
-        if not isinstance(node, (ast.BinOp, ast.UnaryOp, ast.Constant, ast.Name, ast.Load, ast.USub,
-                                 *_EXPR_OPS)) or (isinstance(node, ast.Constant) and not _is_num(node.value)):
-            raise ValueError(f"{type(node).__name__} is not allowed")
-    return tree, keys
-
-
-def expression_value(config: dict, text: str) -> float | int | None:
-    """An arithmetic expression over config keys, or None when a key it names is absent or not a number."""
-    tree, keys = _parse_expression(text)
-    values = [config_get(config, k) for k in keys]
-    if not all(_is_num(v) for v in values):
-        return None
-
-    def ev(node: ast.expr):
-        if isinstance(node, ast.Constant):
-            return node.value
-        if isinstance(node, ast.Name):
-            return values[int(node.id[1:])]
-        if isinstance(node, ast.UnaryOp):
-            return -ev(node.operand)
-        return _EXPR_OPS[type(node.op)](ev(node.left), ev(node.right))
-
-    try:
-        return ev(tree)
-    except ZeroDivisionError:
-        return None
-
-
-def _check_norm(obj: Any, path: str, where: str, per_head: bool = False) -> None:
-    """A norm's keys; `per_head`: its tensor names may hold {h} (one tensor per head)."""
-    _check_keys(obj, {"kind", "weight", "bias", "eps", "offset", "module"}, ("kind", "eps"), path, where)
-    if obj["kind"] not in NORM_KINDS:
-        raise _fail(path, f"{where}.kind", f"is '{obj['kind']}', expected one of {', '.join(NORM_KINDS)}")
-    if not _is_num(obj.get("offset", 0)):
-        raise _fail(path, f"{where}.offset", "must be a number")
-    for key in ("weight", "bias", "module"):
-        _check_name(obj, key, path, where)
-    for key in ("weight", "bias"):
-        if not per_head and HEAD in (obj.get(key) or ""):
-            raise _fail(path, f"{where}.{key}", f"holds {HEAD}, which only a per-head q/k norm may use")
-    _check_config_ref(obj["eps"], path, f"{where}.eps", _is_num)
-
-
-def _check_projection_extras(p: dict, path: str, where: str) -> None:
-    """A projection's width, low-rank input and output norm (latent attention, other sequence mixers)."""
-    _check_config_ref(p.get("width", 1), path, f"{where}.width", _is_num)
-    if (p["role"] in WIDTH_ROLES) != ("width" in p):
-        raise _fail(path, f"{where}.width", f"is {'missing' if 'width' not in p else 'not allowed'} (role "
-                                            f"{p['role']}: only {', '.join(WIDTH_ROLES)} name their output width)")
-    if not isinstance(p.get("zero_masked", False), bool):
-        raise _fail(path, f"{where}.zero_masked", "must be true or false")
-    lr = p.get("low_rank")
-    if lr is not None:
-        _check_keys(lr, {"weight", "bias", "module", "rank", "norm"}, ("weight", "module", "rank"), path,
-                    f"{where}.low_rank")
-        for key in ("weight", "module"):
-            _check_name(lr, key, path, f"{where}.low_rank", optional=False)
-        _check_name(lr, "bias", path, f"{where}.low_rank")
-        _check_config_ref(lr["rank"], path, f"{where}.low_rank.rank", _is_num)
-        if lr.get("norm") is not None:
-            _check_norm(lr["norm"], path, f"{where}.low_rank.norm")
-    on = p.get("out_norm")
-    if on is not None:
-        if not isinstance(on, dict) or "width" not in on:
-            raise _fail(path, f"{where}.out_norm.width", "is missing (how many leading outputs the norm covers)")
-        _check_config_ref(on["width"], path, f"{where}.out_norm.width", _is_num)
-        _check_norm({k: v for k, v in on.items() if k != "width"}, path, f"{where}.out_norm")
-
-
-def _check_tensor_ref(obj: Any, path: str, where: str) -> None:
-    if isinstance(obj, str) and obj:
-        return
-    _check_keys(obj, {"weight", "bias"}, ("weight",), path, where)
-    _check_name(obj, "weight", path, where, optional=False)
-    _check_name(obj, "bias", path, where)
-
-
-def validate_profile(data: Any, path: str) -> None:
-    """Check a profile's structure so that mistakes are named by key and file, not by a KeyError later."""
+def parse_profile(data: Any, path: str, where: str = "") -> ProfileDef:
+    """A profile's data (variants not applied) as its typed definition; a mistake is a UserError naming `path`
+    and the key (under `where`, e.g. the variant whose patch made the mistake)."""
     if not isinstance(data, dict):
-        raise _fail(path, "", f"(the whole file) must be a mapping of profile keys ({', '.join(_REQUIRED_TOP)}, ...)")
-    _check_keys(data, _TOP_KEYS, _REQUIRED_TOP, path, "")
-    if not isinstance(data["name"], str) or not data["name"]:
-        raise _fail(path, "name", "must be a non-empty string")
-    if not isinstance(data.get("description", ""), str):
-        raise _fail(path, "description", "must be a string")
-    _check_keys(data["match"], {"architectures", "model_types"}, (), path, "match")
-    for k, v in data["match"].items():
-        if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
-            raise _fail(path, f"match.{k}", "must be a list of names")
-    if not (data["match"].get("architectures") or data["match"].get("model_types")):
-        raise _fail(path, "match", "must list architectures or model_types")
-    if not isinstance(data.get("defaults", {}), dict):
-        raise _fail(path, "defaults", "must map config keys to the values used when config.json lacks them")
-    for i, entry in enumerate(data.get("refuse") or []):
-        _check_keys(entry, {"when", "reason"}, ("when", "reason"), path, f"refuse[{i}]")
-        if not isinstance(entry["reason"], str):
-            raise _fail(path, f"refuse[{i}].reason", "must be a string (shown to the user)")
-        if not isinstance(entry["when"], dict):
-            raise _fail(path, f"refuse[{i}].when", "must map config keys to values")
-    _check_body(data, path)
-    variants = data.get("variants") or []
-    if not isinstance(variants, list):
-        raise _fail(path, "variants", "must be a list of {when, set}")
-    for i, variant in enumerate(variants):
-        _check_keys(variant, {"when", "set"}, ("when", "set"), path, f"variants[{i}]")
-        if not isinstance(variant["when"], dict):
-            raise _fail(path, f"variants[{i}].when", "must map config keys to values")
-        if not isinstance(variant["set"], dict):
-            raise _fail(path, f"variants[{i}].set", "must be a mapping of profile keys")
-        patched = _apply_patch(data, variant["set"])
-        _check_keys(patched, _TOP_KEYS, _REQUIRED_TOP, path, f"variants[{i}].set")
-        _check_body(patched, path)
+        raise _fail(path, where, "(the whole file) must be a mapping of profile keys (name, match, block, sizes, "
+                                 "embedding, projections, attention_module, ...)")
+    return parse(ProfileDef, data, lambda key, problem: _fail(path, f"{where}.{key}" if where else key, problem))
 
 
-def _check_body(data: dict, path: str) -> None:
-    if data["block"] not in BLOCKS:
-        raise _fail(path, "block", f"is '{data['block']}', expected serial or parallel")
-    sizes = data["sizes"]
-    _check_keys(sizes, {"hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "n_layers",
-                        "intermediate_size", "n_experts", "multi_query", "shared_intermediate_size"},
-                ("hidden_size", "num_heads", "vocab_size", "n_layers"), path, "sizes")
-    for k, v in sizes.items():
-        _check_config_ref(v, path, f"sizes.{k}", lambda x: _is_num(x) or isinstance(x, bool))
-    tie = data.get("tie_word_embeddings")
-    if tie is not None:
-        _check_config_ref(tie, path, "tie_word_embeddings", lambda x: isinstance(x, bool))
-    emb = data["embedding"]
-    _check_keys(emb, {"tensor", "module", "scale", "multiplier", "norm"}, ("tensor", "module"), path, "embedding")
-    _check_name(emb, "tensor", path, "embedding", optional=False)
-    _check_name(emb, "module", path, "embedding", optional=False)
-    for key in ("scale", "multiplier"):
-        if emb.get(key) is None:
-            continue
-        scale = emb[key]
-        _check_keys(scale, {"sqrt", "config", "value"}, (), path, f"embedding.{key}")
-        if len(scale) != 1:
-            raise _fail(path, f"embedding.{key}", "must hold exactly one of sqrt, config, value")
-        (k, v), = scale.items()
-        if (k == "value" and not _is_num(v)) or (k != "value" and not (isinstance(v, str) and v)):
-            raise _fail(path, f"embedding.{key}.{k}", "must be a number" if k == "value" else "must be a key name")
-    if emb.get("norm") is not None:
-        _check_norm(emb["norm"], path, "embedding.norm")
-    if data.get("attn_norm") is not None:
-        _check_norm(data["attn_norm"], path, "attn_norm")
-    _check_name(data, "attention_module", path, "", optional=False)
-    projs = data["projections"]
-    if not isinstance(projs, list) or not projs:
-        raise _fail(path, "projections", "must be a non-empty list")
-    for i, p in enumerate(projs):
-        where = f"projections[{i}]"
-        _check_keys(p, {"role", "weight", "bias", "bias_when", "module", "heads_interleaved", "width", "low_rank",
-                        "out_norm", "zero_masked"}, ("role", "weight", "module"), path, where)
-        if p["role"] not in PROJ_ROLES:
-            raise _fail(path, f"{where}.role", f"is '{p['role']}', expected one of {', '.join(PROJ_ROLES)}")
-        _check_projection_extras(p, path, where)
-        for key in ("weight", "module"):
-            _check_name(p, key, path, where, optional=False)
-        _check_name(p, "bias", path, where)
-        if not isinstance(p.get("bias_when", True), (bool, str)):
-            raise _fail(path, f"{where}.bias_when", "must be true, false or a config.json key")
-        if not isinstance(p.get("heads_interleaved", False), bool):
-            raise _fail(path, f"{where}.heads_interleaved", "must be true or false")
-    qk = data.get("qk_norm")
-    if qk is not None:
-        _check_keys(qk, {"q", "k", "over"}, (), path, "qk_norm")
-        if qk.get("over", "head") not in QK_NORM_SPANS:
-            raise _fail(path, "qk_norm.over", f"is '{qk['over']}', expected head or projection")
-        for role in ("q", "k"):
-            if role in qk:
-                _check_norm(qk[role], path, f"qk_norm.{role}", per_head=qk.get("over", "head") == "head")
-    roles = sorted(p["role"] for p in projs)
-    if roles not in ROLE_SETS:
-        raise _fail(path, "projections", "must hold q, k and v, or one fused qkv, or mla_q and mla_kv (latent "
-                                         "attention), or one mixer_in (a sequence mixer other than attention)")
-    if data["block"] == "parallel" and not data.get("ffn"):
-        raise _fail(path, "ffn", "is missing (a parallel block folds layer 0's FFN into the table)")
-    if data.get("ffn"):
-        ffn = data["ffn"]
-        _check_keys(ffn, {"kind", "activation", "norm", "up", "gate", "down", "module", "router", "experts",
-                          "expert_kind", "top_k", "normalize_topk", "shared"},
-                    ("kind", "activation", "up", "down", "module"), path, "ffn")
-        if ffn["kind"] not in FFN_KINDS:
-            raise _fail(path, "ffn.kind", f"is '{ffn['kind']}', expected one of {', '.join(FFN_KINDS)}")
-        if ffn["kind"] == "moe":
-            for k in ("router", "experts", "top_k"):
-                if k not in ffn:
-                    raise _fail(path, f"ffn.{k}", "is missing (a mixture-of-experts FFN needs router, experts, top_k)")
-            _check_tensor_ref(ffn["router"], path, "ffn.router")
-            for k in ("experts", "top_k"):
-                _check_config_ref(ffn[k], path, f"ffn.{k}", _is_num)
-            ntk = ffn.get("normalize_topk", True)
-            if not isinstance(ntk, bool):
-                _check_keys(ntk, {"config", "default"}, ("config",), path, "ffn.normalize_topk")
-            if ffn.get("expert_kind", "glu") not in EXPERT_KINDS:
-                raise _fail(path, "ffn.expert_kind", f"is '{ffn['expert_kind']}', expected mlp or glu")
-            for part in ("up", "gate", "down"):
-                ref = ffn.get(part)
-                if ref is not None and "{e}" not in (ref if isinstance(ref, str) else ref.get("weight", "")):
-                    raise _fail(path, f"ffn.{part}", "must contain {e} (the expert index) in a moe FFN")
-            if ffn.get("shared") is not None:
-                sh = ffn["shared"]
-                _check_keys(sh, {"up", "gate", "down", "combine"}, ("up", "down"), path, "ffn.shared")
-                for part in ("up", "gate", "down"):
-                    if part in sh:
-                        _check_tensor_ref(sh[part], path, f"ffn.shared.{part}")
-                if sh.get("combine", "sum") not in ("sum", "average"):
-                    raise _fail(path, "ffn.shared.combine", f"is '{sh['combine']}', expected sum or average")
-                if ffn.get("expert_kind", "glu") == "glu" and "gate" not in sh:
-                    raise _fail(path, "ffn.shared.gate", "is missing (the experts are GLUs)")
-        elif ffn.get("shared") is not None:
-            raise _fail(path, "ffn.shared", "applies to a moe FFN only")
-        act = ffn["activation"]
-        if isinstance(act, dict):
-            _check_keys(act, {"config", "default"}, ("config",), path, "ffn.activation")
-            if not isinstance(act["config"], str) or act.get("default", "silu") not in ACTIVATIONS:
-                raise _fail(path, "ffn.activation", f"must name a config key and a default among "
-                                                    f"{', '.join(ACTIVATIONS)}")
-        elif act not in ACTIVATIONS:
-            raise _fail(path, "ffn.activation", f"is '{act}', expected one of {', '.join(ACTIVATIONS)}")
-        if (ffn["kind"] == "glu" or (ffn["kind"] == "moe" and ffn.get("expert_kind", "glu") == "glu")) \
-                and "gate" not in ffn:
-            raise _fail(path, "ffn.gate", "is missing (a GLU FFN has a gate projection)")
-        for part in ("up", "gate", "down"):
-            if part in ffn:
-                _check_tensor_ref(ffn[part], path, f"ffn.{part}")
-        _check_name(ffn, "module", path, "ffn", optional=False)
-        if ffn.get("norm") not in (None, "shared"):
-            _check_norm(ffn["norm"], path, "ffn.norm")
+def validate_profile(data: Any, path: str) -> ProfileDef:
+    """Check a profile, and the profile each variant makes of it, so that mistakes are named by key and file,
+    not by a KeyError later; returns the typed definition."""
+    defn = parse_profile(data, path)
+    for i, variant in enumerate(defn.variants):
+        parse_profile(_apply_patch(data, variant.set), path, f"variants[{i}].set")
+    return defn
 
 
 def _apply_patch(base: dict, patch: dict) -> dict:
@@ -665,57 +384,23 @@ def select_profile(config: dict, profile_path: str | Path | Profile | None = Non
                     f"Write one (configs/README.md) and pass it with --profile")
 
 
-def _config_value(config: dict, spec: Any, name: str, profile: Profile) -> Any:
-    """Resolve a `sizes` entry: a number, a list of config keys (first present wins) or {keys, default}."""
-    if isinstance(spec, (int, float)):  # a literal (booleans too: multi_query: true)
-        return spec
-    keys, default, has_default = (spec, None, False) if isinstance(spec, list) else (
-        spec["keys"], spec.get("default"), "default" in spec)
-    for k in keys:
-        val = expression_value(config, k) if is_expression(k) else config_get(config, k)
-        if val is not None:
-            return val
-    if has_default:
-        return default
-    return None
-
-
-def config_get(config: dict, key: str) -> Any:
-    """config[key]; a dotted key reads a nested section (DBRX's `attn_config.kv_n_heads`) or a list's entry by its
-    index (`layer_types.0`: layer 0's mixer)."""
-    if key in config:
-        return config[key]
-    head, dot, rest = key.partition(".")
-    sub = config.get(head) if dot else None
-    if isinstance(sub, list) and rest.partition(".")[0].isdigit():
-        index, _, rest = rest.partition(".")
-        sub = sub[int(index)] if int(index) < len(sub) else None
-        return sub if not rest else config_get(sub, rest) if isinstance(sub, dict) else None
-    return config_get(sub, rest) if isinstance(sub, dict) else None
-
-
-def _norm(obj: dict | None, config: dict, profile: Profile, where: str) -> Norm | None:
-    if obj is None:
+def _norm(norm: NormDef | None, config: dict, profile: Profile, where: str) -> Norm | None:
+    if norm is None:
         return None
-    eps = obj["eps"]
-    if isinstance(eps, (list, dict)):
-        eps_val = _config_value(config, eps, f"{where}.eps", profile)
-        if eps_val is None:
-            raise UserError(f"config.json has none of {eps if isinstance(eps, list) else eps['keys']}, read by key "
-                            f"'{where}.eps' of profile {profile.path}; add it to config.json, or name the key the "
-                            f"model's config.json uses (or a number) in the profile")
-        eps = eps_val
-    if not _is_num(eps):
+    eps = norm.eps.read(config)
+    if eps is None:
+        raise UserError(f"config.json has none of {list(norm.eps.keys)}, read by key '{where}.eps' of profile "
+                        f"{profile.path}; add it to config.json, or name the key the model's config.json uses (or a "
+                        f"number) in the profile")
+    if not is_number(eps):
         raise UserError(f"{where}.eps of profile {profile.name} resolves to {eps!r}, not a number; fix config.json "
                         f"or the profile")
-    return Norm(kind=obj["kind"], weight=obj.get("weight"), bias=obj.get("bias"), eps=float(eps),
-                offset=float(obj.get("offset", 0.0)), module=obj.get("module"))
+    return Norm(kind=norm.kind, weight=norm.weight, bias=norm.bias, eps=float(eps), offset=float(norm.offset),
+                module=norm.module)
 
 
-def _tensor_ref(obj: Any) -> tuple[str, str | None]:
-    if isinstance(obj, str):
-        return obj, None
-    return obj["weight"], obj.get("bias")
+def _tensor_ref(ref: TensorRef) -> tuple[str, str | None]:
+    return (ref, None) if isinstance(ref, str) else (ref.weight, ref.bias)
 
 
 def with_defaults(profile: Profile, config: dict) -> dict:
@@ -725,7 +410,7 @@ def with_defaults(profile: Profile, config: dict) -> dict:
     `num_ln_in_parallel_attn`); the profile states them so that variants match as the model behaves.
     """
     out = dict(config)
-    for k, v in (profile.data.get("defaults") or {}).items():
+    for k, v in profile.definition.defaults.items():
         if out.get(k) is None:
             out[k] = v
     return out
@@ -739,68 +424,73 @@ def effective_data(profile: Profile, config: dict) -> dict:
     """The profile with every variant whose `when` matches config.json applied, in order."""
     config = with_defaults(profile, config)
     data = profile.data
-    for variant in data.get("variants") or []:
-        if _matches(variant["when"], config):
-            data = _apply_patch(data, variant["set"])
+    for variant in profile.definition.variants:
+        if _matches(variant.when, config):
+            data = _apply_patch(data, variant.set)
     return data
+
+
+def effective_definition(profile: Profile, config: dict) -> ProfileDef:
+    """The typed profile for this config.json: its matching variants applied."""
+    data = effective_data(profile, config)
+    return profile.definition if data is profile.data else parse_profile(data, profile.path)
 
 
 def _activation(act: Any, config: dict) -> str:
     """An activation name, or {config, default} read from config.json, in the profile's vocabulary."""
-    if isinstance(act, dict):
-        act = config.get(act["config"]) or act.get("default")
-        act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-               "swish": "silu"}.get(act, act)
+    if not isinstance(act, str):
+        act = config.get(act.config) or act.default
+        if isinstance(act, str):
+            act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                   "swish": "silu"}.get(act, act)
         if act not in ACTIVATIONS:
             raise UserError(f"activation '{act}' of config.json is not supported; "
                             f"supported: {', '.join(ACTIVATIONS)}")
     return act
 
 
-def _ffn(f: dict, config: dict, profile: Profile) -> Ffn:
-    act = _activation(f["activation"], config)
-    fnorm = None if f.get("norm") in (None, "shared") else _norm(f["norm"], config, profile, "ffn.norm")
-    gate = _tensor_ref(f["gate"]) if f.get("gate") else None
-    up, down = _tensor_ref(f["up"]), _tensor_ref(f["down"])
-    if f["kind"] != "moe":
-        return Ffn(kind=f["kind"], activation=act, norm=fnorm, up=up, gate=gate, down=down, module=f["module"])
-    n = int(_config_value(config, f["experts"], "ffn.experts", profile) or 0)
-    top_k = int(_config_value(config, f["top_k"], "ffn.top_k", profile) or 0)
+def _ffn(f: FfnDef, config: dict, profile: Profile) -> Ffn:
+    act = _activation(f.activation, config)
+    fnorm = _norm(f.norm, config, profile, "ffn.norm") if isinstance(f.norm, NormDef) else None
+    gate = _tensor_ref(f.gate) if f.gate else None
+    up, down = _tensor_ref(f.up), _tensor_ref(f.down)
+    if f.kind != "moe":
+        return Ffn(kind=f.kind, activation=act, norm=fnorm, up=up, gate=gate, down=down, module=f.module)
+    n, top_k = (int(v) if is_number(v) and math.isfinite(v) else 0 for v in (f.experts.read(config),
+                                                                               f.top_k.read(config)))
     if n < 1 or not 1 <= top_k <= n:
         raise UserError(f"config.json gives {n} experts and top_k {top_k} for profile {profile.name}; "
                         f"need at least one expert and 1 <= top_k <= experts")
-    norm_topk = f.get("normalize_topk", True)
-    if isinstance(norm_topk, dict):
-        norm_topk = config.get(norm_topk["config"], norm_topk.get("default", True))
+    norm_topk = f.normalize_topk
+    if not isinstance(norm_topk, bool):
+        norm_topk = config.get(norm_topk.config, norm_topk.default)
 
     def expand(ref: tuple[str, str | None] | None, e: int) -> tuple[str, str | None] | None:
-        return None if ref is None else (ref[0].replace("{e}", str(e)), ref[1] and ref[1].replace("{e}", str(e)))
+        return None if ref is None else (ref[0].replace(EXPERT, str(e)), ref[1] and ref[1].replace(EXPERT, str(e)))
 
-    kind = f.get("expert_kind", "glu")
-    experts = tuple(Expert(kind=kind, up=expand(up, e), gate=expand(gate, e), down=expand(down, e))
+    experts = tuple(Expert(kind=f.expert_kind, up=expand(up, e), gate=expand(gate, e), down=expand(down, e))
                     for e in range(n))
-    sh = f.get("shared")
-    shared = None if not sh else Expert(kind=kind, up=_tensor_ref(sh["up"]), down=_tensor_ref(sh["down"]),
-                                        gate=_tensor_ref(sh["gate"]) if sh.get("gate") else None)
-    return Ffn(kind="moe", activation=act, norm=fnorm, up=up, gate=gate, down=down, module=f["module"],
-               experts=experts, router=_tensor_ref(f["router"]), top_k=top_k, normalize_topk=bool(norm_topk),
-               shared=shared, shared_combine=(sh or {}).get("combine", "sum"))
+    sh = f.shared
+    shared = None if not sh else Expert(kind=f.expert_kind, up=_tensor_ref(sh.up), down=_tensor_ref(sh.down),
+                                        gate=_tensor_ref(sh.gate) if sh.gate else None)
+    return Ffn(kind="moe", activation=act, norm=fnorm, up=up, gate=gate, down=down, module=f.module,
+               experts=experts, router=_tensor_ref(f.router), top_k=top_k, normalize_topk=bool(norm_topk),
+               shared=shared, shared_combine=sh.combine if sh else "sum")
 
 
-def _projection_extras(p: dict, config: dict, profile: Profile, where: str, ref_count) -> dict[str, Any]:
+def _projection_extras(p: ProjectionDef, config: dict, profile: Profile, where: str, ref_count) -> dict[str, Any]:
     """A projection's width, low-rank input and output norm, resolved (the keys of `Projection` they set)."""
-    out: dict[str, Any] = {"zero_masked": bool(p.get("zero_masked"))}
-    if "width" in p:
-        out["width"] = ref_count(p["width"], f"{where}.width")
-    lr = p.get("low_rank")
+    out: dict[str, Any] = {"zero_masked": p.zero_masked}
+    if p.width is not None:
+        out["width"] = ref_count(p.width, f"{where}.width")
+    lr = p.low_rank
     if lr:
-        out["low_rank"] = LowRank(weight=lr["weight"], bias=lr.get("bias"), module=lr["module"],
-                                  rank=ref_count(lr["rank"], f"{where}.low_rank.rank"),
-                                  norm=_norm(lr.get("norm"), config, profile, f"{where}.low_rank.norm"))
-    on = p.get("out_norm")
-    if on:
-        out["out_norm"] = _norm({k: v for k, v in on.items() if k != "width"}, config, profile, f"{where}.out_norm")
-        out["out_norm_width"] = ref_count(on["width"], f"{where}.out_norm.width")
+        out["low_rank"] = LowRank(weight=lr.weight, bias=lr.bias, module=lr.module,
+                                  rank=ref_count(lr.rank, f"{where}.low_rank.rank"),
+                                  norm=_norm(lr.norm, config, profile, f"{where}.low_rank.norm"))
+    if p.out_norm:
+        out["out_norm"] = _norm(p.out_norm, config, profile, f"{where}.out_norm")
+        out["out_norm_width"] = ref_count(p.out_norm.width, f"{where}.out_norm.width")
         if out["out_norm_width"] > out.get("width", out["out_norm_width"]):
             raise UserError(f"profile {profile.path}: {where}.out_norm.width ({out['out_norm_width']}) exceeds the "
                             f"projection's width ({out['width']}); fix the profile or config.json")
@@ -810,18 +500,18 @@ def _projection_extras(p: dict, config: dict, profile: Profile, where: str, ref_
 def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> ModelSpec:
     """Resolve a profile against config.json into concrete sizes and names."""
     config = with_defaults(profile, config)
-    for entry in profile.data.get("refuse") or []:
-        if _matches(entry["when"], config):
-            what = ", ".join(f"{k}={json.dumps(v)}" for k, v in entry["when"].items())
-            raise UserError(f"{profile.name} with {what} cannot be precompiled: {entry['reason']}")
-    data = effective_data(profile, config)
-    sizes = data["sizes"]
+    for entry in profile.definition.refuse:
+        if _matches(entry.when, config):
+            what = ", ".join(f"{k}={json.dumps(v)}" for k, v in entry.when.items())
+            raise UserError(f"{profile.name} with {what} cannot be precompiled: {entry.reason}")
+    body = effective_definition(profile, config)
+    sizes = body.sizes
 
     def size(name: str, required: bool = True) -> Any:
-        val = _config_value(config, sizes[name], name, profile) if name in sizes else None
+        spec = getattr(sizes, name)
+        val = spec.read(config) if spec is not None else None
         if val is None and required:
-            spec = sizes.get(name)
-            keys = spec if isinstance(spec, list) else (spec or {}).get("keys", [name])
+            keys = spec.keys if spec is not None and spec.keys else (name,)
             raise UserError(f"config.json lacks {' or '.join(map(str, keys))}, read by key 'sizes.{name}' of profile "
                             f"{profile.path}; add it to config.json, or name the key the model's config.json uses in "
                             f"the profile")
@@ -833,19 +523,18 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
         if val is None:
             return None
         if isinstance(val, bool) or not isinstance(val, (int, float)) or val != val or int(val) != val or val <= 0:
-            spec = sizes.get(name)
-            keys = spec if isinstance(spec, list) else spec.get("keys", []) if isinstance(spec, dict) else []
-            key = next((k for k in keys if config.get(k) is not None), None)
+            spec = getattr(sizes, name)
+            key = next((k for k in (spec.keys if spec is not None else ()) if config.get(k) is not None), None)
             where = f"config.json gives {key}" if key else f"profile {profile.name} gives sizes.{name}"
             raise UserError(f"{where} = {val!r} (the model's {name}); it must be a positive whole number")
         return int(val)
 
-    def ref_count(spec: Any, where: str) -> int:
+    def ref_count(spec: ConfigValue, where: str) -> int:
         """A config reference (not a sizes key) that must give a positive whole number."""
-        val = _config_value(config, spec, where, profile)
-        if isinstance(val, bool) or not _is_num(val) or int(val) != val or val <= 0:
+        val = spec.read(config)
+        if isinstance(val, bool) or not is_number(val) or int(val) != val or val <= 0:
             raise UserError(f"config.json gives {val!r} for key '{where}' of profile {profile.path} "
-                            f"({spec}); it must be a positive whole number: fix config.json or the profile")
+                            f"({spec.to_yaml()}); it must be a positive whole number: fix config.json or the profile")
         return int(val)
 
     d = count("hidden_size")
@@ -858,52 +547,56 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
     if heads <= 0 or kv <= 0 or heads % kv or head_dim <= 0:
         raise UserError(f"config.json gives {heads} attention heads and {kv} key/value heads; "
                         f"the head count must be a positive multiple of the key/value head count")
-    block = "parallel" if assume_parallel else data["block"]
-    tie_spec = data.get("tie_word_embeddings") or {"keys": ["tie_word_embeddings"], "default": False}
-    tied = bool(_config_value(config, tie_spec, "tie_word_embeddings", profile))
-    emb = data["embedding"]
+    block = "parallel" if assume_parallel else body.block
+    tie_spec = body.tie_word_embeddings or FlagValue(keys=("tie_word_embeddings",), default=False)
+    tied = bool(tie_spec.read(config))
+    emb = body.embedding
+    size_names = {f.name for f in fields(sizes)}
 
     def factor(key: str) -> float | None:
         """embedding.scale or embedding.multiplier: sqrt of a size, a config value, or a number."""
-        s = emb.get(key)
-        if not s:
+        s = getattr(emb, key)
+        if s is None:
             return None
-        if "sqrt" in s:
-            base = count(s["sqrt"]) if s["sqrt"] in sizes else config_get(config, s["sqrt"])
-            if not _is_num(base) or base <= 0:
-                raise UserError(f"config.json gives {s['sqrt']} = {base!r}, needed as a positive number for the "
+        if s.sqrt is not None:
+            base = count(s.sqrt) if s.sqrt in size_names and getattr(sizes, s.sqrt) is not None else \
+                config_get(config, s.sqrt)
+            if not is_number(base) or base <= 0:
+                raise UserError(f"config.json gives {s.sqrt} = {base!r}, needed as a positive number for the "
                                 f"embedding {key} of profile {profile.name}; fix config.json")
             return math.sqrt(float(base))
-        if "config" in s:
-            val = config_get(config, s["config"])
+        if s.config is not None:
+            val = config_get(config, s.config)
             val = 1.0 if val is None else val
-            if not _is_num(val):
-                raise UserError(f"config.json gives {s['config']} = {val!r}, needed as a number for the embedding "
+            if not is_number(val):
+                raise UserError(f"config.json gives {s.config} = {val!r}, needed as a number for the embedding "
                                 f"{key} of profile {profile.name}; fix config.json")
             return float(val)
-        return float(s["value"])
+        return float(s.value)
 
     scale, multiplier = factor("scale"), factor("multiplier")
     if multiplier is not None and block == "parallel":
         raise UserError(f"profile {profile.name}: embedding.multiplier with a parallel block is not supported (the "
                         f"table's x + FFN would have to be divided by it); drop one of them")
-    ffn = _ffn(data["ffn"], config, profile) if data.get("ffn") else None
+    ffn = _ffn(body.ffn, config, profile) if body.ffn else None
     projections = []
-    for i, p in enumerate(data["projections"]):
-        when = p.get("bias_when", True)
+    for i, p in enumerate(body.projections):
+        when = p.bias_when
         required = bool(config.get(when, False)) if isinstance(when, str) else bool(when)
-        projections.append(Projection(role=p["role"], weight=p["weight"], bias=p.get("bias"),
-                                      bias_required=required and p.get("bias") is not None,
-                                      module=p["module"], heads_interleaved=bool(p.get("heads_interleaved")),
+        projections.append(Projection(role=p.role, weight=p.weight, bias=p.bias,
+                                      bias_required=required and p.bias is not None,
+                                      module=p.module, heads_interleaved=p.heads_interleaved,
                                       **_projection_extras(p, config, profile, f"projections[{i}]", ref_count)))
-    qk = data.get("qk_norm") or {}
-    qk_norms = {role: _norm(qk[role], config, profile, f"qk_norm.{role}") for role in ("q", "k") if role in qk}
+    qk = body.qk_norm
+    span = qk.over if qk else "head"
+    qk_norms = {role: _norm(getattr(qk, role), config, profile, f"qk_norm.{role}")
+                for role in ("q", "k") if qk and getattr(qk, role) is not None}
     if qk_norms and any(p.role == "qkv" and p.heads_interleaved for p in projections) and (
-            heads != kv or qk.get("over", "head") != "head"):
+            heads != kv or span != "head"):
         raise UserError(f"profile {profile.name}: qk_norm on a heads_interleaved qkv needs as many key/value heads as "
                         f"heads and per-head norms; fix the YAML or config.json")
-    attn_norm = _norm(data.get("attn_norm"), config, profile, "attn_norm")
-    emb_norm = _norm(emb.get("norm"), config, profile, "embedding.norm")
+    attn_norm = _norm(body.attn_norm, config, profile, "attn_norm")
+    emb_norm = _norm(emb.norm, config, profile, "embedding.norm")
     identity = [m for m in (emb_norm.module if emb_norm else None, attn_norm.module if attn_norm else None) if m]
     if block == "parallel" and ffn is not None and ffn.norm is not None and ffn.norm.module:
         identity.append(ffn.norm.module)
@@ -916,11 +609,42 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
         vocab_size=count("vocab_size"), n_layers=count("n_layers"),
         intermediate_size=count("intermediate_size", required=False) if inter is not None else None,
         n_experts=len(ffn.experts) if ffn is not None and ffn.experts else (
-            count("n_experts", required=False) if n_exp else 1), ffn_kind=(data.get("ffn") or {}).get("kind", "glu"),
-        tied=tied, embedding_tensor=emb["tensor"], embedding_module=emb["module"], embedding_scale=scale,
+            count("n_experts", required=False) if n_exp else 1), ffn_kind=body.ffn.kind if body.ffn else "glu",
+        tied=tied, embedding_tensor=emb.tensor, embedding_module=emb.module, embedding_scale=scale,
         embedding_norm=emb_norm, attn_norm=attn_norm,
-        projections=tuple(projections), attention_module=data["attention_module"], ffn=ffn,
-        identity_modules=tuple(identity), qk_norms=qk_norms, qk_norm_span=qk.get("over", "head"),
+        projections=tuple(projections), attention_module=body.attention_module, ffn=ffn,
+        identity_modules=tuple(identity), qk_norms=qk_norms, qk_norm_span=span,
         embedding_multiplier=multiplier, shared_intermediate_size=(
             count("shared_intermediate_size") if size("shared_intermediate_size", required=False) else None),
     )
+
+
+def write_key_table(readme: Path) -> bool:
+    """Rewrite the generated key table between the markers in configs/README.md; True when it changed."""
+    text = readme.read_text(encoding="utf-8")
+    begin, end = KEY_TABLE_MARKERS
+    if begin not in text or end not in text:
+        raise UserError(f"{readme} lacks the markers {begin} ... {end}; put them where the key table belongs")
+    head, rest = text.split(begin, 1)
+    new = f"{head}{begin}\n{key_table(ProfileDef)}{end}{rest.split(end, 1)[1]}"
+    if new != text:
+        readme.write_text(new, encoding="utf-8")
+    return new != text
+
+
+KEY_TABLE_MARKERS = ("<!-- key table: generated by `python -m precompile.profiles --write-key-table` -->",
+                     "<!-- end of key table -->")
+
+
+def main(argv: list[str]) -> int:
+    """`python -m precompile.profiles --write-key-table [README]` (default: configs/README.md)."""
+    if not argv or argv[0] != "--write-key-table" or len(argv) > 2:
+        print("usage: python -m precompile.profiles --write-key-table [configs/README.md]", file=sys.stderr)
+        return 2
+    readme = Path(argv[1]) if len(argv) > 1 else _configs_dir() / "README.md"
+    print(f"{readme}: {'rewritten' if write_key_table(readme) else 'up to date'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -42,7 +42,7 @@ from torch import nn
 from .errors import UserError, VerificationError
 from .layout import TABLE_FILE
 from .loader import Manifest, config_from_dict, original_config, precompiled_class
-from .profiles import effective_data, with_defaults
+from .profiles import effective_definition
 from .source import fetch_files, weight_map
 from .tensors import INDEX_NAME, Checkpoint, PartialCheckpoint, dtype_name, mapped
 from .verify import BUILD_LOCK, parameters_on_meta, quiet_transformers
@@ -246,7 +246,7 @@ def _build(cls: type, config, dtype: torch.dtype) -> nn.Module:
         return cls._from_config(config, dtype=dtype, attn_implementation="eager").eval()
 
 
-def _truncate(config, keys: list[str]) -> None:
+def _truncate(config, keys: tuple[str, ...]) -> None:
     """One layer: every n_layers key the profile names is set to 1 (aliases included)."""
     for k in keys:
         if hasattr(config, k):
@@ -295,8 +295,7 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     # the decoder layer: the attention's parent, or the list entry 0 above it (LongCat's self_attn.0 in layers.0)
     layer = attention[:attention.index(".0.") + 2] if ".0." in attention else attention.rpartition(".")[0]
     points = compared_points(spec.block, spec.n_experts)
-    layer_keys = effective_data(plan.profile, with_defaults(plan.profile, plan.config))["sizes"]["n_layers"]
-    layer_keys = layer_keys["keys"] if isinstance(layer_keys, dict) else layer_keys
+    layer_keys = effective_definition(plan.profile, plan.config).sizes.n_layers.keys  # () for a literal count
     tokens = check_tokens(plan.config, plan.source.root, spec.vocab_size)
     used, ids = torch.unique(tokens, return_inverse=True)
     with BUILD_LOCK, quiet_transformers():  # imports and builds take turns across threads; the runs below do not

@@ -128,8 +128,9 @@ def test_config_lacks_size(src, out):
 
 
 def test_family_without_profile(src, out):
-    edit_json(src / "config.json", lambda c: c.update(model_type="mamba", architectures=["MambaForCausalLM"]))
-    check_refused(src, out, words=("no profile", "MambaForCausalLM", "--profile"))
+    edit_json(src / "config.json",
+              lambda c: c.update(model_type="recurrent_gemma", architectures=["RecurrentGemmaForCausalLM"]))
+    check_refused(src, out, words=("no profile", "RecurrentGemmaForCausalLM", "--profile"))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt"])

@@ -58,7 +58,7 @@ CASES = {
     # wrong types
     "name-number": (_set("name", 5), ("'name'", "string")),
     "description-list": (_set("description", ["x"]), ("'description'", "string")),
-    "block-word": (_set("block", "sequential"), ("'block'", "serial or parallel")),
+    "block-word": (_set("block", "sequential"), ("'block'", "one of serial, parallel")),
     "sizes-string": (_set("sizes.hidden_size", "hidden_size"), ("'sizes.hidden_size'", "list of config.json keys")),
     "projections-mapping": (_set("projections", {"role": "q"}), ("'projections'", "non-empty list")),
     "role-unknown": (_set("projections.0.role", "query"), ("'projections[0].role'", "q, k, v, qkv")),

@@ -82,7 +82,7 @@ def test_bfloat16_no_farther_than_original(family, converted):
 
 @pytest.mark.parametrize("profile, patch, words", [
     ("olmo2", {"qk_norm": {"over": "layer"}}, "qk_norm.over"),
-    ("olmo2", {"attn_norm": {"kind": "rms", "eps": [1], "weight": "a.{h}.weight"}}, "attn_norm.weight"),
+    ("olmo2", {"attn_norm": {"kind": "rms", "eps": 1.0e-6, "weight": "a.{h}.weight"}}, "attn_norm.weight"),
     ("olmo2", {"qk_norm": {"over": "projection", "q": {"weight": "q.{h}.w"}}}, "qk_norm.q.weight"),
     ("granite", {"embedding": {"multiplier": {"config": "embedding_multiplier", "value": 2}}},
      "embedding.multiplier"),

@@ -70,14 +70,15 @@ def test_new_keys_are_validated(profile, patch, words, tmp_path):
 
 def test_expressions_read_config_keys():
     """An arithmetic entry is present when every key it names is; the first present entry wins (GPT-J's n_inner)."""
-    from precompile.profiles import _config_value, expression_value
+    from precompile.profile_schema import ConfigValue, expression_value
 
     cfg = {"n_inner": None, "n_embd": 64, "a": {"b": 3}, "layer_types": ["conv", "full_attention"]}
     assert expression_value(cfg, "4 * n_embd") == 256
     assert expression_value(cfg, "(n_embd + a.b) // 2 - 1") == 32
     assert expression_value(cfg, "4 * missing") is None
-    assert _config_value(cfg, ["n_inner", "4 * n_embd"], "x", None) == 256
-    assert _config_value({**cfg, "n_inner": 96}, ["n_inner", "4 * n_embd"], "x", None) == 96
+    gptj_ffn = ConfigValue(keys=("n_inner", "4 * n_embd"))
+    assert gptj_ffn.read(cfg) == 256
+    assert gptj_ffn.read({**cfg, "n_inner": 96}) == 96
 
 
 def test_a_mixer_config_with_a_biased_input_projection_is_refused():

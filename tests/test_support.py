@@ -3,11 +3,9 @@ generator writes now, and every type it calls supported is converted and compare
 
 from __future__ import annotations
 
-import ast
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import tiny
@@ -160,31 +158,3 @@ def test_generator_runs_from_the_command_line(tmp_path):
         assert r.returncode == 1 and f"{path} stale" in r.stdout, r.stdout + r.stderr
         path.write_text(text)
 
-
-# ---------------------------------------------------------------- configs/README.md documents every key
-
-
-def _validator_keys() -> set[str]:
-    """Every key validate_profile accepts: the key sets passed to _check_keys in precompile/profiles.py
-    (set literals, or module constants), read from the validator's own code."""
-    from precompile import profiles
-
-    tree = ast.parse(Path(profiles.__file__).read_text(encoding="utf-8"))
-    keys: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_check_keys" and len(node.args) > 1:
-            arg = node.args[1]
-            if isinstance(arg, ast.Name):
-                keys |= set(getattr(profiles, arg.id, ()))
-            else:
-                keys |= {n.value for n in ast.walk(arg) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
-    return keys
-
-
-def test_readme_key_table_lists_every_key():
-    keys = _validator_keys()
-    assert {"name", "match", "sizes", "attn_norm", "bias_when", "eps", "offset", "top_k"} <= keys  # the parse works
-    text = (ROOT / "configs" / "README.md").read_text(encoding="utf-8")
-    table = text[text.index("## Keys"):text.index("\n## ", text.index("## Keys") + 1)]
-    documented = set(re.findall(r"`(\w+)(?:`|:)", table))  # `key` or `key: value`
-    assert not sorted(keys - documented), "configs/README.md's key table lacks these keys"
