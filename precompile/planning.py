@@ -95,7 +95,7 @@ def _check_inner(ckpt: Checkpoint, p: Projection, d: int) -> None:
                 _check_shape(ckpt, t, (n,), what)
 
 
-def _validate(spec: ModelSpec, ckpt: Checkpoint, layout: TableLayout) -> None:
+def _validate(spec: ModelSpec, ckpt: Checkpoint) -> None:
     d = spec.hidden_size
     _check_shape(ckpt, spec.embedding_tensor, (spec.vocab_size, d), "vocab_size x hidden_size")
     norms = [spec.embedding_norm, spec.attn_norm]
@@ -127,20 +127,6 @@ def _validate(spec: ModelSpec, ckpt: Checkpoint, layout: TableLayout) -> None:
             ckpt.info(ref[0])
 
 
-def _check_inner(ckpt: Checkpoint, p: Projection, d: int) -> None:
-    """The shapes of a projection's low-rank input, its norm and the norm over its leading outputs."""
-    lr = p.low_rank
-    if lr is not None:
-        _check_shape(ckpt, lr.weight, (lr.rank, d), "low_rank.rank x hidden_size")
-        if lr.bias and lr.bias in ckpt.tensors:
-            _check_shape(ckpt, lr.bias, (lr.rank,), "low_rank.rank")
-    for norm, n, what in ((lr.norm if lr else None, lr.rank if lr else 0, "low_rank.rank"),
-                          (p.out_norm, p.out_norm_width, "out_norm.width")):
-        for t in (norm.weight, norm.bias) if norm else ():
-            if t:
-                _check_shape(ckpt, t, (n,), what)
-
-
 def plan_conversion(source: str, *, revision: str | None = None, profile: str | Profile | None = None,
                     dtype: str = "auto", compute_dtype: str = "float32", allow_pickle: bool = False,
                     scratch: Path | None = None, overlay: bool = False) -> ConversionPlan:
@@ -164,7 +150,7 @@ def plan_conversion(source: str, *, revision: str | None = None, profile: str | 
     ckpt = _layer0_checkpoint(src, spec) if overlay else open_checkpoint(src.root, allow_pickle, scratch)
     layout = table_layout(spec, frozenset(ckpt.tensors))
     check_tensors(prof, config, spec, ckpt.tensors, ckpt.root)  # names the profile key of a wrong name or size
-    _validate(spec, ckpt, layout)
+    _validate(spec, ckpt)
     check_tokenizer(src.root, spec.vocab_size)
     emb_dtype = ckpt.info(spec.embedding_tensor).dtype
     model_dtype = DTYPE_CHOICES[dtype] if dtype != "auto" else DTYPES[emb_dtype]

@@ -248,16 +248,22 @@ def mapped(ckpt: Checkpoint, name: str) -> torch.Tensor:
     return torch.frombuffer(mm, dtype=DTYPES[info.dtype], count=info.numel, offset=info.start).view(info.shape)
 
 
+def _files_named_by(index: Path, problem: str, fix: str) -> list[str]:
+    """The weight files an index names, sorted, all present beside it."""
+    root = index.parent
+    files = sorted(set(read_index(index).values()))
+    missing = [f for f in files if not (root / f).exists()]
+    if missing:
+        raise UserError(f"{problem} in {root}: {', '.join(missing)} (named by {index.name}); {fix}")
+    return files
+
+
 def checkpoint_files(root: Path) -> list[str]:
     """The safetensors files of a checkpoint, checking that every file its index names is present."""
     index = weight_index(root)
     if index is not None:
-        files = sorted(set(read_index(index).values()))
-        missing = [f for f in files if not (root / f).exists()]
-        if missing:
-            raise UserError(f"missing or incomplete model files in {root}: {', '.join(missing)} "
-                            f"(named by {INDEX_NAME}); download them, or use --overlay to read only layer 0")
-        return files
+        return _files_named_by(index, "missing or incomplete model files",
+                               "download them, or use --overlay to read only layer 0")
     if (root / SINGLE_NAME).exists():
         return [SINGLE_NAME]
     if any(root.glob("*.bin")) or any(root.glob("*.pt")) or any(root.glob("*.pth")):
@@ -271,12 +277,7 @@ def pickle_files(root: Path) -> list[str]:
     """PyTorch pickle weight files of a checkpoint (by its index when it has one), sorted."""
     index = root / PICKLE_INDEX
     if index.exists():
-        files = sorted(set(read_index(index).values()))
-        missing = [f for f in files if not (root / f).exists()]
-        if missing:
-            raise UserError(f"missing model files in {root}: {', '.join(missing)} (named by {PICKLE_INDEX}); "
-                            f"download them")
-        return files
+        return _files_named_by(index, "missing model files", "download them")
     return sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
 
 
