@@ -159,6 +159,13 @@ def describe_shards(plan: ConversionPlan, methods: dict[str, str]) -> str:
                                   for what, g in groups.items())
 
 
+def _config_as_written(plan: ConversionPlan) -> dict:
+    """The source's config.json with the output's dtype (transformers 5 names it `dtype`)."""
+    cfg = {k: v for k, v in plan.config.items() if k != "torch_dtype"}
+    cfg["dtype"] = dtype_name(plan.model_dtype)
+    return cfg
+
+
 def _out_config(plan: ConversionPlan) -> dict:
     """OUT_DIR/config.json: the original config, entered through the shim's classes.
 
@@ -166,10 +173,9 @@ def _out_config(plan: ConversionPlan) -> dict:
     (transformers asks first only for model types it does not know). Plain AutoModelForCausalLM would
     then build the original class, and the table file's guard stops it (see layout.table_file_header).
     """
-    cfg = {k: v for k, v in plan.config.items() if k not in ("torch_dtype", "auto_map", "architectures")}
+    cfg = {k: v for k, v in _config_as_written(plan).items() if k not in ("auto_map", "architectures")}
     return {
         **cfg,
-        "dtype": dtype_name(plan.model_dtype),
         "architectures": ["PrecompiledForCausalLM"],
         "auto_map": {"AutoConfig": "precompile_loader.PrecompiledConfig",
                      "AutoModelForCausalLM": "precompile_loader.PrecompiledForCausalLM"},
@@ -183,10 +189,8 @@ def _out_config(plan: ConversionPlan) -> dict:
 def build_manifest(plan: ConversionPlan, options: dict, source_files: dict[str, str],
                    outputs: dict[str, str], kind: str = "full", sizes: dict[str, int] | None = None) -> Manifest:
     spec, layout = plan.spec, plan.layout
-    cfg = dict(plan.config)
-    cfg.pop("torch_dtype", None)
-    dtype = dtype_name(plan.model_dtype)
-    cfg["dtype"] = dtype
+    cfg = _config_as_written(plan)
+    dtype = cfg["dtype"]
     zero = (spec.ffn.module,) if spec.folds_ffn and spec.ffn else ()
     return Manifest(
         tool_version=__version__,
@@ -232,7 +236,8 @@ def convert(source: str, out_dir: str | os.PathLike, options: ConvertOptions | N
     options: a ConvertOptions (precompile/options.py), or its fields as keywords (`chunk_size=64`,
     `allow_pickle=True`, `overlay=True`, ...), which replace those of a given `options`.
     force: replace an existing OUT_DIR, only once the new one is complete.
-    table: an already computed table file (an overlay's, for `materialize`) copied instead of computed.
+    table: an already computed table file (an overlay's, for `materialize`) whose rows are streamed into
+    OUT_DIR's table file instead of computed.
     """
     opts = ConvertOptions.build(options, **kwargs)
     progress = progress or Progress(quiet=True)

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # the loader imports torch; `plan` on a config reads projecti
     from .loader import TableColumn
 
 TABLE_FILE = "precompile_table.safetensors"
+GUARD_SHAPE = (1,)
 GUARD_NOTE = ("{guard} here is a 1-element guard, not a weight: its shape makes plain transformers stop instead of "
               "loading this directory as the original model with random layer-0 weights; load it with "
               "precompile.load or from_pretrained(..., trust_remote_code=True)")
@@ -112,5 +113,6 @@ def table_file_header(lay: TableLayout, dtype: str, itemsize: int) -> tuple[list
     class with layer 0 missing: it stops on the guard's shape (transformers refuses mismatched sizes).
     """
     shape = (lay.vocab_size, lay.width)
-    return ([(lay.tensor_name, dtype, shape, shape[0] * shape[1] * itemsize), (lay.guard, dtype, (1,), itemsize)],
+    return ([(lay.tensor_name, dtype, shape, shape[0] * shape[1] * itemsize),
+             (lay.guard, dtype, GUARD_SHAPE, GUARD_SHAPE[0] * itemsize)],
             {"format": "pt", "precompile": GUARD_NOTE.format(guard=lay.guard)})

@@ -18,7 +18,7 @@ import torch
 
 from .errors import UserError
 from .files import TMP_PREFIX, scratch_dir
-from .layout import TableLayout, projection_width, table_inputs, table_layout
+from .layout import TableLayout, projection_width, table_file_header, table_inputs, table_layout
 from .options import ConvertOptions, check_value, meta
 from .profile_check import check_tensors
 from .profiles import ModelSpec, Profile, Projection, builtin_profiles, resolve, select_profile
@@ -63,8 +63,9 @@ class ConversionPlan:
 
     @property
     def table_file_bytes(self) -> int:
-        """The table file's tensor data: the table and the one-element guard (layout.table_file_header)."""
-        return self.table_bytes + self.model_dtype.itemsize
+        """The table file's tensor data: the table and the one-element guard."""
+        entries, _ = table_file_header(self.layout, DTYPE_NAMES[self.model_dtype], self.model_dtype.itemsize)
+        return sum(e[3] for e in entries)
 
     @property
     def out_bytes(self) -> int:

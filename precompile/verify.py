@@ -32,7 +32,7 @@ from .allowance import FACTOR, LOGIT_KEYS, Allowance, Distance, Scale, apply_giv
 from .device import pick_device
 from .errors import UserError
 from .files import check_regular, file_sha256
-from .layout import TableLayout, layer0_tensor_names, table_layout
+from .layout import GUARD_SHAPE, TableLayout, layer0_tensor_names, table_layout
 from .loader import (MANIFEST, Manifest, PrecompileLoadError, SourceNotFoundError, indexed_table_file, load,
                      locate_source, original_config, overlay_base)
 from .profiles import conversion_profile, resolve
@@ -243,7 +243,7 @@ def check_copied(out_ckpt: Checkpoint, ref_ckpt: Checkpoint, layout: TableLayout
     mismatched, missing_in_ref, nbytes = [], [], 0
     eliminated = layout.eliminated
     guard = out_ckpt.tensors.get(layout.guard)
-    if guarded and (guard is None or tuple(guard.shape) != (1,)):
+    if guarded and (guard is None or tuple(guard.shape) != GUARD_SHAPE):
         mismatched.append(f"{layout.guard} (the guard)")
     names = [n for n in out_ckpt.tensors if n not in (layout.tensor_name, layout.guard)]
     for name in names:
