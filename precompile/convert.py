@@ -25,7 +25,7 @@ from .generation import write_generation_config
 from .files import (TMP_PREFIX, atomic_dir, blob_sha256, check_free_space, check_out_dir, file_sha256, out_dir_lock,
                     out_dir_target, scratch_dir, share_file, write_json)
 from .layout import TABLE_FILE, layer0_tensor_names, table_file_header
-from .loader import MANIFEST, LoaderRecord, Manifest, ProfileRecord, SourceRecord, TableRecord
+from .loader import MANIFEST, LoaderRecord, Manifest, ProfileRecord, SourceRecord, TableRecord, converted_config
 from .options import ConvertOptions
 from .planning import ConversionPlan, ShardPlan, describe_plan, plan_conversion, recorded_options
 from .precompute import compute_rows
@@ -167,23 +167,9 @@ def _config_as_written(plan: ConversionPlan) -> dict:
 
 
 def _out_config(plan: ConversionPlan) -> dict:
-    """OUT_DIR/config.json: the original config, entered through the shim's classes.
-
-    The original model type lets AutoTokenizer and AutoConfig load OUT_DIR without trust_remote_code
-    (transformers asks first only for model types it does not know). Plain AutoModelForCausalLM would
-    then build the original class, and the table file's guard stops it (see layout.table_file_header).
-    """
-    cfg = {k: v for k, v in _config_as_written(plan).items() if k not in ("auto_map", "architectures")}
-    return {
-        **cfg,
-        "architectures": ["PrecompiledForCausalLM"],
-        "auto_map": {"AutoConfig": "precompile_loader.PrecompiledConfig",
-                     "AutoModelForCausalLM": "precompile_loader.PrecompiledForCausalLM"},
-        "precompile": {
-            "original_architectures": plan.config.get("architectures"),
-            "load": "precompile.load(path), or from_pretrained(path, trust_remote_code=True); see precompile.json",
-        },
-    }
+    """OUT_DIR/config.json: the original config, entered through the shim's classes (see
+    loader.converted_config: plain AutoModelForCausalLM stops with the way out)."""
+    return converted_config(_config_as_written(plan), plan.config.get("architectures"))
 
 
 def build_manifest(plan: ConversionPlan, options: dict, source_files: dict[str, str],

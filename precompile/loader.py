@@ -39,13 +39,27 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers import PretrainedConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the table file must hold its guard and config.json the plain-load message
+READABLE_VERSIONS = (1, 2)  # 1: written before the guard was required
 MANIFEST = "precompile.json"
 # The loader imports nothing of the package, so it keeps copies; tests/test_manifest.py checks they agree.
 INDEX = "model.safetensors.index.json"  # Copied from precompile.weight_files.INDEX_NAME
 SINGLE = "model.safetensors"  # Copied from precompile.weight_files.SINGLE_NAME
+TABLE = "precompile_table.safetensors"  # Copied from precompile.layout.TABLE_FILE
+SHIM = "precompile_loader.py"  # Copied from precompile.convert.SHIM_FILE
+GUARD_SHAPE = (1,)  # Copied from precompile.layout.GUARD_SHAPE
+# Copied from precompile.layout.GUARD_NOTE
+GUARD_NOTE = ("{guard} here is a 1-element guard, not a weight: its shape makes plain transformers stop instead of "
+              "loading this directory as the original model with random layer-0 weights; load it with "
+              "precompile.load or from_pretrained(..., trust_remote_code=True)")
+# OUT_DIR/config.json's `transformers_weights`: transformers reads it only to load the model's weights, and stops
+# on a value that names no safetensors file with an error that ends with this text. AutoConfig and AutoTokenizer
+# keep it as an unused attribute; config.save_pretrained drops it.
+PLAIN_LOAD_MESSAGE = ("this is a precompiled model, whose layer 0 is a lookup table that plain transformers would "
+                      "replace with random weights: load it with AutoModelForCausalLM.from_pretrained(path, "
+                      "trust_remote_code=True) or precompile.load(path)")
 # Copied from precompile.tensors.TORCH_DTYPES
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "float64": torch.float64}
@@ -91,7 +105,7 @@ class TableEmbedding(nn.Module):
         self._kept = kept
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = nn.functional.embedding(input_ids, self.table)
+        rows = nn.functional.embedding(input_ids, self.table.detach())  # a constant of the model: never trained
         self._kept.rows = rows
         if self.x_stop:
             return rows[..., : self.x_stop]
@@ -99,6 +113,13 @@ class TableEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"table={tuple(self.table.shape)}, x={'table' if self.x_stop else 'embedding'}"
+
+    def __getattr__(self, name: str):
+        """Untied, `.weight` is the table's residual columns (a view, not a parameter): model code that reads
+        `embed_tokens.weight.device` or `.dtype` (Llama 4) finds the table's."""
+        if name == "weight" and "weight" not in self._parameters and self.x_stop:
+            return self.table[:, : self.x_stop]
+        return super().__getattr__(name)
 
 
 class TableSlice(nn.Module):
@@ -118,7 +139,7 @@ class TableSlice(nn.Module):
         if rows.shape[:-1] != hidden.shape[:-1]:
             raise RuntimeError(f"precompiled lookup rows {tuple(rows.shape[:-1])} do not match layer 0's "
                                f"input {tuple(hidden.shape[:-1])}")
-        out = rows[..., self.start: self.stop]
+        out = rows[..., self.start: self.stop].to(hidden.device)  # with a device_map, the table may sit elsewhere
         if self.zero_masked:  # the mixer zeroed padded positions' input (a bias-free projection of 0 is 0)
             out = out * hidden.ne(0).any(-1, keepdim=True).to(out.dtype)
         return out
@@ -265,6 +286,10 @@ class Manifest:
     kind: str = "full"  # or "overlay": the table only, loaded over the unchanged source
     tool_version: str | None = None
     format_version: int = FORMAT_VERSION
+    # Written by save_pretrained (absent from a conversion): {"by", "from", "changed"}; `changed` lists the tensors
+    # that differ from the checkpoint the model was loaded from (null: that could not be read), and when it is not
+    # empty `source` still says where the table came from but no longer describes every weight (see SAVED_NOTE).
+    saved: dict | None = None
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "Manifest":
@@ -286,7 +311,7 @@ class Manifest:
         """The manifest in `m` (precompile.json as parsed JSON), checked; `where` names it in errors."""
         if not isinstance(m, dict) or m.get("format") != "precompile":
             raise PrecompileLoadError(f"{where} is not a precompile manifest; convert the model again")
-        if m.get("format_version") != FORMAT_VERSION:
+        if m.get("format_version") not in READABLE_VERSIONS:
             raise PrecompileLoadError(f"{where} has format version {m.get('format_version')}, this loader reads "
                                       f"{FORMAT_VERSION}; convert again with this version or use a matching loader")
         for key in ("table", "loader", "source"):
@@ -312,7 +337,8 @@ class Manifest:
                                      if k in ProfileRecord.__dataclass_fields__}),
             options=m.get("options", {}), eliminated=tuple(m.get("eliminated", [])), outputs=m.get("outputs", {}),
             output_sizes=m.get("output_sizes"), kind=m.get("kind", "full"),
-            tool_version=m.get("tool_version") if isinstance(m.get("tool_version"), str) else None)
+            tool_version=m.get("tool_version") if isinstance(m.get("tool_version"), str) else None,
+            format_version=m["format_version"], saved=m.get("saved"))
 
     @classmethod
     def coerce(cls, m: "Manifest | dict") -> "Manifest":
@@ -325,7 +351,12 @@ class Manifest:
              "kind": self.kind, "profile": self.profile.to_dict(), "source": self.source.to_dict(),
              "options": self.options, "table": self.table.to_dict(), "loader": self.loader.to_dict(),
              "eliminated": list(self.eliminated), "outputs": self.outputs}
-        return _set(d, output_sizes=self.output_sizes)
+        return _set(d, output_sizes=self.output_sizes, saved=self.saved)
+
+    @property
+    def guarded(self) -> bool:
+        """Whether this format requires the guard (table.guard and config.json's PLAIN_LOAD_MESSAGE)."""
+        return self.format_version >= 2
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -389,6 +420,8 @@ def _manifest_problem(m: dict) -> str | None:
         (all(int_map(x) for x in (m.get("output_sizes", {}), src.get("sizes", {}), src.get("mtimes", {}))),
          "output_sizes, source.sizes and source.mtimes must map file names to integers"),
         (isinstance(t.get("guard", ""), str), "table.guard must be a tensor name"),
+        (m.get("saved") is None or (isinstance(m["saved"], dict) and (m["saved"].get("changed") is None or str_list(
+            m["saved"]["changed"]))), "saved must be an object whose changed is a list of tensor names or null"),
     ]
     return next((why for ok, why in checks if not ok), None)
 
@@ -453,6 +486,16 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
+def _set_unlisted(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at `path` as a plain attribute, outside its parent's `_modules`: the parent's forward calls
+    it and `get_submodule` finds it, but `named_modules` does not list it, so PEFT's name matching
+    (`target_modules=["q_proj", ...]`) and accelerate's placement skip a lookup that has no weight."""
+    parent, _, name = path.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    owner._modules.pop(name, None)
+    owner.__dict__[name] = module
+
+
 def apply_layout(model: nn.Module, manifest: Manifest | dict) -> None:
     """Swap the layer-0 modules named in the manifest for table lookups (on any device, meta included)."""
     manifest = Manifest.coerce(manifest)
@@ -464,7 +507,7 @@ def apply_layout(model: nn.Module, manifest: Manifest | dict) -> None:
     _set_module(model, spec.embedding_module, emb)
     for col in table.columns:
         if col.module:
-            _set_module(model, col.module, TableSlice(col.start, col.stop, kept, col.zero_masked))
+            _set_unlisted(model, col.module, TableSlice(col.start, col.stop, kept, col.zero_masked))
     for path in spec.identity_modules:
         _set_module(model, path, NormIdentity(kept))
     for path in spec.zero_modules:
@@ -490,13 +533,53 @@ def precompiled_class(base: type, manifest: Manifest | dict) -> type:
     def __init__(self, config, *args, **kwargs):
         base.__init__(self, config, *args, **kwargs)
         apply_layout(self, manifest)
+        self._precompile_origin = None  # (OUT_DIR, an overlay's base or None), set by `load`: what save compares
+
+    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs):
+        base._set_gradient_checkpointing(self, enable, *args, **kwargs)
+        _layer0_not_checkpointed(self, manifest)
+
+    def train(self, mode: bool = True):
+        base.train(self, mode)
+        freeze_table(self, manifest)
+        return self
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        raise NotImplementedError(RESIZE_MESSAGE)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        return save_precompiled(self, base, manifest, save_directory, *args, **kwargs)
 
     # An overlay's base shards still hold the eliminated tensors: transformers skips them (never reading
     # their data) and need not report them as unexpected.
     ignore = list(getattr(base, "_keys_to_ignore_on_load_unexpected", None) or [])
     ignore += [rf"(^|\.){re.escape(n)}$" for n in manifest.eliminated]
-    return type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__,
+    methods = {f.__name__: f for f in (__init__, _set_gradient_checkpointing, train, resize_token_embeddings,
+                                        save_pretrained)}
+    return type(base.__name__, (base,), {**methods, "__module__": base.__module__,
                                          "_keys_to_ignore_on_load_unexpected": ignore})
+
+
+RESIZE_MESSAGE = ("resize_token_embeddings cannot grow or shrink a precompiled model: each token's table row was "
+                  "computed with layer 0's weights, which the conversion eliminated; resize the original model, "
+                  "then convert it again")
+
+
+def freeze_table(model: nn.Module, manifest: Manifest | dict) -> None:
+    """The table is a constant of the model (its rows are layer 0's outputs): never a trainable parameter."""
+    model.get_submodule(Manifest.coerce(manifest).loader.embedding_module).table.requires_grad_(False)
+
+
+def _layer0_not_checkpointed(model: nn.Module, manifest: Manifest) -> None:
+    """Gradient checkpointing replays a layer in backward, after its forward call: layer 0's lookups would find
+    the call's rows gone. Layer 0 has no projections left to recompute, so it is simply not checkpointed."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    parts = manifest.loader.attention_module.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        mod = model.get_submodule(".".join(parts[:i]))
+        if isinstance(mod, GradientCheckpointingLayer):
+            mod.gradient_checkpointing = False
 
 
 def _check_table(path: Path, manifest: Manifest, config: "PretrainedConfig") -> None:
@@ -744,14 +827,18 @@ def _overlay_dir(path: Path, root: Path, manifest: Manifest) -> Path:
 
 def load(path: str | os.PathLike | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, base: str | os.PathLike | None = None, verify_base: bool = False,
-         **kwargs) -> "PreTrainedModel":
+         config: "PretrainedConfig | None" = None, **kwargs):
     """Build the precompiled model from OUT_DIR (default: the directory holding this file).
 
     For an overlay, `base` is the original model's directory (default: from the manifest), and
     verify_base=True hashes the base files the table was computed from instead of trusting size and mtime.
+    Other keywords go to transformers' `from_pretrained` of the original class (device_map, attn_implementation,
+    output_loading_info, low_cpu_mem_usage, ...), with the same effect; those that cannot hold for a
+    precompiled model (REFUSED) stop with one line. `config` replaces the recorded one (same model type).
     """
     from transformers import AutoModelForCausalLM
 
+    _refuse(kwargs)
     path = Path(path) if path is not None else Path(__file__).resolve().parent
     manifest = Manifest.read(path)
     named = indexed_table_file(path, manifest)
@@ -759,7 +846,7 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
         raise PrecompileLoadError(f"{path / INDEX} loads the table from {named!r}, but {MANIFEST} names "
                                   f"{manifest.table.file!r}; the conversion is damaged, convert again")
     try:
-        config = original_config(manifest)
+        config = _given_config(config, manifest) if config is not None else original_config(manifest)
         _check_table(path, manifest, config)
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise PrecompileLoadError(f"{path / MANIFEST} is malformed ({type(e).__name__}: {e}); convert again") from None
@@ -768,34 +855,217 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device | Non
     if isinstance(dtype, str):
         dtype = _DTYPES[dtype]
     dtype = dtype or _DTYPES[manifest.table.dtype]
+    root = None
     if manifest.kind == "overlay":
         root = overlay_base(path, base, verify_base, manifest)
         tmp = _overlay_dir(path, root, manifest)
         try:
-            model = _from_pretrained(cls, tmp, path, config, dtype, kwargs)
+            model, info = _from_pretrained(cls, tmp, path, config, dtype, kwargs)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     elif base is not None:
         raise PrecompileLoadError(f"{path} is a full conversion: it holds every tensor and takes no base")
     else:
-        model = _from_pretrained(cls, path, path, config, dtype, kwargs)
+        model, info = _from_pretrained(cls, path, path, config, dtype, kwargs)
     if device is not None:
         model = model.to(device)
+    freeze_table(model, manifest)
+    model._precompile_origin = (path, root)
     model.eval()
-    return model
+    return (model, info) if kwargs.get("output_loading_info") else model
+
+
+# from_pretrained arguments that cannot mean for a precompiled model what they mean for the original
+REFUSED = {
+    "quantization_config": "quantize the original model and convert that, or quantize after loading",
+    "gguf_file": "a GGUF file holds the original model: convert it first",
+    "state_dict": "the weights come from OUT_DIR (its table and the kept tensors)",
+    "tp_plan": "tensor parallelism would shard the table lookups, which it does not know",
+    "tp_size": "tensor parallelism would shard the table lookups, which it does not know",
+    "distributed_config": "tensor parallelism would shard the table lookups, which it does not know",
+    "device_mesh": "tensor parallelism would shard the table lookups, which it does not know",
+    "from_tf": "OUT_DIR holds safetensors",
+    "from_flax": "OUT_DIR holds safetensors",
+}
+
+
+def _refuse(kwargs: dict) -> None:
+    for name, why in REFUSED.items():
+        if kwargs.get(name) not in (None, False):
+            raise PrecompileLoadError(f"from_pretrained({name}=...) is not supported for a precompiled model: {why}")
+
+
+def _given_config(config, manifest: Manifest) -> "PretrainedConfig":
+    """A config passed by the caller (AutoModelForCausalLM passes OUT_DIR's config.json, with any keyword
+    overrides): it must be the recorded model type; its plain-load message is dropped (it would stop loading)."""
+    want, got = manifest.source.config.get("model_type"), getattr(config, "model_type", None)
+    if got != want:
+        raise PrecompileLoadError(f"from_pretrained(config=...) has model type {got!r}, "
+                                  f"but this precompiled model is a {want!r}; pass its own config or none")
+    cfg = {k: v for k, v in config.to_dict().items() if k not in ("transformers_weights", "auto_map", "precompile")}
+    return config_from_dict({**cfg, "model_type": want})  # the original class's config type (AutoConfig gave the shim's PrecompiledConfig)
 
 
 def _from_pretrained(cls: type, where: Path, path: Path, config, dtype, kwargs: dict):
-    """transformers' from_pretrained, refusing a checkpoint that lacks a weight: transformers would fill it
-    with random values and only warn."""
-    if kwargs.get("output_loading_info"):
-        return cls.from_pretrained(str(where), config=config, dtype=dtype, **kwargs)
+    """transformers' from_pretrained and its loading info, refusing a checkpoint that lacks a weight: transformers
+    would fill it with random values and only warn."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("output_loading_info", "config", "dtype", "torch_dtype")}
     model, info = cls.from_pretrained(str(where), config=config, dtype=dtype, output_loading_info=True, **kwargs)
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise PrecompileLoadError(f"{path} lacks {len(missing)} weight(s) of the model ({', '.join(missing[:3])}); "
                                   f"they would be random, the conversion is damaged or incomplete, convert again")
-    return model
+    return model, info
+
+
+def converted_config(config: dict, original_architectures: list | None) -> dict:
+    """OUT_DIR/config.json: the original config (`config`, as written), entered through the shim's classes.
+
+    The original model type lets AutoTokenizer and AutoConfig load OUT_DIR without trust_remote_code
+    (transformers asks first only for model types it does not know). Plain AutoModelForCausalLM would then
+    build the original class: `transformers_weights` (PLAIN_LOAD_MESSAGE) stops it first with the way out,
+    and the table file's guard (GUARD_NOTE) stops it should that key be removed.
+    """
+    cfg = {k: v for k, v in config.items()
+           if k not in ("auto_map", "architectures", "precompile", "transformers_weights")}
+    return {
+        **cfg,
+        "architectures": ["PrecompiledForCausalLM"],
+        "auto_map": {"AutoConfig": "precompile_loader.PrecompiledConfig",
+                     "AutoModelForCausalLM": "precompile_loader.PrecompiledForCausalLM"},
+        "precompile": {
+            "original_architectures": original_architectures,
+            "load": "precompile.load(path), or from_pretrained(path, trust_remote_code=True); see precompile.json",
+        },
+        "transformers_weights": PLAIN_LOAD_MESSAGE,
+    }
+
+
+SAVED_NOTE = ("saved by save_pretrained from a loaded precompiled model; `changed` lists the tensors that differ "
+              "from the checkpoint it was loaded from (null: that checkpoint could not be read): when any did, "
+              "`source` records where the table came from, not every weight, and verify says so")
+
+
+def save_precompiled(model, base: type, manifest: Manifest, save_directory, is_main_process: bool = True,
+                     state_dict: dict | None = None, push_to_hub: bool = False, **kwargs) -> None:
+    """`save_pretrained` of a precompiled model: a converted OUT_DIR (table file with its guard, manifest, config
+    with auto_map, shim, shards and index, generation config) that loads to exactly this model.
+
+    The manifest keeps the conversion's records (source, profile, layout) and adds `saved` (SAVED_NOTE);
+    `outputs` are this directory's files. push_to_hub (here or `model.push_to_hub`) uploads what this writes.
+    """
+    from safetensors.torch import save_file
+
+    for name, value in (("state_dict", state_dict), ("variant", kwargs.get("variant"))):
+        if value is not None:
+            raise PrecompileLoadError(f"save_pretrained({name}=...) is not supported for a precompiled model: it "
+                                      f"saves the model's own tensors under the names its loader reads")
+    if kwargs.get("safe_serialization") is False:
+        raise PrecompileLoadError("save_pretrained(safe_serialization=False) is not supported for a precompiled "
+                                  "model: its loader reads safetensors")
+    out = Path(save_directory)
+    if out.is_file():
+        raise PrecompileLoadError(f"save_pretrained: {out} is a file; pass a directory")
+    table_name, emb_path = manifest.table.tensor, manifest.loader.embedding_module
+    table = model.get_submodule(emb_path).table.detach()
+    sd = {k: v for k, v in model.state_dict().items() if k != table_name}
+    repo = _create_repo(out, kwargs) if push_to_hub else None
+    base.save_pretrained(model, out, is_main_process=is_main_process, state_dict=sd, **kwargs)
+    if not is_main_process:
+        return
+    guard = manifest.table.guard or next(f"{c.module}.weight" for c in manifest.table.columns if c.module)
+    dtype = next(k for k, v in _DTYPES.items() if v == table.dtype)
+    save_file({table_name: table.contiguous().cpu(), guard: torch.zeros(GUARD_SHAPE, dtype=table.dtype)},
+              str(out / TABLE), metadata={"format": "pt", "precompile": GUARD_NOTE.format(guard=guard)})
+    weight_map = _saved_index(out, table_name, guard, table)
+    written = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    original = {**{k: v for k, v in written.items() if k not in ("architectures", "auto_map", "torch_dtype")},
+                "dtype": dtype}
+    (out / "config.json").write_text(json.dumps(converted_config(original, [base.__name__]), indent=2) + "\n",
+                                     encoding="utf-8")
+    shutil.copyfile(Path(__file__), out / SHIM)
+    files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST)
+    src = manifest.source
+    saved = Manifest(
+        source=SourceRecord({**src.config, "dtype": dtype}, src.id, src.revision, src.path, src.files),
+        table=TableRecord(TABLE, table_name, tuple(table.shape), dtype, manifest.table.columns, guard),
+        loader=manifest.loader, profile=manifest.profile, options={**manifest.options, "dtype": dtype},
+        eliminated=manifest.eliminated, outputs={n: _sha256(out / n) for n in files},
+        output_sizes={n: (out / n).stat().st_size for n in files}, kind="full", tool_version=manifest.tool_version,
+        saved={"by": "save_pretrained", "from": str(model._precompile_origin[0]) if model._precompile_origin else None,
+               "changed": _changed_tensors(model, {**sd, table_name: table}, weight_map, manifest),
+               "note": SAVED_NOTE})
+    (out / MANIFEST).write_text(json.dumps(saved.to_dict(), indent=2) + "\n", encoding="utf-8")
+    if repo is not None:
+        model._upload_modified_files(str(out), repo, files_timestamps={}, commit_message=kwargs.get("commit_message"),
+                                     token=kwargs.get("token"))
+
+
+def _create_repo(out: Path, kwargs: dict) -> str:
+    from transformers.utils.hub import hf_api
+
+    repo_id = kwargs.pop("repo_id", None) or out.name
+    return hf_api().create_repo(repo_id, exist_ok=True, token=kwargs.get("token")).repo_id
+
+
+def _saved_index(out: Path, table_name: str, guard: str, table: torch.Tensor) -> dict[str, str]:
+    """OUT_DIR's index after transformers saved the kept tensors: the table file added (a single
+    model.safetensors is renamed into a one-shard index: the loader and verify read the table through it)."""
+    from safetensors import safe_open
+
+    if (out / SINGLE).exists():
+        shard = "model-00001-of-00001.safetensors"
+        os.replace(out / SINGLE, out / shard)
+        with safe_open(out / shard, framework="pt") as f:
+            index = {"metadata": {}, "weight_map": {k: shard for k in f.keys()}}
+    else:
+        index = json.loads((out / INDEX).read_text(encoding="utf-8"))
+    index["weight_map"].update({table_name: TABLE, guard: TABLE})
+    meta = index.setdefault("metadata", {})
+    if "total_size" in meta:
+        meta["total_size"] = int(meta["total_size"]) + table.numel() * table.element_size()
+    (out / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return index["weight_map"]
+
+
+def _changed_tensors(model, tensors: dict[str, torch.Tensor], saved_map: dict[str, str],
+                     manifest: Manifest) -> list[str] | None:
+    """The tensors that differ from the checkpoint the model was loaded from (cast to the model's dtype), or
+    None when that checkpoint is not there to compare with. A tensor saved under several names (tied) counts once."""
+    from safetensors import safe_open
+
+    origin = model._precompile_origin
+    if origin is None or not Path(origin[0]).is_dir():
+        return None
+    path, root = Path(origin[0]), origin[1]
+    try:
+        if root is None:
+            stored = {k: path / f for k, f in
+                      json.loads((path / INDEX).read_text(encoding="utf-8"))["weight_map"].items()}
+        else:
+            stored = {k: Path(root) / f for k, f in _base_files(Path(root)).items()}
+            stored[manifest.table.tensor] = path / manifest.table.file
+    except (OSError, ValueError, KeyError, TypeError, PrecompileLoadError):
+        return None
+    changed, seen = [], set()
+    for name in sorted(n for n in tensors if n in saved_map):
+        t = tensors[name]
+        key = (t.device, t.data_ptr(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        aliases = [n for n, u in tensors.items() if (u.device, u.data_ptr(), tuple(u.shape)) == key and n in stored]
+        if not aliases:
+            changed.append(name)
+            continue
+        try:
+            with safe_open(stored[aliases[0]], framework="pt") as f:
+                same = torch.equal(f.get_tensor(aliases[0]).to(t.dtype), t.detach().cpu())
+        except Exception:  # noqa: BLE001 - unreadable now: cannot vouch for it
+            return None
+        if not same:
+            changed.append(name)
+    return changed
 
 
 def _entry_classes() -> dict[str, type]:
@@ -820,16 +1090,26 @@ def _entry_classes() -> dict[str, type]:
 
         @classmethod
         def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+            """`load` with transformers' arguments: hub ones fetch OUT_DIR, the rest go to the original class's
+            from_pretrained (see `load`); `base=`/`verify_base=` are `load`'s."""
+            if args:
+                raise PrecompileLoadError("from_pretrained: positional model arguments are not supported for a "
+                                          "precompiled model; pass keywords")
+            _refuse(kwargs)
+            subfolder = kwargs.pop("subfolder", None) or ""
             path = Path(pretrained_model_name_or_path)
             if not path.is_dir():
                 from huggingface_hub import snapshot_download
 
-                path = Path(snapshot_download(str(pretrained_model_name_or_path), revision=kwargs.get("revision")))
-            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-            device = kwargs.get("device_map")
-            return load(path, device=device if isinstance(device, (str, torch.device)) else None,
-                        dtype=None if dtype in (None, "auto") else dtype, base=kwargs.get("base"),
-                        verify_base=bool(kwargs.get("verify_base", False)))
+                hub = {k: kwargs[k] for k in ("revision", "cache_dir", "force_download", "local_files_only", "token")
+                       if kwargs.get(k) is not None}
+                path = Path(snapshot_download(str(pretrained_model_name_or_path), **hub))
+            dtype = kwargs.pop("dtype", None)
+            dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
+            kwargs.pop("torch_dtype", None)
+            return load(path / subfolder, dtype=None if dtype in (None, "auto") else dtype,
+                        base=kwargs.pop("base", None), verify_base=bool(kwargs.pop("verify_base", False)),
+                        **kwargs)
 
     classes = {"PrecompiledConfig": PrecompiledConfig, "PrecompiledForCausalLM": PrecompiledForCausalLM}
     for name, c in classes.items():
