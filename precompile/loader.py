@@ -903,7 +903,9 @@ def _given_config(config, manifest: Manifest) -> "PretrainedConfig":
         raise PrecompileLoadError(f"from_pretrained(config=...) has model type {got!r}, "
                                   f"but this precompiled model is a {want!r}; pass its own config or none")
     cfg = {k: v for k, v in config.to_dict().items() if k not in ("transformers_weights", "auto_map", "precompile")}
-    return config_from_dict({**cfg, "model_type": want})  # the original class's config type (AutoConfig gave the shim's PrecompiledConfig)
+    chosen = {k: getattr(config, f"_{k}", None) for k in ("attn_implementation", "experts_implementation")}
+    # the original class's config type (AutoModelForCausalLM gave the shim's PrecompiledConfig)
+    return config_from_dict({**cfg, **{k: v for k, v in chosen.items() if v is not None}, "model_type": want})
 
 
 def _from_pretrained(cls: type, where: Path, path: Path, config, dtype, kwargs: dict):

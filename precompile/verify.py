@@ -33,8 +33,8 @@ from .device import pick_device
 from .errors import UserError
 from .files import check_regular, file_sha256
 from .layout import GUARD_SHAPE, TableLayout, layer0_tensor_names, table_layout
-from .loader import (MANIFEST, Manifest, PrecompileLoadError, SourceNotFoundError, indexed_table_file, load,
-                     locate_source, original_config, overlay_base)
+from .loader import (MANIFEST, PLAIN_LOAD_MESSAGE, Manifest, PrecompileLoadError, SourceNotFoundError,
+                     indexed_table_file, load, locate_source, original_config, overlay_base)
 from .profiles import conversion_profile, resolve
 from .progress import Progress
 from .rowcheck import check_rows
@@ -233,6 +233,37 @@ def _tensor_sha(ckpt: Checkpoint, info: TensorInfo, dtype: str | None = None) ->
             return _range_sha(f, info)
     t = ckpt.get(info.name).to(DTYPES[dtype]).contiguous()
     return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _plain_load_guard(out: Path, manifest: Manifest, check: Check) -> Check:
+    """The copied-tensors check, failed when a guarded format's config.json lost the message that stops plain
+    transformers (loader.PLAIN_LOAD_MESSAGE) before the table file's guard would."""
+    if not manifest.guarded:
+        return check
+    try:
+        ok = json.loads((out / "config.json").read_text(encoding="utf-8")).get("transformers_weights") \
+            == PLAIN_LOAD_MESSAGE
+    except (OSError, ValueError, AttributeError):
+        ok = False
+    if ok:
+        return check
+    metrics = {**check.metrics, "mismatched": [*check.metrics.get("mismatched", []),
+                                               "config.json transformers_weights (the plain-load guard)"]}
+    return Check(check.name, False, metrics, check.threshold)
+
+
+def check_saved(manifest: Manifest) -> Check:
+    """A directory written by save_pretrained: verify vouches for it as a conversion of the reference only when
+    no tensor changed after loading (a fine-tuned model is not a conversion of its source)."""
+    changed = manifest.saved.get("changed")
+    metrics = {"from": manifest.saved.get("from"), "changed": changed if changed is None else len(changed)}
+    if changed:
+        metrics["note"] = (f"{len(changed)} tensor(s) changed after loading (e.g. {changed[0]}): this model is no "
+                           f"longer a conversion of the reference, so the checks below compare against a model "
+                           f"it no longer is")
+    elif changed is None:
+        metrics["note"] = "the checkpoint it was loaded from could not be compared when it was saved"
+    return Check("saved", changed == [], metrics, {"changed": 0})
 
 
 def check_copied(out_ckpt: Checkpoint, ref_ckpt: Checkpoint, layout: TableLayout, guarded: bool = True,
@@ -567,13 +598,17 @@ def verify(out_dir: str | Path, *, prompts: str | Path | list[str] | None = None
                 overlay_base(out, base=ref.root, full=True, manifest=manifest)
             except PrecompileLoadError as e:
                 return Check("copied-tensors", False, {"error": str(e).splitlines()[0]}, {"identical": True})
-            return Check("copied-tensors", True, {"overlay": "kept tensors load from the reference itself"},
-                         {"identical": True})
+            return _plain_load_guard(out, manifest, Check("copied-tensors", True, {
+                "overlay": "kept tensors load from the reference itself"}, {"identical": True}))
         out_ckpt = Checkpoint(out)
         copied_bytes = sum(t.nbytes for n, t in out_ckpt.tensors.items() if n != layout.tensor_name)
         with progress.bar(copied_bytes, "comparing copied tensors", "B") as bar:
-            return check_copied(out_ckpt, ref_ckpt, layout, manifest.table.guard is not None, bar)
+            check = check_copied(out_ckpt, ref_ckpt, layout, manifest.guarded or manifest.table.guard is not None,
+                                 bar)
+        return _plain_load_guard(out, manifest, check)
 
+    if manifest.saved is not None:
+        checks.append(check_saved(manifest))
     checks.append(_guard("copied-tensors", copied))
     checks.append(check_layout(manifest, layout))
     ids, n_sample = _row_ids(layout.vocab_size, n_rows, seed, prompt_ids)

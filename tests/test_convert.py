@@ -156,7 +156,8 @@ def test_output_layout_and_parameter_arithmetic(family, checkpoint, tmp_path):
                 "model.embed_tokens.weight"], framework="pt") as f:
             assert torch.equal(model.lm_head.weight.detach(), f.get_tensor("model.embed_tokens.weight"))
     else:
-        assert not hasattr(precompile.load(out).get_input_embeddings(), "weight")
+        emb = precompile.load(out).get_input_embeddings()  # `.weight` is only a view of the table's x columns
+        assert "weight" not in dict(emb.named_parameters()) and emb.weight.data_ptr() == emb.table.data_ptr()
 
 
 def test_inputs_embeds_is_refused_and_rows_are_cleared(checkpoint, tmp_path, batch):
@@ -179,6 +180,11 @@ def test_plain_transformers_cannot_mistake_out_dir(family, checkpoint, tmp_path,
     out = tmp_path / "out"
     precompile.convert(str(src), out)
     assert AutoConfig.from_pretrained(out).model_type == AutoConfig.from_pretrained(src).model_type
+    with pytest.raises(ValueError, match=r"trust_remote_code=True\)"):  # config.json's transformers_weights
+        AutoModelForCausalLM.from_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["transformers_weights"]  # without it, the guard still stops plain loading
+    (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(RuntimeError, match="mismatched"):
         AutoModelForCausalLM.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
