@@ -182,8 +182,9 @@ def _lazy_parameters(model: nn.Module, read: Callable[[str, torch.dtype], torch.
     their forward may use without calling them (Mamba's mixer reads conv1d.weight, LFM2's conv.weight); a
     submodule's own hooks then find them read."""
     handles = []
+    eager = _read_eagerly(model, read, dtype)
     for mod_name, module in model.named_modules():
-        if mod_name != whole and not any(p is not None for p in module._parameters.values()):
+        if mod_name != whole and not any(p is not None and p.is_meta for p in module._parameters.values()):
             continue
         read_here: list[tuple[nn.Module, str, nn.Parameter]] = []
 
@@ -206,6 +207,23 @@ def _lazy_parameters(model: nn.Module, read: Callable[[str, torch.dtype], torch.
     finally:
         for h in handles:
             h.remove()
+        for sub, n, p in eager:
+            sub._parameters[n] = p
+
+
+def _read_eagerly(model: nn.Module, read: Callable[[str, torch.dtype], torch.Tensor],
+                  dtype: torch.dtype) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """The embedding (or table) rows, read before the run: model code may read the embedding's weight (its
+    device or dtype: Llama 4) before calling it, and on the meta device that would feed the run no real data.
+    Returns what to put back."""
+    rows = getattr(read, "row_tensors", set())
+    eager = []
+    for mod_name, module in model.named_modules():
+        for n, p in list(module._parameters.items()):
+            if p is not None and p.is_meta and f"{mod_name}.{n}" in rows:
+                eager.append((module, n, p))
+                module._parameters[n] = nn.Parameter(read(f"{mod_name}.{n}", dtype), requires_grad=False)
+    return eager
 
 
 def _first(output):
@@ -219,6 +237,10 @@ def _capture(model: nn.Module, ids: torch.Tensor, layer: str, attention: str, po
     last = points[-1]
 
     def keep(name: str, t: torch.Tensor) -> None:
+        if t.is_meta:  # some input never read its weights: there are no figures to compare
+            raise VerificationError(f"self-check: layer 0's {name} was computed without data (on the meta device); "
+                                    f"the model's forward reads a weight the check does not load (pass "
+                                    f"--no-self-check to skip)")
         got[name] = t.detach().double()
         if name == last:
             raise _Stop

@@ -337,3 +337,56 @@ def test_manifest_of_a_save_records_where_it_came_from(conv, tmp_path):
     original = json.loads((out / MANIFEST).read_text())
     assert data["source"] == original["source"] and data["profile"] == original["profile"]
     assert data["table"]["columns"] == original["table"]["columns"] and data["saved"]["by"] == "save_pretrained"
+
+
+# --- a forward that reads the embedding's weight: Llama 4 -----------------------------------------------------------
+
+def _llama4(tmp_path: Path, wrong: bool = False) -> tuple[Path, Path]:
+    """A tiny Llama 4 text model (its forward reads `embed_tokens.weight.device`; layer 0 dense, RoPE) and a
+    profile written here from llama.yaml (Llama 4 is not in configs/); `wrong` swaps k and v."""
+    import yaml
+
+    cfg = AutoConfig.for_model("llama4_text", hidden_size=64, intermediate_size=48, intermediate_size_mlp=96,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
+                               vocab_size=tiny.VOCAB, max_position_embeddings=256, num_local_experts=2,
+                               interleave_moe_layer_step=2, attention_chunk_size=64, tie_word_embeddings=False,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = AutoModelForCausalLM.from_config(cfg)
+    tiny.randomize(model, 0)
+    src = tmp_path / "src"
+    tiny.save_checkpoint(model, src, torch.float32, None)
+    prof = yaml.safe_load((Path(precompile.__file__).parent.parent / "configs" / "llama.yaml").read_text())
+    prof.update(name="llama4_text_test", match={"architectures": ["Llama4ForCausalLM"], "model_types": ["llama4_text"]})
+    prof["sizes"]["intermediate_size"] = ["intermediate_size_mlp"]
+    prof["ffn"].update({k: prof["ffn"][k].replace(".mlp.", ".feed_forward.") for k in ("gate", "up", "down")},
+                       module="model.layers.0.feed_forward")
+    if wrong:
+        k, v = prof["projections"][1], prof["projections"][2]
+        k["weight"], v["weight"] = v["weight"], k["weight"]
+    (tmp_path / "llama4.yaml").write_text(yaml.safe_dump(prof))
+    return src, tmp_path / "llama4.yaml"
+
+
+def test_llama4_reads_the_embedding_weight_and_runs(tmp_path, batch):
+    src, prof = _llama4(tmp_path)
+    out = tmp_path / "out"
+    result = precompile.convert(str(src), out, profile=str(prof), device="cpu")
+    assert all(p.passed for p in result.self_check.points)
+    ref = _logits(AutoModelForCausalLM.from_pretrained(src), batch)
+    assert _rel(ref, _logits(precompile.load(out), batch)) <= REL
+
+
+def test_a_failing_self_check_reports_real_figures(tmp_path):
+    """The self-check runs on the meta device and reads weights as modules run; Llama 4 reads the embedding's
+    weight first, which used to feed the run no data (figures like 3.4e+38 against 1e-313)."""
+    import re
+
+    from precompile.errors import VerificationError
+
+    src, prof = _llama4(tmp_path, wrong=True)
+    with pytest.raises(VerificationError) as e:
+        precompile.convert(str(src), tmp_path / "out", profile=str(prof), device="cpu")
+    msg = str(e.value)
+    assert "residual input" not in msg, msg  # the embedding rows themselves agree
+    figures = [float(x) for x in re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?:e[+-]?\d+)?", msg.split("profile")[0])]
+    assert figures and all(1e-30 < abs(f) < 1e3 for f in figures if f != 0), msg

@@ -235,6 +235,35 @@ def test_table_file_without_its_guard(converted, prompts_file, tmp_path):
     assert by_name(r)["copied-tensors"]["metrics"]["mismatched"] == [f"{guard} (the guard)"]
 
 
+@pytest.mark.parametrize("what", ["guard tensor", "config message"])
+def test_current_format_without_its_guards_fails(what, converted, prompts_file, tmp_path):
+    """Format version 2 must hold both guards: the table file's guard tensor (here removed from the file, the
+    index and the manifest, hashes re-recorded) and config.json's plain-load message."""
+    _, out = fresh_copy(converted("llama", "float32"), tmp_path)
+    m = json.loads((out / "precompile.json").read_text())
+    assert m["format_version"] == 2
+    if what == "guard tensor":
+        path, guard = out / m["table"]["file"], m["table"].pop("guard")
+        with safe_open(path, framework="pt") as f:
+            table, metadata = f.get_tensor(m["table"]["tensor"]), f.metadata()
+        save_file({m["table"]["tensor"]: table}, path, metadata=metadata)
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        del index["weight_map"][guard]
+        (out / "model.safetensors.index.json").write_text(json.dumps(index))
+        names, want = (path.name, "model.safetensors.index.json"), f"{guard} (the guard)"
+    else:
+        cfg = json.loads((out / "config.json").read_text())
+        del cfg["transformers_weights"]
+        (out / "config.json").write_text(json.dumps(cfg))
+        names, want = ("config.json",), "config.json transformers_weights (the plain-load guard)"
+    for name in names:
+        m["outputs"][name] = file_sha256(out / name)
+    (out / "precompile.json").write_text(json.dumps(m))
+    r = verify(out, prompts=prompts_file, max_new_tokens=NEW, rows=0)
+    assert failed(r) == {"copied-tensors"}
+    assert by_name(r)["copied-tensors"]["metrics"]["mismatched"] == [want]
+
+
 def test_reference_layer0_weight_changed_after_conversion(converted, prompts_file, tmp_path):
     src, out = fresh_copy(converted("llama", "float32"), tmp_path, with_source=True)
     name = "model.layers.0.self_attn.k_proj.weight"
