@@ -970,6 +970,9 @@ def save_precompiled(model, base: type, manifest: Manifest, save_directory, is_m
         raise PrecompileLoadError(f"save_pretrained: {out} is a file; pass a directory")
     table_name, emb_path = manifest.table.tensor, manifest.loader.embedding_module
     table = model.get_submodule(emb_path).table.detach()
+    if table.is_meta:
+        raise PrecompileLoadError("save_pretrained: the table is offloaded to disk (device_map); load the model "
+                                  "with the embedding on a device (or the CPU) to save it")
     sd = {k: v for k, v in model.state_dict().items() if k != table_name}
     repo = _create_repo(out, kwargs) if push_to_hub else None
     base.save_pretrained(model, out, is_main_process=is_main_process, state_dict=sd, **kwargs)
@@ -995,7 +998,7 @@ def save_precompiled(model, base: type, manifest: Manifest, save_directory, is_m
         eliminated=manifest.eliminated, outputs={n: _sha256(out / n) for n in files},
         output_sizes={n: (out / n).stat().st_size for n in files}, kind="full", tool_version=manifest.tool_version,
         saved={"by": "save_pretrained", "from": str(model._precompile_origin[0]) if model._precompile_origin else None,
-               "changed": _changed_tensors(model, {**sd, table_name: table}, weight_map, manifest),
+               "changed": _changed_tensors(model, out, weight_map, guard, manifest),
                "note": SAVED_NOTE})
     (out / MANIFEST).write_text(json.dumps(saved.to_dict(), indent=2) + "\n", encoding="utf-8")
     if repo is not None:
@@ -1030,10 +1033,13 @@ def _saved_index(out: Path, table_name: str, guard: str, table: torch.Tensor) ->
     return index["weight_map"]
 
 
-def _changed_tensors(model, tensors: dict[str, torch.Tensor], saved_map: dict[str, str],
+def _changed_tensors(model, out: Path, saved_map: dict[str, str], guard: str,
                      manifest: Manifest) -> list[str] | None:
-    """The tensors that differ from the checkpoint the model was loaded from (cast to the model's dtype), or
-    None when that checkpoint is not there to compare with. A tensor saved under several names (tied) counts once."""
+    """The tensors of the saved directory `out` that differ from the checkpoint the model was loaded from (cast
+    to the saved dtype), compared file to file under the names both files use; None when that checkpoint is not
+    there to compare with."""
+    from contextlib import ExitStack
+
     from safetensors import safe_open
 
     origin = model._precompile_origin
@@ -1049,24 +1055,26 @@ def _changed_tensors(model, tensors: dict[str, torch.Tensor], saved_map: dict[st
             stored[manifest.table.tensor] = path / manifest.table.file
     except (OSError, ValueError, KeyError, TypeError, PrecompileLoadError):
         return None
-    changed, seen = [], set()
-    for name in sorted(n for n in tensors if n in saved_map):
-        t = tensors[name]
-        key = (t.device, t.data_ptr(), tuple(t.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        aliases = [n for n, u in tensors.items() if (u.device, u.data_ptr(), tuple(u.shape)) == key and n in stored]
-        if not aliases:
-            changed.append(name)
-            continue
-        try:
-            with safe_open(stored[aliases[0]], framework="pt") as f:
-                same = torch.equal(f.get_tensor(aliases[0]).to(t.dtype), t.detach().cpu())
-        except Exception:  # noqa: BLE001 - unreadable now: cannot vouch for it
-            return None
-        if not same:
-            changed.append(name)
+    changed: list[str] = []
+    with ExitStack() as stack:
+        opened: dict[Path, object] = {}
+
+        def tensor(f: Path, name: str) -> torch.Tensor:
+            if f not in opened:
+                opened[f] = stack.enter_context(safe_open(f, framework="pt"))
+            return opened[f].get_tensor(name)
+
+        for name in sorted(n for n in saved_map if n != guard):
+            if name not in stored:
+                changed.append(name)
+                continue
+            try:
+                new = tensor(out / saved_map[name], name)
+                same = torch.equal(tensor(stored[name], name).to(new.dtype), new)
+            except Exception:  # noqa: BLE001 - unreadable now: cannot vouch for it
+                return None
+            if not same:
+                changed.append(name)
     return changed
 
 

@@ -27,6 +27,7 @@ from precompile.accounting import to_markdown
 from precompile.card import CARD_FILE, SelfCheckSummary, read_source_card, render_card, update_card
 from precompile.cli import main as cli_main
 from precompile.errors import UserError
+from precompile.loader import FORMAT_VERSION
 from precompile.push import PushPlan, push
 from precompile.verify import check_outputs
 
@@ -97,7 +98,7 @@ def test_card_front_matter_holds_hub_metadata(full):
     assert data.language == ["en", "fr"]
     text = (full / CARD_FILE).read_text()
     assert "https://arxiv.org/abs/2402.13388" in text
-    assert "format version 1" in text and f"precompile {precompile.__version__}" in text
+    assert f"format version {FORMAT_VERSION}" in text and f"precompile {precompile.__version__}" in text
     assert "trust_remote_code=True" in text and "precompile.load(" in text
     assert "Self-check\n\nPassed: layer 0 against transformers' llama class on " in text  # convert's self-check
 

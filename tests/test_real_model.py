@@ -121,3 +121,47 @@ def test_source_without_generation_config_stops_like_the_original(tmp_path, tok)
     want = greedy(orig, enc, STOP_NEW)
     assert want[0][-1] == EOS
     assert greedy(conv, enc, STOP_NEW) == want
+
+
+def test_save_pretrained_round_trip(outs, tok, tmp_path):
+    """save_pretrained of the loaded model writes a converted OUT_DIR that reloads to the same logits (issue 24)."""
+    enc = chat(tok, SHORT[:2])
+    model = AutoModelForCausalLM.from_pretrained(str(outs["float32"]), trust_remote_code=True)
+    model.save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"), trust_remote_code=True)
+    with torch.inference_mode():
+        assert torch.equal(reloaded(**enc).logits, model(**enc).logits)
+    assert json.loads((tmp_path / "saved" / "precompile.json").read_text())["saved"]["changed"] == []
+
+
+def test_lora_step_with_the_usual_targets_matches_the_original(outs, tok):
+    """PEFT LoRA with target_modules=["q_proj", "v_proj"] on the converted model adapts layers 1..29 (layer 0's
+    projections are lookups); one AdamW step gives the original's losses (same adapters) to rounding."""
+    from peft import LoraConfig, get_peft_model
+
+    enc = chat(tok, SHORT)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    targets = ["q_proj", "v_proj"]
+
+    def step(model) -> tuple[float, float]:
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            return loss.item(), model(**enc, labels=labels).loss.item()
+
+    torch.manual_seed(0)
+    orig = get_peft_model(AutoModelForCausalLM.from_pretrained(str(SMOL)),
+                          LoraConfig(r=8, target_modules=targets, layers_to_transform=list(range(1, 30))))
+    want = step(orig)
+    del orig
+    torch.manual_seed(0)
+    conv = get_peft_model(load(outs["float32"]), LoraConfig(r=8, target_modules=targets))
+    assert not any(".layers.0." in n for n, _ in conv.named_parameters() if "lora_" in n)
+    got = step(conv)
+    assert got == pytest.approx(want, rel=1e-5), (got, want)
+    assert got[1] < got[0]  # the step did something

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import precompile
 import tiny
-from precompile.loader import MANIFEST, PLAIN_LOAD_MESSAGE, RESIZE_MESSAGE, Manifest, PrecompileLoadError
+from precompile.loader import MANIFEST, PLAIN_LOAD_MESSAGE, RESIZE_MESSAGE, Manifest
 from precompile.verify import check_outputs, verify
 
 FAMILIES = {"serial": "llama", "parallel": "gpt_neox", "moe": "mixtral", "tied": "llama_tied"}
@@ -390,3 +390,18 @@ def test_a_failing_self_check_reports_real_figures(tmp_path):
     assert "residual input" not in msg, msg  # the embedding rows themselves agree
     figures = [float(x) for x in re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?:e[+-]?\d+)?", msg.split("profile")[0])]
     assert figures and all(1e-30 < abs(f) < 1e3 for f in figures if f != 0), msg
+
+
+def test_a_changed_expert_is_named_as_the_files_name_it(conv, tmp_path):
+    """transformers fuses Mixtral's experts in memory and saves them per expert: `saved.changed` compares the
+    files, so it names the tensors as the checkpoint does."""
+    _, out = conv("mixtral")
+    model = precompile.load(out)
+    experts = model.model.layers[1].mlp.experts
+    name, param = next((n, p) for n, p in experts.named_parameters())
+    with torch.no_grad():
+        param.add_(0.5)
+    model.save_pretrained(tmp_path / "s")
+    changed = Manifest.read(tmp_path / "s").saved["changed"]
+    index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert changed and all(n in index and ".layers.1." in n for n in changed), (name, changed)

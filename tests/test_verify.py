@@ -215,11 +215,8 @@ def test_wrong_column_layout_in_manifest(converted, prompts_file, tmp_path):
     assert "table-rows" not in failed(r)  # the table itself is right
 
 
-def test_table_file_without_its_guard(converted, prompts_file, tmp_path):
-    """The guard keeps plain transformers from loading random layer-0 weights: a table file rewritten without
-    it (hashes updated, so integrity passes) fails copied-tensors, naming it."""
-    _, out = fresh_copy(converted("llama", "float32"), tmp_path)
-    m = json.loads((out / "precompile.json").read_text())
+def _drop_guard_tensor(out: Path, m: dict) -> tuple[str, str]:
+    """Rewrite the table file and the index without the guard tensor; returns the files changed."""
     path, guard = out / m["table"]["file"], m["table"]["guard"]
     with safe_open(path, framework="pt") as f:
         table, metadata = f.get_tensor(m["table"]["tensor"]), f.metadata()
@@ -227,7 +224,16 @@ def test_table_file_without_its_guard(converted, prompts_file, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     del index["weight_map"][guard]
     (out / "model.safetensors.index.json").write_text(json.dumps(index))
-    for name in (path.name, "model.safetensors.index.json"):
+    return path.name, "model.safetensors.index.json"
+
+
+def test_table_file_without_its_guard(converted, prompts_file, tmp_path):
+    """The guard keeps plain transformers from loading random layer-0 weights: a table file rewritten without
+    it (hashes updated, so integrity passes) fails copied-tensors, naming it."""
+    _, out = fresh_copy(converted("llama", "float32"), tmp_path)
+    m = json.loads((out / "precompile.json").read_text())
+    guard = m["table"]["guard"]
+    for name in _drop_guard_tensor(out, m):
         m["outputs"][name] = file_sha256(out / name)
     (out / "precompile.json").write_text(json.dumps(m))
     r = verify(out, prompts=prompts_file, max_new_tokens=NEW, rows=0)
@@ -243,14 +249,7 @@ def test_current_format_without_its_guards_fails(what, converted, prompts_file, 
     m = json.loads((out / "precompile.json").read_text())
     assert m["format_version"] == 2
     if what == "guard tensor":
-        path, guard = out / m["table"]["file"], m["table"].pop("guard")
-        with safe_open(path, framework="pt") as f:
-            table, metadata = f.get_tensor(m["table"]["tensor"]), f.metadata()
-        save_file({m["table"]["tensor"]: table}, path, metadata=metadata)
-        index = json.loads((out / "model.safetensors.index.json").read_text())
-        del index["weight_map"][guard]
-        (out / "model.safetensors.index.json").write_text(json.dumps(index))
-        names, want = (path.name, "model.safetensors.index.json"), f"{guard} (the guard)"
+        names, want = _drop_guard_tensor(out, m), f"{m['table'].pop('guard')} (the guard)"
     else:
         cfg = json.loads((out / "config.json").read_text())
         del cfg["transformers_weights"]
