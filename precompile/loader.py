@@ -313,7 +313,8 @@ class Manifest:
             raise PrecompileLoadError(f"{where} is not a precompile manifest; convert the model again")
         if m.get("format_version") not in READABLE_VERSIONS:
             raise PrecompileLoadError(f"{where} has format version {m.get('format_version')}, this loader reads "
-                                      f"{FORMAT_VERSION}; convert again with this version or use a matching loader")
+                                      f"{' and '.join(map(str, READABLE_VERSIONS))}; convert again with this version "
+                                      f"or use a matching loader")
         for key in ("table", "loader", "source"):
             if not isinstance(m.get(key), dict):
                 raise PrecompileLoadError(f"{where} has no '{key}' section; the conversion is damaged, convert again")

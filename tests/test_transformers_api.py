@@ -289,7 +289,7 @@ def test_gradient_checkpointing_trains_like_the_original(reentrant, conv, batch)
     src, out = conv("llama")
     models = [AutoModelForCausalLM.from_pretrained(src), precompile.load(out)]
     for m in models:
-        m.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
         m.model.embed_tokens.requires_grad_(False)
         m.model.layers[0].requires_grad_(False)
         if reentrant:
@@ -405,3 +405,13 @@ def test_a_changed_expert_is_named_as_the_files_name_it(conv, tmp_path):
     changed = Manifest.read(tmp_path / "s").saved["changed"]
     index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())["weight_map"]
     assert changed and all(n in index and ".layers.1." in n for n in changed), (name, changed)
+
+
+def test_an_overlay_saves_as_a_full_conversion(checkpoint, batch, tmp_path):
+    src = checkpoint("llama")
+    precompile.convert(str(src), tmp_path / "overlay", overlay=True, device="cpu")
+    model = precompile.load(tmp_path / "overlay")
+    model.save_pretrained(tmp_path / "saved")
+    manifest = Manifest.read(tmp_path / "saved")
+    assert manifest.kind == "full" and manifest.saved["changed"] == [] and manifest.source.path == str(src)
+    assert torch.equal(_logits(precompile.load(tmp_path / "saved"), batch), _logits(model, batch))
