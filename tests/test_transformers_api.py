@@ -162,6 +162,7 @@ ARGUMENTS = {
     "device_map=auto": dict(device_map="auto"),
     "device_map=cpu": dict(device_map="cpu"),
     "device_map=dict": dict(device_map={"": "cpu"}),
+    "device_map=int": dict(device_map=0),  # without an accelerator: the same error as the original's
     "device_map=modules": dict(device_map=dict.fromkeys(LAYERS, "cpu")),
     "device_map=offload": dict(device_map={**dict.fromkeys(LAYERS, "cpu"), "model.embed_tokens": "disk",
                                            "model.layers.1": "disk"}),
