@@ -39,15 +39,18 @@ EXPERT = "{e}"  # in a moe FFN's tensor names: the expert index
 def config_get(config: dict, key: str) -> Any:
     """config[key]; a dotted key reads a nested section (DBRX's `attn_config.kv_n_heads`) or a list's entry by its
     index (`layer_types.0`: layer 0's mixer)."""
-    if key in config:
-        return config[key]
-    head, dot, rest = key.partition(".")
-    sub = config.get(head) if dot else None
-    if isinstance(sub, list) and rest.partition(".")[0].isdigit():
-        index, _, rest = rest.partition(".")
-        sub = sub[int(index)] if int(index) < len(sub) else None
-        return sub if not rest else config_get(sub, rest) if isinstance(sub, dict) else None
-    return config_get(sub, rest) if isinstance(sub, dict) else None
+    while key not in config:  # a loop, not recursion: a key with thousands of dots is no RecursionError
+        head, dot, rest = key.partition(".")
+        sub = config.get(head) if dot else None
+        if isinstance(sub, list) and rest.partition(".")[0].isdigit():
+            index, _, rest = rest.partition(".")
+            sub = sub[int(index)] if len(index) < 10 and int(index) < len(sub) else None
+            if not rest:
+                return sub
+        if not isinstance(sub, dict):
+            return None
+        config, key = sub, rest
+    return config[key]
 
 
 _EXPR_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,

@@ -350,6 +350,16 @@ def test_carried_json_of_the_wrong_shape(src, out, name, text, words):
     check_refused(src, out, words=words)
 
 
+def test_damaged_generation_config_in_out_dir_fails_verify(converted, tmp_path):
+    """F3's sibling: an OUT_DIR whose generation_config.json was replaced by an array fails verify (exit 1, one
+    line) instead of a TypeError traceback."""
+    out = tiny.copy_tree(converted, tmp_path / "out")
+    (out / "generation_config.json").write_text("[1, 2]")
+    r = run_cli("verify", out, "-q", "--rows", "8", "--max-new-tokens", "2")
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("verification failed:")
+
+
 # ---------------------------------------------------------------- K1: one writer of OUT_DIR's files
 
 
