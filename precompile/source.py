@@ -285,12 +285,8 @@ def carried_files(root: Path) -> list[str]:
     return names
 
 
-# The JSON files transformers reads as objects; values of the named keys must have these types where present.
-_JSON_SHAPES: dict[str, dict[str, tuple[type, ...]]] = {
-    "generation_config.json": {}, "tokenizer_config.json": {}, "special_tokens_map.json": {},
-    "added_tokens.json": {}, "vocab.json": {}, "preprocessor_config.json": {},
-    "chat_template.json": {"chat_template": (str, list)}, "tokenizer.json": {},
-}
+# Every carried JSON file is an object to transformers; these keys must also have these types where present.
+_JSON_KEY_TYPES: dict[str, dict[str, tuple[type, ...]]] = {"chat_template.json": {"chat_template": (str, list)}}
 
 
 def check_carried_json(path: Path) -> None:
@@ -306,7 +302,7 @@ def check_carried_json(path: Path) -> None:
     if remote:
         raise UserError(f"{path}: auto_map names code in another repo ({remote[0]!r}), which trust_remote_code "
                         f"would download and run when OUT_DIR is loaded; remove the auto_map entry")
-    for key, types in _JSON_SHAPES.get(path.name, {}).items():
+    for key, types in _JSON_KEY_TYPES.get(path.name, {}).items():
         if key in data and not isinstance(data[key], types):
             raise UserError(f"{path}: key {key!r} is a JSON {_json_kind(data[key])}, not what transformers reads; "
                             f"fix or re-download it")
