@@ -242,8 +242,9 @@ def _hub_config(repo_id: str, revision: str | None) -> Path:
     """Only config.json of a hub repo (from the HF cache when offline)."""
     from huggingface_hub import hf_hub_download
 
-    from .source import _hub_errors
+    from .source import _hub_errors, bound_hub_requests
 
+    bound_hub_requests()
     with _hub_errors(repo_id, revision, "config.json"):
         return Path(hf_hub_download(repo_id, "config.json", revision=revision))
 

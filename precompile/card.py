@@ -18,7 +18,7 @@ import yaml
 
 from .accounting import exact_figures, model_figures, to_markdown
 from .errors import UserError
-from .files import file_sha256, signals_deferred, write_json
+from .files import file_sha256, out_dir_lock, out_dir_target, signals_deferred, write_json
 from .loader import FORMAT_VERSION, MANIFEST, Manifest
 from .tensors import dtype_name
 from .verify import fmt_metrics, fmt_threshold, read_out_dir
@@ -53,12 +53,25 @@ class SourceCard:
 
 
 def read_source_card(root: Path) -> SourceCard:
-    """license/language from root/README.md's front matter; a missing or malformed card gives an empty one."""
-    from huggingface_hub.repocard import metadata_load
+    """license/language from root/README.md's front matter; a missing or malformed card gives an empty one.
 
+    The card is a file of SOURCE like any other: a FIFO or device in its place, or a link leading out of SOURCE,
+    is refused (`source_file`); its front matter is read within the YAML bounds of every YAML this tool reads.
+    """
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    from .profiles import YAML_MAX_BYTES, parse_yaml
+    from .source import SOURCE_CARD, source_file
+
+    path = source_file(root, SOURCE_CARD, "model card")
     try:
-        meta = metadata_load(root / CARD_FILE) or {}
-    except (OSError, ValueError, yaml.YAMLError):
+        with open(path, "rb") as f:  # the front matter opens the file: a card's tail is never needed
+            head = f.read(YAML_MAX_BYTES).decode("utf-8-sig", errors="replace")
+        match = REGEX_YAML_BLOCK.search(head)
+        meta = parse_yaml(match.group(2)) if match else None
+    except (OSError, ValueError, RecursionError, yaml.YAMLError):  # YamlTooLarge is a ValueError
+        return SourceCard()
+    if not isinstance(meta, dict):
         return SourceCard()
 
     def text(key: str) -> str | None:
@@ -281,14 +294,15 @@ def update_card(out_dir: str | os.PathLike, result: dict) -> str:
         return f"{out / CARD_FILE} not updated: OUT_DIR's files differ from its {MANIFEST}"
     card = out / CARD_FILE
     tmp_card, tmp_manifest = out / f".{CARD_FILE}.tmp", out / f".{MANIFEST}.tmp"
-    try:
-        tmp_card.write_text(splice_verify(card.read_text(encoding="utf-8"), verify_section(result)),
-                            encoding="utf-8")
-        write_json(tmp_manifest, _with_card(out, tmp_card))
-        with signals_deferred():
-            os.replace(tmp_card, card)
-            os.replace(tmp_manifest, out / MANIFEST)
-    finally:
-        tmp_card.unlink(missing_ok=True)
-        tmp_manifest.unlink(missing_ok=True)
+    with out_dir_lock(out_dir_target(out)):  # one writer of OUT_DIR's files (held already by `verify --update-card`)
+        try:
+            tmp_card.write_text(splice_verify(card.read_text(encoding="utf-8"), verify_section(result)),
+                                encoding="utf-8")
+            write_json(tmp_manifest, _with_card(out, tmp_card))
+            with signals_deferred():
+                os.replace(tmp_card, card)
+                os.replace(tmp_manifest, out / MANIFEST)
+        finally:
+            tmp_card.unlink(missing_ok=True)
+            tmp_manifest.unlink(missing_ok=True)
     return f"updated {card} with the verification summary"

@@ -44,6 +44,25 @@ def _convert_options(*names: str, **helps: str):
     return decorate
 
 
+_reported: list[int] = []  # the exit status of the one line already printed (see _fail)
+
+
+def _fail(line: str, status: int) -> None:
+    """Print the run's one final line and exit. In the program, SIGINT/SIGTERM are held from here on (one
+    arriving while the process exits would add a second line), and one that came before is what the line
+    reports."""
+    from .files import in_program, interrupted
+
+    if in_program():
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        if interrupted():
+            line, status = "error: interrupted", 130
+    click.echo(line, err=True)
+    _reported.append(status)
+    sys.exit(status)
+
+
 class _Group(click.Group):
     def main(self, args=None, prog_name=None, **kwargs):  # noqa: D102 - one-line errors for every failure
         debug = "--debug" in (sys.argv[1:] if args is None else args)
@@ -56,27 +75,22 @@ class _Group(click.Group):
             sys.exit(130)
         except click.UsageError as e:
             hint = f"; see '{e.ctx.command_path} --help'" if e.ctx else ""
-            click.echo(f"error: {one_line(e.format_message())}{hint}", err=True)
-            sys.exit(2)
+            _fail(f"error: {one_line(e.format_message())}{hint}", 2)
         except click.ClickException as e:
-            click.echo(f"error: {one_line(e.format_message())}", err=True)
-            sys.exit(2)
+            _fail(f"error: {one_line(e.format_message())}", 2)
         except UserError as e:
             if debug:
                 raise
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            _fail(f"error: {e}", 2)
         except VerificationError as e:
             if debug:
                 raise
-            click.echo(f"verification failed: {e}", err=True)
-            sys.exit(1)
+            _fail(f"verification failed: {e}", 1)
         except Exception as e:
             from .loader import PrecompileLoadError
 
             if isinstance(e, PrecompileLoadError) and not debug:
-                click.echo(f"error: {one_line(str(e))}", err=True)
-                sys.exit(2)
+                _fail(f"error: {one_line(str(e))}", 2)
             raise
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -182,6 +196,7 @@ def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device,
     Exit 0 when every check passes, 1 when any fails, 2 for bad input.
     """
     import json as _json
+    from contextlib import ExitStack
     from pathlib import Path
 
     from .files import check_report_path, write_report
@@ -192,18 +207,21 @@ def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device,
     thresholds = {"max_abs_diff": max_abs_diff, "mean_abs_diff": max_mean_diff, "kl": max_kl, "top1": min_top1,
                   "generation_tie": generation_tie, "rows_lambda": rows_lambda, "rows_z": rows_z,
                   "fp32_ratio": max_fp32_ratio}
-    if update_card:
-        from .card import check_card
+    with ExitStack() as held:
+        if update_card:  # the card and manifest verify checks are the ones it rewrites: no other writer meanwhile
+            from .card import check_card
+            from .files import out_dir_lock, out_dir_target
 
-        check_card(Path(out_dir))
-    result = run_verify(out_dir, prompts=prompts_file, reference=reference, max_new_tokens=max_new_tokens,
-                        rows=rows, seed=seed, device=device, fp32_reference=fp32_reference, thresholds=thresholds,
-                        profile=profile_path, progress=Progress(quiet=quiet))
-    click.echo(format_report(result))
-    if update_card:
-        from .card import update_card as run_update_card
+            check_card(Path(out_dir))
+            held.enter_context(out_dir_lock(out_dir_target(out_dir)))
+        result = run_verify(out_dir, prompts=prompts_file, reference=reference, max_new_tokens=max_new_tokens,
+                            rows=rows, seed=seed, device=device, fp32_reference=fp32_reference,
+                            thresholds=thresholds, profile=profile_path, progress=Progress(quiet=quiet))
+        click.echo(format_report(result))
+        if update_card:
+            from .card import update_card as run_update_card
 
-        click.echo(run_update_card(out_dir, result))
+            click.echo(run_update_card(out_dir, result))
     if json_path is not None:
         write_report(json_path, _json.dumps(result, indent=2) + "\n", "--json")
     if not result["passed"]:
@@ -393,7 +411,7 @@ def run() -> None:
             use_huge_pages()
             main()
         except SystemExit as e:
-            if e.code != 130 and not interrupted():
+            if e.code != 130 and (not interrupted() or _reported):  # an error line already said how it ended
                 raise
             if e.code != 130:
                 click.echo("error: interrupted", err=True)

@@ -21,7 +21,7 @@ import torch
 from .card import CARD_FILE, SelfCheckSummary, write_card
 from .device import pick_device
 from .errors import UserError
-from .generation import write_generation_config
+from .generation import check_generation_config, write_generation_config
 from .files import (TMP_PREFIX, atomic_dir, blob_sha256, check_free_space, check_out_dir, file_sha256, out_dir_lock,
                     out_dir_target, scratch_dir, share_file, write_json)
 from .layout import TABLE_FILE, layer0_tensor_names, table_file_header
@@ -258,6 +258,7 @@ def _needed_bytes(plan: ConversionPlan, link: str) -> int:
 def _convert(source: str, out_dir: Path, scratch: Path, opts: ConvertOptions, dev: torch.device, *, force: bool,
              progress: Progress, table: str | os.PathLike | None, t0: float) -> ConvertResult:
     plan = plan_conversion(source, scratch=scratch, **opts.compared())
+    check_generation_config(plan.source.root, plan.carried)
     _check_apart(plan.source.root, out_dir)
     check_free_space(check_out_dir(out_dir, force), _needed_bytes(plan, opts.link),
                      f"the planned output of {out_dir}")

@@ -306,7 +306,12 @@ def out_dir_lock(out_dir: Path, log: Callable[[str], None] | None = None) -> Ite
     try:
         while True:
             try:
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+                mode = os.fstat(fd).st_mode
+                if not stat.S_ISREG(mode):  # a FIFO or device put there: flock/ftruncate would fail on it
+                    kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+                    raise UserError(f"the lock file {lock} is {kind}, not a regular file; remove it (precompile "
+                                    f"makes it anew) and run again")
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise UserError(f"another precompile process ({_lock_owner(fd)}) is writing OUT_DIR {out_dir}; "
@@ -579,6 +584,11 @@ def record_signal(signum: int) -> None:
 
 
 _program: list[bool] = []  # set once the program (cli.run) handles the signals itself
+
+
+def in_program() -> bool:
+    """Whether the program (cli.run) handles SIGINT/SIGTERM in this process (not a library caller's)."""
+    return bool(_program)
 
 
 def signals_seen() -> int:

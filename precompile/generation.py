@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import UserError
+
 GENERATION_CONFIG = "generation_config.json"
 
 
@@ -23,3 +25,22 @@ def write_generation_config(source_root: Path, carried: list[str] | tuple[str, .
     config = AutoConfig.from_pretrained(str(source_root))
     GenerationConfig.from_model_config(config).save_pretrained(str(out))
     return True
+
+
+def check_generation_config(source_root: Path, carried: list[str] | tuple[str, ...]) -> None:
+    """The source's generation_config.json, carried into OUT_DIR unchanged, must be one transformers can load
+    (`GenerationConfig.from_dict`); refused before any work otherwise. Its JSON shape is checked while
+    planning (source.check_carried_json), which must not import transformers."""
+    if GENERATION_CONFIG not in carried:
+        return
+    import json
+
+    from transformers import GenerationConfig
+
+    path = source_root / GENERATION_CONFIG
+    try:
+        GenerationConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises, it could not load the file
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a generation config transformers can load ({first}); fix or "
+                        f"re-download it") from None

@@ -19,8 +19,9 @@ local path, or an explicit `base=`), checked against the recorded hashes, and
 loaded through a temporary directory that links only the base shards holding
 tensors the precompiled model keeps, so the eliminated tensors are never read.
 
-Usage: `model = load("out/")`, or from OUT_DIR alone:
-`from precompile_loader import load` / `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`.
+Usage: `model = load("out/")`, or from OUT_DIR alone: this file loaded with importlib's
+`spec_from_file_location` (never with OUT_DIR on sys.path) / `AutoModelForCausalLM.from_pretrained(out,
+trust_remote_code=True)`.
 """
 
 # No `from __future__ import annotations`: run from a file without a sys.modules entry (importlib's

@@ -15,6 +15,7 @@ from pathlib import Path
 from .convert import ConvertResult, convert
 from .errors import UserError
 from .files import file_sha256
+from .generation import check_generation_config
 from .layout import TABLE_FILE
 from .loader import MANIFEST, Manifest, overlay_base
 from .options import ConvertOptions
@@ -45,6 +46,7 @@ def materialize(overlay_dir: str | os.PathLike, full_dir: str | os.PathLike, *, 
                                       device="cpu", link=link, self_check=self_check)
     source = src.id if hub else str(root)
     plan = plan_conversion(source, **opts.compared())
+    check_generation_config(plan.source.root, plan.carried)
     if plan.profile.name != manifest.profile.name:
         raise UserError(f"the base reads as profile {plan.profile.name}, but the overlay was made with "
                         f"{manifest.profile.name}; pass --profile with the overlay's profile")

@@ -22,8 +22,8 @@ from .layout import TableLayout, projection_width, table_file_header, table_inpu
 from .options import ConvertOptions, check_value, meta
 from .profile_check import check_tensors
 from .profiles import ModelSpec, Profile, Projection, builtin_profiles, resolve, select_profile
-from .source import (ALLOW_PATTERNS, Source, carried_files, check_native, check_tokenizer, fetch_files, read_config,
-                     resolve_source, weight_map)
+from .source import (ALLOW_PATTERNS, Source, carried_files, check_native, check_source_files, check_tokenizer,
+                     fetch_files, read_config, resolve_source, weight_map)
 from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, SINGLE_NAME, TORCH_DTYPES, Checkpoint, PartialCheckpoint,
                       TensorInfo, dtype_name, element_size, has_safetensors, open_checkpoint, output_dtype)
 
@@ -142,6 +142,7 @@ def plan_conversion(source: str, *, revision: str | None = None, profile: str | 
     check_value("compute_dtype", compute_dtype)
     src = resolve_source(source, revision, weights=not overlay)
     config = read_config(src.root)
+    check_source_files(src.root)
     shipped = builtin_profiles()
     check_native(config, src.root, {t for p in shipped for t in p.model_types})
     prof = select_profile(config, profile, shipped)

@@ -11,6 +11,7 @@ tests/test_profile_schema.py exercises every section with (`FULL`).
 from __future__ import annotations
 
 import ast
+import math
 import operator
 import re
 from dataclasses import dataclass
@@ -38,20 +39,29 @@ EXPERT = "{e}"  # in a moe FFN's tensor names: the expert index
 def config_get(config: dict, key: str) -> Any:
     """config[key]; a dotted key reads a nested section (DBRX's `attn_config.kv_n_heads`) or a list's entry by its
     index (`layer_types.0`: layer 0's mixer)."""
-    if key in config:
-        return config[key]
-    head, dot, rest = key.partition(".")
-    sub = config.get(head) if dot else None
-    if isinstance(sub, list) and rest.partition(".")[0].isdigit():
-        index, _, rest = rest.partition(".")
-        sub = sub[int(index)] if int(index) < len(sub) else None
-        return sub if not rest else config_get(sub, rest) if isinstance(sub, dict) else None
-    return config_get(sub, rest) if isinstance(sub, dict) else None
+    while key not in config:  # a loop, not recursion: a key with thousands of dots is no RecursionError
+        head, dot, rest = key.partition(".")
+        sub = config.get(head) if dot else None
+        if isinstance(sub, list) and rest.partition(".")[0].isdigit():
+            index, _, rest = rest.partition(".")
+            sub = sub[int(index)] if len(index) < 10 and int(index) < len(sub) else None
+            if not rest:
+                return sub
+        if not isinstance(sub, dict):
+            return None
+        config, key = sub, rest
+    return config[key]
 
 
 _EXPR_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
              ast.Div: operator.truediv}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+# An expression is a short formula (`4 * n_embd`); its length and nesting are bounded before it is parsed, so that
+# neither the parser nor the evaluator, both recursive, can run out of stack (a RecursionError is no answer).
+MAX_EXPRESSION = 200
+MAX_NESTING = 16
 
 
 def is_expression(key: str) -> bool:
@@ -62,6 +72,13 @@ def is_expression(key: str) -> bool:
 def _parse_expression(text: str) -> tuple[ast.expr, list[str]]:
     """The expression's tree (config keys renamed to _0, _1, ...) and the keys; ValueError when it is not
     + - * / // over numbers, parentheses and config keys (dotted keys read nested sections)."""
+    if len(text) > MAX_EXPRESSION:
+        raise ValueError(f"it has {len(text):,} characters, more than {MAX_EXPRESSION}")
+    depth = 0
+    for c in text:  # parentheses: bounded before the parser recurses into them
+        depth += (c == "(") - (c == ")")
+        if depth > MAX_NESTING:
+            raise ValueError(f"it nests parentheses more than {MAX_NESTING} deep")
     keys: list[str] = []
 
     def name(m: re.Match) -> str:
@@ -99,6 +116,8 @@ def expression_value(config: dict, text: str) -> float | int | None:
         return ev(tree)
     except ZeroDivisionError:
         return None
+    except OverflowError:  # an int quotient past a float's range: no size, the caller says so
+        return math.inf
 
 
 # ----------------------------------------------------------------------------------------- value forms

@@ -281,31 +281,109 @@ def _apply_patch(base: dict, patch: dict) -> dict:
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+# Bounds on any YAML this tool reads (profiles, a manifest's recorded profile, zoos, a source's card front
+# matter): the shipped profiles are a few KB with fewer than 1,000 values and 8 levels. Aliases are counted
+# expanded, so a few KB of nested aliases (a "billion laughs") is refused before anything walks or compares it,
+# and signals keep working because no step runs long inside C code.
+YAML_MAX_BYTES = 1 << 20
+YAML_MAX_NODES = 100_000
+YAML_MAX_DEPTH = 100
+
+
+class YamlTooLarge(ValueError):
+    """A YAML document past the bounds above (its text, its values with aliases expanded, or its depth)."""
+
+
+def parse_yaml(text: str) -> Any:
+    """yaml.safe_load within the bounds above: YamlTooLarge names the bound, yaml.YAMLError a syntax error."""
+    if len(text) > YAML_MAX_BYTES:
+        raise YamlTooLarge(f"it has {len(text):,} characters, more than {YAML_MAX_BYTES:,}")
+    loader = YAML_LOADER(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_extent(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_extent(root: yaml.Node) -> None:
+    """Refuse a node graph whose expansion (aliases repeated where they stand) has more than YAML_MAX_NODES
+    values or YAML_MAX_DEPTH levels, or that refers to itself; one visit per distinct node, no recursion."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_: set[int] = set()  # the nodes on the path being walked
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+
+    def children(n: yaml.Node) -> list[yaml.Node]:
+        if isinstance(n, yaml.SequenceNode):
+            return n.value
+        if isinstance(n, yaml.MappingNode):
+            return [x for pair in n.value for x in pair]
+        return []
+
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            open_.discard(key)
+            kids = children(node)
+            size[key] = 1 + sum(size[id(c)] for c in kids)
+            depth[key] = 1 + max((depth[id(c)] for c in kids), default=0)
+            if size[key] > YAML_MAX_NODES:
+                raise YamlTooLarge(f"its aliases expand to more than {YAML_MAX_NODES:,} values")
+            if depth[key] > YAML_MAX_DEPTH:
+                raise YamlTooLarge(f"it is nested more than {YAML_MAX_DEPTH} levels deep")
+            continue
+        if key in size:
+            continue
+        if key in open_:
+            raise YamlTooLarge("an alias refers to a value that contains it")
+        open_.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children(node) if id(c) not in size)
+
+
 def read_yaml(path: Path, what: str, flag: str = "") -> Any:
     """Parse a user's YAML file (a profile, a zoo); every failure is one line naming the file."""
+    return _parsed(_read_text(path, what, flag), f"{what} {path}")
+
+
+def _read_text(path: Path, what: str, flag: str) -> str:
     check_regular(path, f"{what} ")
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.stat().st_size > YAML_MAX_BYTES * 4:  # UTF-8: at most 4 bytes a character
+            raise UserError(f"{what} {path} has {path.stat().st_size:,} bytes, too large to be a {what}; fix it")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{what} {path} not found; pass an existing YAML file{flag}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{what} {path} cannot be read ({e}); pass a readable UTF-8 YAML file") from None
+
+
+def _parsed(text: str, label: str, fix: str = "fix it") -> Any:
+    """parse_yaml, its failures one line naming `label`."""
     try:
-        return yaml.load(text, Loader=YAML_LOADER)
+        return parse_yaml(text)
+    except YamlTooLarge as e:
+        raise UserError(f"{label} is too large or too deep to be read ({e}); {fix}") from None
     except RecursionError:
-        raise UserError(f"{what} {path} is nested too deeply to be parsed; fix it") from None
+        raise UserError(f"{label} is nested too deeply to be parsed; {fix}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{what} {path} is not valid YAML{where}; fix its syntax") from None
+        raise UserError(f"{label} is not valid YAML{where}; {'fix its syntax' if fix == 'fix it' else fix}") from None
 
 
 def load_profile(path: str | Path) -> Profile:
     """Read and validate one YAML profile."""
     path = Path(path)
-    data = read_yaml(path, "profile", " to --profile")
+    text = _read_text(path, "profile", " to --profile")
+    data = _parsed(text, f"profile {path}")
     validate_profile(data, str(path))
-    return Profile(name=data["name"], path=str(path), data=data, text=path.read_text(encoding="utf-8"))
+    return Profile(name=data["name"], path=str(path), data=data, text=text)
 
 
 def recorded_profile(manifest: Manifest, where: str) -> Profile | None:
@@ -315,11 +393,7 @@ def recorded_profile(manifest: Manifest, where: str) -> Profile | None:
     if text is None:
         return None
     label = f"{where} (the profile recorded from {rec.path})"
-    try:
-        data = yaml.load(text, Loader=YAML_LOADER)
-    except yaml.YAMLError:
-        raise UserError(f"{label} is not valid YAML; the manifest is damaged, pass --profile or convert again") \
-            from None
+    data = _parsed(text, label, "the manifest is damaged, pass --profile or convert again")
     validate_profile(data, label)
     return Profile(name=data["name"], path=str(rec.path or where), data=data, text=text)
 
@@ -456,11 +530,11 @@ def _ffn(f: FfnDef, config: dict, profile: Profile) -> Ffn:
     up, down = _tensor_ref(f.up), _tensor_ref(f.down)
     if f.kind != "moe":
         return Ffn(kind=f.kind, activation=act, norm=fnorm, up=up, gate=gate, down=down, module=f.module)
-    n, top_k = (int(v) if is_number(v) and math.isfinite(v) else 0 for v in (f.experts.read(config),
-                                                                               f.top_k.read(config)))
+    raw = (f.experts.read(config), f.top_k.read(config))
+    n, top_k = (int(v) if _whole(v, MAX_MANY) else 0 for v in raw)
     if n < 1 or not 1 <= top_k <= n:
-        raise UserError(f"config.json gives {n} experts and top_k {top_k} for profile {profile.name}; "
-                        f"need at least one expert and 1 <= top_k <= experts")
+        raise UserError(f"config.json gives {raw[0]!r:.40} experts and top_k {raw[1]!r:.40} for profile "
+                        f"{profile.name}; need 1 to {MAX_MANY:,} experts and 1 <= top_k <= experts")
     norm_topk = f.normalize_topk
     if not isinstance(norm_topk, bool):
         norm_topk = config.get(norm_topk.config, norm_topk.default)
@@ -497,6 +571,15 @@ def _projection_extras(p: ProjectionDef, config: dict, profile: Profile, where: 
     return out
 
 
+MAX_COUNT = 2**31 - 1  # a width or vocabulary size past this is no model's
+MAX_MANY = 1 << 16  # heads, layers, experts: counts that become lists of names or modules
+
+
+def _whole(val: Any, limit: int = MAX_COUNT) -> bool:
+    """A positive whole number within `limit` (finite: `is_number`), as every size and count must be."""
+    return is_number(val) and int(val) == val and 0 < val <= limit
+
+
 def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> ModelSpec:
     """Resolve a profile against config.json into concrete sizes and names."""
     config = with_defaults(profile, config)
@@ -522,17 +605,19 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
         val = size(name, required)
         if val is None:
             return None
-        if isinstance(val, bool) or not isinstance(val, (int, float)) or val != val or int(val) != val or val <= 0:
+        limit = MAX_MANY if name in ("num_heads", "num_kv_heads", "n_layers", "n_experts") else MAX_COUNT
+        if not _whole(val, limit):
             spec = getattr(sizes, name)
             key = next((k for k in (spec.keys if spec is not None else ()) if config.get(k) is not None), None)
             where = f"config.json gives {key}" if key else f"profile {profile.name} gives sizes.{name}"
-            raise UserError(f"{where} = {val!r} (the model's {name}); it must be a positive whole number")
+            raise UserError(f"{where} = {val!r:.40} (the model's {name}); it must be a positive whole number up to "
+                            f"{limit:,}")
         return int(val)
 
     def ref_count(spec: ConfigValue, where: str) -> int:
         """A config reference (not a sizes key) that must give a positive whole number."""
         val = spec.read(config)
-        if isinstance(val, bool) or not is_number(val) or int(val) != val or val <= 0:
+        if not _whole(val):
             raise UserError(f"config.json gives {val!r} for key '{where}' of profile {profile.path} "
                             f"({spec.to_yaml()}); it must be a positive whole number: fix config.json or the profile")
         return int(val)

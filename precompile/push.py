@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -122,23 +122,31 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
          commit_message: str | None = None, dry_run: bool = False, progress: Progress | None = None) -> PushPlan:
     """Upload OUT_DIR to REPO_ID (created if needed; the branch too) in one commit; dry_run uploads nothing."""
     progress = progress or Progress(quiet=True)
-    plan = plan_push(out_dir, repo_id, private=private, revision=revision, commit_message=commit_message)
     if dry_run:
-        return plan
-    check_token()
+        return plan_push(out_dir, repo_id, private=private, revision=revision, commit_message=commit_message)
     from huggingface_hub import HfApi
 
-    api = HfApi()
-    with hub_errors(repo_id, plan.revision):
-        progress.log(f"creating {repo_id} if needed")
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        if plan.revision != "main":
-            api.create_branch(repo_id, branch=plan.revision, repo_type="model", exist_ok=True)
-        total = sum(s for _, s in plan.files)
-        progress.log(f"uploading {len(plan.files)} files ({total / 2**20:.1f} MiB) to {repo_id}@{plan.revision}")
-        api.upload_folder(repo_id=repo_id, folder_path=str(plan.out_dir), repo_type="model", revision=plan.revision,
-                          commit_message=plan.commit_message, allow_patterns=[glob.escape(n) for n, _ in plan.files],
-                          delete_patterns=STALE_PATTERNS)
+    from .files import out_dir_lock, out_dir_target
+    from .source import bound_hub_requests, with_retries
+
+    target = out_dir_target(out_dir)
+    # no run of ours replaces or rewrites OUT_DIR's files while they upload (where none could: a read-only parent)
+    held = out_dir_lock(target) if os.access(target.parent, os.W_OK | os.X_OK) else nullcontext()
+    with held:
+        plan = plan_push(out_dir, repo_id, private=private, revision=revision, commit_message=commit_message)
+        check_token()
+        bound_hub_requests()
+        api = HfApi()
+        with hub_errors(repo_id, plan.revision):
+            progress.log(f"creating {repo_id} if needed")
+            with_retries(api.create_repo, repo_id, repo_type="model", private=private, exist_ok=True)
+            if plan.revision != "main":
+                with_retries(api.create_branch, repo_id, branch=plan.revision, repo_type="model", exist_ok=True)
+            total = sum(s for _, s in plan.files)
+            progress.log(f"uploading {len(plan.files)} files ({total / 2**20:.1f} MiB) to {repo_id}@{plan.revision}")
+            with_retries(api.upload_folder, repo_id=repo_id, folder_path=str(plan.out_dir), repo_type="model",
+                         revision=plan.revision, commit_message=plan.commit_message,
+                         allow_patterns=[glob.escape(n) for n, _ in plan.files], delete_patterns=STALE_PATTERNS)
     progress.log(f"pushed {plan.out_dir} to {repo_id}@{plan.revision}")
     return plan
 
@@ -166,8 +174,11 @@ def hub_errors(repo_id: str, revision: str):
     except (transport, ConnectionError, TimeoutError) as e:
         from huggingface_hub import constants
 
-        raise UserError(f"cannot reach the hub at {constants.ENDPOINT} ({_first_line(e)}); check the network and "
-                        f"HF_ENDPOINT, then push again") from None
+        from .source import HUB_TIMEOUT_ENV, HUB_TRIES
+
+        raise UserError(f"cannot reach the hub at {constants.ENDPOINT} after {HUB_TRIES} tries ({_first_line(e)}); "
+                        f"check the network and HF_ENDPOINT ({HUB_TIMEOUT_ENV} sets the seconds to wait), then push "
+                        f"again") from None
     except OSError as e:  # a local file or cache problem while uploading
         raise UserError(f"uploading to {repo_id} failed ({_first_line(e)}); check OUT_DIR and the disk, then push "
                         f"again") from None

@@ -16,6 +16,7 @@ unions of these, told apart by the YAML value's kind (a string, a bool, a number
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -70,7 +71,20 @@ def _alternatives(tp: Any) -> list[Any]:
 
 
 def is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """An int or float (not a bool) that is finite as a float: YAML's .inf and .nan, JSON's Infinity, NaN and
+    1e400, and integers past a float's range are not numbers to a profile (every size, eps or factor must be
+    one)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def is_infinite(v: Any) -> bool:
+    """A number that `is_number` refuses for its value: infinite, NaN or too large for a float."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not is_number(v)
 
 
 def _takes(tp: Any, v: Any) -> bool:
@@ -108,6 +122,8 @@ def parse(cls: type, value: Any, fail: Fail, where: str = "") -> Any:
 
 
 def _value(tp: Any, v: Any, f: Field, fail: Fail, where: str) -> Any:
+    if is_infinite(v):
+        raise fail(where, f"is {v!r:.40}, not a finite number")
     alts = _alternatives(tp)
     if len(alts) > 1:
         for alt in alts:

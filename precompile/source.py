@@ -9,6 +9,7 @@ first, then (`fetch_files`) only the shards that hold the tensors layer 0 needs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Collection
@@ -18,14 +19,19 @@ from pathlib import Path
 
 from .errors import UserError
 from .files import check_inside, check_regular, read_json
-from .weight_files import SINGLE_NAME, weight_index
+from .weight_files import INDEX_NAME, SINGLE_NAME, weight_index
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt",
                   "spiece.model", "*.jinja", "README.md"]  # README.md: the source card's license/language
-# Files carried into OUT_DIR unchanged: tokenizer and generation files (config.json is rewritten).
-CARRIED = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|generation_config\.json|"
-                     r"vocab\.(json|txt)|merges\.txt|spiece\.model|.*\.tiktoken|chat_template\.(jinja|json)|"
-                     r"preprocessor_config\.json)$")
+# Files carried into OUT_DIR unchanged: the tokenizer and generation files transformers reads (config.json is
+# rewritten). An allowlist of exact names (and `*.tiktoken`), all data: nothing Python could import from OUT_DIR
+# (no `.py`, `.pyc`, `.so`, no package directory) and no other file of the checkpoint is ever carried.
+CARRIED_NAMES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                           "generation_config.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
+                           "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
+                           "preprocessor_config.json"})
+CARRIED = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.tiktoken$")  # tiktoken vocabularies (Qwen's qwen.tiktoken)
+SOURCE_CARD = "README.md"  # read for the card's license and language, never carried
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -95,9 +101,76 @@ def _fetch_weights(src: Source) -> None:
         _download(src.id, src.revision, missing)
 
 
+HUB_TIMEOUT_ENV = "PRECOMPILE_HUB_TIMEOUT"  # seconds a hub request may wait for the next byte (default 60)
+HUB_TRIES = 3  # each call of this tool to the hub, at most (a timeout or a broken connection is retried)
+
+
+def hub_timeout() -> float:
+    raw = os.environ.get(HUB_TIMEOUT_ENV, "").strip()
+    try:
+        value = float(raw) if raw else 60.0
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and 0 < value <= 86400):
+        raise UserError(f"{HUB_TIMEOUT_ENV}={raw!r} is not a number of seconds between 0 and 86400; fix or unset it")
+    return value
+
+
+def bound_hub_requests() -> None:
+    """Give every request huggingface_hub makes a timeout (`PRECOMPILE_HUB_TIMEOUT` seconds to connect, and
+    between two bytes sent or received): its own client has none, so an endpoint that accepts the connection
+    and never answers would hold a download or a push forever. Idempotent."""
+    import huggingface_hub
+
+    timeout = hub_timeout()
+    if hasattr(huggingface_hub, "set_client_factory"):  # huggingface_hub >= 1.0: httpx / httpx2
+        from huggingface_hub.utils import _http
+
+        current = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+        base = getattr(current, "precompile_base", current)
+        if getattr(current, "precompile_timeout", None) == timeout:
+            return
+
+        def factory():
+            client = base()
+            client.timeout = timeout
+            return client
+
+        factory.precompile_base, factory.precompile_timeout = base, timeout
+        huggingface_hub.set_client_factory(factory)
+    else:  # older releases: requests
+        import requests
+
+        class Session(requests.Session):
+            def request(self, *args, **kwargs):
+                if kwargs.get("timeout") is None:
+                    kwargs["timeout"] = timeout
+                return super().request(*args, **kwargs)
+
+        huggingface_hub.configure_http_backend(backend_factory=Session)
+
+
+def with_retries(call, *args, **kwargs):
+    """call(*args, **kwargs), tried HUB_TRIES times in all when the network fails (a timeout, a refused or
+    broken connection; not an answer of the hub such as 401 or 404), 1 s then 2 s apart."""
+    import time
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    transport = HfHubHTTPError.__bases__[0]  # the HTTP library's own error (httpx, httpx2 or requests)
+    for attempt in range(HUB_TRIES):
+        try:
+            return call(*args, **kwargs)
+        except (transport, ConnectionError, TimeoutError) as e:
+            if isinstance(e, HfHubHTTPError) or attempt == HUB_TRIES - 1:
+                raise
+        time.sleep(2 ** attempt)
+
+
 def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> Source:
     from huggingface_hub import snapshot_download
 
+    bound_hub_requests()
     with _hub_errors(repo_id, revision):
         root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns))
     return Source(root=root, id=repo_id, revision=root.name, path=None)
@@ -145,6 +218,7 @@ def fetch_files(src: Source, names: list[str]) -> None:
             raise UserError(f"{src.root / name} is missing; the checkpoint is incomplete, restore the file")
         from huggingface_hub import hf_hub_download
 
+        bound_hub_requests()
         with _hub_errors(src.id, src.revision, name):
             got = Path(hf_hub_download(src.id, name, revision=src.revision))
         if got.parent != src.root:
@@ -166,7 +240,7 @@ def weight_map(src: Source) -> dict[str, str]:
 
 def read_config(root: Path) -> dict:
     """config.json as a dict, refusing checkpoints whose weights the trick cannot read."""
-    p = root / "config.json"
+    p = source_file(root, "config.json", "config.json")
     try:
         config = read_json(p)
     except FileNotFoundError:
@@ -181,20 +255,78 @@ def read_config(root: Path) -> dict:
     return config
 
 
-def carried_files(root: Path) -> list[str]:
-    """Tokenizer and generation files that go into OUT_DIR unchanged.
+def is_carried(name: str) -> bool:
+    """A file name that goes into OUT_DIR unchanged (see CARRIED_NAMES)."""
+    return name in CARRIED_NAMES or bool(CARRIED.match(name))
 
-    Never code (`*.py`: a tokenizer loaded with trust_remote_code would run it), never a file whose
-    link leads outside SOURCE (a hub cache's blobs count as inside), never a FIFO or device.
-    """
+
+def source_file(root: Path, name: str, what: str) -> Path:
+    """root/name, a file of SOURCE this tool reads: it must stay inside SOURCE (after resolving symlinks; a hub
+    cache's blobs count as inside) and be a regular file (a FIFO would block, a device never end). A missing
+    file is left to the caller."""
+    check_inside(root, name, what)
+    p = root / name
+    check_regular(p, f"{what} ")
+    return p
+
+
+def carried_files(root: Path) -> list[str]:
+    """Tokenizer and generation files that go into OUT_DIR unchanged: the allowlisted names only (never code:
+    a `.py`, `.pyc` or `.so` in OUT_DIR could be imported from it), each a regular file inside SOURCE, and each
+    JSON one of the shape transformers reads (`check_carried_json`)."""
     names = []
     for p in sorted(root.iterdir()):
-        if not CARRIED.match(p.name) or p.suffix == ".py" or (p.is_dir() and not p.is_symlink()):
+        if not is_carried(p.name):
             continue
-        check_inside(root, p.name, "tokenizer/generation file")
-        check_regular(p)
+        source_file(root, p.name, "tokenizer/generation file")
+        if p.suffix == ".json":
+            check_carried_json(p)
         names.append(p.name)
     return names
+
+
+# Every carried JSON file is an object to transformers; these keys must also have these types where present.
+_JSON_KEY_TYPES: dict[str, dict[str, tuple[type, ...]]] = {"chat_template.json": {"chat_template": (str, list)}}
+
+
+def check_carried_json(path: Path) -> None:
+    """A carried JSON file must be what transformers reads there: an object (a generation_config.json that is an
+    array or a string would make `GenerationConfig.from_pretrained`, verify and load fail later), with no
+    auto_map to code in another repo. (generation.check_generation_config asks transformers itself, where
+    a conversion imports it anyway.)"""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is a JSON {_json_kind(data)}, not the JSON object transformers reads; fix or "
+                        f"re-download it")
+    remote = [v for v in _strings(data.get("auto_map")) if "--" in v]
+    if remote:
+        raise UserError(f"{path}: auto_map names code in another repo ({remote[0]!r}), which trust_remote_code "
+                        f"would download and run when OUT_DIR is loaded; remove the auto_map entry")
+    for key, types in _JSON_KEY_TYPES.get(path.name, {}).items():
+        if key in data and not isinstance(data[key], types):
+            raise UserError(f"{path}: key {key!r} is a JSON {_json_kind(data[key])}, not what transformers reads; "
+                            f"fix or re-download it")
+
+
+def _strings(v: object) -> list[str]:
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, dict):
+        v = list(v.values())
+    return [s for x in v for s in _strings(x)] if isinstance(v, list) else []
+
+
+def check_source_files(root: Path) -> None:
+    """The files of SOURCE read outside the index's weight files and the carried files (checked where they are
+    read): the index itself, a single model.safetensors and the source's model card must each be a regular
+    file inside SOURCE, checked before any work."""
+    for name, what in ((INDEX_NAME, "weight index"), (SINGLE_NAME, "weight file"), (SOURCE_CARD, "model card")):
+        source_file(root, name, what)
+
+
+def _json_kind(v: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(v), "number")
 
 
 def check_native(config: dict, root: Path, native_types: Collection[str] = ()) -> None:

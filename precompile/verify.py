@@ -638,7 +638,8 @@ def _model_checks(out: Path, ref: Source, ref_ckpt: Checkpoint, dtype: torch.dty
     try:
         with BUILD_LOCK:
             conv = load(out, device=dev, **({"base": ref.root, "verify_base": True} if overlay else {}))
-    except (PrecompileLoadError, OSError, RuntimeError, ValueError, KeyError) as e:
+    except (PrecompileLoadError, OSError, RuntimeError, ValueError, KeyError, TypeError) as e:  # TypeError: a
+        # damaged JSON file of OUT_DIR's (a generation_config.json that is an array) that transformers reads
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         return [Check("load", False, {"error": msg}, {}),
                 Check("logits", False, {"error": not_run}, {}),

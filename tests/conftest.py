@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,22 @@ def tree_snapshot(path: Path) -> dict[str, tuple[int, float, bytes]]:
 
 
 # ---------------------------------------------------------------- bad-input helpers (tests/test_bad_inputs*.py)
+
+
+@contextmanager
+def fail_after(seconds: int):
+    """A test that blocks (a FIFO opened for reading, a socket that never answers) fails after `seconds`
+    instead of hanging the suite."""
+    def fail(signum, frame):
+        raise TimeoutError(f"blocked for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def invoke(*args: str | Path):

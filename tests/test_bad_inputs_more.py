@@ -29,8 +29,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import tiny
-from conftest import ROOT, check_refused, edit_json, invoke, leftovers, read_st, run_cli, shard_of, tree_snapshot, \
-    write_st
+from conftest import ROOT, check_refused, edit_json, fail_after, invoke, leftovers, read_st, run_cli, shard_of, \
+    tree_snapshot, write_st
 from precompile.cli import main
 from precompile.layout import TABLE_FILE
 from precompile.loader import INDEX, MANIFEST, PrecompileLoadError, load
@@ -43,14 +43,8 @@ UP2 = "model.layers.2.mlp.up_proj.weight"  # copied unchanged into OUT_DIR
 @pytest.fixture(autouse=True)
 def no_hang():
     """A test that blocks (a FIFO opened for reading) fails after a minute instead of hanging the suite."""
-    def fail(signum, frame):
-        raise TimeoutError("blocked for 90 s")
-
-    previous = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(90)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    with fail_after(90):
+        yield
 
 
 def cli_in_process(*args) -> tuple[int, str]:
@@ -448,7 +442,8 @@ def test_weight_file_symlinked_outside_source(src, out, tmp_path):
     check_refused(src, out, words=(f.name, "outside"), watch=(tmp_path / "other",))
 
 
-@pytest.mark.parametrize("name", ["tokenizer.json", "generation_config.json"])
+@pytest.mark.parametrize("name", ["tokenizer.json", "generation_config.json",
+                                  "config.json", "model.safetensors.index.json"])  # the last two: issue 26, C5
 def test_carried_file_symlinked_outside_source(src, out, tmp_path, name):
     (tmp_path / "secret").mkdir()
     (src / name).rename(tmp_path / "secret" / name)

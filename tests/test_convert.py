@@ -202,8 +202,11 @@ def test_shim_alone_in_a_fresh_interpreter(checkpoint, tmp_path, batch):
     code = (
         "import sys, torch\n"
         "sys.modules['precompile'] = None  # any import of the package now raises ImportError\n"
-        f"sys.path.insert(0, {str(out)!r})\n"
-        "from precompile_loader import load\n"
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('precompile_loader', {str(out / 'precompile_loader.py')!r})\n"
+        "shim = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(shim)\n"
+        "load = shim.load\n"
         f"enc = torch.load({str(ids)!r})\n"
         "m = load()\n"
         "with torch.no_grad():\n"
