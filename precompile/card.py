@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .accounting import exact_figures, model_figures, to_markdown
+from .accounting import exact_figures, headline, model_figures, to_markdown, verdict_line, with_verdict
 from .errors import UserError
 from .files import file_sha256, signals_deferred, write_json
-from .loader import FORMAT_VERSION, MANIFEST, Manifest
+from .loader import MANIFEST, Manifest, format_version
 from .tensors import dtype_name
 from .verify import fmt_metrics, fmt_threshold, read_out_dir
 from .version import __version__
@@ -32,6 +32,9 @@ PAPER = "https://arxiv.org/abs/2402.13388"
 PROJECT = "precompile"
 VERIFY_BEGIN = "<!-- precompile:verify -->"
 VERIFY_END = "<!-- /precompile:verify -->"
+# The card is written before OUT_DIR gets its final path and before any push, so it cannot name either:
+# the snippet runs as is from inside the directory and says what to put there otherwise.
+LOAD_DIR_NOTE = "this directory (run from inside it); else its path, or its hub repo id once pushed"
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ def card_figures(plan: ConversionPlan) -> dict[str, Any]:
                       plan.spec)
     if plan.kind == "full":
         r["exact"] = exact_figures(plan)
-    return r
+    return with_verdict(r)
 
 
 def front_matter(plan: ConversionPlan, src: SourceCard) -> dict[str, Any]:
@@ -120,11 +123,20 @@ def _figure_lines(plan: ConversionPlan, r: dict[str, Any]) -> list[str]:
         f"- **Reads per token** in layer 0: {r['reads_with_per_token']:,} values with the table; at batch "
         f"{b1['batch']}: {b1['reads_without']:,} -> {b1['reads_with']:,} ({b1['reduction']:,.1f}x fewer).",
         f"- **Memory change**: {r['memory_delta']:+,} weights ({_pct(r['memory_delta_relative'])} of "
-        f"{r['total_weights']:,})"
-        + (f"; exactly {ex['memory_delta_bytes']:+,} bytes ({_pct(ex['memory_delta_relative'])})" if ex else "")
+        f"{r['total_weights']:,}" + (", the tied head counted once" if r["tied"] else "") + ")"
+        + (f"; exactly {ex['memory_delta_bytes']:+,} bytes ({_pct(ex['memory_delta_relative'])}, the source in "
+           f"{ex['dtype']} vs the output)" if ex else "")
         + ".",
     ]
     return lines
+
+
+def _verdict_lines(r: dict[str, Any]) -> list[str]:
+    """The card's headline: plan's verdict line and the whole-model figures it rests on."""
+    v = r["verdict"]
+    line = verdict_line(v)
+    return [f"**{line[0].upper()}{line[1:]}**", "", *(f"- {x}" for x in headline(v)), "",
+            'The thresholds and formulas are in the precompile README ("Is it worth it?").']
 
 
 def _self_check_text(check: SelfCheckSummary | None) -> str:
@@ -138,17 +150,19 @@ def _load_text(plan: ConversionPlan) -> list[str]:
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        'model = AutoModelForCausalLM.from_pretrained("REPO_ID_OR_DIR", trust_remote_code=True)',
-        'tokenizer = AutoTokenizer.from_pretrained("REPO_ID_OR_DIR")',
+        f'model_dir = "."  # {LOAD_DIR_NOTE}',
+        "model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)",
+        "tokenizer = AutoTokenizer.from_pretrained(model_dir)",
         "```",
         "",
         "`trust_remote_code=True` runs this repository's `precompile_loader.py`, which imports only torch, "
-        "safetensors, transformers and huggingface_hub. With the `precompile` package installed:",
+        "safetensors, transformers and huggingface_hub. With the `precompile` package installed "
+        "(a local directory only):",
         "",
         "```python",
         "import precompile",
         "",
-        'model = precompile.load("DIR")  # a local copy of this repository',
+        "model = precompile.load(model_dir)",
         "```",
     ]
     if plan.kind == "overlay":
@@ -170,11 +184,12 @@ def render_card(plan: ConversionPlan, source_card: SourceCard, self_check: SelfC
                           default_flow_style=False)
     try:
         r = card_figures(plan)
+        worth = _verdict_lines(r)
         figures = [*_figure_lines(plan, r), "",
                    "<details><summary>All figures (<code>precompile plan</code>)</summary>", "",
                    to_markdown(r), "", "</details>"]
     except UserError as e:  # the card never fails a conversion: plan's whole-model count may lack a size
-        figures = [f"Not available: {e}"]
+        worth = figures = [f"Not available: {e}"]
     link = f"[`{label}`](https://huggingface.co/{label})" if plan.source.id else f"`{label}`"
     at = f" at revision `{plan.source.revision}`" if plan.source.revision else ""
     residual = "the residual input plus layer 0's FFN output" if plan.spec.folds_ffn else "the residual input"
@@ -189,6 +204,8 @@ def render_card(plan: ConversionPlan, source_card: SourceCard, self_check: SelfC
         f"and stored as a table, as in [Transformer tricks: Precomputing the first layer]({PAPER}) "
         f"(arXiv 2402.13388). {kind}At run time layer 0 reads one table row per token instead of those weights, "
         f"and everything else (attention, RoPE, KV cache, generation) is transformers' own.", "",
+        "## Is it worth it?", "",
+        *worth, "",
         "## Figures", "",
         *figures, "",
         "## Self-check", "",
@@ -200,7 +217,7 @@ def render_card(plan: ConversionPlan, source_card: SourceCard, self_check: SelfC
         "## How to load", "",
         *_load_text(plan), "",
         "## Format", "",
-        f"- manifest: `{MANIFEST}`, format version {FORMAT_VERSION}, kind `{plan.kind}`",
+        f"- manifest: `{MANIFEST}`, format version {format_version(plan.layout.x_scale)}, kind `{plan.kind}`",
         f"- profile: `{plan.profile.name}` ({plan.spec.block} block, {plan.spec.attention_kind})",
         f"- dtype: {dtype_name(plan.model_dtype)} (table computed in {dtype_name(plan.compute_dtype)})",
         f"- tool: precompile {__version__}",

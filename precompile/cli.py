@@ -336,12 +336,15 @@ def _dry_run_files(plan) -> str:
 @click.option("--profile", "profile_path", type=click.Path(), help="Architecture profile YAML (default: chosen "
               "from config.json; for a converted OUT_DIR, the one recorded in its precompile.json).")
 @click.option("--revision", help="Hub revision (branch, tag or commit) for a hub SOURCE.")
+@click.option("--dtype", type=click.Choice(meta("dtype").choices), default="auto", show_default=True,
+              help="The output dtype `convert --dtype` would write: the exact figures compare the source converted "
+              "to it with the output.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True),
               help="Write every figure as one JSON object to FILE ('-': stdout).")
 @click.option("--markdown", is_flag=True, help="Print a Markdown table for a model card.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Draw reduction vs batch size and the memory change to FILE.png (needs matplotlib).")
-def plan(source, batch_sizes, assume_parallel, profile_path, revision, json_path, markdown, plot_path):
+def plan(source, batch_sizes, assume_parallel, profile_path, revision, dtype, json_path, markdown, plot_path):
     """What precomputing layer 0 buys SOURCE: the paper's figures, and exact bytes when the weights are local.
 
     SOURCE: hub id (only config.json is downloaded), model directory, converted OUT_DIR or a config.json path.
@@ -351,7 +354,7 @@ def plan(source, batch_sizes, assume_parallel, profile_path, revision, json_path
     from .accounting import parse_batch_sizes, plan_model, plot, to_markdown, to_text
 
     result = plan_model(source, profile=profile_path, assume_parallel=assume_parallel,
-                        batch_sizes=parse_batch_sizes(batch_sizes), revision=revision)
+                        batch_sizes=parse_batch_sizes(batch_sizes), revision=revision, dtype=dtype)
     if plot_path:
         plot(result, plot_path)
     text = json.dumps(result, indent=2, sort_keys=True) + "\n"

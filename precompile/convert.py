@@ -25,7 +25,7 @@ from .generation import write_generation_config
 from .files import (TMP_PREFIX, atomic_dir, blob_sha256, check_free_space, check_out_dir, file_sha256, out_dir_lock,
                     out_dir_target, scratch_dir, share_file, write_json)
 from .layout import TABLE_FILE, layer0_tensor_names, table_file_header
-from .loader import MANIFEST, LoaderRecord, Manifest, ProfileRecord, SourceRecord, TableRecord
+from .loader import MANIFEST, LoaderRecord, Manifest, ProfileRecord, SourceRecord, TableRecord, format_version
 from .options import ConvertOptions
 from .planning import ConversionPlan, ShardPlan, describe_plan, plan_conversion, recorded_options
 from .precompute import compute_rows
@@ -203,10 +203,11 @@ def build_manifest(plan: ConversionPlan, options: dict, source_files: dict[str, 
                           layout.guard),
         loader=LoaderRecord(spec.embedding_module, spec.attention_module, spec.hidden_size,
                             layout.columns[0].stop if layout.x_in_table else 0, layout.keep_embedding,
-                            tuple(spec.identity_modules), zero),
+                            tuple(spec.identity_modules), zero, layout.x_scale),
         eliminated=layout.eliminated,
         outputs=outputs,
         output_sizes=sizes,
+        format_version=format_version(layout.x_scale),
     )
 
 

@@ -42,6 +42,15 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
 FORMAT_VERSION = 1
+# Version 2 records a scaled x (loader.x_scale): a loader that reads only version 1 would ignore the scale and
+# return wrong rows, so a manifest that needs it says 2; one that does not still says 1, for older loaders.
+X_SCALE_VERSION = 2
+READABLE_VERSIONS = (FORMAT_VERSION, X_SCALE_VERSION)
+
+
+def format_version(x_scale: float | None) -> int:
+    """The manifest version a conversion writes: 2 only when the loader must scale x (see X_SCALE_VERSION)."""
+    return FORMAT_VERSION if x_scale is None else X_SCALE_VERSION
 MANIFEST = "precompile.json"
 # The loader imports nothing of the package, so it keeps copies; tests/test_manifest.py checks they agree.
 INDEX = "model.safetensors.index.json"  # Copied from precompile.weight_files.INDEX_NAME
@@ -76,11 +85,16 @@ class TableEmbedding(nn.Module):
     It has a `.weight` only when the LM head is tied: that is the real embedding, which the head
     keeps using (and from which x is read when the table leaves it out). The table itself is
     `.table`, so nothing can tie the head to it.
+
+    `x_scale`: x is the kept row times this scale, computed as transformers' scaled embedding modules
+    do (`row * embed_scale.to(weight.dtype)`: the scale a 0-dim tensor of the weight's dtype, the product
+    rounded once), and as the table's q/k/v were computed from it, so the values are the same.
     """
 
     def __init__(self, vocab: int, width: int, x_stop: int, hidden: int, tied: bool, kept: _Kept,
-                 padding_idx: int | None = None):
+                 padding_idx: int | None = None, x_scale: float | None = None):
         super().__init__()
+        self.x_scale = x_scale
         self.table = nn.Parameter(torch.empty(vocab, width), requires_grad=False)
         if tied:
             self.weight = nn.Parameter(torch.empty(vocab, hidden))
@@ -95,10 +109,14 @@ class TableEmbedding(nn.Module):
         self._kept.rows = rows
         if self.x_stop:
             return rows[..., : self.x_stop]
-        return nn.functional.embedding(input_ids, self.weight)
+        x = nn.functional.embedding(input_ids, self.weight)
+        if self.x_scale is None:
+            return x
+        return x * torch.tensor(self.x_scale, dtype=self.weight.dtype)
 
     def extra_repr(self) -> str:
-        return f"table={tuple(self.table.shape)}, x={'table' if self.x_stop else 'embedding'}"
+        x = "table" if self.x_stop else "embedding" + (f" * {self.x_scale:g}" if self.x_scale is not None else "")
+        return f"table={tuple(self.table.shape)}, x={x}"
 
 
 class TableSlice(nn.Module):
@@ -200,11 +218,13 @@ class LoaderRecord:
     keep_embedding: bool
     identity_modules: tuple[str, ...] = ()
     zero_modules: tuple[str, ...] = ()
+    x_scale: float | None = None  # x_stop 0: x is the kept embedding row times this (absent: the row itself)
 
     def to_dict(self) -> dict:
-        return {"embedding_module": self.embedding_module, "hidden_size": self.hidden_size, "x_stop": self.x_stop,
-                "keep_embedding": self.keep_embedding, "identity_modules": list(self.identity_modules),
-                "zero_modules": list(self.zero_modules), "attention_module": self.attention_module}
+        return _set({"embedding_module": self.embedding_module, "hidden_size": self.hidden_size,
+                     "x_stop": self.x_stop, "keep_embedding": self.keep_embedding,
+                     "identity_modules": list(self.identity_modules), "zero_modules": list(self.zero_modules),
+                     "attention_module": self.attention_module}, x_scale=self.x_scale)
 
 
 @dataclass(frozen=True)
@@ -286,9 +306,11 @@ class Manifest:
         """The manifest in `m` (precompile.json as parsed JSON), checked; `where` names it in errors."""
         if not isinstance(m, dict) or m.get("format") != "precompile":
             raise PrecompileLoadError(f"{where} is not a precompile manifest; convert the model again")
-        if m.get("format_version") != FORMAT_VERSION:
-            raise PrecompileLoadError(f"{where} has format version {m.get('format_version')}, this loader reads "
-                                      f"{FORMAT_VERSION}; convert again with this version or use a matching loader")
+        version = m.get("format_version")
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
+            raise PrecompileLoadError(f"{where} has format version {version}, this loader reads "
+                                      f"{' and '.join(map(str, READABLE_VERSIONS))}; convert again with this version "
+                                      f"or use a matching loader")
         for key in ("table", "loader", "source"):
             if not isinstance(m.get(key), dict):
                 raise PrecompileLoadError(f"{where} has no '{key}' section; the conversion is damaged, convert again")
@@ -307,12 +329,14 @@ class Manifest:
                                     for c in t["columns"]), t.get("guard")),
             loader=LoaderRecord(ld["embedding_module"], ld["attention_module"], ld["hidden_size"], ld["x_stop"],
                                 ld["keep_embedding"], tuple(ld.get("identity_modules", [])),
-                                tuple(ld.get("zero_modules", []))),
+                                tuple(ld.get("zero_modules", [])),
+                                None if ld.get("x_scale") is None else float(ld["x_scale"])),
             profile=ProfileRecord(**{k: v if isinstance(v, str) else None for k, v in prof.items()
                                      if k in ProfileRecord.__dataclass_fields__}),
             options=m.get("options", {}), eliminated=tuple(m.get("eliminated", [])), outputs=m.get("outputs", {}),
             output_sizes=m.get("output_sizes"), kind=m.get("kind", "full"),
-            tool_version=m.get("tool_version") if isinstance(m.get("tool_version"), str) else None)
+            tool_version=m.get("tool_version") if isinstance(m.get("tool_version"), str) else None,
+            format_version=version)
 
     @classmethod
     def coerce(cls, m: "Manifest | dict") -> "Manifest":
@@ -370,6 +394,10 @@ def _manifest_problem(m: dict) -> str | None:
          "loader.embedding_module and loader.attention_module must be strings"),
         (is_int(ld.get("hidden_size")) and is_int(ld.get("x_stop")), "loader.hidden_size and x_stop must be integers"),
         (isinstance(ld.get("keep_embedding"), bool), "loader.keep_embedding must be true or false"),
+        (ld.get("x_scale") is None or (isinstance(ld["x_scale"], (int, float)) and not isinstance(ld["x_scale"], bool)
+                                       and ld["x_stop"] == 0 and ld["keep_embedding"]
+                                       and m.get("format_version") == X_SCALE_VERSION),
+         f"loader.x_scale must be a number, with x_stop 0, keep_embedding and format version {X_SCALE_VERSION}"),
         (str_list(ld.get("identity_modules", [])) and str_list(ld.get("zero_modules", [])),
          "loader.identity_modules and zero_modules must be lists of strings"),
         (str_list(m.get("eliminated", [])), "eliminated must be a list of strings"),
@@ -460,7 +488,7 @@ def apply_layout(model: nn.Module, manifest: Manifest | dict) -> None:
     kept = _Kept()
     old = model.get_submodule(spec.embedding_module)
     emb = TableEmbedding(table.shape[0], table.shape[1], spec.x_stop, spec.hidden_size,
-                         spec.keep_embedding, kept, getattr(old, "padding_idx", None))
+                         spec.keep_embedding, kept, getattr(old, "padding_idx", None), spec.x_scale)
     _set_module(model, spec.embedding_module, emb)
     for col in table.columns:
         if col.module:

@@ -201,6 +201,12 @@ class ModelSpec:
         """True when the residual input is exactly the stored embedding row."""
         return self.embedding_scale is None and self.embedding_norm is None and self.block == "serial"
 
+    @property
+    def x_is_scaled_row(self) -> bool:
+        """True when the residual input is the stored embedding row times the module's `embedding.scale` (or the
+        row itself): the loader can recompute it from a kept embedding exactly as the embedding module does."""
+        return self.embedding_norm is None and self.block == "serial"
+
 
 def expand_heads(name: str, heads: int) -> list[str]:
     """A tensor name, or one per head when it holds {h} (per-head norms stored as separate modules)."""

@@ -283,6 +283,8 @@ def check_layout(manifest: Manifest, layout) -> Check:
     x_stop = layout.columns[0].stop if layout.x_in_table else 0
     if loader.x_stop != x_stop:
         problems.append("x_stop")
+    if loader.x_scale != layout.x_scale:
+        problems.append("x_scale")
     fmt = lambda cols: ", ".join(f"{c.name}[{c.start}:{c.stop}]" for c in cols)  # noqa
     return Check("layout", not problems,
                  {"mismatched": problems, "manifest": fmt(table.columns), "expected": fmt(layout.columns)},
