@@ -21,7 +21,7 @@ from .errors import UserError
 from .files import file_sha256, signals_deferred, write_json
 from .loader import MANIFEST, Manifest, format_version
 from .tensors import dtype_name
-from .verify import fmt_metrics, fmt_threshold, read_out_dir
+from .verify import check_counts, fmt_metrics, fmt_threshold, read_out_dir
 from .version import __version__
 
 if TYPE_CHECKING:  # for annotations only: planning imports torch
@@ -264,7 +264,7 @@ def verify_section(result: dict) -> str:
     failed = [c["name"] for c in checks if not c["passed"]]
     ref = result["reference"]
     ref = f"`{ref}` at revision `{result['revision']}`" if result.get("revision") else f"`{Path(ref).name}`"
-    head = (f"**{'FAILED' if failed else 'Passed'}**: {len(checks) - len(failed)}/{len(checks)} checks of "
+    head = (f"**{'FAILED' if failed else 'Passed'}**: {check_counts(checks)} of the checks of "
             f"`precompile verify` against the original {ref} ({result['dtype']}, {result['prompts']} prompts)"
             + (f"; failed: {', '.join(failed)}" if failed else "") + ".")
 
