@@ -264,9 +264,14 @@ def batch(zoo, out_root, shard, jobs, memory_budget, verify_all, report_path, ju
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=16, show_default=True,
               help="Decode steps timed per repetition.")
 @click.option("--reps", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Interleaved repetitions (figures are medians).")
+              help="Least interleaved repetitions (figures are medians).")
+@click.option("--max-reps", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Most repetitions: they go on until the batch-1 decode saving's 95% interval is narrower than "
+              "its theoretical value.")
+@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=120, show_default=True,
+              help="Seconds of repetitions after which bench stops and reports what it resolved.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def bench(out_dir, source, device, dtype, batches, prompt_len, decode_tokens, reps, quiet):
+def bench(out_dir, source, device, dtype, batches, prompt_len, decode_tokens, reps, max_reps, budget, quiet):
     """Time OUT_DIR's model with and without its lookups, next to the theoretical saving."""
     from .bench import bench as run_bench
 
@@ -277,7 +282,10 @@ def bench(out_dir, source, device, dtype, batches, prompt_len, decode_tokens, re
     except ValueError:
         raise UserError(f"--batches {batches} must be positive integers separated by commas, e.g. 1,16") from None
     result = run_bench(out_dir, source, device=device, dtype=dtype, batches=sizes, prompt_len=prompt_len,
-                       decode_tokens=decode_tokens, reps=reps, progress=Progress(quiet=quiet))
+                       decode_tokens=decode_tokens, reps=reps, max_reps=max_reps, budget=budget,
+                       progress=Progress(quiet=quiet))
+    for line in result.summary():
+        click.echo(line)
     click.echo(result.table())
     for note in result.notes:
         click.echo(note)
