@@ -46,11 +46,6 @@ FORMAT_VERSION = 1
 # return wrong rows, so a manifest that needs it says 2; one that does not still says 1, for older loaders.
 X_SCALE_VERSION = 2
 READABLE_VERSIONS = (FORMAT_VERSION, X_SCALE_VERSION)
-
-
-def format_version(x_scale: float | None) -> int:
-    """The manifest version a conversion writes: 2 only when the loader must scale x (see X_SCALE_VERSION)."""
-    return FORMAT_VERSION if x_scale is None else X_SCALE_VERSION
 MANIFEST = "precompile.json"
 # The loader imports nothing of the package, so it keeps copies; tests/test_manifest.py checks they agree.
 INDEX = "model.safetensors.index.json"  # Copied from precompile.weight_files.INDEX_NAME
@@ -60,6 +55,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
            "float64": torch.float64}
 # The safetensors code of each of _DTYPES (precompile.tensors.DTYPE_NAMES of TORCH_DTYPES)
 _CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+
+
+def format_version(x_scale: float | None) -> int:
+    """The manifest version a conversion writes: 2 only when the loader must scale x (see X_SCALE_VERSION)."""
+    return FORMAT_VERSION if x_scale is None else X_SCALE_VERSION
 
 
 class PrecompileLoadError(RuntimeError):
