@@ -15,9 +15,9 @@ tokens and the table's extra columns B times, so the saving shrinks and turns ne
 break-even batch.
 
 A saving of a fraction of a percent is easily lost in a shared machine's noise, so repetitions
-go on (at least --reps, at most --max-reps, within --budget seconds) until the 95% confidence
-interval of the batch-1 decode saving (Student's t over the repetitions' paired savings) is
-narrower than its theoretical value. Each timed row reports its interval; a row whose interval
+go on until the 95% confidence interval of the batch-1 decode saving (Student's t over the
+repetitions' paired savings) is narrower than its theoretical value: at least --reps, at most
+--max-reps, and past --budget seconds they stop as soon as there are two. Each timed row reports its interval; a row whose interval
 is wider than its theoretical saving is reported as unresolved, never as a ratio.
 """
 
@@ -385,8 +385,9 @@ def bench(out_dir: str | os.PathLike, source: str | None = None, *, device: str 
             iv = intervals()["decode b1"]
             progress.log(f"rep {rep}: decode b1 saving {iv.mean:+.2%}, 95% interval {iv.width:.2%} wide "
                          f"(theoretical {theory('decode b1'):+.2%})")
-            if rep >= reps and (resolved(iv, theory("decode b1")) or rep >= max_reps
-                                or time.monotonic() - t_start >= budget):
+            # the budget ends the run once an interval exists (2 repetitions), even before --reps
+            if (rep >= reps and resolved(iv, theory("decode b1"))) or rep >= max_reps or (
+                    rep >= 2 and time.monotonic() - t_start >= budget):
                 break
     timer.remove()
     result.reps = rep

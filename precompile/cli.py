@@ -269,7 +269,8 @@ def batch(zoo, out_root, shard, jobs, memory_budget, verify_all, report_path, ju
               help="Most repetitions: they go on until the batch-1 decode saving's 95% interval is narrower than "
               "its theoretical value.")
 @click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=120, show_default=True,
-              help="Seconds of repetitions after which bench stops and reports what it resolved.")
+              help="Seconds after which bench stops (once it has 2 repetitions, even below --reps) and reports "
+              "what it resolved.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def bench(out_dir, source, device, dtype, batches, prompt_len, decode_tokens, reps, max_reps, budget, quiet):
     """Time OUT_DIR's model with and without its lookups, next to the theoretical saving."""
