@@ -17,8 +17,9 @@ break-even batch.
 A saving of a fraction of a percent is easily lost in a shared machine's noise, so repetitions
 go on until the 95% confidence interval of the batch-1 decode saving (Student's t over the
 repetitions' paired savings) is narrower than its theoretical value: at least --reps, at most
---max-reps, and past --budget seconds they stop as soon as there are two. Each timed row reports its interval; a row whose interval
-is wider than its theoretical saving is reported as unresolved, never as a ratio.
+--max-reps, and past --budget seconds they stop as soon as there are two. Each timed row reports
+its interval; a row whose interval is wider than its theoretical saving is reported as
+unresolved, never as a ratio.
 """
 
 from __future__ import annotations
