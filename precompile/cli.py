@@ -360,7 +360,7 @@ def plan(source, batch_sizes, assume_parallel, profile_path, revision, dtype, js
     """
     import json
 
-    from .accounting import parse_batch_sizes, plan_model, plot, to_markdown, to_text
+    from .accounting import parse_batch_sizes, plan_model, plot, to_markdown, to_text, verdict_line
 
     result = plan_model(source, profile=profile_path, assume_parallel=assume_parallel,
                         batch_sizes=parse_batch_sizes(batch_sizes), revision=revision, dtype=dtype)
@@ -374,7 +374,7 @@ def plan(source, batch_sizes, assume_parallel, profile_path, revision, dtype, js
         from .files import write_report
 
         write_report(json_path, text, "--json")
-    click.echo(to_markdown(result) if markdown else to_text(result))
+    click.echo(f"{verdict_line(result['verdict'])}\n\n{to_markdown(result)}" if markdown else to_text(result))
 
 
 @main.command()

@@ -372,6 +372,7 @@ def test_markdown_and_plot(tmp_path, checkpoint):
     rows = [line for line in res.stdout.splitlines() if line.startswith("|")]
     assert rows[0].count("|") == 4  # quantity, paper, exact
     assert any(line.startswith("| batch 1: ") for line in rows) and any("| batch 4: " in line for line in rows)
+    assert res.stdout.startswith("verdict: ")  # the same line as the text view and the card
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
