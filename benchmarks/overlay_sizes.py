@@ -3,7 +3,7 @@
 Run: python benchmarks/overlay_sizes.py [/work/shared/reference/model_configs.json]
 Prints a Markdown table: checkpoint size, table (= overlay) size, full conversion size. The table
 width comes from the project's own profiles and `table_layout`, so it is the width `convert` writes:
-(d, unless x is the tied embedding's stored row) + q_width + 2 * kv_width columns x vocab x dtype bytes.
+(d, unless x is the tied embedding's stored row, scaled or not) + q_width + 2 * kv_width columns x vocab x dtype bytes.
 """
 
 from __future__ import annotations

@@ -50,6 +50,8 @@ class Sizes:
     projection_weights: int = 0
     router: bool = False  # a mixture of experts with a router (d x n_experts) in the FFN
     shared_ffn_hidden: int = 0  # the width of the shared expert every token takes (0: none)
+    tied: bool = False  # the LM head is the embedding: counted once, and kept beside the table
+    x_in_table: bool = True  # the table holds x (False: x is read, or recomputed, from the kept tied embedding)
 
     @property
     def ffn_weights(self) -> int:
@@ -78,7 +80,8 @@ def sizes_from_spec(spec: ModelSpec) -> Sizes:
                  n_experts=spec.n_experts, vocab_size=spec.vocab_size,
                  row_width=sum(projection_width(spec, p) for p in spec.projections),
                  projection_weights=sum(projection_weights(spec, p) for p in spec.projections),
-                 router=moe, shared_ffn_hidden=(spec.shared_intermediate_size or 0) if moe and ffn.shared else 0)
+                 router=moe, shared_ffn_hidden=(spec.shared_intermediate_size or 0) if moe and ffn.shared else 0,
+                 tied=spec.tied, x_in_table=not (spec.tied and spec.x_is_scaled_row))  # as layout.table_layout
 
 
 def projection_weights(spec: ModelSpec, p: Projection) -> int:
@@ -107,25 +110,90 @@ def reads(s: Sizes, batch: int) -> tuple[int, int]:
 
 
 def total_weights(s: Sizes) -> int:
-    """The paper's whole-model count: per layer Q, O, K, V and FFN, plus embedding and LM head."""
+    """The paper's whole-model count: per layer Q, O, K, V and FFN, plus embedding and LM head (one matrix when
+    tied: a tied head is counted once)."""
     # the output projection as wide as q (the paper's O); latent attention and other mixers: their layer-0
     # projections twice (the output side, MLA's kv_b_proj, is taken as large as the input side)
     standard = s.projection_weights == s.d * s.q_width + 2 * s.d * s.e
     per_layer = (s.d * s.q_width if standard else s.projection_weights) + s.projection_weights + s.ffn_weights
-    return s.n_layers * per_layer + 2 * s.d * s.vocab_size
+    return s.n_layers * per_layer + (1 if s.tied else 2) * s.d * s.vocab_size
 
 
 def memory(s: Sizes) -> tuple[int, int]:
-    """(increase, decrease): the table adds q, k, v per vocabulary entry, layer 0 loses its eliminated weights."""
-    return s.row_width * s.vocab_size, eliminated_weights(s)
+    """(increase, decrease): the table adds q, k, v per vocabulary entry (and x too when it is in the table beside
+    an embedding kept for a tied head; untied, x takes the embedding's place), layer 0 loses its eliminated
+    weights."""
+    x = s.d if s.tied and s.x_in_table else 0
+    return (s.row_width + x) * s.vocab_size, eliminated_weights(s)
+
+
+def per_token_weights(s: Sizes) -> int:
+    """Weights one token reads at batch 1 without precompute: every layer and the LM head once, one embedding row."""
+    return total_weights(s) - (0 if s.tied else s.d * s.vocab_size) + s.d
 
 
 def batch1_share_saved(s: Sizes) -> float:
     """Share of a token's weight reads saved at batch 1: a token reads every layer and the LM head once,
     but only one embedding row."""
     without, with_ = reads(s, 1)
-    per_token = total_weights(s) - s.d * s.vocab_size + s.d
-    return (without - with_) / per_token
+    return (without - with_) / per_token_weights(s)
+
+
+def break_even_batch(eliminated: float, extra_per_token: float) -> float | None:
+    """The batch size at which precompute's saving reaches zero: B* = E / w (layer 0 reads B*d + E without and
+    B*(d + w) with; None when the table adds nothing per token)."""
+    return eliminated / extra_per_token if extra_per_token > 0 else None
+
+
+# --- the verdict (README "Is it worth it?") ---------------------------------------------------------------------
+
+MIN_SAVING = 0.01  # worth it needs at least 1% of one token's weight reads saved at batch 1
+MAX_MEMORY_PER_SAVING = 10  # ... for at most 10% more memory per 1% of reads saved
+RULE = (f"worth it when reads fall by >= {MIN_SAVING:.0%} and memory grows by <= {MAX_MEMORY_PER_SAVING}x that "
+        f"share, marginal when the memory bound holds but reads fall by less than {MIN_SAVING:.0%}, else not worth it")
+
+
+def judge(saved: float, memory_relative: float) -> str:
+    """"worth it", "marginal" or "not worth it" for memory-bound decoding at batch 1 (see RULE)."""
+    if saved <= 0:
+        return "not worth it"
+    if memory_relative > MAX_MEMORY_PER_SAVING * saved:
+        return "not worth it"
+    return "worth it" if saved >= MIN_SAVING else "marginal"
+
+
+def trade(reads_without: int, reads_with: int, eliminated: int, extra_per_token: int, memory_before: int,
+          memory_after: int, unit: str, basis: str) -> dict[str, Any]:
+    """The whole-model headline: the share of one token's weight reads saved at batch 1, the break-even batch,
+    the memory change of the converted model, and the verdict with its rule. Both sides in the same unit."""
+    saved = (reads_without - reads_with) / reads_without
+    delta = memory_after - memory_before
+    relative = delta / memory_before
+    return {"verdict": judge(saved, relative), "basis": basis, "unit": unit,
+            "reads_per_token_without": reads_without, "reads_per_token_with": reads_with,
+            "reads_saved_batch1": saved, "break_even_batch": break_even_batch(eliminated, extra_per_token),
+            "memory_before": memory_before, "memory_after": memory_after, "memory_delta": delta,
+            "memory_delta_relative": relative, "rule": RULE}
+
+
+def paper_trade(s: Sizes) -> dict[str, Any]:
+    """The headline from config.json alone, in weights (the same dtype on both sides)."""
+    inc, dec = memory(s)
+    without, with_ = reads(s, 1)
+    per_token = per_token_weights(s)
+    total = total_weights(s)
+    return trade(per_token, per_token - (without - with_), eliminated_weights(s), s.row_width, total,
+                 total + inc - dec, "weights", "weights counted from config.json (the paper's formulas)")
+
+
+def verdict_line(v: dict[str, Any]) -> str:
+    """One plain sentence: the verdict, the figures it rests on and the rule that produced it."""
+    unit = "B" if v["unit"] == "bytes" else "weights"
+    b = v["break_even_batch"]
+    past = f"the saving reaches zero at batch {b:,.0f}" if b is not None else "no break-even batch"
+    return (f"verdict: {v['verdict']} for memory-bound decoding at batch 1: {v['reads_saved_batch1'] * 100:.2f}% "
+            f"fewer weight reads per token ({past}) for {v['memory_delta_relative'] * 100:+.1f}% memory "
+            f"({v['memory_delta']:+,} {unit}); rule: {v['rule']}.")
 
 
 def figures(s: Sizes, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> dict[str, Any]:
@@ -150,6 +218,8 @@ def figures(s: Sizes, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> dic
         "memory_delta_relative": (inc - dec) / total,
         "ceiling": 1 / s.n_layers,
         "batch1_reads_saved": batch1_share_saved(s),
+        "break_even_batch": break_even_batch(eliminated_weights(s), s.row_width),
+        "paper_verdict": paper_trade(s),
     }
 
 
@@ -179,7 +249,11 @@ def output_files(conv: ConversionPlan) -> dict[str, int]:
 
 
 def exact_figures(conv: ConversionPlan, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> dict[str, Any]:
-    """Byte figures of a planned conversion (`convert.plan_conversion`): what the files really hold."""
+    """Byte figures of a planned conversion (`convert.plan_conversion`): what the files really hold.
+
+    Like with like: every read and memory figure is in the output dtype, the source's tensors converted to it
+    as `convert` converts them (`source_weight_bytes` states the source as stored, too).
+    """
     from .tensors import DTYPE_NAMES, dtype_name, element_size, output_dtype
 
     spec, lay, ckpt = conv.spec, conv.layout, conv.checkpoint
@@ -191,36 +265,45 @@ def exact_figures(conv: ConversionPlan, batch_sizes: tuple[int, ...] = DEFAULT_B
     gone = [ckpt.info(n) for n in lay.eliminated]
     layer0 = [t for t in gone if t.name != spec.embedding_tensor]
     emb = ckpt.info(spec.embedding_tensor)
-    emb_row = spec.hidden_size * (emb.nbytes // max(emb.numel, 1))
+    emb_row = spec.hidden_size * (out_bytes(emb) // max(emb.numel, 1))
     row_with = lay.width * es + (0 if lay.x_in_table else emb_row)
-    layer0_bytes = sum(t.nbytes for t in layer0)
+    layer0_bytes = sum(out_bytes(t) for t in layer0)
     source_bytes = sum(t.nbytes for t in ckpt.tensors.values())
+    source_out = sum(out_bytes(t) for t in ckpt.tensors.values())
     kept = [t for t in ckpt.tensors.values() if t.name not in set(lay.eliminated)]
     output_bytes = conv.table_file_bytes + sum(out_bytes(t) for t in kept)
+    # one token at batch 1 reads every weight once (a tied embedding once, for the head) but one embedding row
+    per_token = source_out - (0 if spec.tied else out_bytes(emb)) + emb_row
     batches = []
     for b in batch_sizes:
         without, with_ = b * emb_row + layer0_bytes, b * row_with
         batches.append({"batch": b, "reads_without_bytes": without, "reads_with_bytes": with_,
                         "reduction": without / with_})
+    headline = trade(per_token, per_token - layer0_bytes - emb_row + row_with, layer0_bytes, row_with - emb_row,
+                     source_out, output_bytes, "bytes", f"exact bytes in {dtype_name(conv.model_dtype)}")
     return {
         "dtype": dtype_name(conv.model_dtype),
         "tied": spec.tied,
         "embedding_kept": lay.keep_embedding,
         "x_in_table": lay.x_in_table,
+        "x_scale": lay.x_scale,
         "table_shape": [lay.vocab_size, lay.width],
         "table_bytes": conv.table_bytes,
         "eliminated_tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes}
                                for t in gone],
         "eliminated_weights": sum(t.numel for t in gone),
-        "eliminated_bytes": sum(t.nbytes for t in gone),
+        "eliminated_bytes": sum(out_bytes(t) for t in gone),
         "layer0_eliminated_weights": sum(t.numel for t in layer0),
+        "layer0_eliminated_bytes": layer0_bytes,
         "reads_with_per_token_bytes": row_with,
         "batches": batches,
         "source_weight_bytes": source_bytes,
+        "source_weight_bytes_in_output_dtype": source_out,
         "output_weight_bytes": output_bytes,
-        "memory_delta_bytes": output_bytes - source_bytes,
-        "memory_delta_relative": (output_bytes - source_bytes) / source_bytes,
+        "memory_delta_bytes": output_bytes - source_out,
+        "memory_delta_relative": (output_bytes - source_out) / source_out,
         "files": output_files(conv),
+        "verdict": headline,
     }
 
 
@@ -304,12 +387,14 @@ def model_figures(source: str, kind: str, profile: str, config: dict, spec: Mode
 
 
 def plan_model(source: str, *, profile: str | None = None, assume_parallel: bool = False,
-               batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES, revision: str | None = None) -> dict[str, Any]:
+               batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES, revision: str | None = None,
+               dtype: str = "auto") -> dict[str, Any]:
     """The paper's figures for SOURCE (hub id, model dir, converted OUT_DIR or config.json path).
 
     With local weights (and no --assume-parallel, which describes a model that does not exist) the
-    result also holds `exact`: byte figures from the real tensors, as `convert` would write them (or
-    `exact_unavailable`: why the weights could not be read).
+    result also holds `exact`: byte figures from the real tensors, as `convert --dtype DTYPE` would write
+    them (or `exact_unavailable`: why the weights could not be read). `verdict` is the headline: the
+    exact figures' when there are some, else the paper's count's.
     """
     batch_sizes = tuple(batch_sizes)
     if not batch_sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in batch_sizes):
@@ -326,10 +411,16 @@ def plan_model(source: str, *, profile: str | None = None, assume_parallel: bool
         from .planning import plan_conversion
 
         try:
-            out["exact"] = exact_figures(plan_conversion(str(weights), profile=profile), batch_sizes)
+            out["exact"] = exact_figures(plan_conversion(str(weights), profile=profile, dtype=dtype), batch_sizes)
         except UserError as e:  # e.g. a partial download: the config's figures still stand
             out["exact_unavailable"] = str(e)
-    return out
+    return with_verdict(out)
+
+
+def with_verdict(r: dict[str, Any]) -> dict[str, Any]:
+    """r with its headline `verdict`: the exact bytes' when there are some, else the paper's count's."""
+    r["verdict"] = r["exact"]["verdict"] if "exact" in r else r["paper_verdict"]
+    return r
 
 
 # --- presentation ----------------------------------------------------------------------------------------------
@@ -393,15 +484,36 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
          if ex else ""),
         ("memory decrease", "-" + _n(r["memory_decrease"]), "-" + _bytes(ex["eliminated_bytes"]) if ex else ""),
         ("memory change", f"{r['memory_delta']:+,} ({_pct(r['memory_delta_relative'])})",
-         f"{ex['memory_delta_bytes']:+,} B ({_pct(ex['memory_delta_relative'])})" if ex else ""),
-        ("total weights", f"{_n(r['total_weights'])} ({_short(r['total_weights'])})",
-         f"{_bytes(ex['source_weight_bytes'])} -> {_bytes(ex['output_weight_bytes'])}" if ex else ""),
+         f"{ex['memory_delta_bytes']:+,} B ({_pct(ex['memory_delta_relative'])}, both in {ex['dtype']})"
+         if ex else ""),
+        ("total weights" + (" (tied head once)" if r.get("tied") else ""),
+         f"{_n(r['total_weights'])} ({_short(r['total_weights'])})",
+         (f"{_bytes(ex['source_weight_bytes_in_output_dtype'])} -> {_bytes(ex['output_weight_bytes'])}"
+          + (f" (source as stored: {_bytes(ex['source_weight_bytes'])})"
+             if ex["source_weight_bytes"] != ex["source_weight_bytes_in_output_dtype"] else "")) if ex else ""),
         ("whole-model ceiling (1 layer of n)", f"1/{r['n_layers']} = {r['ceiling'] * 100:.1f}%", ""),
-        ("token weight reads saved, batch 1", f"{r['batch1_reads_saved'] * 100:.2f}%", ""),
+        ("token weight reads saved, batch 1", f"{r['batch1_reads_saved'] * 100:.2f}%",
+         f"{ex['verdict']['reads_saved_batch1'] * 100:.2f}%" if ex else ""),
+        ("break-even batch (B* = E / w)", _batch(r["break_even_batch"]),
+         _batch(ex["verdict"]["break_even_batch"]) if ex else ""),
     ]
     if ex:
         rows.append(("embedding", "", "kept for the tied LM head" if ex["embedding_kept"] else "replaced by the table"))
     return rows
+
+
+def _batch(b: float | None) -> str:
+    return "none (the table adds no reads)" if b is None else f"{b:,.0f}"
+
+
+def headline(v: dict[str, Any]) -> list[str]:
+    """The whole-model figures the verdict rests on, in the output dtype: reads per token and memory."""
+    unit = "B" if v["unit"] == "bytes" else "weights"
+    return [f"figures: {v['basis']}",
+            f"whole model, one token at batch 1: {v['reads_per_token_without']:,} -> {v['reads_per_token_with']:,} "
+            f"{unit} read ({-v['reads_saved_batch1'] * 100:+.2f}%); break-even batch {_batch(v['break_even_batch'])}",
+            f"memory of the converted model: {v['memory_before']:,} -> {v['memory_after']:,} {unit} "
+            f"({v['memory_delta_relative'] * 100:+.1f}%, {v['memory_delta']:+,} {unit})"]
 
 
 def to_text(r: dict[str, Any]) -> str:
@@ -410,7 +522,8 @@ def to_text(r: dict[str, Any]) -> str:
     head = ("", "paper's count (weights)", "exact (bytes, from the tensors)" if has_exact else "")
     w0 = max(len(x[0]) for x in rows + [head])
     w1 = max(len(x[1]) for x in rows + [head])
-    lines = [f"{r['source']} (profile {r['profile']})"]
+    lines = [f"{r['source']} (profile {r['profile']})", verdict_line(r["verdict"]),
+             *(f"  {x}" for x in headline(r["verdict"])), ""]
     for row in [head] + rows:
         line = f"  {row[0]:<{w0}}  {row[1]:<{w1}}" + (f"  {row[2]}" if has_exact else "")
         lines.append(line.rstrip())
@@ -466,4 +579,5 @@ def plot(r: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 __all__ = ["Sizes", "sizes_from_spec", "figures", "model_figures", "exact_figures", "output_files", "plan_model",
-           "load_config", "parse_batch_sizes", "to_text", "to_markdown", "plot"]
+           "load_config", "parse_batch_sizes", "to_text", "to_markdown", "plot", "verdict_line", "headline", "judge",
+           "RULE", "with_verdict"]

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .accounting import exact_figures, model_figures, to_markdown
+from .accounting import exact_figures, headline, model_figures, to_markdown, verdict_line, with_verdict
 from .errors import UserError
 from .files import file_sha256, out_dir_lock, out_dir_target, signals_deferred, write_json
 from .loader import FORMAT_VERSION, MANIFEST, Manifest
 from .tensors import dtype_name
-from .verify import fmt_metrics, fmt_threshold, read_out_dir
+from .verify import check_counts, fmt_metrics, fmt_threshold, read_out_dir
 from .version import __version__
 
 if TYPE_CHECKING:  # for annotations only: planning imports torch
@@ -32,6 +32,9 @@ PAPER = "https://arxiv.org/abs/2402.13388"
 PROJECT = "precompile"
 VERIFY_BEGIN = "<!-- precompile:verify -->"
 VERIFY_END = "<!-- /precompile:verify -->"
+# The card is written before OUT_DIR gets its final path and before any push, so it cannot name either:
+# the snippet runs as is from inside the directory and says what to put there otherwise.
+LOAD_DIR_NOTE = "this directory (run from inside it); else its path, or its hub repo id once pushed"
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def card_figures(plan: ConversionPlan) -> dict[str, Any]:
                       plan.spec)
     if plan.kind == "full":
         r["exact"] = exact_figures(plan)
-    return r
+    return with_verdict(r)
 
 
 def front_matter(plan: ConversionPlan, src: SourceCard) -> dict[str, Any]:
@@ -133,11 +136,20 @@ def _figure_lines(plan: ConversionPlan, r: dict[str, Any]) -> list[str]:
         f"- **Reads per token** in layer 0: {r['reads_with_per_token']:,} values with the table; at batch "
         f"{b1['batch']}: {b1['reads_without']:,} -> {b1['reads_with']:,} ({b1['reduction']:,.1f}x fewer).",
         f"- **Memory change**: {r['memory_delta']:+,} weights ({_pct(r['memory_delta_relative'])} of "
-        f"{r['total_weights']:,})"
-        + (f"; exactly {ex['memory_delta_bytes']:+,} bytes ({_pct(ex['memory_delta_relative'])})" if ex else "")
+        f"{r['total_weights']:,}" + (", the tied head counted once" if r["tied"] else "") + ")"
+        + (f"; exactly {ex['memory_delta_bytes']:+,} bytes ({_pct(ex['memory_delta_relative'])}, the source in "
+           f"{ex['dtype']} vs the output)" if ex else "")
         + ".",
     ]
     return lines
+
+
+def _verdict_lines(r: dict[str, Any]) -> list[str]:
+    """The card's headline: plan's verdict line and the whole-model figures it rests on."""
+    v = r["verdict"]
+    line = verdict_line(v)
+    return [f"**{line[0].upper()}{line[1:]}**", "", *(f"- {x}" for x in headline(v)), "",
+            'The thresholds and formulas are in the precompile README ("Is it worth it?").']
 
 
 def _self_check_text(check: SelfCheckSummary | None) -> str:
@@ -151,17 +163,19 @@ def _load_text(plan: ConversionPlan) -> list[str]:
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        'model = AutoModelForCausalLM.from_pretrained("REPO_ID_OR_DIR", trust_remote_code=True)',
-        'tokenizer = AutoTokenizer.from_pretrained("REPO_ID_OR_DIR")',
+        f'model_dir = "."  # {LOAD_DIR_NOTE}',
+        "model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)",
+        "tokenizer = AutoTokenizer.from_pretrained(model_dir)",
         "```",
         "",
         "`trust_remote_code=True` runs this repository's `precompile_loader.py`, which imports only torch, "
-        "safetensors, transformers and huggingface_hub. With the `precompile` package installed:",
+        "safetensors, transformers and huggingface_hub. With the `precompile` package installed "
+        "(a local directory only):",
         "",
         "```python",
         "import precompile",
         "",
-        'model = precompile.load("DIR")  # a local copy of this repository',
+        "model = precompile.load(model_dir)",
         "```",
     ]
     if plan.kind == "overlay":
@@ -183,11 +197,12 @@ def render_card(plan: ConversionPlan, source_card: SourceCard, self_check: SelfC
                           default_flow_style=False)
     try:
         r = card_figures(plan)
+        worth = _verdict_lines(r)
         figures = [*_figure_lines(plan, r), "",
                    "<details><summary>All figures (<code>precompile plan</code>)</summary>", "",
                    to_markdown(r), "", "</details>"]
     except UserError as e:  # the card never fails a conversion: plan's whole-model count may lack a size
-        figures = [f"Not available: {e}"]
+        worth = figures = [f"Not available: {e}"]
     link = f"[`{label}`](https://huggingface.co/{label})" if plan.source.id else f"`{label}`"
     at = f" at revision `{plan.source.revision}`" if plan.source.revision else ""
     residual = "the residual input plus layer 0's FFN output" if plan.spec.folds_ffn else "the residual input"
@@ -202,6 +217,8 @@ def render_card(plan: ConversionPlan, source_card: SourceCard, self_check: SelfC
         f"and stored as a table, as in [Transformer tricks: Precomputing the first layer]({PAPER}) "
         f"(arXiv 2402.13388). {kind}At run time layer 0 reads one table row per token instead of those weights, "
         f"and everything else (attention, RoPE, KV cache, generation) is transformers' own.", "",
+        "## Is it worth it?", "",
+        *worth, "",
         "## Figures", "",
         *figures, "",
         "## Self-check", "",
@@ -260,7 +277,7 @@ def verify_section(result: dict) -> str:
     failed = [c["name"] for c in checks if not c["passed"]]
     ref = result["reference"]
     ref = f"`{ref}` at revision `{result['revision']}`" if result.get("revision") else f"`{Path(ref).name}`"
-    head = (f"**{'FAILED' if failed else 'Passed'}**: {len(checks) - len(failed)}/{len(checks)} checks of "
+    head = (f"**{'FAILED' if failed else 'Passed'}**: {check_counts(checks)} of the checks of "
             f"`precompile verify` against the original {ref} ({result['dtype']}, {result['prompts']} prompts)"
             + (f"; failed: {', '.join(failed)}" if failed else "") + ".")
 

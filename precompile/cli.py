@@ -282,9 +282,15 @@ def batch(zoo, out_root, shard, jobs, memory_budget, verify_all, report_path, ju
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=16, show_default=True,
               help="Decode steps timed per repetition.")
 @click.option("--reps", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Interleaved repetitions (figures are medians).")
+              help="Least interleaved repetitions (figures are medians).")
+@click.option("--max-reps", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Most repetitions: they go on until the batch-1 decode saving's 95% interval is narrower than "
+              "its theoretical value.")
+@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=120, show_default=True,
+              help="Seconds after which bench stops (once it has 2 repetitions, even below --reps) and reports "
+              "what it resolved.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def bench(out_dir, source, device, dtype, batches, prompt_len, decode_tokens, reps, quiet):
+def bench(out_dir, source, device, dtype, batches, prompt_len, decode_tokens, reps, max_reps, budget, quiet):
     """Time OUT_DIR's model with and without its lookups, next to the theoretical saving."""
     from .bench import bench as run_bench
 
@@ -295,7 +301,10 @@ def bench(out_dir, source, device, dtype, batches, prompt_len, decode_tokens, re
     except ValueError:
         raise UserError(f"--batches {batches} must be positive integers separated by commas, e.g. 1,16") from None
     result = run_bench(out_dir, source, device=device, dtype=dtype, batches=sizes, prompt_len=prompt_len,
-                       decode_tokens=decode_tokens, reps=reps, progress=Progress(quiet=quiet))
+                       decode_tokens=decode_tokens, reps=reps, max_reps=max_reps, budget=budget,
+                       progress=Progress(quiet=quiet))
+    for line in result.summary():
+        click.echo(line)
     click.echo(result.table())
     for note in result.notes:
         click.echo(note)
@@ -354,22 +363,25 @@ def _dry_run_files(plan) -> str:
 @click.option("--profile", "profile_path", type=click.Path(), help="Architecture profile YAML (default: chosen "
               "from config.json; for a converted OUT_DIR, the one recorded in its precompile.json).")
 @click.option("--revision", help="Hub revision (branch, tag or commit) for a hub SOURCE.")
+@click.option("--dtype", type=click.Choice(meta("dtype").choices), default="auto", show_default=True,
+              help="The output dtype `convert --dtype` would write: the exact figures compare the source converted "
+              "to it with the output.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True),
               help="Write every figure as one JSON object to FILE ('-': stdout).")
 @click.option("--markdown", is_flag=True, help="Print a Markdown table for a model card.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Draw reduction vs batch size and the memory change to FILE.png (needs matplotlib).")
-def plan(source, batch_sizes, assume_parallel, profile_path, revision, json_path, markdown, plot_path):
+def plan(source, batch_sizes, assume_parallel, profile_path, revision, dtype, json_path, markdown, plot_path):
     """What precomputing layer 0 buys SOURCE: the paper's figures, and exact bytes when the weights are local.
 
     SOURCE: hub id (only config.json is downloaded), model directory, converted OUT_DIR or a config.json path.
     """
     import json
 
-    from .accounting import parse_batch_sizes, plan_model, plot, to_markdown, to_text
+    from .accounting import parse_batch_sizes, plan_model, plot, to_markdown, to_text, verdict_line
 
     result = plan_model(source, profile=profile_path, assume_parallel=assume_parallel,
-                        batch_sizes=parse_batch_sizes(batch_sizes), revision=revision)
+                        batch_sizes=parse_batch_sizes(batch_sizes), revision=revision, dtype=dtype)
     if plot_path:
         plot(result, plot_path)
     text = json.dumps(result, indent=2, sort_keys=True) + "\n"
@@ -380,7 +392,7 @@ def plan(source, batch_sizes, assume_parallel, profile_path, revision, json_path
         from .files import write_report
 
         write_report(json_path, text, "--json")
-    click.echo(to_markdown(result) if markdown else to_text(result))
+    click.echo(f"{verdict_line(result['verdict'])}\n\n{to_markdown(result)}" if markdown else to_text(result))
 
 
 @main.command()

@@ -30,6 +30,7 @@ class TableLayout:
     eliminated: tuple[str, ...]
     tensor_name: str
     guard: str  # an eliminated layer-0 weight's name, stored as 1 element in the table file (see GUARD_NOTE)
+    x_scale: float | None = None  # x not in the table: the kept embedding row times this (the module's scale)
 
     @property
     def width(self) -> int:
@@ -76,13 +77,14 @@ def table_inputs(spec: ModelSpec, present: set[str] | frozenset[str]) -> list[st
 def table_layout(spec: ModelSpec, present: set[str] | frozenset[str]) -> TableLayout:
     """Columns of the table and the eliminated tensors, given which tensor names the checkpoint holds.
 
-    x leaves the table only when it is exactly the stored row of an embedding that stays for a tied
-    LM head: then no value is stored twice.
+    x leaves the table when it is the stored row of an embedding that stays for a tied LM head, or that
+    row times the scale the embedding module applies (the profile's `embedding.scale`, Gemma's sqrt(d)):
+    the loader then computes it from the kept row as the module does, and no value is stored twice.
     """
     from .loader import TableColumn
 
     keep_embedding = spec.tied
-    x_in_table = not (keep_embedding and spec.x_is_stored_row)
+    x_in_table = not (keep_embedding and spec.x_is_scaled_row)
     cols: list[TableColumn] = []
     off = 0
     if x_in_table:
@@ -101,7 +103,8 @@ def table_layout(spec: ModelSpec, present: set[str] | frozenset[str]) -> TableLa
     seen = tuple(dict.fromkeys(n for n in eliminated if n in present))
     return TableLayout(columns=tuple(cols), vocab_size=spec.vocab_size, x_in_table=x_in_table,
                        keep_embedding=keep_embedding, eliminated=seen,
-                       tensor_name=f"{spec.embedding_module}.table", guard=spec.projections[0].weight)
+                       tensor_name=f"{spec.embedding_module}.table", guard=spec.projections[0].weight,
+                       x_scale=None if x_in_table else spec.embedding_scale)
 
 
 def table_file_header(lay: TableLayout, dtype: str, itemsize: int) -> tuple[list[tuple[str, str, tuple[int, ...], int]],

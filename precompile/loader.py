@@ -42,7 +42,7 @@ from torch import nn
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-FORMAT_VERSION = 2  # 2: the table file must hold its guard and config.json the plain-load message
+FORMAT_VERSION = 2  # 2: the table file holds its guard, config.json the plain-load message; loader.x_scale may be set
 READABLE_VERSIONS = (1, 2)  # 1: written before the guard was required
 MANIFEST = "precompile.json"
 # The loader imports nothing of the package, so it keeps copies; tests/test_manifest.py checks they agree.
@@ -91,11 +91,16 @@ class TableEmbedding(nn.Module):
     It has a `.weight` only when the LM head is tied: that is the real embedding, which the head
     keeps using (and from which x is read when the table leaves it out). The table itself is
     `.table`, so nothing can tie the head to it.
+
+    `x_scale`: x is the kept row times this scale, computed as transformers' scaled embedding modules
+    do (`row * embed_scale.to(weight.dtype)`: the scale a 0-dim tensor of the weight's dtype, the product
+    rounded once), and as the table's q/k/v were computed from it, so the values are the same.
     """
 
     def __init__(self, vocab: int, width: int, x_stop: int, hidden: int, tied: bool, kept: _Kept,
-                 padding_idx: int | None = None):
+                 padding_idx: int | None = None, x_scale: float | None = None):
         super().__init__()
+        self.x_scale = x_scale
         self.table = nn.Parameter(torch.empty(vocab, width), requires_grad=False)
         if tied:
             self.weight = nn.Parameter(torch.empty(vocab, hidden))
@@ -110,10 +115,14 @@ class TableEmbedding(nn.Module):
         self._kept.rows = rows
         if self.x_stop:
             return rows[..., : self.x_stop]
-        return nn.functional.embedding(input_ids, self.weight)
+        x = nn.functional.embedding(input_ids, self.weight)
+        if self.x_scale is None:
+            return x
+        return x * torch.tensor(self.x_scale, dtype=self.weight.dtype)
 
     def extra_repr(self) -> str:
-        return f"table={tuple(self.table.shape)}, x={'table' if self.x_stop else 'embedding'}"
+        x = "table" if self.x_stop else "embedding" + (f" * {self.x_scale:g}" if self.x_scale is not None else "")
+        return f"table={tuple(self.table.shape)}, x={x}"
 
     def __getattr__(self, name: str):
         """Untied, `.weight` is the table's residual columns (a view, not a parameter): model code that reads
@@ -222,11 +231,13 @@ class LoaderRecord:
     keep_embedding: bool
     identity_modules: tuple[str, ...] = ()
     zero_modules: tuple[str, ...] = ()
+    x_scale: float | None = None  # x_stop 0: x is the kept embedding row times this (absent: the row itself)
 
     def to_dict(self) -> dict:
-        return {"embedding_module": self.embedding_module, "hidden_size": self.hidden_size, "x_stop": self.x_stop,
-                "keep_embedding": self.keep_embedding, "identity_modules": list(self.identity_modules),
-                "zero_modules": list(self.zero_modules), "attention_module": self.attention_module}
+        return _set({"embedding_module": self.embedding_module, "hidden_size": self.hidden_size,
+                     "x_stop": self.x_stop, "keep_embedding": self.keep_embedding,
+                     "identity_modules": list(self.identity_modules), "zero_modules": list(self.zero_modules),
+                     "attention_module": self.attention_module}, x_scale=self.x_scale)
 
 
 @dataclass(frozen=True)
@@ -312,8 +323,9 @@ class Manifest:
         """The manifest in `m` (precompile.json as parsed JSON), checked; `where` names it in errors."""
         if not isinstance(m, dict) or m.get("format") != "precompile":
             raise PrecompileLoadError(f"{where} is not a precompile manifest; convert the model again")
-        if m.get("format_version") not in READABLE_VERSIONS:
-            raise PrecompileLoadError(f"{where} has format version {m.get('format_version')}, this loader reads "
+        version = m.get("format_version")
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
+            raise PrecompileLoadError(f"{where} has format version {version}, this loader reads "
                                       f"{' and '.join(map(str, READABLE_VERSIONS))}; convert again with this version "
                                       f"or use a matching loader")
         for key in ("table", "loader", "source"):
@@ -334,13 +346,14 @@ class Manifest:
                                     for c in t["columns"]), t.get("guard")),
             loader=LoaderRecord(ld["embedding_module"], ld["attention_module"], ld["hidden_size"], ld["x_stop"],
                                 ld["keep_embedding"], tuple(ld.get("identity_modules", [])),
-                                tuple(ld.get("zero_modules", []))),
+                                tuple(ld.get("zero_modules", [])),
+                                None if ld.get("x_scale") is None else float(ld["x_scale"])),
             profile=ProfileRecord(**{k: v if isinstance(v, str) else None for k, v in prof.items()
                                      if k in ProfileRecord.__dataclass_fields__}),
             options=m.get("options", {}), eliminated=tuple(m.get("eliminated", [])), outputs=m.get("outputs", {}),
             output_sizes=m.get("output_sizes"), kind=m.get("kind", "full"),
             tool_version=m.get("tool_version") if isinstance(m.get("tool_version"), str) else None,
-            format_version=m["format_version"], saved=m.get("saved"))
+            format_version=version, saved=m.get("saved"))
 
     @classmethod
     def coerce(cls, m: "Manifest | dict") -> "Manifest":
@@ -403,6 +416,10 @@ def _manifest_problem(m: dict) -> str | None:
          "loader.embedding_module and loader.attention_module must be strings"),
         (is_int(ld.get("hidden_size")) and is_int(ld.get("x_stop")), "loader.hidden_size and x_stop must be integers"),
         (isinstance(ld.get("keep_embedding"), bool), "loader.keep_embedding must be true or false"),
+        (ld.get("x_scale") is None or (isinstance(ld["x_scale"], (int, float)) and not isinstance(ld["x_scale"], bool)
+                                       and ld["x_stop"] == 0 and ld["keep_embedding"]
+                                       and m.get("format_version") == FORMAT_VERSION),
+         f"loader.x_scale must be a number, with x_stop 0, keep_embedding and format version {FORMAT_VERSION}"),
         (str_list(ld.get("identity_modules", [])) and str_list(ld.get("zero_modules", [])),
          "loader.identity_modules and zero_modules must be lists of strings"),
         (str_list(m.get("eliminated", [])), "eliminated must be a list of strings"),
@@ -505,7 +522,7 @@ def apply_layout(model: nn.Module, manifest: Manifest | dict) -> None:
     kept = _Kept()
     old = model.get_submodule(spec.embedding_module)
     emb = TableEmbedding(table.shape[0], table.shape[1], spec.x_stop, spec.hidden_size,
-                         spec.keep_embedding, kept, getattr(old, "padding_idx", None))
+                         spec.keep_embedding, kept, getattr(old, "padding_idx", None), spec.x_scale)
     _set_module(model, spec.embedding_module, emb)
     for col in table.columns:
         if col.module:

@@ -197,9 +197,10 @@ class ModelSpec:
         return [n for t in (norm.weight, norm.bias) if t for n in expand_heads(t, self.qk_norm_heads(role))]
 
     @property
-    def x_is_stored_row(self) -> bool:
-        """True when the residual input is exactly the stored embedding row."""
-        return self.embedding_scale is None and self.embedding_norm is None and self.block == "serial"
+    def x_is_scaled_row(self) -> bool:
+        """True when the residual input is the stored embedding row times the module's `embedding.scale` (or the
+        row itself): the loader can recompute it from a kept embedding exactly as the embedding module does."""
+        return self.embedding_norm is None and self.block == "serial"
 
 
 def expand_heads(name: str, heads: int) -> list[str]:

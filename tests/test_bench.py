@@ -57,21 +57,24 @@ def test_per_token_reads_follow_the_paper(converted):
 
 def test_bench_reports_every_metric(converted, tmp_path):
     src, out = converted
-    r = bench(out, str(src), device="cpu", batches=(1, 2), prompt_len=4, decode_tokens=2, reps=1)
+    r = bench(out, str(src), device="cpu", batches=(1, 2), prompt_len=4, decode_tokens=2, reps=1, max_reps=1)
     names = [row[0] for row in r.rows]
     assert names == ["prefill b1 (4 tokens)", "prefill b2 (4 tokens)", "decode b1", "layer 0 decode b1",
                      "decode b2", "layer 0 decode b2", "weights in memory"]
     assert all(a > 0 and b > 0 for _, _, a, b in r.rows)
     assert 0 < r.theoretical < 1
     assert "realized / theoretical" in r.table()
+    assert set(r.intervals) == set(r.theory) == {row[0] for row in r.rows if row[1] != "bytes"}
+    assert r.verdict is not None and r.summary()[0].startswith("verdict: ")
 
 
 def test_bench_cli(converted):
     src, out = converted
     res = run_cli("bench", out, "--source", src, "--device", "cpu", "--batches", "1", "--prompt-len", "4",
-                  "--decode-tokens", "2", "--reps", "1", "-q")
+                  "--decode-tokens", "2", "--reps", "1", "--max-reps", "1", "-q")
     assert res.returncode == 0, res.stderr
     assert "| decode b1 |" in res.stdout and "theoretical saving" in res.stdout
+    assert res.stdout.startswith("verdict: ") and "\nmeasured: decode at batch 1 " in res.stdout
     bad = run_cli("bench", out, "--batches", "1,x")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--batches" in bad.stderr
 
@@ -85,3 +88,37 @@ def test_layer0_reads(converted):
     layer0 = sum(p.numel() for p in model.model.layers[0].parameters())
     eliminated = d * d + 2 * d * e + d
     assert per_token_reads(model, manifest, layer0_only=True) == (layer0 + d, layer0 - eliminated + 2 * d + 2 * e)
+
+
+def test_an_effect_below_the_noise_is_reported_as_unresolved(converted):
+    """A stubbed clock whose call times are noise, the same for both variants: the saving's interval is far wider
+    than the theoretical saving, so no row gives a ratio and the summary says the run cannot resolve it."""
+    import random
+
+    src, out = converted
+    rng = random.Random(0)
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += rng.uniform(0.5, 1.5)
+        return now[0]
+
+    r = bench(out, str(src), device="cpu", batches=(1,), prompt_len=4, decode_tokens=2, reps=3, max_reps=4,
+              budget=1e9, clock=clock)
+    assert r.reps == 4  # never resolved: it ran to --max-reps
+    decode = next(line for line in r.table().splitlines() if line.startswith("| decode b1 |"))
+    assert "unresolved" in decode and " = " not in decode
+    assert r.realized("decode b1") is None
+    assert "below what this run can resolve" in r.summary()[-1]
+
+
+def test_saving_interval_and_its_description():
+    from precompile.bench import describe_saving, saving_interval
+
+    iv = saving_interval([0.10, 0.11, 0.09, 0.10])
+    assert iv.low < 0.10 < iv.high and iv.n == 4
+    text, ratio = describe_saving(iv, 0.2)  # resolved: 0.10 of 0.20
+    assert ratio == pytest.approx(0.5) and "= 0.50" in text
+    text, ratio = describe_saving(iv, 0.004)  # a 0.4% effect under a 3% wide interval
+    assert ratio is None and text.startswith("unresolved")
+    assert saving_interval([0.1]).width == float("inf")

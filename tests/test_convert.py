@@ -128,7 +128,7 @@ def test_output_layout_and_parameter_arithmetic(family, checkpoint, tmp_path):
     d, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or d // heads
     tied = cfg.tie_word_embeddings
-    x_in_table = not tied or family == "gemma"  # Gemma's x is the scaled row, never the stored one
+    x_in_table = not tied  # a tied embedding is kept: x is its row (Gemma: times the module's scale), not stored
     width = (d if x_in_table else 0) + (heads + 2 * kv) * head_dim
     assert manifest["table"]["shape"] == [tiny.VOCAB, width]
 

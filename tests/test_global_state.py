@@ -96,5 +96,5 @@ def test_bench_leaves_the_warnings_filters_as_they_were(checkpoint, tmp_path):
     convert(str(src), out, device="cpu")
     with warnings.catch_warnings():  # the test itself leaves the process's filters alone
         before = list(warnings.filters)
-        bench(out, str(src), device="cpu", batches=(1,), prompt_len=4, decode_tokens=2, reps=1)
+        bench(out, str(src), device="cpu", batches=(1,), prompt_len=4, decode_tokens=2, reps=1, max_reps=1)
         assert warnings.filters == before

@@ -147,14 +147,14 @@ def ref_config(name: str) -> dict:
 def test_total_weights_against_published_parameter_counts(tmp_path, name):
     cfg = ref_config(name)
     r = plan_model(str(write(tmp_path / "config.json", cfg)))
-    d, L, V = r["d"], r["n_layers"], r["vocab_size"]
-    tied = cfg.get("tie_word_embeddings", cfg["model_type"] == "gemma")
+    d, L = r["d"], r["n_layers"]
     extra = (2 * L + 1) * d  # RMSNorm weights: two per layer and the final one
     if cfg["model_type"] == "qwen2":
         extra += L * (r["q_width"] + 2 * r["e"])  # q/k/v biases
     if cfg["model_type"] == "mixtral":
         extra += L * r["n_experts"] * d  # routers
-    assert r["total_weights"] - (d * V if tied else 0) + extra == REF[name]["checkpoint"]["param_count"]
+    # a tied head is counted once (the paper's count of an untied model has two [vocab, d] matrices)
+    assert r["total_weights"] + extra == REF[name]["checkpoint"]["param_count"]
 
 
 def test_real_head_widths_gemma_7b(tmp_path):
@@ -243,8 +243,78 @@ def test_exact_column_matches_a_real_conversion(checkpoint, tmp_path, family, dt
     # the converted OUT_DIR plans like its source (from the config stored in precompile.json)
     again = plan_model(str(out))
     assert again["source_kind"] == "converted" and "exact" not in again
-    assert {k: v for k, v in again.items() if k not in ("source", "source_kind")} == \
-        {k: v for k, v in r.items() if k not in ("source", "source_kind", "exact")}
+    assert {k: v for k, v in again.items() if k not in ("source", "source_kind", "verdict")} == \
+        {k: v for k, v in r.items() if k not in ("source", "source_kind", "exact", "verdict")}
+    assert again["verdict"] == r["paper_verdict"] and r["verdict"] == ex["verdict"]
+
+
+def _reads_per_token(model, x_row: bool) -> int:
+    """Bytes one token reads at batch 1 in a loaded model: every distinct parameter once (a tied head once),
+    except that the input embedding (or the table) gives one row; x_row: a kept tied embedding also gives its
+    row to the input."""
+    import torch
+
+    emb = model.get_input_embeddings()
+    table = getattr(emb, "table", None)
+    head = model.get_output_embeddings().weight
+    total = 0
+    for p in {id(p): p for p in model.parameters()}.values():
+        size = p.element_size()
+        if table is not None and p is table:
+            total += p.shape[1] * size
+        elif p is getattr(emb, "weight", None) and p is not head:
+            total += p.shape[1] * size  # an untied input embedding: one row
+        else:
+            total += p.numel() * size
+    if table is not None and x_row or table is None and emb.weight is head:
+        total += head.shape[1] * head.element_size()  # the input's row of the tied embedding
+    assert all(b.dtype != torch.float64 for b in model.buffers())
+    return total
+
+
+@pytest.mark.parametrize("family,src_dtype,out_dtype", [("llama", "float32", "auto"), ("llama_tied", "float32", "auto"),
+                                                        ("llama", "float32", "bfloat16"), ("gptj", "float32", "auto")])
+def test_headline_against_the_files_and_the_reads_per_token(checkpoint, tmp_path, family, src_dtype, out_dtype):
+    """plan's and the card's whole-model figures: memory against OUT_DIR's real tensor bytes and the source's
+    converted to the output dtype; reads per token against the parameters the loaded models really hold. For an
+    untied, a tied, a bfloat16-from-float32 and a parallel (FFN folded) conversion."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import precompile
+    from precompile.accounting import verdict_line
+
+    src = checkpoint(family, src_dtype)
+    r = plan_model(str(src), dtype=out_dtype)
+    v = r["verdict"]
+    out = tmp_path / "out"
+    convert(str(src), out, device="cpu", dtype=out_dtype)
+    manifest = json.loads((out / "precompile.json").read_text())
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[manifest["table"]["dtype"]]
+    es = dt.itemsize
+    with safe_open(next(src.glob("*.safetensors")), framework="pt") as f:
+        assert f.get_slice(f.keys()[0]).get_dtype() == "F32"  # the source as stored
+    source_numel = sum(n // 4 for n in tensor_bytes(src).values())
+    assert v["unit"] == "bytes" and v["memory_before"] == source_numel * es  # the source in the output dtype
+    assert v["memory_after"] == sum(tensor_bytes(out).values())
+    assert v["memory_delta"] == v["memory_after"] - v["memory_before"]
+    orig = AutoModelForCausalLM.from_pretrained(str(src), dtype=dt)
+    conv = precompile.load(out, dtype=dt)
+    x_row = manifest["loader"]["x_stop"] == 0
+    assert v["reads_per_token_without"] == _reads_per_token(orig, False)
+    assert v["reads_per_token_with"] == _reads_per_token(conv, x_row)
+    assert v["reads_saved_batch1"] == pytest.approx(1 - v["reads_per_token_with"] / v["reads_per_token_without"])
+    # the break-even batch: the layer-0 bytes no longer read over the bytes the table adds per token
+    extra = manifest["table"]["shape"][1] * es - (0 if x_row else r["d"] * es)
+    assert v["break_even_batch"] == pytest.approx(r["exact"]["layer0_eliminated_bytes"] / extra)
+    # the same line in plan's text, its JSON and the card's headline (not in a collapsed block)
+    res = invoke("plan", src, "--dtype", out_dtype)
+    assert res.exit_code == 0 and verdict_line(v) in res.output
+    card = (out / "README.md").read_text()
+    line = verdict_line(v)
+    assert f"**{line[0].upper()}{line[1:]}**" in card
+    assert card.index(line[1:]) < card.index("<details>")
+    assert "REPO_ID_OR_DIR" not in card and '"DIR"' not in card
 
 
 def test_exact_bytes_of_a_tied_model(checkpoint):
@@ -274,8 +344,9 @@ def test_eliminated_count_is_layer0s_weight_matrices(checkpoint, family):
     input projection) and, in a parallel block, the FFN with its router, every expert and the shared one."""
     r = plan_model(str(checkpoint(family, shard_kb=None)))
     assert r["eliminated_weights"] == _matrices(r["exact"]["eliminated_tensors"], r["vocab_size"])
+    # the table's width, less x where x takes an untied embedding's place (beside a kept tied one, x counts)
     assert r["memory_increase"] == r["vocab_size"] * (r["exact"]["table_shape"][1] - (
-        r["d"] if r["exact"]["x_in_table"] else 0))
+        r["d"] if r["exact"]["x_in_table"] and not r["exact"]["embedding_kept"] else 0))
 
 
 @pytest.mark.parametrize("family, overrides", [("gptj", {"n_inner": None}), ("bloom", {})])
@@ -287,9 +358,8 @@ def test_ffn_width_by_default_is_four_times_hidden(checkpoint, family, overrides
     assert (r["ffn_hidden"], r["ffn_kind"]) == (4 * r["d"], "mlp")
     assert r["eliminated_weights"] == _matrices(r["exact"]["eliminated_tensors"], r["vocab_size"])
     model = tiny.build_model(family, **overrides)
-    matrices = sum(p.numel() for p in model.parameters() if p.dim() == 2)
-    tied = model.config.tie_word_embeddings
-    assert r["total_weights"] - (r["d"] * r["vocab_size"] if tied else 0) == matrices
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() == 2)  # a tied head once
+    assert r["total_weights"] == matrices
 
 
 # --- output formats ---------------------------------------------------------------------------------------------
@@ -302,6 +372,7 @@ def test_markdown_and_plot(tmp_path, checkpoint):
     rows = [line for line in res.stdout.splitlines() if line.startswith("|")]
     assert rows[0].count("|") == 4  # quantity, paper, exact
     assert any(line.startswith("| batch 1: ") for line in rows) and any("| batch 4: " in line for line in rows)
+    assert res.stdout.startswith("verdict: ")  # the same line as the text view and the card
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -408,3 +479,34 @@ def test_dry_run_writes_nothing_and_agrees_with_the_conversion(checkpoint, tmp_p
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert int(total.group(1).replace(",", "")) == sum(tensor_bytes(out).values())
     assert index["metadata"]["total_size"] == sum(tensor_bytes(out).values())
+
+
+def test_scaled_tied_embedding_leaves_x_out_of_the_table(checkpoint, tmp_path):
+    """Gemma 3's embedding module scales its rows by sqrt(d) and stays for the tied head: the table drops x (it is
+    narrower by the hidden size), the loader recomputes it as the module does, and float32 logits and greedy ids
+    are transformers' own, bit for bit."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import precompile
+
+    src = checkpoint("gemma3_text", shard_kb=None, hidden_size=48)  # sqrt(48) is not a float32 integer
+    r = plan_model(str(src))
+    q, kv = r["q_width"], r["e"]
+    assert r["exact"]["table_shape"] == [r["vocab_size"], q + 2 * kv] and not r["exact"]["x_in_table"]
+    assert r["memory_increase"] == r["vocab_size"] * (q + 2 * kv)  # plan shows the smaller table
+    dry = invoke("convert", src, tmp_path / "dry", "--dry-run")
+    assert dry.exit_code == 0 and f"table: [{r['vocab_size']}, {q + 2 * kv}]" in dry.output
+    out = tmp_path / "out"
+    convert(str(src), out, device="cpu")
+    m = json.loads((out / "precompile.json").read_text())
+    assert [c["name"] for c in m["table"]["columns"]] == ["q", "k", "v"]
+    assert m["table"]["shape"][1] == q + 2 * kv and m["loader"]["x_stop"] == 0
+    assert m["loader"]["x_scale"] == 48 ** 0.5 and m["format_version"] == 2
+    orig = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    conv = precompile.load(out).eval()
+    ids = torch.randint(3, r["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(conv(ids).logits, orig(ids).logits)
+        assert torch.equal(conv.generate(ids, max_new_tokens=8, do_sample=False),
+                           orig.generate(ids, max_new_tokens=8, do_sample=False))

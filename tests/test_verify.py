@@ -130,7 +130,7 @@ def test_cli_passes_writes_json_and_table(converted, prompts_file, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stderr == ""  # --quiet: no progress, no transformers noise
     lines = r.stdout.strip().splitlines()
-    assert lines[-1].startswith("PASSED: 9/9 checks")
+    assert lines[-1].startswith("PASSED: 9 passed (")  # nothing skipped in bfloat16: the float32 run happened
     assert any(line.startswith("table-rows") and "PASS" in line for line in lines)
     data = json.loads(j.read_text())
     assert data["passed"] is True
@@ -348,3 +348,27 @@ def test_hub_source_is_found_by_recorded_revision(checkpoint, tmp_path):
     r = run_cli("verify", out, "--max-new-tokens", 2, "--rows", 8, "-q", env={"HF_HOME": str(hf)})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "vs org/tiny-llama" in r.stdout.splitlines()[-1]
+
+
+def test_summary_counts_passed_failed_and_skipped_apart():
+    """A skipped check is not counted as passed (issue 25): `PASSED: 8 passed, 1 skipped`."""
+    from precompile.card import verify_section
+    from precompile.verify import summary_line
+
+    checks = [{"name": f"c{i}", "passed": True, "metrics": {}, "threshold": {}} for i in range(8)]
+    skipped = {"name": "fp32-reference", "passed": True, "metrics": {}, "threshold": {}, "skipped": "float32"}
+    result = {"out_dir": "out", "reference": "src", "seconds": 1.0, "checks": [*checks, skipped], "dtype": "float32",
+              "prompts": 3}
+    assert summary_line(result) == "PASSED: 8 passed, 1 skipped (out vs src, 1.0s)"
+    assert "**Passed**: 8 passed, 1 skipped of the checks" in verify_section(result)
+    result["checks"][0] = {**checks[0], "passed": False}
+    assert summary_line(result) == "FAILED: c0 (7 passed, 1 failed, 1 skipped; out vs src, 1.0s)"
+
+
+def test_precision_sentence_only_outside_the_noise():
+    from precompile.verify import precision_difference, precision_verdict
+
+    assert precision_verdict(*precision_difference([-1.0, -1.1, -0.9, -1.0])) == "precompute gained precision"
+    assert precision_verdict(*precision_difference([1.0, 1.1, 0.9, 1.0])) == "precompute cost precision"
+    assert precision_verdict(*precision_difference([-1.0, 1.2, -0.9, 0.8])) is None  # inside two standard errors
+    assert precision_verdict(*precision_difference([-1.0, -1.0])) is None  # too few prompts to know the noise
