@@ -300,11 +300,12 @@ def read_yaml(path: Path, what: str, flag: str = "") -> Any:
         raise UserError(f"{what} {path} is not valid YAML{where}; fix its syntax") from None
 
 
-def load_profile(path: str | Path) -> Profile:
-    """Read and validate one YAML profile."""
+def load_profile(path: str | Path, validate: bool = True) -> Profile:
+    """Read and validate one YAML profile (validate=False: read it only; see `select_profile`)."""
     path = Path(path)
     data = read_yaml(path, "profile", " to --profile")
-    validate_profile(data, str(path))
+    if validate:
+        validate_profile(data, str(path))
     return Profile(name=data["name"], path=str(path), data=data, text=path.read_text(encoding="utf-8"))
 
 
@@ -339,9 +340,19 @@ def conversion_profile(manifest: Manifest, config: dict, where: str, profile_pat
     return select_profile(config)
 
 
-def builtin_profiles() -> list[Profile]:
-    """The profiles shipped in configs/, sorted by name."""
-    return [load_profile(p) for p in sorted(_configs_dir().glob("*.yaml")) if not p.name.startswith("_")]
+def builtin_profiles(validate: bool = True) -> list[Profile]:
+    """The profiles shipped in configs/, sorted by name. validate=False only reads them: picking one by
+    `match_keys` needs no parsed profile, and parsing all of them is most of what `plan` on a config costs;
+    `select_profile` validates the one it picks (tests validate every shipped one)."""
+    return [load_profile(p, validate) for p in sorted(_configs_dir().glob("*.yaml")) if not p.name.startswith("_")]
+
+
+def match_keys(profile: Profile, key: str) -> tuple[str, ...]:
+    """A profile's `match.architectures` or `match.model_types` as its YAML lists them, read without parsing
+    the profile (the same names the parsed Match holds, for a valid one)."""
+    match = profile.data.get("match") if isinstance(profile.data, dict) else None
+    names = match.get(key) if isinstance(match, dict) else None
+    return tuple(n for n in names if isinstance(n, str)) if isinstance(names, list) else ()
 
 
 def refusals() -> dict[str, str]:
@@ -370,15 +381,14 @@ def select_profile(config: dict, profile_path: str | Path | Profile | None = Non
     reason = refusals().get(model_type or "")
     if reason:
         raise UserError(f"model type '{model_type}' cannot be precompiled: {reason}")
-    profiles = builtin_profiles() if shipped is None else shipped
-    for arch in archs:
-        for p in profiles:
-            if arch in p.architectures:
-                return p
-    for p in profiles:
-        if model_type in p.model_types:
-            return p
-    known = ", ".join(sorted({a for p in profiles for a in p.architectures}))
+    profiles = builtin_profiles(validate=False) if shipped is None else shipped
+    chosen = next((p for arch in archs for p in profiles if arch in match_keys(p, "architectures")), None) or \
+        next((p for p in profiles if model_type in match_keys(p, "model_types")), None)
+    if chosen is not None:
+        if shipped is None:  # read unvalidated above
+            validate_profile(chosen.data, chosen.path)
+        return chosen
+    known = ", ".join(sorted({a for p in profiles for a in match_keys(p, "architectures")}))
     what = f"architecture {archs[0]}" if archs else f"model type '{model_type}'"
     raise UserError(f"no profile for {what}; supported: {known}. "
                     f"Write one (configs/README.md) and pass it with --profile")
