@@ -1,8 +1,9 @@
 """Conversion against its physical limits: `cp -r`, the bare table matmuls, convert, peak RssAnon.
 
 Builds synthetic bfloat16 checkpoints with the real shapes of Mistral-7B (serial block, GQA 32/8,
-d 4096, SwiGLU 14336, vocab 32000) and Pythia-6.9B (parallel block, MHA, d 4096, MLP 16384,
-vocab 50432), sharded like the published ones (layer 0 in the first shard, ~1 GiB shards), with
+d 4096, SwiGLU 14336, vocab 32000), Pythia-6.9B (parallel block, MHA, d 4096, MLP 16384,
+vocab 50432) and a 262k-vocabulary gemma3_text model (d 640, 4 heads / 1 kv head of 256, q/k norms,
+tied head), sharded like the published ones (layer 0 in the first shard, ~1 GiB shards), with
 a chosen number of layers, in a temporary directory that is removed afterwards. Then, in one run:
 
 The checkpoint is read as `precompile convert org/name` reads it, from a Hugging Face cache
@@ -20,11 +21,17 @@ Run with `--tmp` on a copy-on-write filesystem (XFS, Btrfs) to see shared shards
 - self-check: convert's own check of layer 0 against transformers (it runs last, before OUT_DIR is
            moved into place): its time as convert reports it, and the peak RssAnon from its first log line
            on, next to the peak before it;
-- ratios:  convert / (cp time of the bytes convert writes + matmul), and 8-layer vs 2-layer memory;
+- phases:  the table and the shards (written beside it) from convert's progress log, the self-check;
+           the subprocess's CPU time (user, system) and minor page faults (os.wait4), which a shared
+           machine's load disturbs far less than the wall times;
+- ratios:  convert / (cp time of the bytes convert writes + matmul), convert / max(cp, matmul) (what
+           full overlap would reach), and more-layers vs fewer-layers memory;
            shards cloned by reflink or hard-linked are not written, so they are not in the cp baseline.
 
-Usage: python benchmarks/bench_convert.py [--shapes mistral,pythia] [--layers 2,8] [--source hub|dir]
-       [--repeat N] [--device auto] [--tmp DIR]
+Usage: python benchmarks/bench_convert.py [--runs mistral:2,mistral:6,gemma3:2,pythia:2:8192]
+       [--shapes mistral,pythia --layers 2,8] [--source hub|dir] [--repeat N] [--device auto] [--tmp DIR]
+The default runs are issue 28's acceptance set (Pythia on the first 8192 rows of its vocabulary: its
+bare matmuls alone are 11x Mistral's); SHAPE:LAYERS:VOCAB sets a run's vocabulary.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -340,11 +341,22 @@ def conversion_profile(manifest: Manifest, config: dict, where: str, profile_pat
     return select_profile(config)
 
 
-def builtin_profiles(validate: bool = True) -> list[Profile]:
-    """The profiles shipped in configs/, sorted by name. validate=False only reads them: picking one by
-    `match_keys` needs no parsed profile, and parsing all of them is most of what `plan` on a config costs;
-    `select_profile` validates the one it picks (tests validate every shipped one)."""
-    return [load_profile(p, validate) for p in sorted(_configs_dir().glob("*.yaml")) if not p.name.startswith("_")]
+def builtin_profiles(validate: bool = True, mentioning: Collection[str] = ()) -> list[Profile]:
+    """The profiles shipped in configs/, sorted by name.
+
+    Picking one needs neither all of them nor their parsed definitions, which were most of what `plan` on a
+    config cost: validate=False only reads them (`select_profile` validates the one it picks; tests validate
+    every shipped one), and `mentioning` keeps those whose YAML text contains one of these names (a
+    profile whose match keys list a name contains it, so matching among them picks the same profile)."""
+    paths = sorted(p for p in _configs_dir().glob("*.yaml") if not p.name.startswith("_"))
+    if mentioning:
+        paths = [p for p in paths if any(n in p.read_text(encoding="utf-8") for n in mentioning)]
+    return [load_profile(p, validate) for p in paths]
+
+
+def match_names(config: dict) -> list[str]:
+    """config.json's names that select a shipped profile: its architectures, then its model_type."""
+    return [n for n in [*(config.get("architectures") or []), config.get("model_type")] if isinstance(n, str)]
 
 
 def match_keys(profile: Profile, key: str) -> tuple[str, ...]:
@@ -381,14 +393,15 @@ def select_profile(config: dict, profile_path: str | Path | Profile | None = Non
     reason = refusals().get(model_type or "")
     if reason:
         raise UserError(f"model type '{model_type}' cannot be precompiled: {reason}")
-    profiles = builtin_profiles(validate=False) if shipped is None else shipped
+    profiles = builtin_profiles(validate=False, mentioning=match_names(config)) if shipped is None else shipped
     chosen = next((p for arch in archs for p in profiles if arch in match_keys(p, "architectures")), None) or \
         next((p for p in profiles if model_type in match_keys(p, "model_types")), None)
     if chosen is not None:
         if shipped is None:  # read unvalidated above
             validate_profile(chosen.data, chosen.path)
         return chosen
-    known = ", ".join(sorted({a for p in profiles for a in match_keys(p, "architectures")}))
+    known = ", ".join(sorted({a for p in (shipped or builtin_profiles(validate=False))
+                              for a in match_keys(p, "architectures")}))
     what = f"architecture {archs[0]}" if archs else f"model type '{model_type}'"
     raise UserError(f"no profile for {what}; supported: {known}. "
                     f"Write one (configs/README.md) and pass it with --profile")
