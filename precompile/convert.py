@@ -303,12 +303,17 @@ def _import_ahead(plan: ConversionPlan, self_check: bool) -> threading.Thread:
 
     The self-check's model class (its modeling module pulls in much of transformers and torch) and the
     generation config take seconds to import, once, after the table: on this thread they overlap with
-    it instead. Only imports, nothing written; a failure here is left to the real use to report.
+    it instead. Only imports, nothing written; a failure here is left to the real use to report. Nothing
+    is imported that the conversion does not use (--no-self-check with a generation config: nothing).
     """
+    generation = GENERATION_CONFIG not in plan.carried
+
     def run() -> None:
+        if not (self_check or generation):
+            return
         try:
             with BUILD_LOCK, quiet_transformers():
-                if GENERATION_CONFIG not in plan.carried:
+                if generation:
                     from transformers import GenerationConfig  # noqa: F401 - for write_generation_config
                 if self_check:
                     from transformers import AutoModelForCausalLM
