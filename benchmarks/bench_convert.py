@@ -1,8 +1,9 @@
 """Conversion against its physical limits: `cp -r`, the bare table matmuls, convert, peak RssAnon.
 
 Builds synthetic bfloat16 checkpoints with the real shapes of Mistral-7B (serial block, GQA 32/8,
-d 4096, SwiGLU 14336, vocab 32000) and Pythia-6.9B (parallel block, MHA, d 4096, MLP 16384,
-vocab 50432), sharded like the published ones (layer 0 in the first shard, ~1 GiB shards), with
+d 4096, SwiGLU 14336, vocab 32000), Pythia-6.9B (parallel block, MHA, d 4096, MLP 16384,
+vocab 50432) and a 262k-vocabulary gemma3_text model (d 640, 4 heads / 1 kv head of 256, q/k norms,
+tied head), sharded like the published ones (layer 0 in the first shard, ~1 GiB shards), with
 a chosen number of layers, in a temporary directory that is removed afterwards. Then, in one run:
 
 The checkpoint is read as `precompile convert org/name` reads it, from a Hugging Face cache
@@ -20,11 +21,17 @@ Run with `--tmp` on a copy-on-write filesystem (XFS, Btrfs) to see shared shards
 - self-check: convert's own check of layer 0 against transformers (it runs last, before OUT_DIR is
            moved into place): its time as convert reports it, and the peak RssAnon from its first log line
            on, next to the peak before it;
-- ratios:  convert / (cp time of the bytes convert writes + matmul), and 8-layer vs 2-layer memory;
+- phases:  the table and the shards (written beside it) from convert's progress log, the self-check;
+           the subprocess's CPU time (user, system) and minor page faults (os.wait4), which a shared
+           machine's load disturbs far less than the wall times;
+- ratios:  convert / (cp time of the bytes convert writes + matmul), convert / max(cp, matmul) (what
+           full overlap would reach), and more-layers vs fewer-layers memory;
            shards cloned by reflink or hard-linked are not written, so they are not in the cp baseline.
 
-Usage: python benchmarks/bench_convert.py [--shapes mistral,pythia] [--layers 2,8] [--source hub|dir]
-       [--repeat N] [--device auto] [--tmp DIR]
+Usage: python benchmarks/bench_convert.py [--runs mistral:2,mistral:6,gemma3:2,pythia:2:8192]
+       [--shapes mistral,pythia --layers 2,8] [--source hub|dir] [--repeat N] [--device auto] [--tmp DIR]
+The default runs are issue 28's acceptance set (Pythia on the first 8192 rows of its vocabulary: its
+bare matmuls alone are 11x Mistral's); SHAPE:LAYERS:VOCAB sets a run's vocabulary.
 """
 
 from __future__ import annotations
@@ -68,6 +75,12 @@ SHAPES = {
                                rotary_emb_base=10000, tie_word_embeddings=False, max_position_embeddings=2048,
                                torch_dtype="bfloat16"),
                    label="Pythia-6.9B (parallel, MHA)"),
+    "gemma3": dict(config=dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", hidden_size=640,
+                               num_attention_heads=4, num_key_value_heads=1, head_dim=256, intermediate_size=2048,
+                               vocab_size=262144, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+                               tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1000000.0,
+                               query_pre_attn_scalar=256, sliding_window=512, torch_dtype="bfloat16"),
+                   label="262k vocabulary (gemma3_text: d 640, 4/1 heads of 256, tied head)"),
 }
 
 
@@ -87,6 +100,20 @@ def tensor_list(shape: str, layers: int) -> list[tuple[str, tuple[int, ...]]]:
                     (p + "mlp.gate_proj.weight", (f, d)), (p + "mlp.up_proj.weight", (f, d)),
                     (p + "mlp.down_proj.weight", (d, f))]
         out += [("model.norm.weight", (d,)), ("lm_head.weight", (v, d))]
+    elif shape == "gemma3":
+        hd = c["head_dim"]
+        q, e = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+        out.append(("model.embed_tokens.weight", (v, d)))
+        for i in range(layers):
+            p = f"model.layers.{i}."
+            out += [(p + "input_layernorm.weight", (d,)), (p + "self_attn.q_proj.weight", (q, d)),
+                    (p + "self_attn.k_proj.weight", (e, d)), (p + "self_attn.v_proj.weight", (e, d)),
+                    (p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,)),
+                    (p + "self_attn.o_proj.weight", (d, q)), (p + "post_attention_layernorm.weight", (d,)),
+                    (p + "pre_feedforward_layernorm.weight", (d,)), (p + "post_feedforward_layernorm.weight", (d,)),
+                    (p + "mlp.gate_proj.weight", (f, d)), (p + "mlp.up_proj.weight", (f, d)),
+                    (p + "mlp.down_proj.weight", (d, f))]
+        out.append(("model.norm.weight", (d,)))  # tied: the head is the embedding
     else:
         out.append(("gpt_neox.embed_in.weight", (v, d)))
         for i in range(layers):
@@ -189,9 +216,9 @@ def bare_matmul_seconds(shape: str, device: torch.device, chunk: int) -> tuple[f
     c = SHAPES[shape]["config"]
     d, v = c["hidden_size"], c["vocab_size"]
     g = torch.Generator().manual_seed(1)
-    if shape == "mistral":
-        e = c["num_key_value_heads"] * c["head_dim"]
-        mats = [[torch.randn(d + 2 * e, d, generator=g)]]
+    if shape in ("mistral", "gemma3"):
+        q, e = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+        mats = [[torch.randn(q + 2 * e, d, generator=g)]]
     else:
         f = c["intermediate_size"]
         mats = [[torch.randn(3 * d, d, generator=g)], [torch.randn(f, d, generator=g), torch.randn(d, f, generator=g)]]
@@ -250,7 +277,8 @@ def run_convert(source: str, out: Path, args, profile: Path | None, env: dict, e
     sampler.start()
     for line in proc.stderr:
         lines.append((time.perf_counter(), line))
-    proc.wait()
+    _, status, usage = os.wait4(proc.pid, 0)  # the child's CPU time and page faults, as proc.wait() would not
+    proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t
     done.set()
     sampler.join()
@@ -268,6 +296,8 @@ def run_convert(source: str, out: Path, args, profile: Path | None, env: dict, e
             "hwm": peak["VmHWM"], "log": stderr, "unwritten": unwritten, "shards": shards.group(0) if shards else "",
             "check_s": float(sc.group(1)) if sc else float("nan"), "check_line": sc.group(0) if sc else "",
             "rss_before_check": max((r for at, r in samples if at < sc_start), default=0),
+            "user": usage.ru_utime, "sys": usage.ru_stime, "minflt": usage.ru_minflt,
+            **{f"{k}_s": v for k, v in phases(stderr).items()},
             "rss_check": max((r for at, r in samples if at >= sc_start), default=0)}
 
 
@@ -276,16 +306,44 @@ def _filesystem(path: str) -> str:
     return f"{path} on {r.stdout.split()[-1] if r.returncode == 0 else 'unknown filesystem'}"
 
 
+REAL_VOCAB = {name: shape["config"]["vocab_size"] for name, shape in SHAPES.items()}
+# the issue's acceptance set: Mistral-7B at 2 and 6 layers, the 262k vocabulary, Pythia (its bare matmuls
+# are 11x Mistral's, so on a slow-matmul CPU it runs on the first 8192 rows of its vocabulary by default)
+DEFAULT_RUNS = "mistral:2,mistral:6,gemma3:2,pythia:2:8192"
+
+
+def parse_runs(text: str) -> list[tuple[str, int, int | None]]:
+    """`shape:layers[:vocab],...` -> [(shape, layers, vocab or None)]."""
+    runs = []
+    for item in text.split(","):
+        parts = item.split(":")
+        if parts[0] not in SHAPES or len(parts) not in (2, 3):
+            raise SystemExit(f"bad run {item!r}: expected SHAPE:LAYERS[:VOCAB] with SHAPE one of {', '.join(SHAPES)}")
+        runs.append((parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None))
+    return runs
+
+
+PHASES = {"table": r"^computing table: .* done in ([0-9.]+)s$", "shards": r"^writing shards: .* done in ([0-9.]+)s$"}
+
+
+def phases(log: str) -> dict[str, float]:
+    """Seconds of convert's phases, from its progress log (the self-check from its summary line)."""
+    out = {k: float(m.group(1)) if (m := re.search(rx, log, re.M)) else float("nan") for k, rx in PHASES.items()}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="mistral,pythia")
+    ap.add_argument("--runs", default=None, help=f"SHAPE:LAYERS[:VOCAB],... (default {DEFAULT_RUNS}); shapes: "
+                    f"{', '.join(SHAPES)}")
+    ap.add_argument("--shapes", default=None, help="with --layers, instead of --runs: every shape at every layer count")
     ap.add_argument("--layers", default="2,8")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--chunk-size", type=int, default=4096)
     ap.add_argument("--link", default="auto", choices=["auto", "reflink", "hardlink", "copy"])
     ap.add_argument("--vocab", type=int, default=None,
-                    help="override the vocabulary size (default: the real one; time and matmul scale with it, "
-                         "memory does not)")
+                    help="override the vocabulary size of every run (default: the real one, or the run's own; "
+                         "time and matmul scale with it, memory does not)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="convert this many times per checkpoint and report medians (a shared machine drifts)")
     ap.add_argument("--source", default="hub", choices=["hub", "dir"],
@@ -296,98 +354,103 @@ def main() -> None:
     if args.repeat < 1:
         ap.error(f"--repeat must be at least 1, got {args.repeat}")
     device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    layers = [int(x) for x in args.layers.split(",")]
-    if args.vocab:
-        for shape in SHAPES.values():
-            shape["config"]["vocab_size"] = args.vocab
-    print(f"device {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
-          f"chunk {args.chunk_size} rows, float32 compute, --link {args.link}, source: {args.source}, "
-          f"{_filesystem(args.tmp or tempfile.gettempdir())}", flush=True)
+    if args.shapes:
+        runs = [(shape, int(n), None) for shape in args.shapes.split(",") for n in args.layers.split(",")]
+    else:
+        runs = parse_runs(args.runs or DEFAULT_RUNS)
+    print(f"device {device}, {torch.get_num_threads()} CPU threads, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}, torch {torch.__version__}, chunk {args.chunk_size} rows, float32 compute, "
+          f"--link {args.link}, source: {args.source}, {_filesystem(args.tmp or tempfile.gettempdir())}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-convert-", dir=args.tmp) as tmpd:
         tmp = Path(tmpd)
         prof = tmp / "gpt_neox.yaml"
         prof.write_text(GPT_NEOX_PROFILE)
-        for shape in args.shapes.split(","):
-            for n in layers:
-                src, out = tmp / f"{shape}-{n}", tmp / f"{shape}-{n}-out"
-                t = time.perf_counter()
-                size = build_checkpoint(shape, n, src)
-                source, env = str(src), {}
-                if args.source == "hub":
-                    source, env = f"bench/{shape}-{n}", {"HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1"}
-                    src = into_hub_cache(src, tmp / "hf", source)
-                print(f"{shape} {n} layers, vocab {SHAPES[shape]['config']['vocab_size']}: built "
-                      f"{size / 2**30:.2f} GiB in {time.perf_counter() - t:.0f}s", flush=True)
-                # convert --repeat times, each right after a cp (a shared machine's load hits both alike);
-                # the bare matmuls before the first convert and after each: medians of each
+        for shape, n, vocab in runs:
+            SHAPES[shape]["config"]["vocab_size"] = args.vocab or vocab or REAL_VOCAB[shape]
+            src, out = tmp / f"{shape}-{n}", tmp / f"{shape}-{n}-out"
+            t = time.perf_counter()
+            size = build_checkpoint(shape, n, src)
+            source, env = str(src), {}
+            if args.source == "hub":
+                source, env = f"bench/{shape}-{n}", {"HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1"}
+                src = into_hub_cache(src, tmp / "hf", source)
+            print(f"{shape} {n} layers, vocab {SHAPES[shape]['config']['vocab_size']}: built "
+                  f"{size / 2**30:.2f} GiB in {time.perf_counter() - t:.0f}s", flush=True)
+            # convert --repeat times, each right after a cp (a shared machine's load hits both alike);
+            # the bare matmuls before the first convert and after each: medians of each
+            mm, tflop = bare_matmul_seconds(shape, device, args.chunk_size)
+            mms = [mm]
+            ckpt_bytes = tree_bytes(src)
+            runs_, cps = [], []
+            for _ in range(args.repeat):
+                shutil.rmtree(out, ignore_errors=True)
+                cps.append(time_cp(src, tmp / "cp"))
+                runs_.append(run_convert(source, out, args, prof if shape == "pythia" else None, env))
                 mm, tflop = bare_matmul_seconds(shape, device, args.chunk_size)
-                mms = [mm]
-                ckpt_bytes = tree_bytes(src)
-                runs, cps = [], []
-                for _ in range(args.repeat):
-                    shutil.rmtree(out, ignore_errors=True)
-                    cps.append(time_cp(src, tmp / "cp"))
-                    runs.append(run_convert(source, out, args, prof if shape == "pythia" else None, env))
-                    mm, tflop = bare_matmul_seconds(shape, device, args.chunk_size)
-                    mms.append(mm)
-                mm_s, cp_s = statistics.median(mms), statistics.median(cps)
-                r = dict(runs[-1], wall=statistics.median(x["wall"] for x in runs),
-                         inproc=statistics.median(x["inproc"] for x in runs),
-                         rss_anon=max(x["rss_anon"] for x in runs), hwm=max(x["hwm"] for x in runs),
-                         check_s=statistics.median(x["check_s"] for x in runs),
-                         rss_check=max(x["rss_check"] for x in runs),
-                         rss_before_check=max(x["rss_before_check"] for x in runs))
-                written = tree_bytes(out) - r["unwritten"]
-                cp_written = cp_s * written / ckpt_bytes
-                target = cp_written + mm_s
-                rows.append(dict(shape=shape, layers=n, gib=ckpt_bytes / 2**30, cp=cp_s, written=written,
-                                 cp_written=cp_written, mm=mm_s, conv=r["wall"], inproc=r["inproc"],
-                                 ratio=r["wall"] / target, ratio_in=r["inproc"] / target, rss=r["rss_anon"],
-                                 hwm=r["hwm"], check_s=r["check_s"], rss_check=r["rss_check"],
-                                 rss_before_check=r["rss_before_check"]))
-                each = ", ".join(f"{x['wall']:.1f}" for x in runs)
-                print(f"  cp -rL {cp_s:.1f}s (median of {', '.join(f'{c:.1f}' for c in cps)}; "
-                      f"{ckpt_bytes / cp_s / 2**30:.2f} GiB/s); bare table matmuls "
-                      f"{tflop:.2f} TFLOP in {mm_s:.1f}s (median of {', '.join(f'{m:.1f}' for m in mms)}; "
-                      f"{tflop / mm_s * 1e3:.0f} GFLOP/s); convert wrote {written / 2**30:.2f} GiB: "
-                      f"{r['wall']:.1f}s wall (median of {each}; {r['inproc']:.1f}s after start-up), "
-                      f"peak RssAnon {r['rss_anon'] / 2**20:.0f} MiB, VmHWM {r['hwm'] / 2**20:.0f} MiB\n"
-                      f"  {r['shards']}\n  {r['check_line']}\n  self-check {r['check_s']:.1f}s of the convert, "
-                      f"peak RssAnon {r['rss_check'] / 2**20:.0f} MiB during it, "
-                      f"{r['rss_before_check'] / 2**20:.0f} MiB before it", flush=True)
-                shutil.rmtree(tmp / "hf" if args.source == "hub" else src)
-                shutil.rmtree(out)
+                mms.append(mm)
+            mm_s, cp_s = statistics.median(mms), statistics.median(cps)
+
+            def med(key: str) -> float:
+                return statistics.median(x[key] for x in runs_)
+
+            r = dict(runs_[-1], **{k: med(k) for k in ("wall", "inproc", "check_s", "table_s", "shards_s", "user",
+                                                       "sys", "minflt")},
+                     rss_anon=max(x["rss_anon"] for x in runs_), hwm=max(x["hwm"] for x in runs_),
+                     rss_check=max(x["rss_check"] for x in runs_),
+                     rss_before_check=max(x["rss_before_check"] for x in runs_))
+            written = tree_bytes(out) - r["unwritten"]
+            cp_written = cp_s * written / ckpt_bytes
+            target = cp_written + mm_s
+            rows.append(dict(shape=shape, layers=n, vocab=SHAPES[shape]["config"]["vocab_size"],
+                             gib=ckpt_bytes / 2**30, cp=cp_s, written=written, cp_written=cp_written, mm=mm_s,
+                             conv=r["wall"], inproc=r["inproc"], ratio=r["wall"] / target,
+                             ratio_in=r["inproc"] / target, ratio_max=r["wall"] / max(cp_written, mm_s),
+                             rss=r["rss_anon"], hwm=r["hwm"], check_s=r["check_s"], rss_check=r["rss_check"],
+                             rss_before_check=r["rss_before_check"], table_s=r["table_s"], shards_s=r["shards_s"],
+                             user=r["user"], sys=r["sys"], minflt=r["minflt"]))
+            each = ", ".join(f"{x['wall']:.1f}" for x in runs_)
+            print(f"  cp -rL {cp_s:.1f}s (median of {', '.join(f'{c:.1f}' for c in cps)}; "
+                  f"{ckpt_bytes / cp_s / 2**30:.2f} GiB/s); bare table matmuls "
+                  f"{tflop:.2f} TFLOP in {mm_s:.1f}s (median of {', '.join(f'{m:.1f}' for m in mms)}; "
+                  f"{tflop / mm_s * 1e3:.0f} GFLOP/s); convert wrote {written / 2**30:.2f} GiB: "
+                  f"{r['wall']:.1f}s wall (median of {each}; {r['inproc']:.1f}s after start-up), "
+                  f"peak RssAnon {r['rss_anon'] / 2**20:.0f} MiB, VmHWM {r['hwm'] / 2**20:.0f} MiB\n"
+                  f"  phases: table {r['table_s']:.1f}s, shards {r['shards_s']:.1f}s (beside the table), "
+                  f"self-check {r['check_s']:.1f}s; CPU user {r['user']:.1f}s, system {r['sys']:.1f}s, "
+                  f"{r['minflt'] / 1e3:.0f}k minor page faults\n"
+                  f"  {r['shards']}\n  {r['check_line']}\n  self-check {r['check_s']:.1f}s of the convert, "
+                  f"peak RssAnon {r['rss_check'] / 2**20:.0f} MiB during it, "
+                  f"{r['rss_before_check'] / 2**20:.0f} MiB before it", flush=True)
+            shutil.rmtree(tmp / "hf" if args.source == "hub" else src)
+            shutil.rmtree(out)
     print()
-    print("| shape | layers | ckpt GiB | cp -rL s | written GiB | cp(written) s | matmul s | convert s (after "
-          "start-up) | convert / (cp + matmul) (after start-up) | peak RssAnon MiB | self-check s | peak RssAnon "
-          "MiB before / during the self-check |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | layers | vocab | ckpt GiB | cp(written) s | matmul s | convert s (after start-up) | "
+          "convert / (cp + matmul) (after start-up) | convert / max(cp, matmul) | table s | shards s | self-check s "
+          "| user / sys s | minor faults | peak RssAnon MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['layers']} | {r['gib']:.2f} | {r['cp']:.1f} | {r['written'] / 2**30:.2f} "
-              f"| {r['cp_written']:.1f} | {r['mm']:.1f} | {r['conv']:.1f} ({r['inproc']:.1f}) | {r['ratio']:.2f} "
-              f"({r['ratio_in']:.2f}) | {r['rss'] / 2**20:.0f} | {r['check_s']:.1f} | "
-              f"{r['rss_before_check'] / 2**20:.0f} / {r['rss_check'] / 2**20:.0f} |")
+        print(f"| {r['shape']} | {r['layers']} | {r['vocab']} | {r['gib']:.2f} | {r['cp_written']:.1f} | {r['mm']:.1f} "
+              f"| {r['conv']:.1f} ({r['inproc']:.1f}) | {r['ratio']:.2f} ({r['ratio_in']:.2f}) | {r['ratio_max']:.2f} "
+              f"| {r['table_s']:.1f} | {r['shards_s']:.1f} | {r['check_s']:.1f} | {r['user']:.1f} / {r['sys']:.1f} "
+              f"| {r['minflt'] / 1e3:.0f}k | {r['rss'] / 2**20:.0f} |")
     print()
     ok = True
     for shape in dict.fromkeys(r["shape"] for r in rows):
         rs = [r for r in rows if r["shape"] == shape]
         for r in rs:
-            good = r["ratio"] <= 1.25 and r["rss"] <= 1.5e9
+            goal = 1.10 if shape == "mistral" and r["layers"] >= 6 else 1.25
+            good = r["ratio"] <= goal and r["rss"] <= 1.5e9
             ok &= good
             print(f"{shape} {r['layers']} layers: time ratio {r['ratio']:.2f} wall, {r['ratio_in']:.2f} after "
-                  f"start-up (target <= 1.25), peak RssAnon "
-                  f"{r['rss'] / 1e9:.2f} GB (target <= 1.5) {'ok' if good else 'MISSED'}")
+                  f"start-up (goal <= {goal:.2f} on a fast-matmul machine), {r['ratio_max']:.2f} of max(cp, matmul); "
+                  f"peak RssAnon {r['rss'] / 1e9:.2f} GB (goal <= 1.5) {'ok' if good else 'MISSED'}")
         if len(rs) > 1:
             lo, hi = rs[0], rs[-1]
             mem = hi["rss"] / lo["rss"]
-            extra = hi["inproc"] - lo["inproc"]
-            extra_cp = (hi["gib"] - lo["gib"]) * hi["cp"] / hi["gib"]  # cp of the extra checkpoint bytes
             ok &= mem <= 1.10
-            print(f"{shape}: peak RssAnon {hi['layers']} vs {lo['layers']} layers: {mem:.3f}x (target <= 1.10); "
-                  f"convert time for the extra shared shards: {extra:+.1f}s (cp of those bytes alone: "
-                  f"{extra_cp:.1f}s)")
-    print("all targets met" if ok else "some targets missed")
+            print(f"{shape}: peak RssAnon {hi['layers']} vs {lo['layers']} layers: {mem:.3f}x (goal <= 1.10)")
+    print("all goals met" if ok else "some goals missed")
 
 
 if __name__ == "__main__":

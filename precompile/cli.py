@@ -16,7 +16,7 @@ from .version import __version__
 from .errors import UserError, VerificationError, one_line
 from .generation import GENERATION_CONFIG
 from .options import ConvertOptions, cli_flag, meta, option_fields
-from .process import skip_exit_collection, use_huge_pages
+from .process import keep_freed_memory, skip_exit_collection, use_huge_pages
 from .progress import Progress
 
 _DEVICE = click.Choice(meta("device").choices)
@@ -421,6 +421,7 @@ def run() -> None:
             if hasattr(signal, "pthread_sigmask"):  # a signal held back during start-up is raised here
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
             use_huge_pages()
+            keep_freed_memory()
             main()
         except SystemExit as e:
             if e.code != 130 and (not interrupted() or _reported):  # an error line already said how it ended

@@ -21,17 +21,20 @@ import torch
 from .card import CARD_FILE, SelfCheckSummary, write_card
 from .device import pick_device
 from .errors import UserError
-from .generation import check_generation_config, write_generation_config
+from .generation import GENERATION_CONFIG, check_generation_config, write_generation_config
 from .files import (TMP_PREFIX, atomic_dir, blob_sha256, check_free_space, check_out_dir, file_sha256, out_dir_lock,
                     out_dir_target, scratch_dir, share_file, write_json)
 from .layout import TABLE_FILE, layer0_tensor_names, table_file_header
-from .loader import MANIFEST, LoaderRecord, Manifest, ProfileRecord, SourceRecord, TableRecord, converted_config
+from .loader import (MANIFEST, LoaderRecord, Manifest, ProfileRecord, SourceRecord, TableRecord, config_from_dict,
+                     converted_config)
 from .options import ConvertOptions
 from .planning import ConversionPlan, ShardPlan, describe_plan, plan_conversion, recorded_options
-from .precompute import compute_rows
+from .precompute import compute_rows, stack_projections
+from .process import heap_kept
 from .progress import Progress
 from .selfcheck import SelfCheckResult, self_check as check_layer0
 from .tensors import DTYPE_NAMES, INDEX_NAME, dtype_name, mapped, read_header, read_index
+from .verify import BUILD_LOCK, quiet_transformers
 from .version import __version__
 from .weight_files import weight_index
 from .writer import write_shard, write_table
@@ -53,7 +56,8 @@ FFN_BLOCK = 4096  # hidden units of a folded FFN cast to the compute dtype at a 
 
 
 def _layer0_weights(plan: ConversionPlan, device: torch.device) -> dict[str, torch.Tensor]:
-    """Layer 0's tensors for compute_rows: small ones in the compute dtype, a folded FFN's mapped."""
+    """Layer 0's tensors for compute_rows: small ones in the compute dtype (the projections that one matmul
+    computes stacked), a folded FFN's mapped."""
     spec, ckpt = plan.spec, plan.checkpoint
     streamed: set[str] = set()
     if spec.folds_ffn and spec.ffn is not None:
@@ -64,7 +68,7 @@ def _layer0_weights(plan: ConversionPlan, device: torch.device) -> dict[str, tor
             weights[n] = mapped(ckpt, n).to(device)  # stays in the stored dtype; a no-op on CPU
         else:
             weights[n] = ckpt.get(n).to(device=device, dtype=plan.compute_dtype)
-    return weights
+    return stack_projections(spec, weights)
 
 
 def _first_non_finite(out: torch.Tensor) -> int | None:
@@ -264,12 +268,14 @@ def _convert(source: str, out_dir: Path, scratch: Path, opts: ConvertOptions, de
                      f"the planned output of {out_dir}")
     progress.log(describe_plan(plan, dev))
     result = ConvertResult(out_dir, plan, 0.0)
+    imported = _import_ahead(plan, opts.self_check)
     with atomic_dir(out_dir, force, progress.log) as tmp:
         if plan.kind == "overlay":  # the table alone: the manifest pins the base it loads over (see _finish)
             out_hashes = {TABLE_FILE: _write_table_file(plan, tmp, dev, opts.chunk_size, progress, table)}
             src_hashes = None
         else:
             result.methods, src_hashes, out_hashes = _write_weights(plan, tmp, dev, opts, progress, table)
+        imported.join()  # before this thread imports any of it
         _finish(plan, tmp, recorded_options(plan, opts), result, progress, opts.self_check, out_hashes, src_hashes)
     result.seconds = time.monotonic() - t0
     if plan.kind == "overlay":
@@ -278,6 +284,35 @@ def _convert(source: str, out_dir: Path, scratch: Path, opts: ConvertOptions, de
     else:
         progress.log(f"wrote {out_dir} ({plan.out_bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s")
     return result
+
+
+def _import_ahead(plan: ConversionPlan, self_check: bool) -> threading.Thread:
+    """Import what the end of the conversion needs from transformers while the weights are written.
+
+    The self-check's model class (its modeling module pulls in much of transformers and torch) and the
+    generation config take seconds to import, once, after the table: on this thread they overlap with
+    it instead. Only imports, nothing written; a failure here is left to the real use to report. Nothing
+    is imported that the conversion does not use (--no-self-check with a generation config: nothing).
+    """
+    generation = GENERATION_CONFIG not in plan.carried
+
+    def run() -> None:
+        if not (self_check or generation):
+            return
+        try:
+            with BUILD_LOCK, quiet_transformers():
+                if generation:
+                    from transformers import GenerationConfig  # noqa: F401 - for write_generation_config
+                if self_check:
+                    from transformers import AutoModelForCausalLM
+
+                    AutoModelForCausalLM._model_mapping[type(config_from_dict(plan.config))]
+        except Exception:  # noqa: BLE001, S110 - the self-check or the generation config reports it
+            pass
+
+    thread = threading.Thread(target=run, name="precompile-imports", daemon=True)
+    thread.start()
+    return thread
 
 
 def _write_weights(plan: ConversionPlan, tmp: Path, dev: torch.device, opts: ConvertOptions, progress: Progress,
@@ -325,8 +360,9 @@ def _write_table_file(plan: ConversionPlan, tmp: Path, dev: torch.device, chunk_
         chunks = _table_chunks(plan, dev, chunk_size, progress)
     else:
         chunks = _given_table(Path(table), entries, chunk_size)
-    return write_table(tmp / TABLE_FILE, lay.tensor_name, (lay.vocab_size, lay.width), plan.model_dtype, chunks,
-                       extra=entries[1:], metadata=metadata)
+    with heap_kept():
+        return write_table(tmp / TABLE_FILE, lay.tensor_name, (lay.vocab_size, lay.width), plan.model_dtype,
+                           chunks, extra=entries[1:], metadata=metadata)
 
 
 def _given_table(path: Path, entries: list[tuple[str, str, tuple[int, ...], int]], chunk_size: int) -> Iterator:

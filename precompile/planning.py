@@ -21,7 +21,8 @@ from .files import TMP_PREFIX, scratch_dir
 from .layout import TableLayout, projection_width, table_file_header, table_inputs, table_layout
 from .options import ConvertOptions, check_value, meta
 from .profile_check import check_tensors
-from .profiles import ModelSpec, Profile, Projection, builtin_profiles, resolve, select_profile
+from .profiles import (ModelSpec, Profile, Projection, builtin_profiles, match_keys, match_names, resolve,
+                       select_profile)
 from .source import (ALLOW_PATTERNS, Source, carried_files, check_native, check_source_files, check_tokenizer,
                      fetch_files, read_config, resolve_source, weight_map)
 from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, SINGLE_NAME, TORCH_DTYPES, Checkpoint, PartialCheckpoint,
@@ -143,9 +144,9 @@ def plan_conversion(source: str, *, revision: str | None = None, profile: str | 
     src = resolve_source(source, revision, weights=not overlay)
     config = read_config(src.root)
     check_source_files(src.root)
-    shipped = builtin_profiles()
-    check_native(config, src.root, {t for p in shipped for t in p.model_types})
-    prof = select_profile(config, profile, shipped)
+    shipped = builtin_profiles(validate=False, mentioning=match_names(config))  # only reads those that can match
+    check_native(config, src.root, {t for p in shipped for t in match_keys(p, "model_types")})
+    prof = select_profile(config, profile)
     spec = resolve(prof, config)
     if allow_pickle and src.id is not None and not has_safetensors(src.root):
         src = resolve_source(source, revision, ALLOW_PATTERNS + PICKLE_PATTERNS)

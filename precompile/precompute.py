@@ -160,7 +160,11 @@ def projection_output(spec: ModelSpec, p: Projection, h: torch.Tensor, w: dict[s
     if p.low_rank is not None:
         h = _linear(h, w, (p.low_rank.weight, p.low_rank.bias))
         h = h if p.low_rank.norm is None else apply_norm(p.low_rank.norm, h, w)
-    y = _linear(h, w, (p.weight, p.bias))
+    return finish_projection(spec, p, _linear(h, w, (p.weight, p.bias)), w)
+
+
+def finish_projection(spec: ModelSpec, p: Projection, y: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Projection output y after the norms that follow the linear map, in place."""
     if p.out_norm is not None:
         y[..., :p.out_norm_width] = apply_norm(p.out_norm, y[..., :p.out_norm_width], w)
     for role, part in normed_parts(spec, p, y).items():
@@ -260,7 +264,62 @@ def compute_rows(spec: ModelSpec, layout: TableLayout, rows: torch.Tensor, w: di
         # a serial block's x is x_model exactly (the compute dtype holds every model-dtype value); copied
         # from the narrower dtype it reads half the bytes
         out[..., c.start:c.stop] = folded_ffn(spec, x, h, w, ffn_block) if spec.folds_ffn else x_model
-    for p, c in zip(spec.projections, col):
-        out[..., c.start:c.stop] = projection_output(spec, p, h, w)
+    cols = dict(zip(spec.projections, col))
+    for group in projection_groups(spec, w):
+        first, last = cols[group[0]], cols[group[-1]]
+        if len(group) == 1:
+            out[..., first.start:first.stop] = projection_output(spec, group[0], h, w)
+            continue
+        # one matmul for the group (the same values as one per projection: each output is its own dot
+        # product), each projection's norms on its view of the result, one cast into the group's columns
+        y = F.linear(h, *_stacked(group, w))
+        for p in group:
+            finish_projection(spec, p, y[..., cols[p].start - first.start:cols[p].stop - first.start], w)
+        out[..., first.start:last.stop] = y
     return out
+
+
+def projection_groups(spec: ModelSpec, w: dict[str, torch.Tensor]) -> list[tuple[Projection, ...]]:
+    """The projections in table order; consecutive ones that are one linear map of h each (no low-rank step),
+    with biases alike, grouped to be computed by one matmul."""
+    groups: list[list[Projection]] = []
+    for p in spec.projections:
+        prev = groups[-1][-1] if groups else None
+        if prev is not None and p.low_rank is None and prev.low_rank is None and _bias(prev, w) == _bias(p, w):
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    return [tuple(g) for g in groups]
+
+
+def _bias(p: Projection, w: dict[str, torch.Tensor]) -> bool:
+    return bool(p.bias and p.bias in w)
+
+
+def _stacked_names(group: tuple[Projection, ...]) -> tuple[str, str]:
+    return "+".join(p.weight for p in group), "+".join(str(p.bias) for p in group)
+
+
+def _stacked(group: tuple[Projection, ...], w: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A group's weights (and biases) stacked: those `stack_projections` keeps in w, else stacked now."""
+    weight, bias = _stacked_names(group)
+    stacked_bias = None
+    if _bias(group[0], w):
+        stacked_bias = w[bias] if bias in w else torch.cat([w[p.bias] for p in group])
+    return (w[weight] if weight in w else torch.cat([w[p.weight] for p in group])), stacked_bias
+
+
+def stack_projections(spec: ModelSpec, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """w with each projection group's weights (and biases) stacked once, for all chunks; the members become
+    views of the stacked tensor, so nothing is held twice."""
+    w = dict(w)
+    for group in projection_groups(spec, w):
+        if len(group) < 2:
+            continue
+        for name, t, members in zip(_stacked_names(group), _stacked(group, w),
+                                    ([p.weight for p in group], [p.bias for p in group])):
+            if t is not None:
+                w[name] = t
+                w.update(zip(members, t.split([w[m].shape[0] for m in members])))
+    return w
 

@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -378,12 +379,13 @@ def _parsed(text: str, label: str, fix: str = "fix it") -> Any:
         raise UserError(f"{label} is not valid YAML{where}; {'fix its syntax' if fix == 'fix it' else fix}") from None
 
 
-def load_profile(path: str | Path) -> Profile:
-    """Read and validate one YAML profile."""
+def load_profile(path: str | Path, validate: bool = True) -> Profile:
+    """Read and validate one YAML profile (validate=False: read it only; see `select_profile`)."""
     path = Path(path)
     text = _read_text(path, "profile", " to --profile")
     data = _parsed(text, f"profile {path}")
-    validate_profile(data, str(path))
+    if validate:
+        validate_profile(data, str(path))
     return Profile(name=data["name"], path=str(path), data=data, text=text)
 
 
@@ -414,9 +416,30 @@ def conversion_profile(manifest: Manifest, config: dict, where: str, profile_pat
     return select_profile(config)
 
 
-def builtin_profiles() -> list[Profile]:
-    """The profiles shipped in configs/, sorted by name."""
-    return [load_profile(p) for p in sorted(_configs_dir().glob("*.yaml")) if not p.name.startswith("_")]
+def builtin_profiles(validate: bool = True, mentioning: Collection[str] = ()) -> list[Profile]:
+    """The profiles shipped in configs/, sorted by name.
+
+    Picking one needs neither all of them nor their parsed definitions, which were most of what `plan` on a
+    config cost: validate=False only reads them (`select_profile` validates the one it picks; tests validate
+    every shipped one), and `mentioning` keeps those whose YAML text contains one of these names (a
+    profile whose match keys list a name contains it, so matching among them picks the same profile)."""
+    paths = sorted(p for p in _configs_dir().glob("*.yaml") if not p.name.startswith("_"))
+    if mentioning:
+        paths = [p for p in paths if any(n in p.read_text(encoding="utf-8") for n in mentioning)]
+    return [load_profile(p, validate) for p in paths]
+
+
+def match_names(config: dict) -> list[str]:
+    """config.json's names that select a shipped profile: its architectures, then its model_type."""
+    return [n for n in [*(config.get("architectures") or []), config.get("model_type")] if isinstance(n, str)]
+
+
+def match_keys(profile: Profile, key: str) -> tuple[str, ...]:
+    """A profile's `match.architectures` or `match.model_types` as its YAML lists them, read without parsing
+    the profile (the same names the parsed Match holds, for a valid one)."""
+    match = profile.data.get("match") if isinstance(profile.data, dict) else None
+    names = match.get(key) if isinstance(match, dict) else None
+    return tuple(n for n in names if isinstance(n, str)) if isinstance(names, list) else ()
 
 
 def refusals() -> dict[str, str]:
@@ -445,15 +468,15 @@ def select_profile(config: dict, profile_path: str | Path | Profile | None = Non
     reason = refusals().get(model_type or "")
     if reason:
         raise UserError(f"model type '{model_type}' cannot be precompiled: {reason}")
-    profiles = builtin_profiles() if shipped is None else shipped
-    for arch in archs:
-        for p in profiles:
-            if arch in p.architectures:
-                return p
-    for p in profiles:
-        if model_type in p.model_types:
-            return p
-    known = ", ".join(sorted({a for p in profiles for a in p.architectures}))
+    profiles = builtin_profiles(validate=False, mentioning=match_names(config)) if shipped is None else shipped
+    chosen = next((p for arch in archs for p in profiles if arch in match_keys(p, "architectures")), None) or \
+        next((p for p in profiles if model_type in match_keys(p, "model_types")), None)
+    if chosen is not None:
+        if shipped is None:  # read unvalidated above
+            validate_profile(chosen.data, chosen.path)
+        return chosen
+    known = ", ".join(sorted({a for p in (shipped or builtin_profiles(validate=False))
+                              for a in match_keys(p, "architectures")}))
     what = f"architecture {archs[0]}" if archs else f"model type '{model_type}'"
     raise UserError(f"no profile for {what}; supported: {known}. "
                     f"Write one (configs/README.md) and pass it with --profile")

@@ -510,3 +510,23 @@ def test_scaled_tied_embedding_leaves_x_out_of_the_table(checkpoint, tmp_path):
         assert torch.equal(conv(ids).logits, orig(ids).logits)
         assert torch.equal(conv.generate(ids, max_new_tokens=8, do_sample=False),
                            orig.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def test_profile_pick_from_raw_match_keys_is_the_validated_pick():
+    """select_profile reads only the profiles whose YAML names the config's architectures or model type and
+    parses only the one it picks: for every name a shipped profile matches, and for configs naming several,
+    the pick is the one the parsed, validated profiles give (their Match is the raw keys, validated)."""
+    from precompile.profiles import builtin_profiles, match_keys, select_profile
+
+    shipped = builtin_profiles()
+    for p in shipped:
+        assert match_keys(p, "architectures") == p.definition.match.architectures, p.name
+        assert match_keys(p, "model_types") == p.definition.match.model_types, p.name
+    configs = [{"architectures": [a], "model_type": "unknown"} for p in shipped for a in p.architectures]
+    configs += [{"model_type": t} for p in shipped for t in p.model_types]
+    configs += [{"architectures": ["NoSuchForCausalLM", *p.architectures], "model_type": t}
+                for p in shipped for t in p.model_types]
+    for config in configs:
+        assert select_profile(config).path == select_profile(config, shipped=shipped).path, config
+    with pytest.raises(UserError, match="no profile for architecture NoSuchForCausalLM; supported: .*LlamaForCausalLM"):
+        select_profile({"architectures": ["NoSuchForCausalLM"], "model_type": "no_such_type"})

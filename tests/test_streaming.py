@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import json
 import os
+import sys
 import weakref
 from pathlib import Path
 
@@ -21,12 +22,14 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from precompile.convert import FFN_BLOCK, _table_chunks, convert, describe_shards
+from precompile.convert import FFN_BLOCK, _layer0_weights, _table_chunks, convert, describe_shards
 from precompile.errors import UserError
 from precompile.layout import TABLE_FILE, table_file_header
 from precompile.planning import plan_conversion
-from precompile.precompute import Scratch, activation, apply_norm, compute_rows, ffn_output, folded_ffn
+from precompile.precompute import (Scratch, activation, apply_norm, compute_rows, ffn_output, folded_ffn,
+                                  projection_groups, stack_projections)
 from precompile.profiles import ACTIVATIONS
+from precompile.process import heap_kept
 from precompile.progress import Progress
 from precompile.tensors import read_header
 from precompile.writer import write_table
@@ -319,6 +322,58 @@ def test_activation_in_place_is_the_same_kernel(name):
     y = x.clone()
     out = activation(name, y, inplace=True)
     assert out.data_ptr() == y.data_ptr() and torch.equal(y, activation(name, x))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt_neox", "gemma3_text"])
+def test_projections_are_stacked_once_without_copies(checkpoint, family):
+    """q, k and v of one input are one matmul: their weights stacked once for all chunks (the separate names
+    are views of the stack, so nothing is held twice), and the rows are those of the unstacked weights."""
+    plan = plan_conversion(str(checkpoint(family)), dtype="float32")
+    spec = plan.spec
+    w = _layer0_weights(plan, torch.device("cpu"))
+    groups = projection_groups(spec, w)
+    assert [p for g in groups for p in g] == list(spec.projections)
+    for g in groups:
+        if len(g) > 1:
+            stacked = w["+".join(p.weight for p in g)]
+            assert all(w[p.weight].data_ptr() >= stacked.data_ptr() and w[p.weight]._base is stacked for p in g)
+    if len(spec.projections) > 1:
+        assert any(len(g) > 1 for g in groups), "separate q/k/v projections must share a matmul"
+    plain = {n: t.clone() for n, t in w.items() if "+" not in n}
+    emb = plan.checkpoint.rows(spec.embedding_tensor, 0, 37)
+    args = (spec, plan.layout, emb)
+    assert torch.equal(compute_rows(*args, w, plan.model_dtype, plan.compute_dtype),
+                       compute_rows(*args, plain, plan.model_dtype, plan.compute_dtype))
+    assert stack_projections(spec, plain).keys() >= plain.keys()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_heap_kept_reuses_freed_chunks(monkeypatch):
+    """Inside heap_kept, a freed chunk-sized temporary's pages serve the next one: touching it again faults
+    almost no page in (outside, glibc unmaps blocks this large, and each one faults every page in anew).
+    Only in the program that opts in (the library leaves a caller's allocator alone)."""
+    import resource
+
+    from precompile import process
+
+    def faults(n: int = 6) -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(n):
+            torch.ones(16 << 20)  # 64 MiB, freed at once
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    pages = 6 * (64 << 20) // resource.getpagesize()
+    small_pages = os.environ.get(process.THP_ENV, "0") == "0"  # huge pages fault in 2 MiB at a time
+    monkeypatch.setitem(process._heap, "keep", False)  # as in a library caller (cli.run, tested elsewhere, opts in)
+    with heap_kept():
+        assert faults() > pages // 2 or not small_pages  # not opted in: nothing changes
+    monkeypatch.setitem(process._heap, "keep", True)
+    with pytest.raises(RuntimeError), heap_kept():
+        raise RuntimeError("undone on the way out, too")
+    assert faults() > pages // 2 or not small_pages
+    with heap_kept():
+        faults(1)
+        assert faults() < pages // 3  # most reuse the kept block (another thread's allocation may move it once)
 
 
 def test_scratch_reuses_and_grows():
