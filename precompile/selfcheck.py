@@ -2,12 +2,15 @@
 
 A profile is a claim about what transformers computes before layer 0's attention, and transformers
 is the authority. So, with OUT_DIR's files and manifest written into the temporary directory, the
-source's own model class truncated to its embedding and layer 0 runs beside the converted model
-truncated the same way (built by the loader: `precompiled_class`, `apply_layout`, the lookups),
-on a fixed set of token ids, and their layer 0 must agree within the rounding bound.
+source's own model class runs up to its layer 0 beside the converted model (built by the loader:
+`precompiled_class`, `apply_layout`, the lookups), on a fixed set of token ids, and their layer 0
+must agree within the rounding bound.
 
-Memory stays about one module of layer 0: both models are built on the meta device, and each
-module's parameters are read (memory-mapped, cast to the run dtype) only while that module runs.
+Both models are built from the whole config, every layer (a layer may depend on its index: GPT-NeoX-
+Japanese gives only the last layer's attention a bias, and a config with one layer would make layer 0
+that last one), on the meta device, so they cost no memory, and nothing after layer 0 runs. Memory
+stays about one module of layer 0: each module's parameters are read (memory-mapped, cast to the run
+dtype) only while that module runs.
 The embedding and the table are read only at the ids fed, and the ids are renumbered into those
 rows (nothing but the embedding reads token ids before layer 0).
 
@@ -42,7 +45,6 @@ from torch import nn
 from .errors import UserError, VerificationError
 from .layout import TABLE_FILE
 from .loader import Manifest, config_from_dict, original_config, precompiled_class
-from .profiles import effective_definition
 from .source import fetch_files, weight_map
 from .tensors import INDEX_NAME, Checkpoint, PartialCheckpoint, dtype_name, mapped
 from .verify import BUILD_LOCK, parameters_on_meta, quiet_transformers
@@ -214,7 +216,7 @@ def _first(output):
 
 def _capture(model: nn.Module, ids: torch.Tensor, layer: str, attention: str, points: tuple[str, ...],
              read: Callable[[str, torch.dtype], torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Run the truncated model up to the last compared tensor; the tensors, in float64 (exactly)."""
+    """Run the model up to the last compared tensor (nothing after it); the tensors, in float64 (exactly)."""
     got: dict[str, torch.Tensor] = {}
     last = points[-1]
 
@@ -244,13 +246,6 @@ def _capture(model: nn.Module, ids: torch.Tensor, layer: str, attention: str, po
 def _build(cls: type, config, dtype: torch.dtype) -> nn.Module:
     with parameters_on_meta():
         return cls._from_config(config, dtype=dtype, attn_implementation="eager").eval()
-
-
-def _truncate(config, keys: tuple[str, ...]) -> None:
-    """One layer: every n_layers key the profile names is set to 1 (aliases included)."""
-    for k in keys:
-        if hasattr(config, k):
-            setattr(config, k, 1)
 
 
 def _source_checkpoint(plan: ConversionPlan, names: list[str]) -> Checkpoint:
@@ -295,17 +290,15 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     # the decoder layer: the attention's parent, or the list entry 0 above it (LongCat's self_attn.0 in layers.0)
     layer = attention[:attention.index(".0.") + 2] if ".0." in attention else attention.rpartition(".")[0]
     points = compared_points(spec.block, spec.n_experts)
-    layer_keys = effective_definition(plan.profile, plan.config).sizes.n_layers.keys  # () for a literal count
     tokens = check_tokens(plan.config, plan.source.root, spec.vocab_size)
     used, ids = torch.unique(tokens, return_inverse=True)
     with BUILD_LOCK, quiet_transformers():  # imports and builds take turns across threads; the runs below do not
         from transformers import AutoModelForCausalLM
 
+        # every layer, on meta: a one-layer config would build layer 0 as the last layer, which may differ
         config = config_from_dict(plan.config)
-        _truncate(config, layer_keys)
         base = AutoModelForCausalLM._model_mapping[type(config)]
         conv_config = original_config(manifest)
-        _truncate(conv_config, layer_keys)
         ref_dtype = reference_dtype(dtype)
         original = {d: _build(base, config, d) for d in (ref_dtype, dtype)}
         converted = _build(precompiled_class(base, manifest), conv_config, dtype)

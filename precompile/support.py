@@ -62,6 +62,10 @@ class _Facts:
     shape: Layer0Shape
     absolute_positions: bool
     found: bool  # the decoder layer and its attention call were found
+    attn_input: str = "in"  # what the attention's norm reads: "in" (the layer's input) or "other"
+    attention_attrs: tuple[str, ...] = ()  # the attention class's own modules (named where none is a projection)
+    reads_embedding_weight: str = ""  # the base model's forward reads `self.<embedding>.weight` (the attribute)
+    shared_norm: str = ""  # a norm module the base model's forward applies both before and after its layers
 
 
 def _models_dir() -> Path:
@@ -230,8 +234,8 @@ def _layer_classes(base: ast.ClassDef, mod: _Module) -> list[ast.ClassDef]:
                                                 for a, v in _self_assigns(c).items()))
 
 
-def _attention_facts(layer: ast.ClassDef, mod: _Module) -> tuple[str, str]:
-    """(projections, qk_norm) of the layer's attention class."""
+def _attention_facts(layer: ast.ClassDef, mod: _Module) -> tuple[str, str, tuple[str, ...]]:
+    """(projections, qk_norm, the attention's module attributes) of the layer's attention class."""
     name = next((c for a, v in _self_assigns(layer).items()
                  if _classify_attr(c := _called_class(v), a) == "attn" and c in mod), None)
     attn_cls = mod.get(name)
@@ -245,7 +249,9 @@ def _attention_facts(layer: ast.ClassDef, mod: _Module) -> tuple[str, str]:
         full = re.search(r"num_(attention_)?heads|hidden_size|\bdim\b|embed_dim", args) and "head_dim" not in args \
             or re.search(r"num_(attention_)?heads\s*\*|\*\s*self\.head_dim", args)
         qk = "full width" if full else "per head"
-    return proj, qk
+    modules = tuple(sorted(a for a, v in (_self_assigns(attn_cls) if attn_cls else {}).items()
+                           if (c := _called_class(v)) and c[:1].isupper() and "Dropout" not in c))
+    return proj, qk, modules
 
 
 def _source_facts(arch: str, mixer: str) -> _Facts | None:
@@ -272,6 +278,11 @@ def _source_facts(arch: str, mixer: str) -> _Facts | None:
     fwd_src = mod.source(base_name, fwd) if fwd else ""
     scale = "module" if "scaled" in (emb_cls or "").lower() else \
         "outside the module" if _OUTSIDE_SCALE.search(fwd_src) else "-"
+    emb_attr = next((a for a, v in assigns.items() if "embedding" in (_called_class(v) or "").lower()), None)
+    weight_read = re.search(rf"self\.{re.escape(emb_attr)}\.weight\b", fwd_src) if emb_attr else None
+    loop = re.search(r"^\s*for .* in .*self\.(layers|h|blocks|layer)\b", fwd_src, re.MULTILINE)
+    shared_norm = next((n for n, v in assigns.items() if _classify_attr(_called_class(v), n) == "norm" and loop
+                        and f"self.{n}(" in fwd_src[:loop.start()] and f"self.{n}(" in fwd_src[loop.end():]), "")
     for layer in _layer_classes(base, mod):
         sub = {a: _called_class(v) for a, v in _self_assigns(layer).items()}
         roles = {a: r for a, c in sub.items() if (r := _classify_attr(c, a))}
@@ -287,8 +298,10 @@ def _source_facts(arch: str, mixer: str) -> _Facts | None:
         norm = _norm_kind(sub.get(norm_attr)) if norm_attr else "none" if flow.attn_in == "in" else "?"
         kinds = {"parallel" if _root(m) == "in" else "serial" for m in flow.mlp_in}
         block = "?" if not kinds else kinds.pop() if len(kinds) == 1 else "serial or parallel"
-        proj, qk = _attention_facts(layer, mod)
-        return _Facts(Layer0Shape(mixer, block, norm, proj, qk, scale), absolute, True)
+        proj, qk, modules = _attention_facts(layer, mod)
+        return _Facts(Layer0Shape(mixer, block, norm, proj, qk, scale), absolute, True,
+                      "in" if _root(flow.attn_in) == "in" else "other", modules,
+                      weight_read.group(0) if weight_read else "", shared_norm)
     return _Facts(Layer0Shape(mixer, "?", "?", "?", "-", scale), absolute, False)
 
 
@@ -381,6 +394,33 @@ def expressible(shape: str) -> bool:
     return True
 
 
+def _unknowns(facts: _Facts) -> list[str]:
+    """What keeps a profile from expressing layer 0, or the loader from running the converted model, that the
+    source shows: a part it does not name, an attention input computed inside the layer, a read of the
+    embedding's weight (each found by writing profiles for the matrix's "should do" rows: tests/test_support.py)."""
+    s, out = facts.shape, []
+    if not facts.found:
+        return out
+    if s.block == "?":
+        out.append("the source does not show whether layer 0's FFN reads the attention's input (serial or parallel "
+                   "block)")
+    if s.norm == "?":
+        out.append("the norm in front of layer 0's attention is not a known RMSNorm or LayerNorm class")
+    if s.projections == "?":
+        out.append(f"layer 0's attention projects with none of the modules a profile names (separate q/k/v, one fused "
+                   f"qkv, latent): it builds {', '.join(facts.attention_attrs) or 'no modules'}")
+    if facts.attn_input != "in":
+        out.append("layer 0's attention norm reads a value the layer computes from its input first (not the "
+                   "residual stream itself), which a profile cannot express")
+    if facts.shared_norm:
+        out.append(f"the embedding's norm is also the final norm (one module, self.{facts.shared_norm}, called before "
+                   "and after the layers): the loader cannot replace it by an identity for layer 0 alone")
+    if facts.reads_embedding_weight:
+        out.append(f"the model's forward reads the embedding's weight ({facts.reads_embedding_weight}), which the "
+                   "converted model's table lookup holds only when the LM head is tied")
+    return out
+
+
 def _shapes(cfg, facts: _Facts | None) -> tuple[list[str], list[str]]:
     """(what the profile schema lacks for this layer 0, the special shapes it has that the schema expresses)."""
     lacks: list[str] = []
@@ -391,6 +431,7 @@ def _shapes(cfg, facts: _Facts | None) -> tuple[list[str], list[str]]:
         s = facts.shape
         if s.mixer not in ATTENTION_LAYERS:
             return lacks + [f"layer 0's sequence mixer is not softmax attention (layer_types[0] = {s.mixer})"], found
+        lacks += _unknowns(facts)
         found += [shape for shape, present in (
             ("no norm before attention", s.norm == "none"),
             ("q/k norms over the whole projection width", s.qk_norm == "full width"),
