@@ -289,7 +289,7 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     attention = spec.attention_module
     # the decoder layer: the attention's parent, or the list entry 0 above it (LongCat's self_attn.0 in layers.0)
     layer = attention[:attention.index(".0.") + 2] if ".0." in attention else attention.rpartition(".")[0]
-    points = compared_points(spec.block, spec.n_experts)
+    points = compared_points(spec.block, spec.layer0_experts)
     tokens = check_tokens(plan.config, plan.source.root, spec.vocab_size)
     used, ids = torch.unique(tokens, return_inverse=True)
     with BUILD_LOCK, quiet_transformers():  # imports and builds take turns across threads; the runs below do not

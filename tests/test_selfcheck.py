@@ -32,7 +32,7 @@ def test_every_shipped_family_passes(family, dtype, checkpoint, tmp_path):
     converted = precompile.convert(str(checkpoint(family, dtype)), tmp_path / "out", chunk_size=64)
     result, spec = converted.self_check, converted.plan.spec
     assert result is not None and result.passed and result.dtype == dtype
-    assert [p.name for p in result.points] == list(compared_points(spec.block, spec.n_experts))
+    assert [p.name for p in result.points] == list(compared_points(spec.block, spec.layer0_experts))
     for p in result.points:
         assert p.diff <= p.bound and p.scale > 0, p
         assert p.bound <= 2 * p.original + 2 * torch.finfo(getattr(torch, dtype)).eps * p.scale * 1.0001
