@@ -209,7 +209,8 @@ class Sizes:
     hidden_size: SizeValue = key("the model width d")
     num_heads: SizeValue = key("attention heads")
     vocab_size: SizeValue = key("embedding rows")
-    n_layers: SizeValue = key("decoder layers (for `plan`'s whole-model figures)")
+    n_layers: SizeValue = key("decoder layers (for `plan`'s whole-model figures and `verify`'s rounding "
+                              "allowance; the self-check builds every layer config.json gives, whatever this reads)")
     num_kv_heads: SizeValue | None = key("key/value heads; absent: `num_heads` (1 with `multi_query`)", None)
     head_dim: SizeValue | None = key("width of one head; absent: `hidden_size / num_heads`", None)
     intermediate_size: SizeValue | None = key("the FFN's hidden width (for `plan`)", None)
