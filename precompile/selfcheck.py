@@ -157,19 +157,45 @@ class _Stop(Exception):
     """Raised by a hook once the last compared tensor is captured: nothing after it runs."""
 
 
+def checkpoint_renamings(model: nn.Module) -> list:
+    """transformers' renamings of checkpoint tensor names to the model's parameter names for this class (e.g.
+    Flint's `self_attn.softmax_offset` -> `self_attn.sinks`), as `from_pretrained` applies them; [] without any."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        return [c for c in get_model_conversion_mapping(model) if isinstance(c, WeightRenaming)]
+    except Exception:  # noqa: BLE001 - another transformers version: names are read as they are
+        return []
+
+
 class _Reader:
     """Parameters by name, from the first checkpoint that holds them, in the run dtype.
 
-    The embedding and the table are read only at `rows` (the ids fed, renumbered 0..n-1)."""
+    The embedding and the table are read only at `rows` (the ids fed, renumbered 0..n-1). A parameter whose name
+    is not in the checkpoint is looked up under the stored name that transformers' renamings give it."""
 
-    def __init__(self, checkpoints: list[Checkpoint], row_tensors: set[str], rows: torch.Tensor):
+    def __init__(self, checkpoints: list[Checkpoint], row_tensors: set[str], rows: torch.Tensor,
+                 renamings: list | None = None):
         self.checkpoints, self.row_tensors, self.rows = checkpoints, row_tensors, rows
+        self.renamings = renamings or []
+        self._stored: list[dict[str, str]] | None = None  # per checkpoint: parameter name -> stored name
+
+    def _stored_name(self, i: int, name: str) -> str:
+        if name in self.checkpoints[i].tensors or not self.renamings:
+            return name
+        if self._stored is None:
+            from transformers.core_model_loading import apply_renamings
+
+            self._stored = [{apply_renamings(k, self.renamings): k for k in c.tensors} for c in self.checkpoints]
+        return self._stored[i].get(name, name)
 
     def __call__(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        for ckpt in self.checkpoints:
-            if name in ckpt.tensors:
-                t = mapped(ckpt, name)
-                t = t[self.rows] if name in self.row_tensors else t
+        for i, ckpt in enumerate(self.checkpoints):
+            stored = self._stored_name(i, name)
+            if stored in ckpt.tensors:
+                t = mapped(ckpt, stored)
+                t = t[self.rows] if stored in self.row_tensors else t
                 return t.to(dtype)
         where = ", ".join(str(c.root) for c in self.checkpoints)
         raise VerificationError(f"self-check: layer 0 needs tensor {name}, which is not in {where}; the "
@@ -307,8 +333,9 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
               if n in emb_names or n.startswith(layer + ".") or
               (spec.embedding_norm is not None and n.startswith(f"{spec.embedding_norm.module}."))]
     source = _source_checkpoint(plan, needed)
-    src_read = _Reader([source], emb_names, used)
-    conv_read = _Reader(_converted_checkpoints(tmp, plan.layout.tensor_name, source), emb_names, used)
+    renamings = checkpoint_renamings(original[dtype])
+    src_read = _Reader([source], emb_names, used, renamings)
+    conv_read = _Reader(_converted_checkpoints(tmp, plan.layout.tensor_name, source), emb_names, used, renamings)
     exact = _capture(original[ref_dtype], ids, layer, attention, points, src_read, ref_dtype)
     orig = _capture(original[dtype], ids, layer, attention, points, src_read, dtype)
     conv = _capture(converted, ids, layer, attention, points, conv_read, dtype)

@@ -47,6 +47,8 @@ _POSITION_ATTR = re.compile(r"^(wpe|embed_positions|positions_embed|position_emb
                             r"pos_emb\w*|embed_pos\w*|pos_embed\w*)$")
 _FUSED = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "W_pack", "in_proj", "qkv_linear")
 _SEPARATE = ("q_proj", "query", "q", "wq", "q_linear")
+_PROJ_NAMES = {*_FUSED, *_SEPARATE, "q_a_proj", "kv_a_proj_with_mqa", "kv_a_proj", "k_proj", "v_proj", "key", "value",
+               "k", "v", "wk", "wv", "k_linear", "v_linear"}
 _LATENT = ("q_a_proj", "kv_a_proj_with_mqa", "kv_a_proj")
 _QK_NORM = re.compile(r"self\.(q_norm|q_layernorm|query_layernorm|q_ln|query_norm)\s*=\s*([\w.]+)\((.*)")
 _OUTSIDE_SCALE = re.compile(r"inputs_embeds\s*\*(?!\*)|\*\s*inputs_embeds\b")
@@ -66,6 +68,8 @@ class _Facts:
     attention_attrs: tuple[str, ...] = ()  # the attention class's own modules (named where none is a projection)
     reads_embedding_weight: str = ""  # the base model's forward reads `self.<embedding>.weight` (the attribute)
     shared_norm: str = ""  # a norm module the base model's forward applies both before and after its layers
+    attention_readers: tuple[str, ...] = ()  # modules besides q/k/v the attention applies to its input (a gate)
+    normed_residual: str = ""  # the attention's norm whose output the layer also adds to the residual stream
 
 
 def _models_dir() -> Path:
@@ -172,6 +176,7 @@ class _Flow:
         self.env = {first_arg: "in"}
         self.attn_in: str | None = None
         self.mlp_in: list[str] = []  # every FFN call's input (a block may be serial or parallel by config)
+        self.normed_residual = ""  # a norm of the layer's input that a residual sum adds (MiniMax's)
 
     def label(self, e: ast.expr) -> str:
         if isinstance(e, ast.Name):
@@ -191,6 +196,11 @@ class _Flow:
                 return "mlp"
             return "other"
         if isinstance(e, ast.BinOp):
+            if isinstance(e.op, ast.Add):
+                for n in ast.walk(e):
+                    lab = self.env.get(n.id, "") if isinstance(n, ast.Name) else ""
+                    if lab.startswith("norm(") and _root(lab) == "in":
+                        self.normed_residual = lab.split(":", 1)[0][5:-1]
             self.label(e.left), self.label(e.right)
             return "sum" if isinstance(e.op, ast.Add) else "other"
         for child in ast.iter_child_nodes(e):
@@ -234,8 +244,9 @@ def _layer_classes(base: ast.ClassDef, mod: _Module) -> list[ast.ClassDef]:
                                                 for a, v in _self_assigns(c).items()))
 
 
-def _attention_facts(layer: ast.ClassDef, mod: _Module) -> tuple[str, str, tuple[str, ...]]:
-    """(projections, qk_norm, the attention's module attributes) of the layer's attention class."""
+def _attention_facts(layer: ast.ClassDef, mod: _Module) -> tuple[str, str, tuple[str, ...], tuple[str, ...]]:
+    """(projections, qk_norm, the attention's module attributes, the modules other than q/k/v projections that
+    its forward applies to its input: a gate, an indexer) of the layer's attention class."""
     name = next((c for a, v in _self_assigns(layer).items()
                  if _classify_attr(c := _called_class(v), a) == "attn" and c in mod), None)
     attn_cls = mod.get(name)
@@ -250,8 +261,15 @@ def _attention_facts(layer: ast.ClassDef, mod: _Module) -> tuple[str, str, tuple
             or re.search(r"num_(attention_)?heads\s*\*|\*\s*self\.head_dim", args)
         qk = "full width" if full else "per head"
     modules = tuple(sorted(a for a, v in (_self_assigns(attn_cls) if attn_cls else {}).items()
-                           if (c := _called_class(v)) and c[:1].isupper() and "Dropout" not in c))
-    return proj, qk, modules
+                           if (c := _called_class(v.body if isinstance(v, ast.IfExp) else v))
+                           and c[:1].isupper() and "Dropout" not in c))
+    fwd = _method(attn_cls, "forward") if attn_cls else None
+    arg = fwd.args.args[1].arg if fwd and len(fwd.args.args) > 1 else None
+    calls = re.finditer(rf"self\.(\w+)\(\s*{arg}\b", mod.source(name, fwd)) if arg else ()
+    readers = tuple(sorted({m.group(1) for m in calls
+                            if m.group(1) in modules and m.group(1) not in _PROJ_NAMES
+                            and not re.search("rotary|rope", m.group(1))}))
+    return proj, qk, modules, readers
 
 
 def _source_facts(arch: str, mixer: str) -> _Facts | None:
@@ -298,10 +316,10 @@ def _source_facts(arch: str, mixer: str) -> _Facts | None:
         norm = _norm_kind(sub.get(norm_attr)) if norm_attr else "none" if flow.attn_in == "in" else "?"
         kinds = {"parallel" if _root(m) == "in" else "serial" for m in flow.mlp_in}
         block = "?" if not kinds else kinds.pop() if len(kinds) == 1 else "serial or parallel"
-        proj, qk, modules = _attention_facts(layer, mod)
+        proj, qk, modules, readers = _attention_facts(layer, mod)
         return _Facts(Layer0Shape(mixer, block, norm, proj, qk, scale), absolute, True,
                       "in" if _root(flow.attn_in) == "in" else "other", modules,
-                      weight_read.group(0) if weight_read else "", shared_norm)
+                      weight_read.group(0) if weight_read else "", shared_norm, readers, flow.normed_residual)
     return _Facts(Layer0Shape(mixer, "?", "?", "?", "-", scale), absolute, False)
 
 
@@ -412,6 +430,12 @@ def _unknowns(facts: _Facts) -> list[str]:
     if facts.attn_input != "in":
         out.append("layer 0's attention norm reads a value the layer computes from its input first (not the "
                    "residual stream itself), which a profile cannot express")
+    if facts.attention_readers:
+        out.append(f"layer 0's attention also applies {', '.join(facts.attention_readers)} to its input, which the "
+                   "table does not hold (the converted attention would read the un-normed input there)")
+    if facts.normed_residual:
+        out.append(f"layer 0 adds its attention norm's output ({facts.normed_residual}) to the residual stream, and "
+                   "the loader replaces that norm with an identity")
     if facts.shared_norm:
         out.append(f"the embedding's norm is also the final norm (one module, self.{facts.shared_norm}, called before "
                    "and after the layers): the loader cannot replace it by an identity for layer 0 alone")
@@ -432,6 +456,10 @@ def _shapes(cfg, facts: _Facts | None) -> tuple[list[str], list[str]]:
         if s.mixer not in ATTENTION_LAYERS:
             return lacks + [f"layer 0's sequence mixer is not softmax attention (layer_types[0] = {s.mixer})"], found
         lacks += _unknowns(facts)
+        d = _text_dict(cfg)
+        if not d.get("kv_lora_rank") and d.get("v_head_dim") and d.get("head_dim") and d["v_head_dim"] != d["head_dim"]:
+            lacks.append(f"v's heads are narrower or wider than q's and k's (v_head_dim {d['v_head_dim']}, head_dim "
+                         f"{d['head_dim']}), and a profile's q/k/v share one head_dim")
         found += [shape for shape, present in (
             ("no norm before attention", s.norm == "none"),
             ("q/k norms over the whole projection width", s.qk_norm == "full width"),
