@@ -185,6 +185,17 @@ WRITTEN_PROFILES = {
                                       extra_embedding=", multiplier: {config: embedding_multiplier}"),
     # attn_sub_norm acts on the attention's output, before o_proj: after layer 0's projections, so nothing to say
     "bitnet": _LLAMA_LIKE.format(name="bitnet", extra_embedding=""),
+    # per-head q/k norms; attention sinks stored under another name than the module's (the self-check reads them
+    # under transformers' renaming); a mixture of experts whose layer 0 is dense (mlp_only_layers)
+    "flint": _LLAMA_LIKE.format(name="flint", extra_embedding="").replace(
+        "intermediate_size: [intermediate_size]}",
+        "intermediate_size: [moe_intermediate_size], n_experts: [num_experts]}") + """qk_norm:
+  q: {kind: rms, weight: model.layers.0.self_attn.q_norm.weight, eps: [rms_norm_eps],
+      module: model.layers.0.self_attn.q_norm}
+  k: {kind: rms, weight: model.layers.0.self_attn.k_norm.weight, eps: [rms_norm_eps],
+      module: model.layers.0.self_attn.k_norm}
+dense_layers: {indices: [mlp_only_layers], intermediate_size: [intermediate_size]}
+""",
     # a fused per-head qkv without q/k norms: its layout does not matter (the table keeps the module's own);
     # only the last layer's attention has a bias (dense_bias), which layer 0 does not
     "gpt_neox_japanese": """

@@ -246,6 +246,11 @@ PROFILE_SAMPLE_FAMILIES: dict[str, dict] = {
     "bitnet": dict(model_type="bitnet", num_key_value_heads=2, tie_word_embeddings=False, **_SMALL),
     "mpt": dict(model_type="mpt", d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, vocab_size=VOCAB,
                 max_seq_len=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
+    # stores its attention sinks as self_attn.softmax_offset (transformers renames them at load); layer 0 dense
+    "flint": dict(model_type="flint", num_key_value_heads=2, head_dim=24, num_experts=4, num_experts_per_tok=2,
+                  moe_intermediate_size=32, shared_expert_intermediate_size=48, mlp_only_layers=[0],
+                  layer_types=["full_attention", "sliding_attention"], sliding_window=8, tie_word_embeddings=False,
+                  **_SMALL),
     "codegen": dict(model_type="codegen", n_embd=64, n_head=4, n_layer=2, rotary_dim=8, n_positions=256,
                     vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
 }
