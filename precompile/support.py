@@ -70,6 +70,7 @@ class _Facts:
     shared_norm: str = ""  # a norm module the base model's forward applies both before and after its layers
     attention_readers: tuple[str, ...] = ()  # modules besides q/k/v the attention applies to its input (a gate)
     normed_residual: str = ""  # the attention's norm whose output the layer also adds to the residual stream
+    embeds_through: tuple[str, ...] = ()  # modules the base model's forward passes the embedding's output through
 
 
 def _models_dir() -> Path:
@@ -269,7 +270,11 @@ def _attention_facts(layer: ast.ClassDef, mod: _Module) -> tuple[str, str, tuple
     readers = tuple(sorted({m.group(1) for m in calls
                             if m.group(1) in modules and m.group(1) not in _PROJ_NAMES
                             and not re.search("rotary|rope", m.group(1))}))
-    return proj, qk, modules, readers
+    extra_args = tuple(sorted({c.func.attr for c in ast.walk(fwd) if isinstance(c, ast.Call)
+                               and isinstance(c.func, ast.Attribute) and c.func.attr in _PROJ_NAMES
+                               and isinstance(c.func.value, ast.Name) and c.func.value.id == "self"
+                               and len(c.args) + len(c.keywords) > 1})) if fwd else ()
+    return proj, qk, modules, readers + tuple(f"{a}(extra arguments)" for a in extra_args)
 
 
 def _source_facts(arch: str, mixer: str) -> _Facts | None:
@@ -298,6 +303,8 @@ def _source_facts(arch: str, mixer: str) -> _Facts | None:
         "outside the module" if _OUTSIDE_SCALE.search(fwd_src) else "-"
     emb_attr = next((a for a, v in assigns.items() if "embedding" in (_called_class(v) or "").lower()), None)
     weight_read = re.search(rf"self\.{re.escape(emb_attr)}\.weight\b", fwd_src) if emb_attr else None
+    embeds_through = sorted({m.group(1) for m in re.finditer(r"inputs_embeds\s*=\s*self\.(\w+)\(", fwd_src)
+                             if m.group(1) != emb_attr and "dropout" not in m.group(1)})
     loop = re.search(r"^\s*for .* in .*self\.(layers|h|blocks|layer)\b", fwd_src, re.MULTILINE)
     shared_norm = next((n for n, v in assigns.items() if _classify_attr(_called_class(v), n) == "norm" and loop
                         and f"self.{n}(" in fwd_src[:loop.start()] and f"self.{n}(" in fwd_src[loop.end():]), "")
@@ -319,7 +326,8 @@ def _source_facts(arch: str, mixer: str) -> _Facts | None:
         proj, qk, modules, readers = _attention_facts(layer, mod)
         return _Facts(Layer0Shape(mixer, block, norm, proj, qk, scale), absolute, True,
                       "in" if _root(flow.attn_in) == "in" else "other", modules,
-                      weight_read.group(0) if weight_read else "", shared_norm, readers, flow.normed_residual)
+                      weight_read.group(0) if weight_read else "", shared_norm, readers, flow.normed_residual,
+                      tuple(embeds_through))
     return _Facts(Layer0Shape(mixer, "?", "?", "?", "-", scale), absolute, False)
 
 
@@ -430,12 +438,25 @@ def _unknowns(facts: _Facts) -> list[str]:
     if facts.attn_input != "in":
         out.append("layer 0's attention norm reads a value the layer computes from its input first (not the "
                    "residual stream itself), which a profile cannot express")
-    if facts.attention_readers:
-        out.append(f"layer 0's attention also applies {', '.join(facts.attention_readers)} to its input, which the "
-                   "table does not hold (the converted attention would read the un-normed input there)")
+    v_norms = [a for a in facts.attention_attrs if re.fullmatch(r"(v|value)_?(norm|layernorm|ln)", a)]
+    if v_norms:
+        out.append(f"layer 0's attention normalises v ({', '.join(v_norms)}), and a profile's qk_norm names q's and "
+                   "k's norms only")
+    called = [r[:-len("(extra arguments)")] for r in facts.attention_readers if r.endswith("(extra arguments)")]
+    readers = [r for r in facts.attention_readers if not r.endswith("(extra arguments)")]
+    if called:
+        out.append(f"layer 0's attention calls {', '.join(called)} with more than the input (Moshi's codebook "
+                   "index), which the loader's table slice does not take")
+    if readers:
+        out.append(f"layer 0's attention also applies {', '.join(readers)} to its input, which the table does not "
+                   "hold (the converted attention would read the un-normed input there)")
     if facts.normed_residual:
         out.append(f"layer 0 adds its attention norm's output ({facts.normed_residual}) to the residual stream, and "
                    "the loader replaces that norm with an identity")
+    if facts.embeds_through:
+        out.append(f"the model's forward passes the embedding's output through {', '.join(facts.embeds_through)} "
+                   "(e.g. other modalities' features in place of some tokens' rows), which the table's q/k/v do not "
+                   "follow")
     if facts.shared_norm:
         out.append(f"the embedding's norm is also the final norm (one module, self.{facts.shared_norm}, called before "
                    "and after the layers): the loader cannot replace it by an identity for layer 0 alone")
