@@ -152,6 +152,19 @@ def _called_class(value: ast.expr) -> str | None:
     return None
 
 
+def _either_class(value: ast.expr) -> str | None:
+    """`_called_class`, also of `A(...) if cond else B(...)` where both are norms (of one kind, or 'NormByConfig');
+    None where the two differ otherwise (ModernBERT's layer 0 gets an Identity, the others a LayerNorm)."""
+    if not isinstance(value, ast.IfExp):
+        return _called_class(value)
+    a, b = _called_class(value.body), _called_class(value.orelse)
+    if a == b:
+        return a
+    if a and b and "norm" in a.lower() and "norm" in b.lower():
+        return a if _norm_kind(a) == _norm_kind(b) else "NormByConfig"
+    return None
+
+
 def _names_in(node: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
 
@@ -309,7 +322,7 @@ def _source_facts(arch: str, mixer: str) -> _Facts | None:
     shared_norm = next((n for n, v in assigns.items() if _classify_attr(_called_class(v), n) == "norm" and loop
                         and f"self.{n}(" in fwd_src[:loop.start()] and f"self.{n}(" in fwd_src[loop.end():]), "")
     for layer in _layer_classes(base, mod):
-        sub = {a: _called_class(v) for a, v in _self_assigns(layer).items()}
+        sub = {a: _either_class(v) for a, v in _self_assigns(layer).items()}
         roles = {a: r for a, c in sub.items() if (r := _classify_attr(c, a))}
         fn = _method(layer, "forward")
         args = [a.arg for a in fn.args.args[1:]]
