@@ -274,11 +274,17 @@ def _build(cls: type, config, dtype: torch.dtype) -> nn.Module:
         return cls._from_config(config, dtype=dtype, attn_implementation="eager").eval()
 
 
-def _source_checkpoint(plan: ConversionPlan, names: list[str]) -> Checkpoint:
-    """The source's tensors layer 0 reads: the plan's checkpoint, or for an overlay the files holding them."""
+def _source_checkpoint(plan: ConversionPlan, names: list[str], renamings: list) -> Checkpoint:
+    """The source's tensors layer 0 reads: the plan's checkpoint, or for an overlay the files holding them (under
+    their stored names, which transformers' renamings may change)."""
     if plan.kind != "overlay":
         return plan.checkpoint
     wmap = weight_map(plan.source)
+    if renamings and any(n not in wmap for n in names):
+        from transformers.core_model_loading import apply_renamings
+
+        stored = {apply_renamings(k, renamings): k for k in wmap}
+        names = [n if n in wmap else stored.get(n, n) for n in names]
     names = [n for n in names if n in wmap]
     fetch_files(plan.source, sorted({wmap[n] for n in names}))
     return PartialCheckpoint(plan.source.root, wmap, names)
@@ -332,8 +338,8 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     needed = [n for n, _ in original[dtype].named_parameters()
               if n in emb_names or n.startswith(layer + ".") or
               (spec.embedding_norm is not None and n.startswith(f"{spec.embedding_norm.module}."))]
-    source = _source_checkpoint(plan, needed)
     renamings = checkpoint_renamings(original[dtype])
+    source = _source_checkpoint(plan, needed, renamings)
     src_read = _Reader([source], emb_names, used, renamings)
     conv_read = _Reader(_converted_checkpoints(tmp, plan.layout.tensor_name, source), emb_names, used, renamings)
     exact = _capture(original[ref_dtype], ids, layer, attention, points, src_read, ref_dtype)
