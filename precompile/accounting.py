@@ -52,6 +52,9 @@ class Sizes:
     shared_ffn_hidden: int = 0  # the width of the shared expert every token takes (0: none)
     tied: bool = False  # the LM head is the embedding: counted once, and kept beside the table
     x_in_table: bool = True  # the table holds x (False: x is read, or recomputed, from the kept tied embedding)
+    dense_layers: int = 0  # layers of a mixture of experts whose FFN is a dense GLU (the profile's dense_layers)
+    dense_ffn_hidden: int = 0  # their FFN's hidden width
+    layer0_dense: bool = False  # layer 0 is one of them
 
     @property
     def ffn_weights(self) -> int:
@@ -59,6 +62,15 @@ class Sizes:
         mats = 3 if self.ffn_kind == "glu" else 2
         router = self.d * self.n_experts if self.router else 0
         return mats * self.d * (self.ffn_hidden * self.n_experts + self.shared_ffn_hidden) + router
+
+    @property
+    def dense_ffn_weights(self) -> int:
+        """One dense layer's FFN of a mixture of experts: a GLU, 3*d*hidden."""
+        return 3 * self.d * self.dense_ffn_hidden
+
+    @property
+    def layer0_ffn_weights(self) -> int:
+        return self.dense_ffn_weights if self.layer0_dense else self.ffn_weights
 
 
 def sizes_from_spec(spec: ModelSpec) -> Sizes:
@@ -81,7 +93,9 @@ def sizes_from_spec(spec: ModelSpec) -> Sizes:
                  row_width=sum(projection_width(spec, p) for p in spec.projections),
                  projection_weights=sum(projection_weights(spec, p) for p in spec.projections),
                  router=moe, shared_ffn_hidden=(spec.shared_intermediate_size or 0) if moe and ffn.shared else 0,
-                 tied=spec.tied, x_in_table=not (spec.tied and spec.x_is_scaled_row))  # as layout.table_layout
+                 tied=spec.tied, x_in_table=not (spec.tied and spec.x_is_scaled_row),  # as layout.table_layout
+                 dense_layers=len(spec.dense_layers), dense_ffn_hidden=spec.dense_intermediate_size or 0,
+                 layer0_dense=0 in spec.dense_layers)
 
 
 def projection_weights(spec: ModelSpec, p: Projection) -> int:
@@ -96,7 +110,7 @@ def projection_weights(spec: ModelSpec, p: Projection) -> int:
 def eliminated_weights(s: Sizes) -> int:
     """Layer-0 weights no longer read: Q d*q_w, K and V 2*d*e (or the profile's projections), plus the FFN for a
     parallel block."""
-    return s.projection_weights + (s.ffn_weights if s.block == "parallel" else 0)
+    return s.projection_weights + (s.layer0_ffn_weights if s.block == "parallel" else 0)
 
 
 def reads_with_per_token(s: Sizes) -> int:
@@ -115,8 +129,10 @@ def total_weights(s: Sizes) -> int:
     # the output projection as wide as q (the paper's O); latent attention and other mixers: their layer-0
     # projections twice (the output side, MLA's kv_b_proj, is taken as large as the input side)
     standard = s.projection_weights == s.d * s.q_width + 2 * s.d * s.e
-    per_layer = (s.d * s.q_width if standard else s.projection_weights) + s.projection_weights + s.ffn_weights
-    return s.n_layers * per_layer + (1 if s.tied else 2) * s.d * s.vocab_size
+    attention = (s.d * s.q_width if standard else s.projection_weights) + s.projection_weights
+    # a mixture of experts' dense layers (dense_layers) take a dense GLU instead of the experts
+    ffn = (s.n_layers - s.dense_layers) * s.ffn_weights + s.dense_layers * s.dense_ffn_weights
+    return s.n_layers * attention + ffn + (1 if s.tied else 2) * s.d * s.vocab_size
 
 
 def memory(s: Sizes) -> tuple[int, int]:
@@ -208,7 +224,7 @@ def figures(s: Sizes, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> dic
         **asdict(s),
         "eliminated_weights": eliminated_weights(s),
         "eliminated": {"projections": s.projection_weights, "q": s.d * s.q_width, "k": s.d * s.e, "v": s.d * s.e,
-                       "ffn": s.ffn_weights if s.block == "parallel" else 0},
+                       "ffn": s.layer0_ffn_weights if s.block == "parallel" else 0},
         "reads_with_per_token": reads_with_per_token(s),
         "batches": batches,
         "memory_increase": inc,
@@ -456,6 +472,9 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     ex = r.get("exact")
     ffn = f"{r['ffn_kind'].upper()}, hidden {_n(r['ffn_hidden'])}" + (
         f", {r['n_experts']} experts" if r["n_experts"] > 1 else "") if r["ffn_hidden"] else "none"
+    if r.get("dense_layers"):
+        ffn += (f"; {r['dense_layers']} of {r['n_layers']} layers dense (GLU, hidden {_n(r['dense_ffn_hidden'])}), "
+                f"layer 0 {'dense' if r['layer0_dense'] else 'MoE'}")
     qkv = r["row_width"] == r["q_width"] + 2 * r["e"]  # else latent attention or another mixer: the profile's widths
     rows = [
         ("block", r["block"] + (" (assumed)" if r["assume_parallel"] else ""), ""),

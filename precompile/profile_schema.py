@@ -228,7 +228,8 @@ class Sizes:
     hidden_size: SizeValue = key("the model width d")
     num_heads: SizeValue = key("attention heads")
     vocab_size: SizeValue = key("embedding rows")
-    n_layers: SizeValue = key("decoder layers (for `plan`'s whole-model figures)")
+    n_layers: SizeValue = key("decoder layers (for `plan`'s whole-model figures and `verify`'s rounding "
+                              "allowance; the self-check builds every layer config.json gives, whatever this reads)")
     num_kv_heads: SizeValue | None = key("key/value heads; absent: `num_heads` (1 with `multi_query`)", None)
     head_dim: SizeValue | None = key("width of one head; absent: `hidden_size / num_heads`", None)
     intermediate_size: SizeValue | None = key("the FFN's hidden width (for `plan`)", None)
@@ -439,6 +440,30 @@ class FfnDef:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DenseLayersDef:
+    """Dense layers.
+    Which layers of a mixture-of-experts model have a dense GLU FFN instead of the experts; a layer is dense when
+    any key says so. `plan` counts them (layer 0's FFN and the whole model); a layer-0 FFN of kind `moe` on a config
+    whose layer 0 is dense is refused, and the self-check compares a dense layer 0's output too."""
+
+    first: ConfigValue | None = key("how many leading layers are dense (DeepSeek's and GLM-4-MoE's "
+                                    "`first_k_dense_replace`, LFM2-MoE's `num_dense_layers`)", None)
+    indices: ConfigValue | None = key("config.json keys holding a list of the dense layers' indices (Qwen-MoE's "
+                                      "`mlp_only_layers`)", None)
+    types: ConfigValue | None = key("config.json keys holding each layer's FFN type, one entry per layer "
+                                    "(`mlp_layer_types`); an entry equal to `dense_type` is dense", None)
+    dense_type: str = key("the `types` entry that means a dense layer", "dense")
+    sparse_step: ConfigValue | None = key("only every n-th layer has experts: layer i is dense unless (i + 1) % n == 0 "
+                                          "(Qwen-MoE's `decoder_sparse_step`)", None)
+    intermediate_size: ConfigValue | None = key("the dense FFN's hidden width; absent: `sizes.intermediate_size`",
+                                                None)
+
+    def check(self, fail: Fail, where: str) -> None:
+        if all(v is None for v in (self.first, self.indices, self.types, self.sparse_step)):
+            raise fail(where, "must name at least one of first, indices, types, sparse_step")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Variant:
     """Variant.
     A patch applied when config.json matches: every matching variant's `set` is deep-merged into the profile
@@ -487,6 +512,7 @@ class ProfileDef:
     attention_module: str = key("layer 0's attention module (for a mixer other than attention, the mixer module): "
                                 "after it runs, the looked-up rows are released")
     ffn: FfnDef | None = key("layer 0's FFN (required for a parallel block)", None)
+    dense_layers: DenseLayersDef | None = key("which layers of a mixture of experts have a dense FFN", None)
     variants: tuple[Variant, ...] = key("patches applied when config.json matches", ())
     refuse: tuple[Refusal, ...] = key("configs refused, with the reason", ())
 

@@ -32,6 +32,7 @@ from .profile_schema import (
     EXPERT,
     HEAD,
     ConfigValue,
+    DenseLayersDef,
     FfnDef,
     FlagValue,
     NormDef,
@@ -171,6 +172,13 @@ class ModelSpec:
     qk_norm_span: str = "head"  # the q/k norms act over each head ("head") or the whole output ("projection")
     embedding_multiplier: float | None = None  # applied by the model's forward to the embedding module's output
     shared_intermediate_size: int | None = None  # a MoE FFN's shared expert width (plan's count)
+    dense_layers: tuple[int, ...] = ()  # the layers of a mixture of experts whose FFN is dense (`dense_layers`)
+    dense_intermediate_size: int | None = None  # their FFN's hidden width
+
+    @property
+    def layer0_experts(self) -> int:
+        """Layer 0's experts: 1 where it is one of a mixture of experts' dense layers."""
+        return 1 if 0 in self.dense_layers else self.n_experts
 
     @property
     def q_width(self) -> int:
@@ -713,9 +721,17 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
     identity += [m for p in projections for m in p.identity_modules]
     inter = size("intermediate_size", required=False)
     n_exp = size("n_experts", required=False)
+    n_layers = count("n_layers")
+    dense = _dense_layers(body.dense_layers, config, n_layers, profile, ref_count)
+    if 0 in dense and ffn is not None and ffn.experts:
+        raise UserError(f"profile {profile.name} describes layer 0's FFN as a mixture of experts, but config.json "
+                        f"makes layer 0 dense (dense_layers); this config needs a profile whose ffn is dense")
+    dense_inter = (ref_count(body.dense_layers.intermediate_size, "dense_layers.intermediate_size")
+                   if dense and body.dense_layers.intermediate_size is not None else
+                   count("intermediate_size", required=False) if dense and inter is not None else None)
     return ModelSpec(
         profile=profile.name, block=block, hidden_size=d, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
-        vocab_size=count("vocab_size"), n_layers=count("n_layers"),
+        vocab_size=count("vocab_size"), n_layers=n_layers,
         intermediate_size=count("intermediate_size", required=False) if inter is not None else None,
         n_experts=len(ffn.experts) if ffn is not None and ffn.experts else (
             count("n_experts", required=False) if n_exp else 1), ffn_kind=body.ffn.kind if body.ffn else "glu",
@@ -725,7 +741,43 @@ def resolve(profile: Profile, config: dict, assume_parallel: bool = False) -> Mo
         identity_modules=tuple(identity), qk_norms=qk_norms, qk_norm_span=span,
         embedding_multiplier=multiplier, shared_intermediate_size=(
             count("shared_intermediate_size") if size("shared_intermediate_size", required=False) else None),
+        dense_layers=dense, dense_intermediate_size=dense_inter,
     )
+
+
+def _dense_layers(d: DenseLayersDef | None, config: dict, n_layers: int, profile: Profile,
+                  ref_count) -> tuple[int, ...]:
+    """The indices of the dense layers `dense_layers` names for this config (() without the key)."""
+    if d is None:
+        return ()
+
+    def whole(spec: ConfigValue, where: str) -> int | None:
+        val = spec.read(config)
+        if val is None:
+            return None
+        if isinstance(val, bool) or not is_number(val) or int(val) != val or val < 0:
+            raise UserError(f"config.json gives {val!r} for key 'dense_layers.{where}' of profile {profile.path} "
+                            f"({spec.to_yaml()}); it must be a whole number >= 0: fix config.json or the profile")
+        return int(val)
+
+    def listed(spec: ConfigValue, where: str, ok) -> list:
+        val = spec.read(config)
+        if val is None:
+            return []
+        if not isinstance(val, list) or not all(ok(v) for v in val):
+            raise UserError(f"config.json gives {str(val)[:80]} for key 'dense_layers.{where}' of profile "
+                            f"{profile.path} ({spec.to_yaml()}); it must be a list: fix config.json or the profile")
+        return val
+
+    first = whole(d.first, "first") if d.first is not None else None
+    indices = set(listed(d.indices, "indices", lambda v: isinstance(v, int) and not isinstance(v, bool))
+                  if d.indices is not None else [])
+    types = listed(d.types, "types", lambda v: isinstance(v, str)) if d.types is not None else []
+    step = ref_count(d.sparse_step, "dense_layers.sparse_step") if d.sparse_step is not None and \
+        d.sparse_step.read(config) is not None else None
+    return tuple(i for i in range(n_layers)
+                 if (first is not None and i < first) or i in indices or (i < len(types) and types[i] == d.dense_type)
+                 or (step is not None and (i + 1) % step != 0))
 
 
 def write_key_table(readme: Path) -> bool:

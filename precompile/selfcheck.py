@@ -2,12 +2,15 @@
 
 A profile is a claim about what transformers computes before layer 0's attention, and transformers
 is the authority. So, with OUT_DIR's files and manifest written into the temporary directory, the
-source's own model class truncated to its embedding and layer 0 runs beside the converted model
-truncated the same way (built by the loader: `precompiled_class`, `apply_layout`, the lookups),
-on a fixed set of token ids, and their layer 0 must agree within the rounding bound.
+source's own model class runs up to its layer 0 beside the converted model (built by the loader:
+`precompiled_class`, `apply_layout`, the lookups), on a fixed set of token ids, and their layer 0
+must agree within the rounding bound.
 
-Memory stays about one module of layer 0: both models are built on the meta device, and each
-module's parameters are read (memory-mapped, cast to the run dtype) only while that module runs.
+Both models are built from the whole config, every layer (a layer may depend on its index: GPT-NeoX-
+Japanese gives only the last layer's attention a bias, and a config with one layer would make layer 0
+that last one), on the meta device, so they cost no memory, and nothing after layer 0 runs. Memory
+stays about one module of layer 0: each module's parameters are read (memory-mapped, cast to the run
+dtype) only while that module runs.
 The embedding and the table are read only at the ids fed, and the ids are renumbered into those
 rows (nothing but the embedding reads token ids before layer 0).
 
@@ -42,7 +45,6 @@ from torch import nn
 from .errors import UserError, VerificationError
 from .layout import TABLE_FILE
 from .loader import Manifest, config_from_dict, original_config, precompiled_class
-from .profiles import effective_definition
 from .source import fetch_files, weight_map
 from .tensors import INDEX_NAME, Checkpoint, PartialCheckpoint, dtype_name, mapped
 from .verify import BUILD_LOCK, parameters_on_meta, quiet_transformers
@@ -155,19 +157,45 @@ class _Stop(Exception):
     """Raised by a hook once the last compared tensor is captured: nothing after it runs."""
 
 
+def checkpoint_renamings(model: nn.Module) -> list:
+    """transformers' renamings of checkpoint tensor names to the model's parameter names for this class (e.g.
+    Flint's `self_attn.softmax_offset` -> `self_attn.sinks`), as `from_pretrained` applies them; [] without any."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        return [c for c in get_model_conversion_mapping(model) if isinstance(c, WeightRenaming)]
+    except Exception:  # noqa: BLE001 - another transformers version: names are read as they are
+        return []
+
+
 class _Reader:
     """Parameters by name, from the first checkpoint that holds them, in the run dtype.
 
-    The embedding and the table are read only at `rows` (the ids fed, renumbered 0..n-1)."""
+    The embedding and the table are read only at `rows` (the ids fed, renumbered 0..n-1). A parameter whose name
+    is not in the checkpoint is looked up under the stored name that transformers' renamings give it."""
 
-    def __init__(self, checkpoints: list[Checkpoint], row_tensors: set[str], rows: torch.Tensor):
+    def __init__(self, checkpoints: list[Checkpoint], row_tensors: set[str], rows: torch.Tensor,
+                 renamings: list | None = None):
         self.checkpoints, self.row_tensors, self.rows = checkpoints, row_tensors, rows
+        self.renamings = renamings or []
+        self._stored: list[dict[str, str]] | None = None  # per checkpoint: parameter name -> stored name
+
+    def _stored_name(self, i: int, name: str) -> str:
+        if name in self.checkpoints[i].tensors or not self.renamings:
+            return name
+        if self._stored is None:
+            from transformers.core_model_loading import apply_renamings
+
+            self._stored = [{apply_renamings(k, self.renamings): k for k in c.tensors} for c in self.checkpoints]
+        return self._stored[i].get(name, name)
 
     def __call__(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        for ckpt in self.checkpoints:
-            if name in ckpt.tensors:
-                t = mapped(ckpt, name)
-                t = t[self.rows] if name in self.row_tensors else t
+        for i, ckpt in enumerate(self.checkpoints):
+            stored = self._stored_name(i, name)
+            if stored in ckpt.tensors:
+                t = mapped(ckpt, stored)
+                t = t[self.rows] if stored in self.row_tensors else t
                 return t.to(dtype)
         where = ", ".join(str(c.root) for c in self.checkpoints)
         raise VerificationError(f"self-check: layer 0 needs tensor {name}, which is not in {where}; the "
@@ -232,7 +260,7 @@ def _first(output):
 
 def _capture(model: nn.Module, ids: torch.Tensor, layer: str, attention: str, points: tuple[str, ...],
              read: Callable[[str, torch.dtype], torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Run the truncated model up to the last compared tensor; the tensors, in float64 (exactly)."""
+    """Run the model up to the last compared tensor (nothing after it); the tensors, in float64 (exactly)."""
     got: dict[str, torch.Tensor] = {}
     last = points[-1]
 
@@ -268,18 +296,17 @@ def _build(cls: type, config, dtype: torch.dtype) -> nn.Module:
         return cls._from_config(config, dtype=dtype, attn_implementation="eager").eval()
 
 
-def _truncate(config, keys: tuple[str, ...]) -> None:
-    """One layer: every n_layers key the profile names is set to 1 (aliases included)."""
-    for k in keys:
-        if hasattr(config, k):
-            setattr(config, k, 1)
-
-
-def _source_checkpoint(plan: ConversionPlan, names: list[str]) -> Checkpoint:
-    """The source's tensors layer 0 reads: the plan's checkpoint, or for an overlay the files holding them."""
+def _source_checkpoint(plan: ConversionPlan, names: list[str], renamings: list) -> Checkpoint:
+    """The source's tensors layer 0 reads: the plan's checkpoint, or for an overlay the files holding them (under
+    their stored names, which transformers' renamings may change)."""
     if plan.kind != "overlay":
         return plan.checkpoint
     wmap = weight_map(plan.source)
+    if renamings and any(n not in wmap for n in names):
+        from transformers.core_model_loading import apply_renamings
+
+        stored = {apply_renamings(k, renamings): k for k in wmap}
+        names = [n if n in wmap else stored.get(n, n) for n in names]
     names = [n for n in names if n in wmap]
     fetch_files(plan.source, sorted({wmap[n] for n in names}))
     return PartialCheckpoint(plan.source.root, wmap, names)
@@ -316,18 +343,16 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     attention = spec.attention_module
     # the decoder layer: the attention's parent, or the list entry 0 above it (LongCat's self_attn.0 in layers.0)
     layer = attention[:attention.index(".0.") + 2] if ".0." in attention else attention.rpartition(".")[0]
-    points = compared_points(spec.block, spec.n_experts)
-    layer_keys = effective_definition(plan.profile, plan.config).sizes.n_layers.keys  # () for a literal count
+    points = compared_points(spec.block, spec.layer0_experts)
     tokens = check_tokens(plan.config, plan.source.root, spec.vocab_size)
     used, ids = torch.unique(tokens, return_inverse=True)
     with BUILD_LOCK, quiet_transformers():  # imports and builds take turns across threads; the runs below do not
         from transformers import AutoModelForCausalLM
 
+        # every layer, on meta: a one-layer config would build layer 0 as the last layer, which may differ
         config = config_from_dict(plan.config)
-        _truncate(config, layer_keys)
         base = AutoModelForCausalLM._model_mapping[type(config)]
         conv_config = original_config(manifest)
-        _truncate(conv_config, layer_keys)
         ref_dtype = reference_dtype(dtype)
         original = {d: _build(base, config, d) for d in (ref_dtype, dtype)}
         converted = _build(precompiled_class(base, manifest), conv_config, dtype)
@@ -335,9 +360,10 @@ def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
     needed = [n for n, _ in original[dtype].named_parameters()
               if n in emb_names or n.startswith(layer + ".") or
               (spec.embedding_norm is not None and n.startswith(f"{spec.embedding_norm.module}."))]
-    source = _source_checkpoint(plan, needed)
-    src_read = _Reader([source], emb_names, used)
-    conv_read = _Reader(_converted_checkpoints(tmp, plan.layout.tensor_name, source), emb_names, used)
+    renamings = checkpoint_renamings(original[dtype])
+    source = _source_checkpoint(plan, needed, renamings)
+    src_read = _Reader([source], emb_names, used, renamings)
+    conv_read = _Reader(_converted_checkpoints(tmp, plan.layout.tensor_name, source), emb_names, used, renamings)
     exact = _capture(original[ref_dtype], ids, layer, attention, points, src_read, ref_dtype)
     orig = _capture(original[dtype], ids, layer, attention, points, src_read, dtype)
     conv = _capture(converted, ids, layer, attention, points, conv_read, dtype)

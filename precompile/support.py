@@ -47,6 +47,8 @@ _POSITION_ATTR = re.compile(r"^(wpe|embed_positions|positions_embed|position_emb
                             r"pos_emb\w*|embed_pos\w*|pos_embed\w*)$")
 _FUSED = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "W_pack", "in_proj", "qkv_linear")
 _SEPARATE = ("q_proj", "query", "q", "wq", "q_linear")
+_PROJ_NAMES = {*_FUSED, *_SEPARATE, "q_a_proj", "kv_a_proj_with_mqa", "kv_a_proj", "k_proj", "v_proj", "key", "value",
+               "k", "v", "wk", "wv", "k_linear", "v_linear"}
 _LATENT = ("q_a_proj", "kv_a_proj_with_mqa", "kv_a_proj")
 _QK_NORM = re.compile(r"self\.(q_norm|q_layernorm|query_layernorm|q_ln|query_norm)\s*=\s*([\w.]+)\((.*)")
 _OUTSIDE_SCALE = re.compile(r"inputs_embeds\s*\*(?!\*)|\*\s*inputs_embeds\b")
@@ -62,6 +64,13 @@ class _Facts:
     shape: Layer0Shape
     absolute_positions: bool
     found: bool  # the decoder layer and its attention call were found
+    attn_input: str = "in"  # what the attention's norm reads: "in" (the layer's input) or "other"
+    attention_attrs: tuple[str, ...] = ()  # the attention class's own modules (named where none is a projection)
+    reads_embedding_weight: str = ""  # the base model's forward reads `self.<embedding>.weight` (the attribute)
+    shared_norm: str = ""  # a norm module the base model's forward applies both before and after its layers
+    attention_readers: tuple[str, ...] = ()  # modules besides q/k/v the attention applies to its input (a gate)
+    normed_residual: str = ""  # the attention's norm whose output the layer also adds to the residual stream
+    embeds_through: tuple[str, ...] = ()  # modules the base model's forward passes the embedding's output through
 
 
 def _models_dir() -> Path:
@@ -143,6 +152,19 @@ def _called_class(value: ast.expr) -> str | None:
     return None
 
 
+def _either_class(value: ast.expr) -> str | None:
+    """`_called_class`, also of `A(...) if cond else B(...)` where both are norms (of one kind, or 'NormByConfig');
+    None where the two differ otherwise (ModernBERT's layer 0 gets an Identity, the others a LayerNorm)."""
+    if not isinstance(value, ast.IfExp):
+        return _called_class(value)
+    a, b = _called_class(value.body), _called_class(value.orelse)
+    if a == b:
+        return a
+    if a and b and "norm" in a.lower() and "norm" in b.lower():
+        return a if _norm_kind(a) == _norm_kind(b) else "NormByConfig"
+    return None
+
+
 def _names_in(node: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
 
@@ -168,6 +190,7 @@ class _Flow:
         self.env = {first_arg: "in"}
         self.attn_in: str | None = None
         self.mlp_in: list[str] = []  # every FFN call's input (a block may be serial or parallel by config)
+        self.normed_residual = ""  # a norm of the layer's input that a residual sum adds (MiniMax's)
 
     def label(self, e: ast.expr) -> str:
         if isinstance(e, ast.Name):
@@ -187,6 +210,11 @@ class _Flow:
                 return "mlp"
             return "other"
         if isinstance(e, ast.BinOp):
+            if isinstance(e.op, ast.Add):
+                for n in ast.walk(e):
+                    lab = self.env.get(n.id, "") if isinstance(n, ast.Name) else ""
+                    if lab.startswith("norm(") and _root(lab) == "in":
+                        self.normed_residual = lab.split(":", 1)[0][5:-1]
             self.label(e.left), self.label(e.right)
             return "sum" if isinstance(e.op, ast.Add) else "other"
         for child in ast.iter_child_nodes(e):
@@ -230,8 +258,9 @@ def _layer_classes(base: ast.ClassDef, mod: _Module) -> list[ast.ClassDef]:
                                                 for a, v in _self_assigns(c).items()))
 
 
-def _attention_facts(layer: ast.ClassDef, mod: _Module) -> tuple[str, str]:
-    """(projections, qk_norm) of the layer's attention class."""
+def _attention_facts(layer: ast.ClassDef, mod: _Module) -> tuple[str, str, tuple[str, ...], tuple[str, ...]]:
+    """(projections, qk_norm, the attention's module attributes, the modules other than q/k/v projections that
+    its forward applies to its input: a gate, an indexer) of the layer's attention class."""
     name = next((c for a, v in _self_assigns(layer).items()
                  if _classify_attr(c := _called_class(v), a) == "attn" and c in mod), None)
     attn_cls = mod.get(name)
@@ -245,7 +274,20 @@ def _attention_facts(layer: ast.ClassDef, mod: _Module) -> tuple[str, str]:
         full = re.search(r"num_(attention_)?heads|hidden_size|\bdim\b|embed_dim", args) and "head_dim" not in args \
             or re.search(r"num_(attention_)?heads\s*\*|\*\s*self\.head_dim", args)
         qk = "full width" if full else "per head"
-    return proj, qk
+    modules = tuple(sorted(a for a, v in (_self_assigns(attn_cls) if attn_cls else {}).items()
+                           if (c := _called_class(v.body if isinstance(v, ast.IfExp) else v))
+                           and c[:1].isupper() and "Dropout" not in c))
+    fwd = _method(attn_cls, "forward") if attn_cls else None
+    arg = fwd.args.args[1].arg if fwd and len(fwd.args.args) > 1 else None
+    calls = re.finditer(rf"self\.(\w+)\(\s*{arg}\b", mod.source(name, fwd)) if arg else ()
+    readers = tuple(sorted({m.group(1) for m in calls
+                            if m.group(1) in modules and m.group(1) not in _PROJ_NAMES
+                            and not re.search("rotary|rope", m.group(1))}))
+    extra_args = tuple(sorted({c.func.attr for c in ast.walk(fwd) if isinstance(c, ast.Call)
+                               and isinstance(c.func, ast.Attribute) and c.func.attr in _PROJ_NAMES
+                               and isinstance(c.func.value, ast.Name) and c.func.value.id == "self"
+                               and len(c.args) + len(c.keywords) > 1})) if fwd else ()
+    return proj, qk, modules, readers + tuple(f"{a}(extra arguments)" for a in extra_args)
 
 
 def _source_facts(arch: str, mixer: str) -> _Facts | None:
@@ -272,8 +314,15 @@ def _source_facts(arch: str, mixer: str) -> _Facts | None:
     fwd_src = mod.source(base_name, fwd) if fwd else ""
     scale = "module" if "scaled" in (emb_cls or "").lower() else \
         "outside the module" if _OUTSIDE_SCALE.search(fwd_src) else "-"
+    emb_attr = next((a for a, v in assigns.items() if "embedding" in (_called_class(v) or "").lower()), None)
+    weight_read = re.search(rf"self\.{re.escape(emb_attr)}\.weight\b", fwd_src) if emb_attr else None
+    embeds_through = sorted({m.group(1) for m in re.finditer(r"inputs_embeds\s*=\s*self\.(\w+)\(", fwd_src)
+                             if m.group(1) != emb_attr and "dropout" not in m.group(1)})
+    loop = re.search(r"^\s*for .* in .*self\.(layers|h|blocks|layer)\b", fwd_src, re.MULTILINE)
+    shared_norm = next((n for n, v in assigns.items() if _classify_attr(_called_class(v), n) == "norm" and loop
+                        and f"self.{n}(" in fwd_src[:loop.start()] and f"self.{n}(" in fwd_src[loop.end():]), "")
     for layer in _layer_classes(base, mod):
-        sub = {a: _called_class(v) for a, v in _self_assigns(layer).items()}
+        sub = {a: _either_class(v) for a, v in _self_assigns(layer).items()}
         roles = {a: r for a, c in sub.items() if (r := _classify_attr(c, a))}
         fn = _method(layer, "forward")
         args = [a.arg for a in fn.args.args[1:]]
@@ -287,8 +336,11 @@ def _source_facts(arch: str, mixer: str) -> _Facts | None:
         norm = _norm_kind(sub.get(norm_attr)) if norm_attr else "none" if flow.attn_in == "in" else "?"
         kinds = {"parallel" if _root(m) == "in" else "serial" for m in flow.mlp_in}
         block = "?" if not kinds else kinds.pop() if len(kinds) == 1 else "serial or parallel"
-        proj, qk = _attention_facts(layer, mod)
-        return _Facts(Layer0Shape(mixer, block, norm, proj, qk, scale), absolute, True)
+        proj, qk, modules, readers = _attention_facts(layer, mod)
+        return _Facts(Layer0Shape(mixer, block, norm, proj, qk, scale), absolute, True,
+                      "in" if _root(flow.attn_in) == "in" else "other", modules,
+                      weight_read.group(0) if weight_read else "", shared_norm, readers, flow.normed_residual,
+                      tuple(embeds_through))
     return _Facts(Layer0Shape(mixer, "?", "?", "?", "-", scale), absolute, False)
 
 
@@ -381,6 +433,52 @@ def expressible(shape: str) -> bool:
     return True
 
 
+def _unknowns(facts: _Facts) -> list[str]:
+    """What keeps a profile from expressing layer 0, or the loader from running the converted model, that the
+    source shows: a part it does not name, an attention input computed inside the layer, a read of the
+    embedding's weight (each found by writing profiles for the matrix's "should do" rows: tests/test_support.py)."""
+    s, out = facts.shape, []
+    if not facts.found:
+        return out
+    if s.block == "?":
+        out.append("the source does not show whether layer 0's FFN reads the attention's input (serial or parallel "
+                   "block)")
+    if s.norm == "?":
+        out.append("the norm in front of layer 0's attention is not a known RMSNorm or LayerNorm class")
+    if s.projections == "?":
+        out.append(f"layer 0's attention projects with none of the modules a profile names (separate q/k/v, one fused "
+                   f"qkv, latent): it builds {', '.join(facts.attention_attrs) or 'no modules'}")
+    if facts.attn_input != "in":
+        out.append("layer 0's attention norm reads a value the layer computes from its input first (not the "
+                   "residual stream itself), which a profile cannot express")
+    v_norms = [a for a in facts.attention_attrs if re.fullmatch(r"(v|value)_?(norm|layernorm|ln)", a)]
+    if v_norms:
+        out.append(f"layer 0's attention normalises v ({', '.join(v_norms)}), and a profile's qk_norm names q's and "
+                   "k's norms only")
+    called = [r[:-len("(extra arguments)")] for r in facts.attention_readers if r.endswith("(extra arguments)")]
+    readers = [r for r in facts.attention_readers if not r.endswith("(extra arguments)")]
+    if called:
+        out.append(f"layer 0's attention calls {', '.join(called)} with more than the input (Moshi's codebook "
+                   "index), which the loader's table slice does not take")
+    if readers:
+        out.append(f"layer 0's attention also applies {', '.join(readers)} to its input, which the table does not "
+                   "hold (the converted attention would read the un-normed input there)")
+    if facts.normed_residual:
+        out.append(f"layer 0 adds its attention norm's output ({facts.normed_residual}) to the residual stream, and "
+                   "the loader replaces that norm with an identity")
+    if facts.embeds_through:
+        out.append(f"the model's forward passes the embedding's output through {', '.join(facts.embeds_through)} "
+                   "(e.g. other modalities' features in place of some tokens' rows), which the table's q/k/v do not "
+                   "follow")
+    if facts.shared_norm:
+        out.append(f"the embedding's norm is also the final norm (one module, self.{facts.shared_norm}, called before "
+                   "and after the layers): the loader cannot replace it by an identity for layer 0 alone")
+    if facts.reads_embedding_weight:
+        out.append(f"the model's forward reads the embedding's weight ({facts.reads_embedding_weight}), which the "
+                   "converted model's table lookup holds only when the LM head is tied")
+    return out
+
+
 def _shapes(cfg, facts: _Facts | None) -> tuple[list[str], list[str]]:
     """(what the profile schema lacks for this layer 0, the special shapes it has that the schema expresses)."""
     lacks: list[str] = []
@@ -391,6 +489,11 @@ def _shapes(cfg, facts: _Facts | None) -> tuple[list[str], list[str]]:
         s = facts.shape
         if s.mixer not in ATTENTION_LAYERS:
             return lacks + [f"layer 0's sequence mixer is not softmax attention (layer_types[0] = {s.mixer})"], found
+        lacks += _unknowns(facts)
+        d = _text_dict(cfg)
+        if not d.get("kv_lora_rank") and d.get("v_head_dim") and d.get("head_dim") and d["v_head_dim"] != d["head_dim"]:
+            lacks.append(f"v's heads are narrower or wider than q's and k's (v_head_dim {d['v_head_dim']}, head_dim "
+                         f"{d['head_dim']}), and a profile's q/k/v share one head_dim")
         found += [shape for shape, present in (
             ("no norm before attention", s.norm == "none"),
             ("q/k norms over the whole projection width", s.qk_norm == "full width"),

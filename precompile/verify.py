@@ -428,7 +428,9 @@ _META_HOOK_LOCK = threading.Lock()
 
 def _parameter_on_meta(_module: nn.Module, _name: str, param: nn.Parameter | None) -> nn.Parameter | None:
     if getattr(_ON_META, "depth", 0) and param is not None and param.device.type != "meta":
-        return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        meta._is_hf_initialized = True  # transformers' init_weights skips it (drawing on meta costs seconds)
+        return meta
     return None
 
 

@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory):
     made: dict = {}
 
     def make(family: str, dtype: str = "float32", seed: int = 0, shard_kb: int | None = 40, **overrides) -> Path:
-        key = (family, dtype, seed, shard_kb, tuple(sorted(overrides.items())))
+        key = (family, dtype, seed, shard_kb, repr(sorted(overrides.items())))  # values may be lists
         if key not in made:
             d = tmp_path_factory.mktemp(f"{family}-{dtype}")
             tiny.save_checkpoint(tiny.build_model(family, seed, **overrides), d / "model", DTYPES[dtype], shard_kb)

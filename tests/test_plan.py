@@ -349,6 +349,56 @@ def test_eliminated_count_is_layer0s_weight_matrices(checkpoint, family):
         r["d"] if r["exact"]["x_in_table"] and not r["exact"]["embedding_kept"] else 0))
 
 
+# (family, the overrides that make its first layer(s) dense, those that make every layer a mixture of experts)
+DENSE_FIRST = [("qwen2_moe", {"mlp_only_layers": [0]}, {}), ("qwen3_moe", {"decoder_sparse_step": 2}, {}),
+               ("glm4_moe", {"first_k_dense_replace": 1}, {}), ("deepseek_v3", {"first_k_dense_replace": 1}, {}),
+               ("exaone_moe", {"mlp_layer_types": ["dense", "sparse"]}, {}),
+               ("ernie4_5_moe", {"moe_layer_start_index": 1}, {}), ("lfm2_moe", {"num_dense_layers": 1}, {}),
+               ("glm4_moe_lite", {}, {"mlp_layer_types": ["sparse", "sparse"]})]
+
+
+def _layer_parameters(model) -> dict[int, list[tuple[str, object]]]:
+    out: dict[int, list] = {}
+    for n, p in model.named_parameters():
+        m = re.search(r"\.layers\.(\d+)\.(.*)", n)
+        if m:
+            out.setdefault(int(m.group(1)), []).append((m.group(2), p))
+    return out
+
+
+@pytest.mark.parametrize("family, dense, moe", DENSE_FIRST, ids=[f[0] for f in DENSE_FIRST])
+def test_dense_layers_of_a_mixture_of_experts(checkpoint, family, dense, moe):
+    """A mixture of experts whose first layer(s) have a dense FFN (first_k_dense_replace, mlp_only_layers,
+    decoder_sparse_step, mlp_layer_types, ...): plan counts layer 0 and every dense layer as the real model builds
+    them, and the conversion eliminates what plan says."""
+    r = plan_model(str(checkpoint(family, shard_kb=None, **dense)))
+    assert r["eliminated_weights"] == _matrices(r["exact"]["eliminated_tensors"], r["vocab_size"])
+    layers = _layer_parameters(tiny.build_model(family, **dense))
+    real_dense = [i for i, ps in sorted(layers.items()) if not any(".experts." in f".{n}" for n, _ in ps)]
+    assert 0 in real_dense and len(real_dense) < len(layers)
+    assert (r["dense_layers"], r["layer0_dense"]) == (len(real_dense), True)
+    ffn = [sum(p.numel() for n, p in layers[i] if p.dim() == 2 and re.match(r"(mlp|feed_forward)\.", n))
+           for i in real_dense]
+    assert ffn == [3 * r["d"] * r["dense_ffn_hidden"]] * len(real_dense)
+    text = invoke("plan", checkpoint(family, shard_kb=None, **dense)).stdout
+    assert f"{len(real_dense)} of {r['n_layers']} layers dense" in text and "layer 0 dense" in text
+    # the whole-model count: the same model with layer 0 a mixture of experts counts layer 0's experts instead
+    r_moe = plan_model(str(checkpoint(family, shard_kb=None, **moe)))
+    assert not r_moe["layer0_dense"]
+    experts0 = sum(p.numel() for n, p in _layer_parameters(tiny.build_model(family, **moe))[0]
+                   if p.dim() >= 2 and ".experts." in f".{n}")
+    assert r_moe["total_weights"] - r["total_weights"] == experts0 - ffn[0]
+
+
+def test_a_folded_mixture_of_experts_is_refused_where_layer_0_is_dense(checkpoint):
+    """Cohere 2 MoE's parallel block folds layer 0's experts: a config whose layer 0 is dense (mlp_layer_types)
+    is refused by name instead of looking for experts that are not there."""
+    src = checkpoint("cohere2_moe", shard_kb=None, mlp_layer_types=["dense", "sparse"],
+                     prefix_dense_intermediate_size=48)
+    with pytest.raises(UserError, match="makes layer 0 dense"):
+        plan_model(str(src))
+
+
 @pytest.mark.parametrize("family, overrides", [("gptj", {"n_inner": None}), ("bloom", {})])
 def test_ffn_width_by_default_is_four_times_hidden(checkpoint, family, overrides):
     """GPT-J with n_inner null and BLOOM (no key at all) have an FFN 4 x hidden wide: plan counts it, and the

@@ -85,6 +85,8 @@ ffn:
   shared: {up: model.layers.0.moe.shared.up.weight, gate: model.layers.0.moe.shared.gate.weight,
            down: model.layers.0.moe.shared.down.weight, combine: average}
   module: model.layers.0.moe
+dense_layers: {first: [first_k_dense_replace], indices: [mlp_only_layers], types: [mlp_layer_types],
+               dense_type: dense, sparse_step: [decoder_sparse_step], intermediate_size: [intermediate_size]}
 variants:
   - when: {scale_embedding: false}
     set: {embedding: {scale: null, multiplier: {config: embedding_multiplier}}, block: serial}

@@ -32,7 +32,7 @@ def test_every_shipped_family_passes(family, dtype, checkpoint, tmp_path):
     converted = precompile.convert(str(checkpoint(family, dtype)), tmp_path / "out", chunk_size=64)
     result, spec = converted.self_check, converted.plan.spec
     assert result is not None and result.passed and result.dtype == dtype
-    assert [p.name for p in result.points] == list(compared_points(spec.block, spec.n_experts))
+    assert [p.name for p in result.points] == list(compared_points(spec.block, spec.layer0_experts))
     for p in result.points:
         assert p.diff <= p.bound and p.scale > 0, p
         assert p.bound <= 2 * p.original + 2 * torch.finfo(getattr(torch, dtype)).eps * p.scale * 1.0001
@@ -148,3 +148,21 @@ def test_a_model_that_cannot_run_is_not_published(checkpoint, tmp_path, monkeypa
                                                 r"--no-self-check") as err:
         precompile.convert(str(checkpoint("llama")), tmp_path / "out")
     assert "second line" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_layer_zero_is_the_real_one_when_layers_differ_by_index(checkpoint, tmp_path):
+    """GPT-NeoX-Japanese gives only the last layer's attention a bias (dense_bias): a one-layer copy of the model
+    would build layer 0 as that last layer and look for a bias the checkpoint's layer 0 does not have. The
+    self-check builds every layer (on meta), so layer 0 is the real one and the conversion passes."""
+    from test_support import WRITTEN_PROFILES
+
+    src = checkpoint("gpt_neox_japanese")
+    names = set(tiny.read_json(src / "model.safetensors.index.json")["weight_map"])
+    last = tiny.PROFILE_SAMPLE_FAMILIES["gpt_neox_japanese"]["num_hidden_layers"] - 1
+    assert f"gpt_neox_japanese.layers.{last}.attention.dense_bias" in names
+    assert "gpt_neox_japanese.layers.0.attention.dense_bias" not in names
+    prof = tmp_path / "p.yaml"
+    prof.write_text(WRITTEN_PROFILES["gpt_neox_japanese"])
+    result = precompile.convert(str(src), tmp_path / "out", profile=str(prof), device="cpu").self_check
+    assert result is not None and result.passed
+    assert [p.name for p in result.points] == [RESIDUAL, ATTENTION, OUTPUT]
