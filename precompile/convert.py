@@ -262,7 +262,9 @@ def _needed_bytes(plan: ConversionPlan, link: str) -> int:
 def _convert(source: str, out_dir: Path, scratch: Path, opts: ConvertOptions, dev: torch.device, *, force: bool,
              progress: Progress, table: str | os.PathLike | None, t0: float) -> ConvertResult:
     plan = plan_conversion(source, scratch=scratch, **opts.compared())
-    check_generation_config(plan.source.root, plan.carried)
+    if opts.self_check:  # transformers is imported anyway; --no-self-check leaves it to the JSON checks of planning
+        with BUILD_LOCK:  # transformers' lazy imports are not thread-safe (batch --jobs)
+            check_generation_config(plan.source.root, plan.carried)
     _check_apart(plan.source.root, out_dir)
     check_free_space(check_out_dir(out_dir, force), _needed_bytes(plan, opts.link),
                      f"the planned output of {out_dir}")
@@ -401,7 +403,8 @@ def _finish(plan: ConversionPlan, tmp: Path, options: dict, result: ConvertResul
     through the manifest), then the card that reports it. `*_hashes`: sha256s already computed while copying."""
     for name in plan.carried:
         share_file(plan.source.root / name, tmp / name, "copy")
-    write_generation_config(plan.source.root, plan.carried, tmp)
+    with BUILD_LOCK:  # transformers' lazy imports are not thread-safe (batch --jobs)
+        write_generation_config(plan.source.root, plan.carried, tmp)
     write_json(tmp / "config.json", _out_config(plan))
     (tmp / SHIM_FILE).write_bytes((Path(__file__).parent / "loader.py").read_bytes())
     progress.log("hashing the source files read and the output files")

@@ -29,8 +29,9 @@ def write_generation_config(source_root: Path, carried: list[str] | tuple[str, .
 
 def check_generation_config(source_root: Path, carried: list[str] | tuple[str, ...]) -> None:
     """The source's generation_config.json, carried into OUT_DIR unchanged, must be one transformers can load
-    (`GenerationConfig.from_dict`); refused before any work otherwise. Its JSON shape is checked while
-    planning (source.check_carried_json), which must not import transformers."""
+    (`GenerationConfig.from_dict`); refused before any work otherwise. Conversions call it when they import
+    transformers anyway (the self-check); its JSON shape and key types are checked while planning
+    (source.check_carried_json), which must not import transformers, for every conversion."""
     if GENERATION_CONFIG not in carried:
         return
     import json

@@ -46,7 +46,8 @@ def materialize(overlay_dir: str | os.PathLike, full_dir: str | os.PathLike, *, 
                                       device="cpu", link=link, self_check=self_check)
     source = src.id if hub else str(root)
     plan = plan_conversion(source, **opts.compared())
-    check_generation_config(plan.source.root, plan.carried)
+    if self_check:  # as convert: only where transformers is imported anyway
+        check_generation_config(plan.source.root, plan.carried)
     if plan.profile.name != manifest.profile.name:
         raise UserError(f"the base reads as profile {plan.profile.name}, but the overlay was made with "
                         f"{manifest.profile.name}; pass --profile with the overlay's profile")

@@ -315,7 +315,10 @@ def _source_facts(arch: str, mixer: str) -> _Facts | None:
     scale = "module" if "scaled" in (emb_cls or "").lower() else \
         "outside the module" if _OUTSIDE_SCALE.search(fwd_src) else "-"
     emb_attr = next((a for a, v in assigns.items() if "embedding" in (_called_class(v) or "").lower()), None)
-    weight_read = re.search(rf"self\.{re.escape(emb_attr)}\.weight\b", fwd_src) if emb_attr else None
+    # reading only the weight's device or dtype is served by the converted embedding's `.weight` (loader.py);
+    # reading its values is not (untied, `.weight` is the table's x columns)
+    weight_read = re.search(rf"self\.{re.escape(emb_attr)}\.weight\b(?!\.(device|dtype)\b)", fwd_src) \
+        if emb_attr else None
     embeds_through = sorted({m.group(1) for m in re.finditer(r"inputs_embeds\s*=\s*self\.(\w+)\(", fwd_src)
                              if m.group(1) != emb_attr and "dropout" not in m.group(1)})
     loop = re.search(r"^\s*for .* in .*self\.(layers|h|blocks|layer)\b", fwd_src, re.MULTILINE)
@@ -474,8 +477,8 @@ def _unknowns(facts: _Facts) -> list[str]:
         out.append(f"the embedding's norm is also the final norm (one module, self.{facts.shared_norm}, called before "
                    "and after the layers): the loader cannot replace it by an identity for layer 0 alone")
     if facts.reads_embedding_weight:
-        out.append(f"the model's forward reads the embedding's weight ({facts.reads_embedding_weight}), which the "
-                   "converted model's table lookup holds only when the LM head is tied")
+        out.append(f"the model's forward reads the embedding's weight ({facts.reads_embedding_weight}), whose "
+                   "values the converted model's table lookup holds only when the LM head is tied")
     return out
 
 

@@ -148,10 +148,11 @@ def test_table_layout_arithmetic(case):
             assert c.module
         else:
             assert c.name == ("x+ffn" if spec.folds_ffn else "x") and c.stop - c.start == hidden
-    # x leaves the table only when it is exactly the row of an embedding that stays for the tied head
+    # x leaves the table only when the loader can recompute it exactly from the embedding kept for the tied head:
+    # the row itself, or the row times the embedding module's scale (no embedding norm, no folded FFN)
     assert lay.keep_embedding == spec.tied
-    assert lay.x_in_table == (not spec.tied or spec.embedding_scale is not None or spec.embedding_norm is not None
-                              or spec.folds_ffn)
+    assert lay.x_in_table == (not spec.tied or spec.embedding_norm is not None or spec.block != "serial")
+    assert lay.x_scale == (None if lay.x_in_table else spec.embedding_scale)
     # eliminated: present, unique, and exactly what the table makes unnecessary
     elim = set(lay.eliminated)
     assert len(elim) == len(lay.eliminated) and elim <= present
