@@ -55,8 +55,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from precompile.files import file_sha256  # noqa: E402
-from precompile.tensors import write_header  # noqa: E402
+from precompile.io.files import file_sha256  # noqa: E402
+from precompile.io.safetensors_files import write_header  # noqa: E402
 
 SHARD_BYTES = 1 << 30
 

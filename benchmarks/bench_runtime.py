@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_convert import GPT_NEOX_PROFILE, SHAPES, build_checkpoint  # noqa: E402
 
 from precompile import convert  # noqa: E402
-from precompile.bench import bench  # noqa: E402
-from precompile.progress import Progress  # noqa: E402
+from precompile.check.bench import bench  # noqa: E402
+from precompile.io.progress import Progress  # noqa: E402
 
 
 def main() -> None:

@@ -135,12 +135,12 @@ def bench_rss(layers: int) -> None:
 def bench_rows_all(n_rows: int | None) -> None:
     from precompile import convert
     from precompile.loader import read_manifest
-    from precompile.profiles import resolve, select_profile
-    from precompile.progress import Progress
-    from precompile.source import read_config
-    from precompile.tensors import Checkpoint
-    from precompile.layout import table_layout
-    from precompile.verify import check_table_rows, _thresholds
+    from precompile.profiles.catalog import resolve, select_profile
+    from precompile.io.progress import Progress
+    from precompile.io.source import read_config
+    from precompile.io.safetensors_files import Checkpoint
+    from precompile.plan.table_layout import table_layout
+    from precompile.check.verify import check_table_rows, _thresholds
 
     config = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                   num_key_value_heads=8, head_dim=128, num_hidden_layers=32, vocab_size=128256,

@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from precompile.errors import UserError  # noqa: E402
-from precompile.layout import table_layout  # noqa: E402
-from precompile.profiles import resolve, select_profile  # noqa: E402
+from precompile.plan.table_layout import table_layout  # noqa: E402
+from precompile.profiles.catalog import resolve, select_profile  # noqa: E402
 
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 

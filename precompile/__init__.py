@@ -12,17 +12,17 @@ Library API (the CLI is a thin layer over it):
 import sys
 import types
 
-from .version import __version__
+from precompile.version import __version__
 
 __all__ = ["convert", "plan_conversion", "load", "verify", "materialize", "ConversionPlan", "ConvertOptions",
            "ConvertResult", "UserError", "VerificationError", "PrecompileLoadError", "__version__"]
 
 # Where each public name lives. They are imported on first use (PEP 562), so that `import precompile.cli`
 # (every command's start) costs no torch import before the CLI has installed its signal handling.
-_HOME = {"convert": "convert", "plan_conversion": "planning", "ConversionPlan": "planning",
-         "ConvertResult": "convert", "ConvertOptions": "options", "UserError": "errors", "VerificationError": "errors",
-         "load": "loader", "PrecompileLoadError": "loader",
-         "materialize": "materialize", "verify": "verify"}
+_HOME = {"convert": "convert", "plan_conversion": "plan.conversion_plan", "ConversionPlan": "plan.conversion_plan",
+         "ConvertResult": "convert", "ConvertOptions": "plan.convert_options", "UserError": "errors",
+         "VerificationError": "errors", "load": "loader", "PrecompileLoadError": "loader",
+         "materialize": "materialize", "verify": "check.verify"}
 
 
 class _Package(types.ModuleType):

@@ -18,19 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .convert import convert
-from .errors import UserError, VerificationError
-from .files import file_sha256
-from .loader import MANIFEST, Manifest, PrecompileLoadError
-from .options import ConvertOptions, accepts, describe, meta, option_fields
-from .planning import planned, recorded_options
-from .procfs import proc_bytes
-from .profiles import read_yaml
-from .progress import Progress
+from precompile.convert import convert
+from precompile.errors import UserError, VerificationError
+from precompile.io.files import file_sha256
+from precompile.io.procfs import proc_bytes
+from precompile.io.progress import Progress
+from precompile.loader import MANIFEST, Manifest, PrecompileLoadError
+from precompile.plan.conversion_plan import planned, recorded_options
+from precompile.plan.convert_options import ConvertOptions, accepts, describe, meta, option_fields
+from precompile.profiles.catalog import read_yaml
 
 
 def _is_repo_id(v: str) -> bool:
-    from .push import check_repo_id
+    from precompile.publish.push import check_repo_id
 
     try:
         check_repo_id(v)
@@ -265,7 +265,7 @@ def _run_entry(entry: Entry, out_root: Path, verify_all: bool, progress: Progres
     push_to = entry.options.get("push_to")
     try:
         if push_to:  # a missing token or a local overlay fails before the conversion, not after it
-            from .push import check_push_source
+            from precompile.publish.push import check_push_source
 
             check_push_source(push_to, entry.source, entry.convert_options.overlay)
         reason = stale_reason(entry, out_dir)
@@ -285,7 +285,7 @@ def _run_entry(entry: Entry, out_root: Path, verify_all: bool, progress: Progres
                 failed = [c["name"] for c in result.verify.get("checks", []) if not c.get("passed")]
                 raise VerificationError(f"verify failed: {', '.join(failed) or 'see report'}")
         if push_to:  # after verify: a failed verify never uploads
-            from .push import push
+            from precompile.publish.push import push
 
             push(out_dir, push_to, progress=progress)
             result.pushed = push_to
@@ -298,13 +298,13 @@ def _run_entry(entry: Entry, out_root: Path, verify_all: bool, progress: Progres
 
 
 def _plan(out_dir: Path) -> dict | None:
-    from .accounting import plan_model
+    from precompile.plan.trade import plan_model
 
     return plan_model(str(out_dir))
 
 
 def _verify(entry: Entry, out_dir: Path, progress: Progress) -> dict:
-    from .verify import verify
+    from precompile.check.verify import verify
 
     prompts = entry.options.get("prompts")
     return verify(out_dir, prompts=prompts, progress=progress)

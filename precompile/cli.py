@@ -12,12 +12,12 @@ import sys
 
 import click
 
-from .version import __version__
-from .errors import UserError, VerificationError, one_line
-from .generation import GENERATION_CONFIG
-from .options import ConvertOptions, cli_flag, meta, option_fields
-from .process import keep_freed_memory, skip_exit_collection, use_huge_pages
-from .progress import Progress
+from precompile.errors import UserError, VerificationError, one_line
+from precompile.io.generation_config import GENERATION_CONFIG
+from precompile.io.process import keep_freed_memory, skip_exit_collection, use_huge_pages
+from precompile.io.progress import Progress
+from precompile.plan.convert_options import ConvertOptions, cli_flag, meta, option_fields
+from precompile.version import __version__
 
 _DEVICE = click.Choice(meta("device").choices)
 
@@ -51,7 +51,7 @@ def _fail(line: str, status: int) -> None:
     """Print the run's one final line and exit. In the program, SIGINT/SIGTERM are held from here on (one
     arriving while the process exits would add a second line), and one that came before is what the line
     reports."""
-    from .files import in_program, interrupted
+    from precompile.io.files import in_program, interrupted
 
     if in_program():
         if hasattr(signal, "pthread_sigmask"):
@@ -87,7 +87,7 @@ class _Group(click.Group):
                 raise
             _fail(f"verification failed: {e}", 1)
         except Exception as e:
-            from .loader import PrecompileLoadError
+            from precompile.loader import PrecompileLoadError
 
             if isinstance(e, PrecompileLoadError) and not debug:
                 _fail(f"error: {one_line(str(e))}", 2)
@@ -120,21 +120,21 @@ def convert(source, out_dir, force, dry_run, push_to, quiet, **options):
     opts = ConvertOptions(**options)
     progress = Progress(quiet=quiet)
     if push_to and not dry_run:
-        from .push import check_push_source
+        from precompile.publish.push import check_push_source
 
         check_push_source(push_to, source, opts.overlay)
     if dry_run:
-        from .planning import describe_plan, planned
+        from precompile.plan.conversion_plan import describe_plan, planned
 
         with planned(source, opts) as plan:
             click.echo(describe_plan(plan))
             click.echo(_dry_run_files(plan))
         return
-    from .convert import convert as run_convert
+    from precompile.convert import convert as run_convert
 
     run_convert(source, out_dir, opts, force=force, progress=progress)
     if push_to:
-        from .push import push as run_push
+        from precompile.publish.push import push as run_push
 
         run_push(out_dir, push_to, progress=progress)
 
@@ -153,7 +153,7 @@ def convert(source, out_dir, force, dry_run, push_to, quiet, **options):
 def materialize(overlay_dir, full_dir, base, profile, link, self_check, force, quiet):
     """Turn OVERLAY_DIR into a full conversion in FULL_DIR (the same bytes as `convert` without --overlay, on
     the machine that made the overlay: its table is copied, not recomputed)."""
-    from .materialize import materialize as run_materialize
+    from precompile.materialize import materialize as run_materialize
 
     run_materialize(overlay_dir, full_dir, base=base, profile=profile, force=force, link=link,
                     progress=Progress(quiet=quiet), self_check=self_check)
@@ -199,8 +199,8 @@ def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device,
     from contextlib import ExitStack
     from pathlib import Path
 
-    from .files import check_report_path, write_report
-    from .verify import format_report, summary_line, verify as run_verify
+    from precompile.io.files import check_report_path, write_report
+    from precompile.check.verify import format_report, summary_line, verify as run_verify
 
     if json_path is not None:
         check_report_path(json_path, "--json", Path(out_dir))
@@ -209,8 +209,8 @@ def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device,
                   "fp32_ratio": max_fp32_ratio}
     with ExitStack() as held:
         if update_card:  # the card and manifest verify checks are the ones it rewrites: no other writer meanwhile
-            from .card import check_card
-            from .files import out_dir_lock, out_dir_target
+            from precompile.publish.card import check_card
+            from precompile.io.files import out_dir_lock, out_dir_target
 
             check_card(Path(out_dir))
             held.enter_context(out_dir_lock(out_dir_target(out_dir)))
@@ -219,7 +219,7 @@ def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device,
                             thresholds=thresholds, profile=profile_path, progress=Progress(quiet=quiet))
         click.echo(format_report(result))
         if update_card:
-            from .card import update_card as run_update_card
+            from precompile.publish.card import update_card as run_update_card
 
             click.echo(run_update_card(out_dir, result))
     if json_path is not None:
@@ -249,8 +249,8 @@ def batch(zoo, out_root, shard, jobs, memory_budget, verify_all, report_path, ju
     import json as _json
     from pathlib import Path
 
-    from . import batch as b
-    from .files import check_report_path, write_report
+    from precompile import batch as b
+    from precompile.io.files import check_report_path, write_report
 
     for flag, path in (("--report", report_path), ("--junit", junit_path)):
         if path:
@@ -292,7 +292,7 @@ def batch(zoo, out_root, shard, jobs, memory_budget, verify_all, report_path, ju
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def bench(out_dir, source, device, dtype, batches, prompt_len, decode_tokens, reps, max_reps, budget, quiet):
     """Time OUT_DIR's model with and without its lookups, next to the theoretical saving."""
-    from .bench import bench as run_bench
+    from precompile.check.bench import bench as run_bench
 
     try:
         sizes = tuple(int(b) for b in batches.split(","))
@@ -324,7 +324,7 @@ def push(out_dir, repo_id, private, revision, commit_message, dry_run, quiet):
 
     HF_TOKEN (or `hf auth login`) gives the write access; HF_ENDPOINT picks another hub.
     """
-    from .push import push as run_push
+    from precompile.publish.push import push as run_push
 
     plan = run_push(out_dir, repo_id, private=private, revision=revision, commit_message=commit_message,
                     dry_run=dry_run, progress=Progress(quiet=quiet))
@@ -334,7 +334,7 @@ def push(out_dir, repo_id, private, revision, commit_message, dry_run, quiet):
 
 
 def _dry_run_files(plan) -> str:
-    from .accounting import output_files
+    from precompile.plan.trade import output_files
 
     files = output_files(plan)
     lines = ["reads: " + ", ".join(plan.read_tensors),
@@ -378,7 +378,7 @@ def plan(source, batch_sizes, assume_parallel, profile_path, revision, dtype, js
     """
     import json
 
-    from .accounting import parse_batch_sizes, plan_model, plot, to_markdown, to_text, verdict_line
+    from precompile.plan.trade import parse_batch_sizes, plan_model, plot, to_markdown, to_text, verdict_line
 
     result = plan_model(source, profile=profile_path, assume_parallel=assume_parallel,
                         batch_sizes=parse_batch_sizes(batch_sizes), revision=revision, dtype=dtype)
@@ -389,7 +389,7 @@ def plan(source, batch_sizes, assume_parallel, profile_path, revision, dtype, js
         click.echo(text, nl=False)
         return
     if json_path:
-        from .files import write_report
+        from precompile.io.files import write_report
 
         write_report(json_path, text, "--json")
     click.echo(f"{verdict_line(result['verdict'])}\n\n{to_markdown(result)}" if markdown else to_text(result))
@@ -399,7 +399,7 @@ def plan(source, batch_sizes, assume_parallel, profile_path, revision, dtype, js
 def profiles():
     """How each causal LM of transformers stands: supported (profile, block), refused or not yet (the reason);
     the classification of docs/support.md, shipped with the package."""
-    from .shipped import profiles_text
+    from precompile.profiles.shipped import profiles_text
 
     click.echo(profiles_text())
 
@@ -413,7 +413,7 @@ def run() -> None:
     library swallowed still turns a success into 130 (and atomic_dir never commits after one).
     `python -m precompile` holds the signals back while this module is imported; they arrive here.
     """
-    from .files import install_interrupt_handler, interrupted
+    from precompile.io.files import install_interrupt_handler, interrupted
 
     undo = install_interrupt_handler()
     try:

@@ -18,26 +18,27 @@ from typing import Any, Iterator
 
 import torch
 
-from .card import CARD_FILE, SelfCheckSummary, write_card
-from .device import pick_device
-from .errors import UserError
-from .generation import GENERATION_CONFIG, check_generation_config, write_generation_config
-from .files import (TMP_PREFIX, atomic_dir, blob_sha256, check_free_space, check_out_dir, file_sha256, out_dir_lock,
-                    out_dir_target, scratch_dir, share_file, write_json)
-from .layout import TABLE_FILE, layer0_tensor_names, table_file_header
-from .loader import (MANIFEST, LoaderRecord, Manifest, ProfileRecord, SourceRecord, TableRecord, config_from_dict,
-                     converted_config)
-from .options import ConvertOptions
-from .planning import ConversionPlan, ShardPlan, describe_plan, plan_conversion, recorded_options
-from .precompute import compute_rows, stack_projections
-from .process import heap_kept
-from .progress import Progress
-from .selfcheck import SelfCheckResult, self_check as check_layer0
-from .tensors import DTYPE_NAMES, INDEX_NAME, dtype_name, mapped, read_header, read_index
-from .verify import BUILD_LOCK, quiet_transformers
-from .version import __version__
-from .weight_files import weight_index
-from .writer import write_shard, write_table
+from precompile.check.self_check import SelfCheckResult, self_check as check_layer0
+from precompile.check.verify import BUILD_LOCK, quiet_transformers
+from precompile.compute.device import pick_device
+from precompile.compute.table_math import compute_rows, stack_projections
+from precompile.errors import UserError
+from precompile.io.files import (
+    TMP_PREFIX, atomic_dir, blob_sha256, check_free_space, check_out_dir, file_sha256, out_dir_lock, out_dir_target,
+    scratch_dir, share_file, write_json)
+from precompile.io.generation_config import GENERATION_CONFIG, check_generation_config, write_generation_config
+from precompile.io.process import heap_kept
+from precompile.io.progress import Progress
+from precompile.io.safetensors_files import DTYPE_NAMES, INDEX_NAME, dtype_name, mapped, read_header, read_index
+from precompile.io.shard_writer import write_shard, write_table
+from precompile.io.weight_file_names import weight_index
+from precompile.loader import (
+    MANIFEST, LoaderRecord, Manifest, ProfileRecord, SourceRecord, TableRecord, config_from_dict, converted_config)
+from precompile.plan.conversion_plan import ConversionPlan, ShardPlan, describe_plan, plan_conversion, recorded_options
+from precompile.plan.convert_options import ConvertOptions
+from precompile.plan.table_layout import TABLE_FILE, layer0_tensor_names, table_file_header
+from precompile.publish.card import CARD_FILE, SelfCheckSummary, write_card
+from precompile.version import __version__
 
 SHIM_FILE = "precompile_loader.py"
 

@@ -46,12 +46,12 @@ FORMAT_VERSION = 2  # 2: the table file holds its guard, config.json the plain-l
 READABLE_VERSIONS = (1, 2)  # 1: written before the guard was required
 MANIFEST = "precompile.json"
 # The loader imports nothing of the package, so it keeps copies; tests/test_manifest.py checks they agree.
-INDEX = "model.safetensors.index.json"  # Copied from precompile.weight_files.INDEX_NAME
-SINGLE = "model.safetensors"  # Copied from precompile.weight_files.SINGLE_NAME
-TABLE = "precompile_table.safetensors"  # Copied from precompile.layout.TABLE_FILE
+INDEX = "model.safetensors.index.json"  # Copied from precompile.io.weight_file_names.INDEX_NAME
+SINGLE = "model.safetensors"  # Copied from precompile.io.weight_file_names.SINGLE_NAME
+TABLE = "precompile_table.safetensors"  # Copied from precompile.plan.table_layout.TABLE_FILE
 SHIM = "precompile_loader.py"  # Copied from precompile.convert.SHIM_FILE
-GUARD_SHAPE = (1,)  # Copied from precompile.layout.GUARD_SHAPE
-# Copied from precompile.layout.GUARD_NOTE
+GUARD_SHAPE = (1,)  # Copied from precompile.plan.table_layout.GUARD_SHAPE
+# Copied from precompile.plan.table_layout.GUARD_NOTE
 GUARD_NOTE = ("{guard} here is a 1-element guard, not a weight: its shape makes plain transformers stop instead of "
               "loading this directory as the original model with random layer-0 weights; load it with "
               "precompile.load or from_pretrained(..., trust_remote_code=True)")
@@ -61,7 +61,7 @@ GUARD_NOTE = ("{guard} here is a 1-element guard, not a weight: its shape makes 
 PLAIN_LOAD_MESSAGE = ("this is a precompiled model, whose layer 0 is a lookup table that plain transformers would "
                       "replace with random weights: load it with AutoModelForCausalLM.from_pretrained(path, "
                       "trust_remote_code=True) or precompile.load(path)")
-# Copied from precompile.tensors.TORCH_DTYPES
+# Copied from precompile.io.safetensors_files.TORCH_DTYPES
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
            "float64": torch.float64}
 # The safetensors code of each of _DTYPES (precompile.tensors.DTYPE_NAMES of TORCH_DTYPES)
@@ -656,7 +656,7 @@ def _check_widths(f: Path, cols: tuple[TableColumn, ...], manifest: Manifest, co
                                       f"{want[c.name]}; the table does not belong to this model, convert again")
 
 
-# Copied from precompile.files.file_sha256, less its hub-blob shortcut (this one checks the bytes)
+# Copied from precompile.io.files.file_sha256, less its hub-blob shortcut (this one checks the bytes)
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -665,10 +665,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")  # Copied from precompile.files._SHA256
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")  # Copied from precompile.io.files._SHA256
 
 
-# Copied from precompile.files.blob_sha256
+# Copied from precompile.io.files.blob_sha256
 def _blob_sha256(path: Path) -> str | None:
     """The sha256 of a hub cache file without reading it: its blob is named by it (None elsewhere)."""
     real = Path(os.path.realpath(path))
@@ -677,7 +677,7 @@ def _blob_sha256(path: Path) -> str | None:
     return None
 
 
-# Copied from precompile.weight_files.weight_index with INDEX_NAME->INDEX, SINGLE_NAME->SINGLE
+# Copied from precompile.io.weight_file_names.weight_index with INDEX_NAME->INDEX, SINGLE_NAME->SINGLE
 def _weight_index(root: Path) -> Path | None:
     """The index mapping each tensor to its file, or None when the checkpoint is one model.safetensors
     (which wins when both are present, as transformers loads it)."""

@@ -12,16 +12,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .convert import ConvertResult, convert
-from .errors import UserError
-from .files import file_sha256
-from .generation import check_generation_config
-from .layout import TABLE_FILE
-from .loader import MANIFEST, Manifest, overlay_base
-from .options import ConvertOptions
-from .planning import plan_conversion
-from .profiles import load_profile, recorded_profile
-from .progress import Progress
+from precompile.convert import ConvertResult, convert
+from precompile.errors import UserError
+from precompile.io.files import file_sha256
+from precompile.io.generation_config import check_generation_config
+from precompile.io.progress import Progress
+from precompile.loader import MANIFEST, Manifest, overlay_base
+from precompile.plan.conversion_plan import plan_conversion
+from precompile.plan.convert_options import ConvertOptions
+from precompile.plan.table_layout import TABLE_FILE
+from precompile.profiles.catalog import load_profile, recorded_profile
 
 
 def materialize(overlay_dir: str | os.PathLike, full_dir: str | os.PathLike, *, base: str | os.PathLike | None = None,

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 import tiny
 from precompile import convert
-from precompile.allowance import C_MAX, C_MEAN, FACTOR, Distance, Scale, apply_given, from_fp32, from_roundoff
-from precompile.files import file_sha256
-from precompile.verify import verify
+from precompile.check.allowance import C_MAX, C_MEAN, FACTOR, Distance, Scale, apply_given, from_fp32, from_roundoff
+from precompile.check.verify import verify
+from precompile.io.files import file_sha256
 
 NEW = 3
 

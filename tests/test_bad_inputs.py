@@ -582,7 +582,7 @@ def test_interrupt_leaves_nothing_half_written(slow_source, tmp_path, sig, previ
 def test_signal_turned_into_another_error_still_reads_as_interrupt(tmp_path):
     """safetensors can turn a KeyboardInterrupt raised in its callback into a ValueError (seen in
     test_interrupt_leaves_nothing_half_written before the fix): atomic_dir must still report the interrupt."""
-    from precompile.files import atomic_dir
+    from precompile.io.files import atomic_dir
 
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):

@@ -32,8 +32,8 @@ import tiny
 from conftest import ROOT, check_refused, edit_json, fail_after, invoke, leftovers, read_st, run_cli, shard_of, \
     tree_snapshot, write_st
 from precompile.cli import main
-from precompile.layout import TABLE_FILE
 from precompile.loader import INDEX, MANIFEST, PrecompileLoadError, load
+from precompile.plan.table_layout import TABLE_FILE
 
 EMB = "model.embed_tokens.weight"
 K = "model.layers.0.self_attn.k_proj.weight"
@@ -529,7 +529,7 @@ def test_out_dir_dot(base, tmp_path):
 
 
 def test_disk_full_while_writing(src, out, monkeypatch):
-    import precompile.writer as writer
+    import precompile.io.shard_writer as writer
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import run_cli
 from precompile import convert
-from precompile.bench import Toggle, bench, per_token_reads
+from precompile.check.bench import Toggle, bench, per_token_reads
 from precompile.loader import read_manifest
 from safetensors.torch import load_file
 
@@ -113,7 +113,7 @@ def test_an_effect_below_the_noise_is_reported_as_unresolved(converted):
 
 
 def test_saving_interval_and_its_description():
-    from precompile.bench import describe_saving, saving_interval
+    from precompile.check.bench import describe_saving, saving_interval
 
     iv = saving_interval([0.10, 0.11, 0.09, 0.10])
     assert iv.low < 0.10 < iv.high and iv.n == 4

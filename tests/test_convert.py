@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import precompile
 import tiny
 from conftest import tree_snapshot
-from precompile.rowcheck import RowStats, check_rows
+from precompile.check.row_check import RowStats, check_rows
 
 SERIAL = ["llama", "llama_tied", "mistral", "mixtral", "qwen2", "gemma"]
 
@@ -249,7 +249,7 @@ def test_same_input_and_options_give_identical_bytes(checkpoint, tmp_path):
 
 def _table_rows_within_bound(out: Path) -> RowStats:
     """Every row of OUT_DIR's table against float64, within rowcheck's derived rounding bound."""
-    from precompile.planning import plan_conversion
+    from precompile.plan.conversion_plan import plan_conversion
 
     manifest = json.loads((out / "precompile.json").read_text())
     plan = plan_conversion(manifest["source"]["path"], dtype=manifest["options"]["dtype"])

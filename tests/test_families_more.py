@@ -23,8 +23,8 @@ from test_families_parallel import _batch, _generate, _logits, bf16_baseline
 from transformers import AutoModelForCausalLM
 
 import precompile
-from precompile.planning import plan_conversion
-from precompile.rowcheck import check_rows
+from precompile.check.row_check import check_rows
+from precompile.plan.conversion_plan import plan_conversion
 
 FAMILIES = list(tiny.MORE_FAMILIES)
 converted = test_families_parallel.converted  # (family, dtype) -> (source, OUT_DIR), once per module
@@ -97,7 +97,7 @@ def test_new_keys_are_validated(profile, patch, words, tmp_path):
     import yaml
 
     from precompile.errors import UserError
-    from precompile.profiles import _apply_patch, _configs_dir, load_profile
+    from precompile.profiles.catalog import _apply_patch, _configs_dir, load_profile
 
     data = _apply_patch(yaml.safe_load((_configs_dir() / f"{profile}.yaml").read_text()), patch)
     path = tmp_path / "p.yaml"
@@ -112,7 +112,7 @@ def test_multiplier_with_a_parallel_block_is_refused(tmp_path):
     import yaml
 
     from precompile.errors import UserError
-    from precompile.profiles import _apply_patch, _configs_dir, load_profile, resolve
+    from precompile.profiles.catalog import _apply_patch, _configs_dir, load_profile, resolve
 
     data = _apply_patch(yaml.safe_load((_configs_dir() / "cohere2.yaml").read_text()),
                         {"embedding": {"multiplier": {"value": 2.0}}})

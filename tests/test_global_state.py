@@ -12,8 +12,8 @@ from torch import nn
 from transformers.utils import logging as tlog
 
 from precompile import convert, verify
-from precompile.bench import bench
-from precompile.verify import parameters_on_meta, quiet_transformers
+from precompile.check.bench import bench
+from precompile.check.verify import parameters_on_meta, quiet_transformers
 
 
 def _module_attributes() -> dict[str, object]:

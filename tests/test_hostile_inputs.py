@@ -25,9 +25,9 @@ import yaml
 
 import tiny
 from conftest import ROOT, check_refused, edit_json, fail_after, invoke, leftovers, run_cli, tree_snapshot
-from precompile.card import CARD_FILE
-from precompile.files import LOCK_PREFIX
+from precompile.io.files import LOCK_PREFIX
 from precompile.loader import MANIFEST
+from precompile.publish.card import CARD_FILE
 
 PROFILE = ROOT / "configs" / "llama.yaml"
 

@@ -57,7 +57,7 @@ def test_new_keys_are_validated(profile, patch, words, tmp_path):
     import yaml
 
     from precompile.errors import UserError
-    from precompile.profiles import _apply_patch, _configs_dir, load_profile
+    from precompile.profiles.catalog import _apply_patch, _configs_dir, load_profile
 
     data = _apply_patch(yaml.safe_load((_configs_dir() / f"{profile}.yaml").read_text()), patch)
     data.pop("variants", None)
@@ -70,7 +70,7 @@ def test_new_keys_are_validated(profile, patch, words, tmp_path):
 
 def test_expressions_read_config_keys():
     """An arithmetic entry is present when every key it names is; the first present entry wins (GPT-J's n_inner)."""
-    from precompile.profile_schema import ConfigValue, expression_value
+    from precompile.profiles.sections import ConfigValue, expression_value
 
     cfg = {"n_inner": None, "n_embd": 64, "a": {"b": 3}, "layer_types": ["conv", "full_attention"]}
     assert expression_value(cfg, "4 * n_embd") == 256
@@ -84,7 +84,7 @@ def test_expressions_read_config_keys():
 def test_a_mixer_config_with_a_biased_input_projection_is_refused():
     """zero_masked is exact only without a bias: such a config is refused by name, not converted wrong."""
     from precompile.errors import UserError
-    from precompile.profiles import _configs_dir, load_profile, resolve
+    from precompile.profiles.catalog import _configs_dir, load_profile, resolve
 
     with pytest.raises(UserError, match="use_bias"):
         resolve(load_profile(_configs_dir() / "mamba.yaml"), tiny.make_config("mamba", use_bias=True).to_dict())

@@ -15,10 +15,9 @@ import pytest
 import tiny
 from precompile import loader
 from precompile.convert import convert
-from precompile.loader import (MANIFEST, Manifest, PrecompileLoadError, SourceNotFoundError, locate_source,
-                               read_manifest)
-from precompile.tensors import DTYPE_NAMES, TORCH_DTYPES
-from precompile.files import write_json
+from precompile.io.files import write_json
+from precompile.io.safetensors_files import DTYPE_NAMES, TORCH_DTYPES
+from precompile.loader import MANIFEST, Manifest, PrecompileLoadError, SourceNotFoundError, locate_source, read_manifest
 
 PKG = Path(loader.__file__).parent
 REPO, REV = "org/tiny-llama", "c" * 40
@@ -129,14 +128,14 @@ def test_locate_hub_source_from_the_cache_at_the_recorded_revision(converted, tm
 
 # --- one owner per table; marked copies agree ---------------------------------------------------------------------
 
-COPIED = re.compile(r"#\s*Copied from precompile\.(\w+)\.(\w+)(?: with (.*)|(,.*))?")
+COPIED = re.compile(r"#\s*Copied from precompile\.([\w.]+)\.(\w+)(?: with (.*)|(,.*))?")
 
 
 def _copies() -> list[tuple[str, str, str, str, list[tuple[str, str]]]]:
     """(module, name, owner module, owner name, renames) for every `# Copied from` mark in the package; renames
     None for a copy marked as partial (`# Copied from X, less ...`), whose owner need only exist."""
     found = []
-    for path in sorted(PKG.glob("*.py")):
+    for path in sorted(PKG.rglob("*.py")):
         lines = path.read_text(encoding="utf-8").splitlines()
         for i, line in enumerate(lines):
             mark = COPIED.search(line)
@@ -145,14 +144,15 @@ def _copies() -> list[tuple[str, str, str, str, list[tuple[str, str]]]]:
             code = line[:mark.start()].strip() or lines[i + 1]  # the copy: this line's code, else the next line
             name = re.match(r"(?:def\s+)?(\w+)", code.strip()).group(1)
             renames = [tuple(r.split("->")) for r in (mark[3] or "").split(", ") if r]
-            found.append((path.stem, name, mark[1], mark[2], None if mark[4] else renames))
+            module = ".".join(path.relative_to(PKG).with_suffix("").parts)
+            found.append((module, name, mark[1], mark[2], None if mark[4] else renames))
     return found
 
 
 def test_copies_are_marked():
     marked = {(m, n) for m, n, *_ in _copies()}
     assert {("loader", "INDEX"), ("loader", "SINGLE"), ("loader", "_DTYPES"), ("loader", "_weight_index"),
-            ("accounting", "MANIFEST")} <= marked
+            ("plan.trade", "MANIFEST")} <= marked
 
 
 @pytest.mark.parametrize("copy", _copies(), ids=lambda c: f"{c[0]}.{c[1]}")

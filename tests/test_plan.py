@@ -21,8 +21,8 @@ from safetensors import safe_open
 import tiny
 from conftest import run_cli, tree_snapshot
 from precompile import UserError, convert
-from precompile.accounting import parse_batch_sizes, plan_model
 from precompile.cli import main
+from precompile.plan.trade import parse_batch_sizes, plan_model
 
 # Published config.json values and parameter counts of real models (copied from shared/reference).
 REF = json.loads((Path(__file__).parent / "data" / "model_configs.json").read_text())
@@ -282,7 +282,7 @@ def test_headline_against_the_files_and_the_reads_per_token(checkpoint, tmp_path
     from transformers import AutoModelForCausalLM
 
     import precompile
-    from precompile.accounting import verdict_line
+    from precompile.plan.trade import verdict_line
 
     src = checkpoint(family, src_dtype)
     r = plan_model(str(src), dtype=out_dtype)
@@ -454,7 +454,7 @@ def test_shipped_profiles_name_native_transformers_classes():
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from precompile.profiles import builtin_profiles
+    from precompile.profiles.catalog import builtin_profiles
 
     for p in builtin_profiles():
         assert p.model_types and all(t in CONFIG_MAPPING for t in p.model_types), p.name
@@ -566,7 +566,7 @@ def test_profile_pick_from_raw_match_keys_is_the_validated_pick():
     """select_profile reads only the profiles whose YAML names the config's architectures or model type and
     parses only the one it picks: for every name a shipped profile matches, and for configs naming several,
     the pick is the one the parsed, validated profiles give (their Match is the raw keys, validated)."""
-    from precompile.profiles import builtin_profiles, match_keys, select_profile
+    from precompile.profiles.catalog import builtin_profiles, match_keys, select_profile
 
     shipped = builtin_profiles()
     for p in shipped:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from precompile.process import THP_ENV
+from precompile.io.process import THP_ENV
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 THP_MODE = THP.read_text().split("[")[1].split("]")[0] if THP.exists() else "never"

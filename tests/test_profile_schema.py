@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from precompile.errors import UserError
-from precompile.profile_schema import ProfileDef
-from precompile.profiles import KEY_TABLE_MARKERS, builtin_profiles, validate_profile, write_key_table
-from precompile.schema import dump, hints, is_required, key_table, parse, section_title, sections
+from precompile.profiles.catalog import KEY_TABLE_MARKERS, builtin_profiles, validate_profile, write_key_table
+from precompile.profiles.sections import ProfileDef
+from precompile.profiles.yaml_schema import dump, hints, is_required, key_table, parse, section_title, sections
 
 # A profile that uses every section of the schema at least once (latent-attention projections with a low-rank
 # input and an output norm, a MoE parallel block with a shared expert, q/k norms, an embedding scale and norm, a
@@ -209,7 +209,7 @@ def test_write_key_table_rewrites_only_the_block(tmp_path):
     readme = tmp_path / "README.md"
     begin, end = KEY_TABLE_MARKERS
     readme.write_text(f"# intro\n\n{begin}\nold table\n{end}\n\n## after\n", encoding="utf-8")
-    r = subprocess.run([sys.executable, "-m", "precompile.profiles", "--write-key-table", str(readme)],
+    r = subprocess.run([sys.executable, "-m", "precompile.profiles.catalog", "--write-key-table", str(readme)],
                        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
     assert r.returncode == 0 and "rewritten" in r.stdout, r.stdout + r.stderr
     assert readme.read_text() == f"# intro\n\n{begin}\n{key_table(ProfileDef)}{end}\n\n## after\n"

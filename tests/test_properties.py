@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 import tiny
 from conftest import ROOT
 from precompile.errors import UserError
-from precompile.layout import projection_width, table_layout
-from precompile.profiles import ModelSpec, Profile, resolve, validate_profile
+from precompile.plan.table_layout import projection_width, table_layout
+from precompile.profiles.catalog import ModelSpec, Profile, resolve, validate_profile
 
 PROFILE_FILES = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("_"))
 PROFILES = {p.stem: yaml.safe_load(p.read_text()) for p in PROFILE_FILES}
@@ -199,7 +199,7 @@ def test_header_mutations_fail_only_with_user_error(shard, tmp_path_factory, dat
 
     from safetensors import safe_open
 
-    from precompile.tensors import read_header
+    from precompile.io.safetensors_files import read_header
 
     raw = shard.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])

@@ -23,14 +23,14 @@ import tiny
 from conftest import ROOT, run_cli, tree_snapshot
 
 import precompile
-from precompile.accounting import to_markdown
-from precompile.card import CARD_FILE, SelfCheckSummary, read_source_card, render_card, update_card
+from precompile.check.verify import check_outputs
 from precompile.cli import main as cli_main
 from precompile.errors import UserError
+from precompile.io.source import HUB_TRIES
 from precompile.loader import FORMAT_VERSION
-from precompile.push import PushPlan, push
-from precompile.source import HUB_TRIES
-from precompile.verify import check_outputs
+from precompile.plan.trade import to_markdown
+from precompile.publish.card import CARD_FILE, SelfCheckSummary, read_source_card, render_card, update_card
+from precompile.publish.push import PushPlan, push
 
 REPO = "org/tiny-llama"
 REV = "c" * 40

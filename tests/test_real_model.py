@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from examples.prepare_smollm2 import default_dest, is_complete
 from precompile import convert, load
-from precompile.verify import verify
+from precompile.check.verify import verify
 
 SMOL = default_dest()
 pytestmark = [pytest.mark.slow,

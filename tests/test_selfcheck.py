@@ -17,9 +17,9 @@ import yaml
 import precompile
 import tiny
 from conftest import ROOT, tree_snapshot
+from precompile.check.self_check import (
+    ATTENTION, OUTPUT, RESIDUAL, SEQUENCES, check_tokens, compared_points, point_bound)
 from precompile.errors import VerificationError
-from precompile.selfcheck import (ATTENTION, OUTPUT, RESIDUAL, SEQUENCES, check_tokens, compared_points,
-                                  point_bound)
 
 pytestmark = pytest.mark.numeric
 
@@ -138,7 +138,7 @@ def test_report_line_and_overlay(checkpoint, tmp_path, cli):
 
 def test_a_model_that_cannot_run_is_not_published(checkpoint, tmp_path, monkeypatch):
     """Whatever transformers raises while running layer 0, the conversion is refused in one line, unwritten."""
-    import precompile.selfcheck as sc
+    import precompile.check.self_check as sc
 
     def broken(*_args, **_kwargs):
         raise RuntimeError("Tensor on device meta is not on the expected device cpu!\nsecond line")

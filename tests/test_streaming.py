@@ -22,16 +22,16 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from precompile.compute.table_math import (
+    Scratch, activation, apply_norm, compute_rows, ffn_output, folded_ffn, projection_groups, stack_projections)
 from precompile.convert import FFN_BLOCK, _layer0_weights, _table_chunks, convert, describe_shards
 from precompile.errors import UserError
-from precompile.layout import TABLE_FILE, table_file_header
-from precompile.planning import plan_conversion
-from precompile.precompute import (Scratch, activation, apply_norm, compute_rows, ffn_output, folded_ffn,
-                                  projection_groups, stack_projections)
-from precompile.profiles import ACTIVATIONS
-from precompile.progress import Progress
-from precompile.tensors import read_header
-from precompile.writer import write_table
+from precompile.io.progress import Progress
+from precompile.io.safetensors_files import read_header
+from precompile.io.shard_writer import write_table
+from precompile.plan.conversion_plan import plan_conversion
+from precompile.plan.table_layout import TABLE_FILE, table_file_header
+from precompile.profiles.catalog import ACTIVATIONS
 
 import tiny
 
@@ -203,7 +203,7 @@ def test_manifest_hashes_are_the_files_hashes(checkpoint, tmp_path, monkeypatch,
 def test_copy_hashed_writes_the_ranges_and_hashes_both_sides(tmp_path_factory, data, cuts, whole, block):
     """Any sorted, disjoint ranges (empty ones too), any block size: the output is their bytes in order,
     its digest theirs, and the source digest (when asked) the whole file's."""
-    import precompile.files as files
+    import precompile.io.files as files
 
     d = tmp_path_factory.mktemp("copy")
     (d / "src").write_bytes(data)
@@ -350,7 +350,7 @@ _HEAP_KEPT_SCRIPT = """
 import os, resource
 import pytest, torch
 from precompile import process
-from precompile.process import heap_kept
+from precompile.io.process import heap_kept
 
 def faults(n=6):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -12,8 +12,8 @@ import tiny
 from conftest import ROOT
 
 from precompile import support
-from precompile.shipped import STATUSES, shipped_matrix
-from precompile.profiles import builtin_profiles, refusals
+from precompile.profiles.catalog import builtin_profiles, refusals
+from precompile.profiles.shipped import STATUSES, shipped_matrix
 
 DOC = ROOT / "docs" / "support.md"
 
@@ -47,7 +47,7 @@ def test_docs_support_md_is_up_to_date(matrix):
     if _doc_version() != transformers.__version__:  # the drift test above still runs on this version
         pytest.skip(f"docs/support.md describes transformers {_doc_version()}, {transformers.__version__} is installed")
     assert DOC.read_text(encoding="utf-8") == support.to_markdown(matrix), \
-        "docs/support.md is stale: run python -m precompile.support --write docs/support.md"
+        "docs/support.md is stale: run python -m precompile.profiles.support --write docs/support.md"
 
 
 def test_shipped_classification_is_up_to_date(matrix):
@@ -60,7 +60,7 @@ def test_shipped_classification_is_up_to_date(matrix):
                     "installed")
     assert (ROOT / "configs" / support.MATRIX_FILE).read_text(encoding="utf-8") == \
         support.to_json(matrix, transformers.__version__), \
-        "configs/_support_matrix.json is stale: run python -m precompile.support --write docs/support.md"
+        "configs/_support_matrix.json is stale: run python -m precompile.profiles.support --write docs/support.md"
     assert rows == matrix
 
 
@@ -175,7 +175,7 @@ def test_generator_runs_from_the_command_line(tmp_path):
     out, data = tmp_path / "support.md", tmp_path / "support.json"
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "precompile.support", *args, "--data", str(data)],
+        return subprocess.run([sys.executable, "-m", "precompile.profiles.support", *args, "--data", str(data)],
                               capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
 
     r = run("--write", str(out))

@@ -15,8 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import precompile
 import tiny
+from precompile.check.verify import check_outputs, verify
 from precompile.loader import MANIFEST, PLAIN_LOAD_MESSAGE, RESIZE_MESSAGE, Manifest
-from precompile.verify import check_outputs, verify
 
 FAMILIES = {"serial": "llama", "parallel": "gpt_neox", "moe": "mixtral", "tied": "llama_tied"}
 REL = 1e-5  # float32: the converted model matches the original to rounding (tests/test_convert.py)

@@ -16,17 +16,19 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .files import TMP_PREFIX, scratch_dir
-from .layout import TableLayout, projection_width, table_file_header, table_inputs, table_layout
-from .options import ConvertOptions, check_value, meta
-from .profile_check import check_tensors
-from .profiles import (ModelSpec, Profile, Projection, builtin_profiles, match_keys, match_names, resolve,
-                       select_profile)
-from .source import (ALLOW_PATTERNS, Source, carried_files, check_native, check_source_files, check_tokenizer,
-                     fetch_files, read_config, resolve_source, weight_map)
-from .tensors import (DTYPE_NAMES, DTYPES, FLOAT_DTYPES, SINGLE_NAME, TORCH_DTYPES, Checkpoint, PartialCheckpoint,
-                      TensorInfo, dtype_name, element_size, has_safetensors, open_checkpoint, output_dtype)
+from precompile.errors import UserError
+from precompile.io.files import TMP_PREFIX, scratch_dir
+from precompile.io.safetensors_files import (
+    DTYPE_NAMES, DTYPES, FLOAT_DTYPES, SINGLE_NAME, TORCH_DTYPES, Checkpoint, PartialCheckpoint, TensorInfo,
+    dtype_name, element_size, has_safetensors, open_checkpoint, output_dtype)
+from precompile.io.source import (
+    ALLOW_PATTERNS, Source, carried_files, check_native, check_source_files, check_tokenizer, fetch_files,
+    read_config, resolve_source, weight_map)
+from precompile.plan.convert_options import ConvertOptions, check_value, meta
+from precompile.plan.profile_fit import check_tensors
+from precompile.plan.table_layout import TableLayout, projection_width, table_file_header, table_inputs, table_layout
+from precompile.profiles.catalog import (
+    ModelSpec, Profile, Projection, builtin_profiles, match_keys, match_names, resolve, select_profile)
 
 DTYPE_CHOICES = {n: TORCH_DTYPES[n] for n in meta("dtype").choices if n != "auto"}
 COMPUTE_CHOICES = {n: TORCH_DTYPES[n] for n in meta("compute_dtype").choices}

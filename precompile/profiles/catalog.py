@@ -25,27 +25,16 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .errors import UserError
-from .files import check_regular
-from .profile_schema import (
-    ACTIVATIONS,
-    EXPERT,
-    HEAD,
-    ConfigValue,
-    DenseLayersDef,
-    FfnDef,
-    FlagValue,
-    NormDef,
-    ProfileDef,
-    ProjectionDef,
-    TensorRef,
-    config_get,
-)
-from .schema import is_number, key_table, parse
-from .shipped import configs_dir as _configs_dir
+from precompile.errors import UserError
+from precompile.io.files import check_regular
+from precompile.profiles.sections import (
+    ACTIVATIONS, EXPERT, HEAD, ConfigValue, DenseLayersDef, FfnDef, FlagValue, NormDef, ProfileDef, ProjectionDef,
+    TensorRef, config_get)
+from precompile.profiles.shipped import configs_dir as _configs_dir
+from precompile.profiles.yaml_schema import is_number, key_table, parse
 
 if TYPE_CHECKING:  # the loader imports torch; profiles are read without it
-    from .loader import Manifest
+    from precompile.loader import Manifest
 
 
 @dataclass(frozen=True)
@@ -807,5 +796,3 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

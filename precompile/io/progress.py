@@ -10,7 +10,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, TextIO
 
-from .files import raise_if_interrupted
+from precompile.io.files import raise_if_interrupted
 
 
 class Progress:

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import UserError
-from .files import check_free_space, check_inside, check_regular, read_json
-from .weight_files import INDEX_NAME, PICKLE_INDEX, PICKLE_SUFFIXES, SINGLE_NAME, has_safetensors, weight_index
+from precompile.errors import UserError
+from precompile.io.files import check_free_space, check_inside, check_regular, read_json
+from precompile.io.weight_file_names import (
+    INDEX_NAME, PICKLE_INDEX, PICKLE_SUFFIXES, SINGLE_NAME, has_safetensors, weight_index)
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -13,8 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .layout import TableLayout
-from .profiles import HEAD, Expert, Ffn, ModelSpec, Norm, Projection, expand_heads
+from precompile.plan.table_layout import TableLayout
+from precompile.profiles.catalog import HEAD, Expert, Ffn, ModelSpec, Norm, Projection, expand_heads
 
 
 def apply_norm(norm: Norm, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:

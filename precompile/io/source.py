@@ -17,9 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .files import check_inside, check_regular, read_json
-from .weight_files import INDEX_NAME, SINGLE_NAME, weight_index
+from precompile.errors import UserError
+from precompile.io.files import check_inside, check_regular, read_json
+from precompile.io.weight_file_names import INDEX_NAME, SINGLE_NAME, weight_index
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt",
                   "spiece.model", "*.jinja", "README.md"]  # README.md: the source card's license/language
@@ -89,7 +89,7 @@ def _fetch_weights(src: Source) -> None:
     """The safetensors files the index names (or model.safetensors without one), at the revision already
     resolved: never every `*.safetensors` of the repo (Mistral's repos also ship a consolidated.safetensors
     of the whole model). A file the repo lacks is left for `checkpoint_files` to name."""
-    from .tensors import read_index  # torch: only once weights are fetched, so `plan` on a config stays light
+    from precompile.io.safetensors_files import read_index
 
     index = weight_index(src.root)
     if index is not None:
@@ -228,7 +228,7 @@ def fetch_files(src: Source, names: list[str]) -> None:
 
 def weight_map(src: Source) -> dict[str, str]:
     """Tensor name -> file, from the index (or the header of a single model.safetensors), reading no tensor."""
-    from .tensors import read_header, read_index
+    from precompile.io.safetensors_files import read_header, read_index
 
     index = weight_index(src.root)
     if index is not None:

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .version import __version__
-from .errors import UserError
-from .loader import MANIFEST
-from .progress import Progress
+from precompile.errors import UserError
+from precompile.io.progress import Progress
+from precompile.loader import MANIFEST
+from precompile.version import __version__
 
 PUBLIC_HUB = "huggingface.co"
 NO_TOKEN = "no Hugging Face token: set HF_TOKEN to a token with write access, or run `hf auth login`"
@@ -86,7 +86,7 @@ def check_target(repo_id: str) -> None:
 
 def check_push_source(repo_id: str, source: str, overlay: bool) -> None:
     """`convert --push-to-hub`: refuse what push would refuse, before the conversion runs."""
-    from .source import is_hub_id
+    from precompile.io.source import is_hub_id
 
     check_target(repo_id)
     if overlay and not is_hub_id(source):
@@ -96,7 +96,7 @@ def check_push_source(repo_id: str, source: str, overlay: bool) -> None:
 def plan_push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
               commit_message: str | None = None) -> PushPlan:
     """Check OUT_DIR (manifest, every recorded sha256, overlay base on the hub) and list what would be uploaded."""
-    from .verify import check_outputs, read_out_dir
+    from precompile.check.verify import check_outputs, read_out_dir
 
     check_repo_id(repo_id)
     out, manifest = read_out_dir(out_dir)
@@ -126,8 +126,8 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
         return plan_push(out_dir, repo_id, private=private, revision=revision, commit_message=commit_message)
     from huggingface_hub import HfApi
 
-    from .files import out_dir_lock, out_dir_target
-    from .source import bound_hub_requests, with_retries
+    from precompile.io.files import out_dir_lock, out_dir_target
+    from precompile.io.source import bound_hub_requests, with_retries
 
     target = out_dir_target(out_dir)
     # no run of ours replaces or rewrites OUT_DIR's files while they upload (where none could: a read-only parent)
@@ -174,7 +174,7 @@ def hub_errors(repo_id: str, revision: str):
     except (transport, ConnectionError, TimeoutError) as e:
         from huggingface_hub import constants
 
-        from .source import HUB_TIMEOUT_ENV, HUB_TRIES
+        from precompile.io.source import HUB_TIMEOUT_ENV, HUB_TRIES
 
         raise UserError(f"cannot reach the hub at {constants.ENDPOINT} after {HUB_TRIES} tries ({_first_line(e)}); "
                         f"check the network and HF_ENDPOINT ({HUB_TIMEOUT_ENV} sets the seconds to wait), then push "

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .schema import Fail, is_number, key
+from precompile.profiles.yaml_schema import Fail, is_number, key
 
 NORM_KINDS = ("rms", "layer")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")

@@ -36,13 +36,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .device import pick_device
-from .errors import UserError
-from .loader import Manifest, PrecompileLoadError, SourceNotFoundError, _set_module, apply_layout, locate_source
-from .procfs import proc_bytes
-from .progress import Progress
-from .source import resolve_source
-from .tensors import TORCH_DTYPES, dtype_name
+from precompile.compute.device import pick_device
+from precompile.errors import UserError
+from precompile.io.procfs import proc_bytes
+from precompile.io.progress import Progress
+from precompile.io.safetensors_files import TORCH_DTYPES, dtype_name
+from precompile.io.source import resolve_source
+from precompile.loader import (
+    Manifest, PrecompileLoadError, SourceNotFoundError, _set_module, apply_layout, locate_source)
 
 
 # two-sided 95% Student's t quantiles by degrees of freedom (a df between two keys takes the smaller key's, larger)
@@ -131,7 +132,7 @@ class BenchResult:
 
     def summary(self) -> list[str]:
         """plan's verdict line, then what this run measured at batch 1, in plain words."""
-        from .accounting import verdict_line
+        from precompile.plan.trade import verdict_line
 
         lines = [verdict_line(self.verdict)] if self.verdict else []
         iv, theory = self.intervals["decode b1"], self.theory["decode b1"]
@@ -295,9 +296,9 @@ def _measure(toggle: Toggle, vocab: int, batches: tuple[int, ...], prompt_len: i
 def _plan_verdict(root: Path, manifest: Manifest, progress: Progress) -> dict | None:
     """plan's headline for this conversion (the source planned at the table's dtype with the recorded profile),
     so that bench's verdict line is plan's; None, with a note, when the source cannot be planned."""
-    from .accounting import exact_figures
-    from .planning import plan_conversion
-    from .profiles import conversion_profile
+    from precompile.plan.trade import exact_figures
+    from precompile.plan.conversion_plan import plan_conversion
+    from precompile.profiles.catalog import conversion_profile
 
     try:
         prof = conversion_profile(manifest, manifest.source.config, str(root))

@@ -16,9 +16,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .errors import UserError
-from .files import copy_hashed
-from .tensors import DTYPE_NAMES, DTYPES, TensorInfo, element_size, output_dtype, write_header
+from precompile.errors import UserError
+from precompile.io.files import copy_hashed
+from precompile.io.safetensors_files import DTYPE_NAMES, DTYPES, TensorInfo, element_size, output_dtype, write_header
 
 
 def write_table(path: Path, name: str, shape: tuple[int, int], dtype: torch.dtype,

@@ -16,10 +16,10 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
+from precompile.errors import UserError
 
 if TYPE_CHECKING:
-    from .profiles import Profile
+    from precompile.profiles.catalog import Profile
 
 
 @dataclass(frozen=True)

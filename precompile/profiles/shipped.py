@@ -1,6 +1,6 @@
 """What ships beside the code in configs/: where that directory is, and the support matrix generated into it.
 
-`python -m precompile.support --write docs/support.md` classifies transformers' causal LMs (reading its
+`python -m precompile.profiles.support --write docs/support.md` classifies transformers' causal LMs (reading its
 sources takes seconds) and writes the rows twice: as docs/support.md and as configs/_support_matrix.json,
 which `precompile profiles` prints. This module reads that file with nothing heavier than json (no yaml,
 torch or transformers), so the command starts as fast as `--help`.
@@ -13,17 +13,19 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import UserError
+from precompile.errors import UserError
 
 MATRIX_FILE = "_support_matrix.json"
 SUPPORTED, REFUSED, NOT_YET = "supported", "refused", "not yet"
 STATUSES = (SUPPORTED, REFUSED, NOT_YET)
+REGENERATE = "python -m precompile.profiles.support --write docs/support.md"
 
 
 def configs_dir() -> Path:
     """configs/ ships inside the wheel as package data (precompile/configs); in a checkout it sits beside it."""
-    packaged = Path(__file__).resolve().parent / "configs"
-    return packaged if packaged.is_dir() else packaged.parent.parent / "configs"
+    package = Path(__file__).resolve().parent.parent
+    packaged = package / "configs"
+    return packaged if packaged.is_dir() else package.parent / "configs"
 
 
 @dataclass(frozen=True)
@@ -86,14 +88,13 @@ def to_json(rows: list[Support], transformers_version: str) -> str:
 
 def shipped_matrix(path: Path | None = None) -> tuple[str, list[Support]]:
     """(transformers version, rows) of the classification shipped in configs/ (what `precompile profiles` prints)."""
-    from .files import read_json
+    from precompile.io.files import read_json
 
     path = path or configs_dir() / MATRIX_FILE
     try:
-        data = read_json(path, "regenerate it: python -m precompile.support --write docs/support.md")
+        data = read_json(path, f"regenerate it: {REGENERATE}")
     except FileNotFoundError:
-        raise UserError(f"{path} is missing; regenerate it: python -m precompile.support --write docs/support.md") \
-            from None
+        raise UserError(f"{path} is missing; regenerate it: {REGENERATE}") from None
     return data["transformers"], [Support(**{**r, "shape": Layer0Shape(**r["shape"])}) for r in data["rows"]]
 
 
@@ -116,6 +117,6 @@ def profiles_text() -> str:
     last = f"(the causal LMs of transformers {version}, as in docs/support.md"
     installed = installed_transformers()
     if installed is not None and installed != version:
-        last += (f"; transformers {installed} is installed: python -m precompile.support classifies that one, "
+        last += (f"; transformers {installed} is installed: python -m precompile.profiles.support classifies that one, "
                  f"reading its sources")
     return to_text(rows) + "\n" + last + ")"

@@ -42,15 +42,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .errors import UserError, VerificationError
-from .layout import TABLE_FILE
-from .loader import Manifest, config_from_dict, original_config, precompiled_class
-from .source import fetch_files, weight_map
-from .tensors import INDEX_NAME, Checkpoint, PartialCheckpoint, dtype_name, mapped
-from .verify import BUILD_LOCK, parameters_on_meta, quiet_transformers
+from precompile.check.verify import BUILD_LOCK, parameters_on_meta, quiet_transformers
+from precompile.errors import UserError, VerificationError
+from precompile.io.safetensors_files import INDEX_NAME, Checkpoint, PartialCheckpoint, dtype_name, mapped
+from precompile.io.source import fetch_files, weight_map
+from precompile.loader import Manifest, config_from_dict, original_config, precompiled_class
+from precompile.plan.table_layout import TABLE_FILE
 
 if TYPE_CHECKING:
-    from .planning import ConversionPlan
+    from precompile.plan.conversion_plan import ConversionPlan
 
 RESIDUAL, ATTENTION, OUTPUT = "residual input", "attention output", "layer output"
 FACTOR = 2.0  # the converted model's distance to the reference against the original's (see the module doc)

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .profiles import ModelSpec, Projection
+from precompile.profiles.catalog import ModelSpec, Projection
 
 if TYPE_CHECKING:  # the loader imports torch; `plan` on a config reads projection widths without it
-    from .loader import TableColumn
+    from precompile.loader import TableColumn
 
 TABLE_FILE = "precompile_table.safetensors"
 GUARD_SHAPE = (1,)
@@ -81,7 +81,7 @@ def table_layout(spec: ModelSpec, present: set[str] | frozenset[str]) -> TableLa
     row times the scale the embedding module applies (the profile's `embedding.scale`, Gemma's sqrt(d)):
     the loader then computes it from the kept row as the module does, and no value is stored twice.
     """
-    from .loader import TableColumn
+    from precompile.loader import TableColumn
 
     keep_embedding = spec.tied
     x_in_table = not (keep_embedding and spec.x_is_scaled_row)

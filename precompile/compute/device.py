@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UserError
+from precompile.errors import UserError
 
 
 def pick_device(device: str) -> torch.device:

@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
-from .layout import projection_width
-from .profiles import ModelSpec, Projection, conversion_profile, resolve, select_profile
+from precompile.errors import UserError
+from precompile.plan.table_layout import projection_width
+from precompile.profiles.catalog import ModelSpec, Projection, conversion_profile, resolve, select_profile
 
 if TYPE_CHECKING:  # convert imports torch and transformers: plans from a config need neither
-    from .loader import Manifest
-    from .planning import ConversionPlan
+    from precompile.loader import Manifest
+    from precompile.plan.conversion_plan import ConversionPlan
 
 DEFAULT_BATCH_SIZES = (1, 16, 256, 1024)
 MANIFEST = "precompile.json"  # Copied from precompile.loader.MANIFEST (which imports torch)
@@ -243,8 +243,8 @@ def figures(s: Sizes, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> dic
 
 def output_files(conv: ConversionPlan) -> dict[str, int]:
     """The exact size in bytes of every weight file a conversion writes (headers included)."""
-    from .layout import TABLE_FILE, table_file_header
-    from .tensors import DTYPE_NAMES, element_size, output_dtype, write_header
+    from precompile.plan.table_layout import TABLE_FILE, table_file_header
+    from precompile.io.safetensors_files import DTYPE_NAMES, element_size, output_dtype, write_header
 
     entries, metadata = table_file_header(conv.layout, DTYPE_NAMES[conv.model_dtype], conv.model_dtype.itemsize)
     files = {TABLE_FILE: write_header(io.BytesIO(), entries, metadata) + sum(e[3] for e in entries)}
@@ -270,7 +270,7 @@ def exact_figures(conv: ConversionPlan, batch_sizes: tuple[int, ...] = DEFAULT_B
     Like with like: every read and memory figure is in the output dtype, the source's tensors converted to it
     as `convert` converts them (`source_weight_bytes` states the source as stored, too).
     """
-    from .tensors import DTYPE_NAMES, dtype_name, element_size, output_dtype
+    from precompile.io.safetensors_files import DTYPE_NAMES, dtype_name, element_size, output_dtype
 
     spec, lay, ckpt = conv.spec, conv.layout, conv.checkpoint
     es = conv.model_dtype.itemsize
@@ -326,7 +326,7 @@ def exact_figures(conv: ConversionPlan, batch_sizes: tuple[int, ...] = DEFAULT_B
 # --- sources ---------------------------------------------------------------------------------------------------
 
 def _read_json_file(path: Path) -> dict:
-    from .files import read_json
+    from precompile.io.files import read_json
 
     try:
         data = read_json(path, "pass a config.json")
@@ -341,7 +341,7 @@ def _hub_config(repo_id: str, revision: str | None) -> Path:
     """Only config.json of a hub repo (from the HF cache when offline)."""
     from huggingface_hub import hf_hub_download
 
-    from .source import _hub_errors, bound_hub_requests
+    from precompile.io.source import _hub_errors, bound_hub_requests
 
     bound_hub_requests()
     with _hub_errors(repo_id, revision, "config.json"):
@@ -350,7 +350,7 @@ def _hub_config(repo_id: str, revision: str | None) -> Path:
 
 def _converted_manifest(out_dir: Path) -> Manifest:
     """A converted OUT_DIR's manifest (the loader, and with it torch, is imported only for one)."""
-    from .loader import Manifest, PrecompileLoadError
+    from precompile.loader import Manifest, PrecompileLoadError
 
     try:
         return Manifest.read(out_dir)
@@ -363,8 +363,8 @@ def load_config(source: str, revision: str | None = None) -> tuple[dict, str, Pa
 
     kind is one of "hub", "local", "config", "converted".
     """
-    from .source import is_hub_id, read_config
-    from .weight_files import has_safetensors
+    from precompile.io.source import is_hub_id, read_config
+    from precompile.io.weight_file_names import has_safetensors
 
     p = Path(source).expanduser()
     if p.exists() and revision is not None:
@@ -424,7 +424,7 @@ def plan_model(source: str, *, profile: str | None = None, assume_parallel: bool
     spec = resolve(prof, config, assume_parallel=assume_parallel)
     out = model_figures(source, kind, prof.name, config, spec, batch_sizes, assume_parallel)
     if weights is not None and not assume_parallel:
-        from .planning import plan_conversion
+        from precompile.plan.conversion_plan import plan_conversion
 
         try:
             out["exact"] = exact_figures(plan_conversion(str(weights), profile=profile, dtype=dtype), batch_sizes)

@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .accounting import exact_figures, headline, model_figures, to_markdown, verdict_line, with_verdict
-from .errors import UserError
-from .files import file_sha256, out_dir_lock, out_dir_target, signals_deferred, write_json
-from .loader import FORMAT_VERSION, MANIFEST, Manifest
-from .tensors import dtype_name
-from .verify import check_counts, fmt_metrics, fmt_threshold, read_out_dir
-from .version import __version__
+from precompile.check.verify import check_counts, fmt_metrics, fmt_threshold, read_out_dir
+from precompile.errors import UserError
+from precompile.io.files import file_sha256, out_dir_lock, out_dir_target, signals_deferred, write_json
+from precompile.io.safetensors_files import dtype_name
+from precompile.loader import FORMAT_VERSION, MANIFEST, Manifest
+from precompile.plan.trade import exact_figures, headline, model_figures, to_markdown, verdict_line, with_verdict
+from precompile.version import __version__
 
 if TYPE_CHECKING:  # for annotations only: planning imports torch
-    from .planning import ConversionPlan
+    from precompile.plan.conversion_plan import ConversionPlan
 
 CARD_FILE = "README.md"  # OUT_DIR's card; the source's own README.md is read for its metadata, never carried
 PAPER = "https://arxiv.org/abs/2402.13388"
@@ -63,8 +63,8 @@ def read_source_card(root: Path) -> SourceCard:
     """
     from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
-    from .profiles import YAML_MAX_BYTES, parse_yaml
-    from .source import SOURCE_CARD, source_file
+    from precompile.profiles.catalog import YAML_MAX_BYTES, parse_yaml
+    from precompile.io.source import SOURCE_CARD, source_file
 
     path = source_file(root, SOURCE_CARD, "model card")
     try:

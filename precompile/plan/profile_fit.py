@@ -11,12 +11,12 @@ import difflib
 import re
 from pathlib import Path
 
-from .errors import UserError
-from .layout import projection_width, table_inputs
-from .profile_schema import ProfileDef
-from .profiles import ModelSpec, Profile, effective_definition
-from .schema import tagged
-from .tensors import TensorInfo
+from precompile.errors import UserError
+from precompile.io.safetensors_files import TensorInfo
+from precompile.plan.table_layout import projection_width, table_inputs
+from precompile.profiles.catalog import ModelSpec, Profile, effective_definition
+from precompile.profiles.sections import ProfileDef
+from precompile.profiles.yaml_schema import tagged
 
 
 def _key_of(keys: list[tuple[str, str]], name: str) -> str:

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import UserError
+from precompile.errors import UserError
 
 TMP_PREFIX = ".precompile-tmp-"
 LOCK_PREFIX = ".precompile-lock-"

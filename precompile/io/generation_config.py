@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UserError
+from precompile.errors import UserError
 
 GENERATION_CONFIG = "generation_config.json"
 

@@ -11,7 +11,7 @@ the signals name *refused* types; everything else is *not yet*, with what the sc
 by validating a changed profile, so the matrix follows the schema as it grows). What the signals
 cannot decide is data in configs/_support.yaml, each entry with its reason.
 
-`python -m precompile.support --write docs/support.md` regenerates the matrix and, from the same rows,
+`python -m precompile.profiles.support --write docs/support.md` regenerates the matrix and, from the same rows,
 configs/_support_matrix.json, which `precompile profiles` prints without reading transformers at all
 (scanning its sources takes seconds; tests/test_support.py fails when either file is stale).
 """
@@ -27,18 +27,11 @@ from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
 
-from .errors import UserError
-from .profiles import (
-    Profile,
-    _configs_dir,
-    builtin_profiles,
-    read_yaml,
-    refusals,
-    resolve,
-    select_profile,
-    validate_profile,
-)
-from .shipped import MATRIX_FILE, NOT_YET, REFUSED, SUPPORTED, Layer0Shape, Support, counts, to_json, to_text
+from precompile.errors import UserError
+from precompile.profiles.catalog import (
+    Profile, _configs_dir, builtin_profiles, read_yaml, refusals, resolve, select_profile, validate_profile)
+from precompile.profiles.shipped import (
+    MATRIX_FILE, NOT_YET, REFUSED, SUPPORTED, Layer0Shape, Support, counts, to_json, to_text)
 
 ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention", "attention")
 OVERRIDES_FILE = "_support.yaml"
@@ -612,7 +605,7 @@ def to_markdown(rows: list[Support]) -> str:
         "# Support matrix",
         "",
         (f"Generated from transformers {transformers.__version__}'s causal-LM registry by "
-         "`python -m precompile.support --write docs/support.md`; do not edit by hand "
+         "`python -m precompile.profiles.support --write docs/support.md`; do not edit by hand "
          "(`tests/test_support.py` fails when this file is stale). `precompile profiles` prints the same."),
         "",
         f"{len(rows)} model types: {c[SUPPORTED]} supported, {c[REFUSED]} refused, {c[NOT_YET]} not yet.",
@@ -637,13 +630,13 @@ def to_markdown(rows: list[Support]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m precompile.support [--write FILE | --check FILE] [--data FILE]`: print, write or check the
+    """`python -m precompile.profiles.support [--write FILE | --check FILE] [--data FILE]`: print, write or check the
     matrix (docs/support.md) and the classification `precompile profiles` reads (--data)."""
     import argparse
 
     import transformers
 
-    ap = argparse.ArgumentParser(prog="python -m precompile.support", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m precompile.profiles.support", description=main.__doc__)
     ap.add_argument("--write", metavar="FILE", help="write the Markdown matrix (docs/support.md) and --data")
     ap.add_argument("--check", metavar="FILE", help="exit 1 when FILE or --data differs from what would be written")
     ap.add_argument("--data", metavar="FILE", help=f"the JSON classification (default: configs/{MATRIX_FILE})")
@@ -657,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
                                               to_json(rows, transformers.__version__)))}
     if args.check:
         stale = [str(p) for p, text in outputs.items() if not (p.is_file() and p.read_text(encoding="utf-8") == text)]
-        print(f"{', '.join(stale)} stale: run python -m precompile.support --write {args.check}" if stale
+        print(f"{', '.join(stale)} stale: run python -m precompile.profiles.support --write {args.check}" if stale
               else f"{', '.join(map(str, outputs))} up to date")
         return 1 if stale else 0
     for p, text in outputs.items():

@@ -27,19 +27,20 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .allowance import FACTOR, LOGIT_KEYS, Allowance, Distance, Scale, apply_given, fixed_float32, \
+from precompile.check.allowance import FACTOR, LOGIT_KEYS, Allowance, Distance, Scale, apply_given, fixed_float32, \
     from_fp32, from_roundoff
-from .device import pick_device
-from .errors import UserError
-from .files import check_regular, file_sha256
-from .layout import GUARD_SHAPE, TableLayout, layer0_tensor_names, table_layout
-from .loader import (MANIFEST, PLAIN_LOAD_MESSAGE, Manifest, PrecompileLoadError, SourceNotFoundError,
-                     indexed_table_file, load, locate_source, original_config, overlay_base)
-from .profiles import conversion_profile, resolve
-from .progress import Progress
-from .rowcheck import check_rows
-from .source import Source, read_config, resolve_source
-from .tensors import DTYPES, TORCH_DTYPES, Checkpoint, TensorInfo, dtype_name
+from precompile.check.row_check import check_rows
+from precompile.compute.device import pick_device
+from precompile.errors import UserError
+from precompile.io.files import check_regular, file_sha256
+from precompile.io.progress import Progress
+from precompile.io.safetensors_files import DTYPES, TORCH_DTYPES, Checkpoint, TensorInfo, dtype_name
+from precompile.io.source import Source, read_config, resolve_source
+from precompile.loader import (
+    MANIFEST, PLAIN_LOAD_MESSAGE, Manifest, PrecompileLoadError, SourceNotFoundError, indexed_table_file, load,
+    locate_source, original_config, overlay_base)
+from precompile.plan.table_layout import GUARD_SHAPE, TableLayout, layer0_tensor_names, table_layout
+from precompile.profiles.catalog import conversion_profile, resolve
 
 BUILTIN_PROMPTS = [
     "The capital of France is",

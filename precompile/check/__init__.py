@@ -1,0 +1,1 @@
+"""Proof that a conversion is right: self-check, row check, verify, bench."""

@@ -1,0 +1,1 @@
+"""The table math and the device it runs on."""

@@ -1,0 +1,1 @@
+"""Architecture profiles: the typed YAML, the shipped set, the support matrix."""

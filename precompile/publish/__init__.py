@@ -1,0 +1,1 @@
+"""What leaves the machine: the model card and the hub upload."""
