@@ -2,7 +2,7 @@
 
 Builds the bfloat16 checkpoint chunkwise with safetensors (the real Pythia-6.9B shapes: parallel
 block, MHA 32 heads, d 4096, MLP 16384, vocab 50432; only the layer count is reduced), converts
-it with `precompile.convert`, then runs `precompile.bench`: the same model with and without the
+it with `precompile.convert`, then runs `precompile.check.bench`: the same model with and without the
 swapped layer-0 modules in one process, interleaved repetitions, medians, next to the
 theoretical saving. Everything lives in a temporary directory removed at the end.
 

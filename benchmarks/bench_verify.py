@@ -121,7 +121,7 @@ def bench_rss(layers: int) -> None:
         for label, fp32 in (("verify --no-fp32-reference", False), ("verify (default: + float32 run)", True)):
             t0 = time.monotonic()
             rss, line = peak_rss(
-                f"from precompile.verify import verify; r = verify({str(tmp / 'out')!r}, max_new_tokens=8, "
+                f"from precompile.check.verify import verify; r = verify({str(tmp / 'out')!r}, max_new_tokens=8, "
                 f"fp32_reference={fp32}); print(r['passed'], [c['name'] for c in r['checks'] if not c['passed']])")
             runs[label] = (rss, time.monotonic() - t0, line)
         mib = nbytes / 2**20

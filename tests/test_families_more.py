@@ -3,7 +3,7 @@
 For every family: float32 logits within 1e-5 (relative to the largest logit) of transformers' and the
 same greedy generation on a left-padded batch; bfloat16 no farther from the float32 upcast of the same
 checkpoint than the bfloat16 original is; and every table row within verify's derived rounding bound of
-a float64 recomputation (precompile.rowcheck). The families exercise the profile keys that layer 0's
+a float64 recomputation (precompile.check.row_check). The families exercise the profile keys that layer 0's
 shapes need: no norm before attention, q/k norms per head, over the whole projection, stored one module
 per head or on a fused qkv, an embedding multiplier applied outside the module, parallel blocks, and MoE
 FFNs with shared experts folded into a parallel block; clamped q/k/v (OLMo, OLMoE, DBRX) need no key.

@@ -464,7 +464,7 @@ def test_shipped_profiles_name_native_transformers_classes():
 def test_planning_a_shipped_family_does_not_import_transformers(tmp_path):
     """Start-up cost: `convert --dry-run` of a Mistral checkpoint never imports transformers (1.4 s on 2 cores)."""
     src = tiny.save_checkpoint(tiny.build_model("mistral"), tmp_path / "src")
-    code = ("import sys; from precompile.planning import plan_conversion; "
+    code = ("import sys; from precompile.plan.conversion_plan import plan_conversion; "
             f"plan_conversion({str(src)!r}); print('transformers' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        cwd=Path(__file__).parent.parent)

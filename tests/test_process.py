@@ -29,7 +29,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(THP_MODE != "madvise", reason=f"transparent huge pages are '{THP_MODE}', not 'madvise'")
 @pytest.mark.parametrize("setup, huge", [
     ("import precompile.cli", False),  # the library leaves the process's allocator alone
-    ("import precompile.cli\nfrom precompile.process import use_huge_pages\nuse_huge_pages()", True),
+    ("import precompile.cli\nfrom precompile.io.process import use_huge_pages\nuse_huge_pages()", True),
 ])
 def test_the_program_alone_backs_large_tensors_with_huge_pages(setup, huge):
     """The order `run` has: everything imported, then the tuning, then the first tensor. A fresh 64 MiB

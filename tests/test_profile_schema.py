@@ -209,7 +209,7 @@ def test_write_key_table_rewrites_only_the_block(tmp_path):
     readme = tmp_path / "README.md"
     begin, end = KEY_TABLE_MARKERS
     readme.write_text(f"# intro\n\n{begin}\nold table\n{end}\n\n## after\n", encoding="utf-8")
-    r = subprocess.run([sys.executable, "-m", "precompile.profiles.catalog", "--write-key-table", str(readme)],
+    r = subprocess.run([sys.executable, "-m", "precompile.profiles", "--write-key-table", str(readme)],
                        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
     assert r.returncode == 0 and "rewritten" in r.stdout, r.stdout + r.stderr
     assert readme.read_text() == f"# intro\n\n{begin}\n{key_table(ProfileDef)}{end}\n\n## after\n"

@@ -74,7 +74,7 @@ def test_the_check_sees_an_import(tmp_path, config_dir):
 
 
 def test_profiles_prints_the_shipped_classification(tmp_path):
-    from precompile import shipped
+    from precompile.profiles import shipped
 
     r, _ = imported(tmp_path, "profiles")
     assert r.returncode == 0, r.stderr

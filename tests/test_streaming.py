@@ -349,7 +349,7 @@ def test_projections_are_stacked_once_without_copies(checkpoint, family):
 _HEAP_KEPT_SCRIPT = """
 import os, resource
 import pytest, torch
-from precompile import process
+from precompile.io import process
 from precompile.io.process import heap_kept
 
 def faults(n=6):

@@ -11,7 +11,7 @@ import pytest
 import tiny
 from conftest import ROOT
 
-from precompile import support
+from precompile.profiles import support
 from precompile.profiles.catalog import builtin_profiles, refusals
 from precompile.profiles.shipped import STATUSES, shipped_matrix
 

@@ -611,7 +611,7 @@ def interrupted(since: int = 0) -> bool:
 
 def raise_if_interrupted() -> None:
     """In the program, an interrupt that a library swallowed stops the work at its next progress tick
-    (precompile.progress calls this) instead of at the final rename, minutes later."""
+    (precompile.io.progress calls this) instead of at the final rename, minutes later."""
     if _program and _received:
         raise KeyboardInterrupt(f"signal {_received[-1]}")
 

@@ -6,7 +6,7 @@ here as data so that adding a family needs a YAML file and no code. Variants of
 one family (e.g. GPT-NeoX with and without a parallel residual) are expressed as
 `variants:` patches applied when config.json matches.
 
-What a profile may say is defined once, in `precompile.profile_schema`: this module validates and parses
+What a profile may say is defined once, in `precompile.profiles.sections`: this module validates and parses
 profiles with it and resolves the parsed definition against config.json into a `ModelSpec`.
 `python -m precompile.profiles --write-key-table` regenerates configs/README.md's key table from it.
 """
