@@ -30,6 +30,7 @@ TMP_PREFIX = ".precompile-tmp-"
 LOCK_PREFIX = ".precompile-lock-"
 
 Log = Callable[[str], None]
+_held: dict[Path, int] = {}  # lock path -> depth, for the locks this process holds (OutDir.lock)
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,62 @@ class OutDir:
         written; a second writer is refused with the first one's pid. Once it is held, temporary
         directories of dead runs are removed (`remove_stale_temps`, reported through `log`). Re-entrant
         within a process; the lock file and any parent directories made for it are removed afterwards."""
-        with _locked(self.path, log):
-            yield
+        import fcntl
+
+        out_dir = self.path
+        lock = out_dir.parent / f"{LOCK_PREFIX}{out_dir.name}"
+        if lock in _held:
+            _held[lock] += 1
+            try:
+                yield
+            finally:
+                _held[lock] -= 1
+            return
+        created = missing_ancestors(lock)
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            remove_empty(created)
+            raise UserError(f"cannot create {lock.parent} ({e.strerror}); choose a writable OUT_DIR") from None
+        fd = -1
+        try:
+            while True:
+                try:
+                    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+                    mode = os.fstat(fd).st_mode
+                    if not stat.S_ISREG(mode):  # a FIFO or device put there: flock/ftruncate would fail on it
+                        raise UserError(f"the lock file {lock} is {file_kind(mode)}, not a regular file; remove it "
+                                        f"(precompile makes it anew) and run again")
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise UserError(f"another precompile process ({_lock_owner(fd)}) is writing OUT_DIR {out_dir}; "
+                                    f"wait for it to finish or choose another OUT_DIR") from None
+                except OSError as e:
+                    raise UserError(f"cannot lock {lock} ({e.strerror}); choose a writable OUT_DIR") from None
+                try:  # the previous holder may have removed the file between our open and our flock
+                    same = os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)
+                fd = -1
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            _held[lock] = 1
+            remove_stale_temps(out_dir, log or (lambda line: None))
+            try:
+                yield
+            finally:
+                del _held[lock]
+                try:
+                    os.unlink(lock)
+                except OSError:
+                    pass
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            remove_empty(created)
 
     @contextmanager
     def write(self, log: Log | None = None) -> Iterator[Path]:
@@ -171,70 +226,7 @@ def scratch_dir(path: Path) -> Iterator[Path]:
         trap.restore()
 
 
-# ---------------------------------------------------------------------------------------------- the lock
-
-
-_held: dict[Path, int] = {}  # lock path -> depth, for the locks this process holds
-
-
-@contextmanager
-def _locked(out_dir: Path, log: Log | None) -> Iterator[None]:
-    """OutDir.lock's work: see there."""
-    import fcntl
-
-    lock = out_dir.parent / f"{LOCK_PREFIX}{out_dir.name}"
-    if lock in _held:
-        _held[lock] += 1
-        try:
-            yield
-        finally:
-            _held[lock] -= 1
-        return
-    created = missing_ancestors(lock)
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        remove_empty(created)
-        raise UserError(f"cannot create {lock.parent} ({e.strerror}); choose a writable OUT_DIR") from None
-    fd = -1
-    try:
-        while True:
-            try:
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-                mode = os.fstat(fd).st_mode
-                if not stat.S_ISREG(mode):  # a FIFO or device put there: flock/ftruncate would fail on it
-                    raise UserError(f"the lock file {lock} is {file_kind(mode)}, not a regular file; remove it "
-                                    f"(precompile makes it anew) and run again")
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UserError(f"another precompile process ({_lock_owner(fd)}) is writing OUT_DIR {out_dir}; "
-                                f"wait for it to finish or choose another OUT_DIR") from None
-            except OSError as e:
-                raise UserError(f"cannot lock {lock} ({e.strerror}); choose a writable OUT_DIR") from None
-            try:  # the previous holder may have removed the file between our open and our flock
-                same = os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-            fd = -1
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        _held[lock] = 1
-        remove_stale_temps(out_dir, log or (lambda line: None))
-        try:
-            yield
-        finally:
-            del _held[lock]
-            try:
-                os.unlink(lock)
-            except OSError:
-                pass
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        remove_empty(created)
+# ---------------------------------------------------------------------------------------------- the lock's helpers
 
 
 def _lock_owner(fd: int) -> str:

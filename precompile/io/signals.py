@@ -67,7 +67,9 @@ def record_signal(signum: int) -> None:
 
 
 def in_program() -> bool:
-    """Whether the program (cli.run) handles SIGINT/SIGTERM in this process (not a library caller's)."""
+    """Whether the program (cli.run) runs in this process and handles SIGINT/SIGTERM itself (not a library
+    caller's): the one program-mode flag, set and cleared with the handler, and read by the process-wide
+    tuning too (`process_memory.heap_kept`), so the two can never disagree about who owns the process."""
     return bool(_program)
 
 
