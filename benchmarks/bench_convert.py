@@ -55,7 +55,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from precompile.io.files import file_sha256  # noqa: E402
+from precompile.io.hashed_copy import file_sha256  # noqa: E402
 from precompile.io.safetensors_files import write_header  # noqa: E402
 
 SHARD_BYTES = 1 << 30

@@ -1,7 +1,7 @@
 """What the `precompile` program's process tuning buys: the same conversion through the library's
 CLI function alone and through the program, interleaved, in one run.
 
-`precompile.cli.main` is the command line without precompile/process.py's tuning (what a Python
+`precompile.cli.main` is the command line without precompile/io/process_memory.py's tuning (what a Python
 caller of the CLI function gets); `python -m precompile` is the program (`precompile.cli.run`):
 transparent huge pages for torch's large CPU tensors and no final garbage collection at exit.
 Both convert the same synthetic checkpoint (benchmarks/bench_convert.py's shapes, read from an

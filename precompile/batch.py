@@ -20,8 +20,8 @@ from typing import Any
 
 from precompile.convert import convert
 from precompile.errors import UserError, VerificationError
-from precompile.io.files import file_sha256
-from precompile.io.procfs import proc_bytes
+from precompile.io.hashed_copy import file_sha256
+from precompile.io.process_memory import proc_bytes
 from precompile.io.progress import Progress
 from precompile.loader import MANIFEST, Manifest, PrecompileLoadError
 from precompile.plan.conversion_plan import planned, recorded_options

@@ -14,7 +14,7 @@ import click
 
 from precompile.errors import UserError, VerificationError, one_line
 from precompile.io.generation_config import GENERATION_CONFIG
-from precompile.io.process import keep_freed_memory, skip_exit_collection, use_huge_pages
+from precompile.io.process_memory import skip_exit_collection, use_huge_pages
 from precompile.io.progress import Progress
 from precompile.plan.convert_options import ConvertOptions, cli_flag, meta, option_fields
 from precompile.version import __version__
@@ -51,7 +51,7 @@ def _fail(line: str, status: int) -> None:
     """Print the run's one final line and exit. In the program, SIGINT/SIGTERM are held from here on (one
     arriving while the process exits would add a second line), and one that came before is what the line
     reports."""
-    from precompile.io.files import in_program, interrupted
+    from precompile.io.signals import in_program, interrupted
 
     if in_program():
         if hasattr(signal, "pthread_sigmask"):
@@ -199,7 +199,7 @@ def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device,
     from contextlib import ExitStack
     from pathlib import Path
 
-    from precompile.io.files import check_report_path, write_report
+    from precompile.io.file_safety import check_report_path, write_report
     from precompile.check.verify import format_report, summary_line, verify as run_verify
 
     if json_path is not None:
@@ -210,10 +210,10 @@ def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device,
     with ExitStack() as held:
         if update_card:  # the card and manifest verify checks are the ones it rewrites: no other writer meanwhile
             from precompile.publish.card import check_card
-            from precompile.io.files import out_dir_lock, out_dir_target
+            from precompile.io.out_dir import OutDir
 
             check_card(Path(out_dir))
-            held.enter_context(out_dir_lock(out_dir_target(out_dir)))
+            held.enter_context(OutDir.resolve(out_dir).lock())
         result = run_verify(out_dir, prompts=prompts_file, reference=reference, max_new_tokens=max_new_tokens,
                             rows=rows, seed=seed, device=device, fp32_reference=fp32_reference,
                             thresholds=thresholds, profile=profile_path, progress=Progress(quiet=quiet))
@@ -250,7 +250,7 @@ def batch(zoo, out_root, shard, jobs, memory_budget, verify_all, report_path, ju
     from pathlib import Path
 
     from precompile import batch as b
-    from precompile.io.files import check_report_path, write_report
+    from precompile.io.file_safety import check_report_path, write_report
 
     for flag, path in (("--report", report_path), ("--junit", junit_path)):
         if path:
@@ -389,7 +389,7 @@ def plan(source, batch_sizes, assume_parallel, profile_path, revision, dtype, js
         click.echo(text, nl=False)
         return
     if json_path:
-        from precompile.io.files import write_report
+        from precompile.io.file_safety import write_report
 
         write_report(json_path, text, "--json")
     click.echo(f"{verdict_line(result['verdict'])}\n\n{to_markdown(result)}" if markdown else to_text(result))
@@ -406,14 +406,14 @@ def profiles():
 
 def run() -> None:
     """The `precompile` program (console script and `python -m precompile`): `main` plus the tuning
-    that only a whole process may apply to itself (see precompile/process.py).
+    that only a whole process may apply to itself (see precompile/io/process_memory.py).
 
     SIGINT/SIGTERM handling comes first, before any heavy import (torch, transformers), so that an
     interrupt at any moment ends as one `error: interrupted` line and exit status 130; one that a
-    library swallowed still turns a success into 130 (and atomic_dir never commits after one).
+    library swallowed still turns a success into 130 (and OutDir.write never commits after one).
     `python -m precompile` holds the signals back while this module is imported; they arrive here.
     """
-    from precompile.io.files import install_interrupt_handler, interrupted
+    from precompile.io.signals import install_interrupt_handler, interrupted
 
     undo = install_interrupt_handler()
     try:
@@ -421,7 +421,6 @@ def run() -> None:
             if hasattr(signal, "pthread_sigmask"):  # a signal held back during start-up is raised here
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
             use_huge_pages()
-            keep_freed_memory()
             main()
         except SystemExit as e:
             if e.code != 130 and (not interrupted() or _reported):  # an error line already said how it ended

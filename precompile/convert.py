@@ -23,11 +23,11 @@ from precompile.check.verify import BUILD_LOCK, quiet_transformers
 from precompile.compute.device import pick_device
 from precompile.compute.table_math import compute_rows, stack_projections
 from precompile.errors import UserError
-from precompile.io.files import (
-    TMP_PREFIX, atomic_dir, blob_sha256, check_free_space, check_out_dir, file_sha256, out_dir_lock, out_dir_target,
-    scratch_dir, share_file, write_json)
+from precompile.io.file_safety import write_json
+from precompile.io.hashed_copy import blob_sha256, file_sha256, share_file
 from precompile.io.generation_config import GENERATION_CONFIG, check_generation_config, write_generation_config
-from precompile.io.process import heap_kept
+from precompile.io.out_dir import OutDir
+from precompile.io.process_memory import heap_kept
 from precompile.io.progress import Progress
 from precompile.io.safetensors_files import DTYPE_NAMES, INDEX_NAME, dtype_name, mapped, read_header, read_index
 from precompile.io.shard_writer import write_shard, write_table
@@ -234,14 +234,13 @@ def convert(source: str, out_dir: str | os.PathLike, options: ConvertOptions | N
     progress = progress or Progress(quiet=True)
     t0 = time.monotonic()
     dev = pick_device(opts.device)
-    out_dir = out_dir_target(out_dir)
+    out = OutDir.resolve(out_dir, force)
     local = Path(source).expanduser()
     if local.is_dir():  # before anything is read or created: OUT_DIR must not be or hold the source
-        _check_apart(local, out_dir)
-    check_out_dir(out_dir, force)
-    with out_dir_lock(out_dir, progress.log), \
-            scratch_dir(out_dir.parent / f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}-source") as scratch:
-        return _convert(source, out_dir, scratch, opts, dev, force=force, progress=progress, table=table, t0=t0)
+        _check_apart(local, out.path)
+    out.check()
+    with out.lock(progress.log), out.scratch() as scratch:
+        return _convert(source, out, scratch, opts, dev, progress=progress, table=table, t0=t0)
 
 
 def _check_apart(source_root: Path, out_dir: Path) -> None:
@@ -260,19 +259,19 @@ def _needed_bytes(plan: ConversionPlan, link: str) -> int:
     return plan.out_bytes - shared + carried + (1 << 20)  # + index, config, manifest, shim
 
 
-def _convert(source: str, out_dir: Path, scratch: Path, opts: ConvertOptions, dev: torch.device, *, force: bool,
+def _convert(source: str, out: OutDir, scratch: Path, opts: ConvertOptions, dev: torch.device, *,
              progress: Progress, table: str | os.PathLike | None, t0: float) -> ConvertResult:
     plan = plan_conversion(source, scratch=scratch, **opts.compared())
     if opts.self_check:  # transformers is imported anyway; --no-self-check leaves it to the JSON checks of planning
         with BUILD_LOCK:  # transformers' lazy imports are not thread-safe (batch --jobs)
             check_generation_config(plan.source.root, plan.carried)
+    out_dir = out.path
     _check_apart(plan.source.root, out_dir)
-    check_free_space(check_out_dir(out_dir, force), _needed_bytes(plan, opts.link),
-                     f"the planned output of {out_dir}")
+    out.check_space(_needed_bytes(plan, opts.link), f"the planned output of {out_dir}")
     progress.log(describe_plan(plan, dev))
     result = ConvertResult(out_dir, plan, 0.0)
     imported = _import_ahead(plan, opts.self_check)
-    with atomic_dir(out_dir, force, progress.log) as tmp:
+    with out.write(progress.log) as tmp:
         if plan.kind == "overlay":  # the table alone: the manifest pins the base it loads over (see _finish)
             out_hashes = {TABLE_FILE: _write_table_file(plan, tmp, dev, opts.chunk_size, progress, table)}
             src_hashes = None

@@ -656,7 +656,7 @@ def _check_widths(f: Path, cols: tuple[TableColumn, ...], manifest: Manifest, co
                                       f"{want[c.name]}; the table does not belong to this model, convert again")
 
 
-# Copied from precompile.io.files.file_sha256, less its hub-blob shortcut (this one checks the bytes)
+# Copied from precompile.io.hashed_copy.file_sha256, less its hub-blob shortcut (this one checks the bytes)
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -665,10 +665,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")  # Copied from precompile.io.files._SHA256
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")  # Copied from precompile.io.hashed_copy._SHA256
 
 
-# Copied from precompile.io.files.blob_sha256
+# Copied from precompile.io.hashed_copy.blob_sha256
 def _blob_sha256(path: Path) -> str | None:
     """The sha256 of a hub cache file without reading it: its blob is named by it (None elsewhere)."""
     real = Path(os.path.realpath(path))

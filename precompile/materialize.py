@@ -14,7 +14,7 @@ from pathlib import Path
 
 from precompile.convert import ConvertResult, convert
 from precompile.errors import UserError
-from precompile.io.files import file_sha256
+from precompile.io.hashed_copy import file_sha256
 from precompile.io.generation_config import check_generation_config
 from precompile.io.progress import Progress
 from precompile.loader import MANIFEST, Manifest, overlay_base

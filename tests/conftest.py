@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import tiny
 from precompile.cli import main
 from precompile.convert import convert
-from precompile.io.files import LOCK_PREFIX, TMP_PREFIX
+from precompile.io.out_dir import LOCK_PREFIX, TMP_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

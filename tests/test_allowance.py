@@ -14,7 +14,7 @@ import tiny
 from precompile import convert
 from precompile.check.allowance import C_MAX, C_MEAN, FACTOR, Distance, Scale, apply_given, from_fp32, from_roundoff
 from precompile.check.verify import verify
-from precompile.io.files import file_sha256
+from precompile.io.hashed_copy import file_sha256
 
 NEW = 3
 

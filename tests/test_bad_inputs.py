@@ -581,12 +581,12 @@ def test_interrupt_leaves_nothing_half_written(slow_source, tmp_path, sig, previ
 
 def test_signal_turned_into_another_error_still_reads_as_interrupt(tmp_path):
     """safetensors can turn a KeyboardInterrupt raised in its callback into a ValueError (seen in
-    test_interrupt_leaves_nothing_half_written before the fix): atomic_dir must still report the interrupt."""
-    from precompile.io.files import atomic_dir
+    test_interrupt_leaves_nothing_half_written before the fix): OutDir.write must still report the interrupt."""
+    from precompile.io.out_dir import OutDir
 
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        with atomic_dir(out, force=False):
+        with OutDir.resolve(out).write():
             try:
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(5)

@@ -1,4 +1,4 @@
-"""The standalone loader's copies of file hashing (it imports nothing of precompile) agree with `files`."""
+"""The standalone loader's copies of file hashing (it imports nothing of precompile) agree with `hashed_copy`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import hashlib
 import pytest
 
 from precompile import loader
-from precompile.io.files import blob_sha256, file_sha256
+from precompile.io.hashed_copy import blob_sha256, file_sha256
 
 
 @pytest.mark.parametrize("size", [0, 1, (16 << 20) + 3])  # empty, tiny, and across the 16 MiB read block

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import tiny
 from conftest import run_cli
 from precompile import convert, load
-from precompile.io.files import file_sha256
+from precompile.io.hashed_copy import file_sha256
 
 MAX_NEW = 12
 

@@ -25,7 +25,7 @@ import yaml
 
 import tiny
 from conftest import ROOT, check_refused, edit_json, fail_after, invoke, leftovers, run_cli, tree_snapshot
-from precompile.io.files import LOCK_PREFIX
+from precompile.io.out_dir import LOCK_PREFIX
 from precompile.loader import MANIFEST
 from precompile.publish.card import CARD_FILE
 

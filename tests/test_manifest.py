@@ -15,7 +15,7 @@ import pytest
 import tiny
 from precompile import loader
 from precompile.convert import convert
-from precompile.io.files import write_json
+from precompile.io.file_safety import write_json
 from precompile.io.safetensors_files import DTYPE_NAMES, TORCH_DTYPES
 from precompile.loader import MANIFEST, Manifest, PrecompileLoadError, SourceNotFoundError, locate_source, read_manifest
 

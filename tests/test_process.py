@@ -1,4 +1,5 @@
-"""The process-wide tuning of the `precompile` program (precompile/process.py), which the library never applies."""
+"""The process-wide tuning of the `precompile` program (precompile/io/process_memory.py), never applied by the
+library."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from precompile.io.process import THP_ENV
+from precompile.io.process_memory import THP_ENV
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 THP_MODE = THP.read_text().split("[")[1].split("]")[0] if THP.exists() else "never"
@@ -29,7 +30,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(THP_MODE != "madvise", reason=f"transparent huge pages are '{THP_MODE}', not 'madvise'")
 @pytest.mark.parametrize("setup, huge", [
     ("import precompile.cli", False),  # the library leaves the process's allocator alone
-    ("import precompile.cli\nfrom precompile.io.process import use_huge_pages\nuse_huge_pages()", True),
+    ("import precompile.cli\nfrom precompile.io.process_memory import use_huge_pages\nuse_huge_pages()", True),
 ])
 def test_the_program_alone_backs_large_tensors_with_huge_pages(setup, huge):
     """The order `run` has: everything imported, then the tuning, then the first tensor. A fresh 64 MiB

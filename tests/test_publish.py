@@ -26,7 +26,7 @@ import precompile
 from precompile.check.verify import check_outputs
 from precompile.cli import main as cli_main
 from precompile.errors import UserError
-from precompile.io.source import HUB_TRIES
+from precompile.io.hub import HUB_TRIES
 from precompile.loader import FORMAT_VERSION
 from precompile.plan.trade import to_markdown
 from precompile.publish.card import CARD_FILE, SelfCheckSummary, read_source_card, render_card, update_card
@@ -111,7 +111,7 @@ def test_card_says_when_the_self_check_was_skipped(src, tmp_path):
 
 def test_card_is_recorded_and_integrity_covers_it(full, tmp_path):
     m = manifest(full)
-    assert m["outputs"][CARD_FILE] == precompile.io.files.file_sha256(full / CARD_FILE)
+    assert m["outputs"][CARD_FILE] == precompile.io.hashed_copy.file_sha256(full / CARD_FILE)
     assert check_outputs(full, m).passed
     damaged = tiny.copy_tree(full, tmp_path / "damaged")
     with open(damaged / CARD_FILE, "a") as f:
@@ -146,7 +146,7 @@ def test_overlay_card_names_base_and_revision(overlay):
     text = (overlay / CARD_FILE).read_text()
     assert f"needs its base model `{REPO}` at revision `{REV}`" in text
     assert "kind `overlay`" in text
-    assert manifest(overlay)["outputs"][CARD_FILE] == precompile.io.files.file_sha256(overlay / CARD_FILE)
+    assert manifest(overlay)["outputs"][CARD_FILE] == precompile.io.hashed_copy.file_sha256(overlay / CARD_FILE)
 
 
 def test_equal_inputs_give_identical_card_bytes(full, home, tmp_path):

@@ -203,7 +203,7 @@ def test_manifest_hashes_are_the_files_hashes(checkpoint, tmp_path, monkeypatch,
 def test_copy_hashed_writes_the_ranges_and_hashes_both_sides(tmp_path_factory, data, cuts, whole, block):
     """Any sorted, disjoint ranges (empty ones too), any block size: the output is their bytes in order,
     its digest theirs, and the source digest (when asked) the whole file's."""
-    import precompile.io.files as files
+    import precompile.io.hashed_copy as files
 
     d = tmp_path_factory.mktemp("copy")
     (d / "src").write_bytes(data)
@@ -349,8 +349,9 @@ def test_projections_are_stacked_once_without_copies(checkpoint, family):
 _HEAP_KEPT_SCRIPT = """
 import os, resource
 import pytest, torch
-from precompile.io import process
-from precompile.io.process import heap_kept
+from precompile.io import process_memory as process
+from precompile.io.process_memory import heap_kept
+from precompile.io.signals import install_interrupt_handler
 
 def faults(n=6):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -362,7 +363,7 @@ pages = 6 * (64 << 20) // resource.getpagesize()
 small_pages = os.environ.get(process.THP_ENV, "0") == "0"  # huge pages fault in 2 MiB at a time
 with heap_kept():  # as in a library caller (cli.run, tested elsewhere, opts in)
     assert faults() > pages // 2 or not small_pages, "not opted in: nothing changes"
-process.keep_freed_memory()
+install_interrupt_handler()  # what makes this process the program
 with pytest.raises(RuntimeError), heap_kept():
     raise RuntimeError("undone on the way out, too")
 assert faults() > pages // 2 or not small_pages, "undone on the way out"

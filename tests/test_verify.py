@@ -16,7 +16,7 @@ from conftest import run_cli, tree_snapshot
 from precompile import convert
 from precompile.check.row_check import ulp
 from precompile.check.verify import _row_ids, read_prompts, reference_model, verify
-from precompile.io.files import file_sha256
+from precompile.io.hashed_copy import file_sha256
 from precompile.io.safetensors_files import Checkpoint, read_header
 
 NEW = 3  # generated tokens: enough to exercise the KV-cache path, cheap

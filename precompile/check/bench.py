@@ -38,7 +38,7 @@ from torch import nn
 
 from precompile.compute.device import pick_device
 from precompile.errors import UserError
-from precompile.io.procfs import proc_bytes
+from precompile.io.process_memory import proc_bytes
 from precompile.io.progress import Progress
 from precompile.io.safetensors_files import TORCH_DTYPES, dtype_name
 from precompile.io.source import resolve_source

@@ -32,7 +32,8 @@ from precompile.check.allowance import FACTOR, LOGIT_KEYS, Allowance, Distance, 
 from precompile.check.row_check import check_rows
 from precompile.compute.device import pick_device
 from precompile.errors import UserError
-from precompile.io.files import check_regular, file_sha256
+from precompile.io.file_safety import check_regular
+from precompile.io.hashed_copy import file_sha256
 from precompile.io.progress import Progress
 from precompile.io.safetensors_files import DTYPES, TORCH_DTYPES, Checkpoint, TensorInfo, dtype_name
 from precompile.io.source import Source, read_config, resolve_source

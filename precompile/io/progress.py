@@ -1,6 +1,6 @@
 """Progress output: a tqdm bar on a terminal, plain log lines in CI logs, nothing when quiet.
 
-Every tick is also where the program notices an interrupt that a library swallowed (files.raise_if_interrupted).
+Every tick is also where the program notices an interrupt that a library swallowed (signals.raise_if_interrupted).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, TextIO
 
-from precompile.io.files import raise_if_interrupted
+from precompile.io.signals import raise_if_interrupted
 
 
 class Progress:

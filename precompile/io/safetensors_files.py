@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from precompile.errors import UserError
-from precompile.io.files import check_free_space, check_inside, check_regular, read_json
+from precompile.io.file_safety import check_free_space, check_inside, check_regular, read_json
 from precompile.io.weight_file_names import (
     INDEX_NAME, PICKLE_INDEX, PICKLE_SUFFIXES, SINGLE_NAME, has_safetensors, weight_index)
 

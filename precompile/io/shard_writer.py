@@ -2,7 +2,7 @@
 
 Nothing here holds a whole checkpoint or the whole table in memory: the table is streamed chunk
 by chunk after its header, and kept tensors are copied as byte ranges (a dtype change is streamed
-in blocks). Where those files go, and how OUT_DIR appears whole, is `files`' job.
+in blocks). Where those files go, and how OUT_DIR appears whole, is `hashed_copy`'s and `out_dir`'s job.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import torch
 
 from precompile.errors import UserError
-from precompile.io.files import copy_hashed
+from precompile.io.hashed_copy import copy_hashed
 from precompile.io.safetensors_files import DTYPE_NAMES, DTYPES, TensorInfo, element_size, output_dtype, write_header
 
 

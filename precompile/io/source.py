@@ -9,16 +9,14 @@ first, then (`fetch_files`) only the shards that hold the tensors layer 0 needs.
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
 from collections.abc import Collection
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from precompile.errors import UserError
-from precompile.io.files import check_inside, check_regular, read_json
+from precompile.io.file_safety import check_inside, check_regular, read_json
+from precompile.io.hub import bound_hub_requests, hub_errors
 from precompile.io.weight_file_names import INDEX_NAME, SINGLE_NAME, weight_index
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt",
@@ -101,111 +99,13 @@ def _fetch_weights(src: Source) -> None:
         _download(src.id, src.revision, missing)
 
 
-HUB_TIMEOUT_ENV = "PRECOMPILE_HUB_TIMEOUT"  # seconds a hub request may wait for the next byte (default 60)
-HUB_TRIES = 3  # each call of this tool to the hub, at most (a timeout or a broken connection is retried)
-
-
-def hub_timeout() -> float:
-    raw = os.environ.get(HUB_TIMEOUT_ENV, "").strip()
-    try:
-        value = float(raw) if raw else 60.0
-    except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and 0 < value <= 86400):
-        raise UserError(f"{HUB_TIMEOUT_ENV}={raw!r} is not a number of seconds between 0 and 86400; fix or unset it")
-    return value
-
-
-def bound_hub_requests() -> None:
-    """Give every request huggingface_hub makes a timeout (`PRECOMPILE_HUB_TIMEOUT` seconds to connect, and
-    between two bytes sent or received): its own client has none, so an endpoint that accepts the connection
-    and never answers would hold a download or a push forever. Idempotent."""
-    import huggingface_hub
-
-    timeout = hub_timeout()
-    if hasattr(huggingface_hub, "set_client_factory"):  # huggingface_hub >= 1.0: httpx / httpx2
-        from huggingface_hub.utils import _http
-
-        current = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
-        base = getattr(current, "precompile_base", current)
-        if getattr(current, "precompile_timeout", None) == timeout:
-            return
-
-        def factory():
-            client = base()
-            client.timeout = timeout
-            return client
-
-        factory.precompile_base, factory.precompile_timeout = base, timeout
-        huggingface_hub.set_client_factory(factory)
-    else:  # older releases: requests
-        import requests
-
-        class Session(requests.Session):
-            def request(self, *args, **kwargs):
-                if kwargs.get("timeout") is None:
-                    kwargs["timeout"] = timeout
-                return super().request(*args, **kwargs)
-
-        huggingface_hub.configure_http_backend(backend_factory=Session)
-
-
-def with_retries(call, *args, **kwargs):
-    """call(*args, **kwargs), tried HUB_TRIES times in all when the network fails (a timeout, a refused or
-    broken connection; not an answer of the hub such as 401 or 404), 1 s then 2 s apart."""
-    import time
-
-    from huggingface_hub.errors import HfHubHTTPError
-
-    transport = HfHubHTTPError.__bases__[0]  # the HTTP library's own error (httpx, httpx2 or requests)
-    for attempt in range(HUB_TRIES):
-        try:
-            return call(*args, **kwargs)
-        except (transport, ConnectionError, TimeoutError) as e:
-            if isinstance(e, HfHubHTTPError) or attempt == HUB_TRIES - 1:
-                raise
-        time.sleep(2 ** attempt)
-
-
 def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> Source:
     from huggingface_hub import snapshot_download
 
     bound_hub_requests()
-    with _hub_errors(repo_id, revision):
+    with hub_errors("download", repo_id, revision):
         root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns))
     return Source(root=root, id=repo_id, revision=root.name, path=None)
-
-
-@contextmanager
-def _hub_errors(repo_id: str, revision: str | None, what: str = ""):
-    """Turn huggingface_hub's exceptions into one-line UserErrors that say what to do."""
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError,
-                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
-
-    try:
-        yield
-    except HFValidationError as e:
-        raise UserError(f"{repo_id}{'@' + revision if revision else ''}: not a valid hub repo id or revision "
-                        f"({str(e).splitlines()[0][:160]}); check SOURCE and --revision") from None
-    except GatedRepoError:
-        raise UserError(f"{repo_id} is gated; accept its licence on the hub and set HF_TOKEN") from None
-    except RepositoryNotFoundError:
-        raise UserError(f"{repo_id} not found on the hub; check the repo id, or set HF_TOKEN for a private "
-                        f"repo") from None
-    except RevisionNotFoundError:
-        raise UserError(f"revision {revision} of {repo_id} not found; check --revision") from None
-    # LocalEntryNotFoundError subclasses EntryNotFoundError in huggingface_hub: catch it first
-    except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        hint = ("it is not in the HF cache and HF_HUB_OFFLINE is set; download it first or unset HF_HUB_OFFLINE"
-                if offline else "the hub cannot be reached and it is not in the HF cache; check the network")
-        target = f"{what} of " if what else ""
-        raise UserError(f"{target}{repo_id}{'@' + revision if revision else ''}: {hint}") from None
-    except EntryNotFoundError:
-        raise UserError(f"{repo_id}{'@' + revision if revision else ''} has no file {what}; the repo's index names "
-                        f"a file it does not hold, re-upload or pick another revision") from None
-    except OSError as e:
-        raise UserError(f"{repo_id}: download failed ({e}); check the network, disk space and HF_TOKEN") from None
 
 
 def fetch_files(src: Source, names: list[str]) -> None:
@@ -219,7 +119,7 @@ def fetch_files(src: Source, names: list[str]) -> None:
         from huggingface_hub import hf_hub_download
 
         bound_hub_requests()
-        with _hub_errors(src.id, src.revision, name):
+        with hub_errors("download", src.id, src.revision, name):
             got = Path(hf_hub_download(src.id, name, revision=src.revision))
         if got.parent != src.root:
             raise UserError(f"{src.id}: {name} was fetched into {got.parent}, not the snapshot {src.root}; the HF "

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from precompile.errors import UserError
-from precompile.io.files import TMP_PREFIX, scratch_dir
+from precompile.io.out_dir import TMP_PREFIX, scratch_dir
 from precompile.io.safetensors_files import (
     DTYPE_NAMES, DTYPES, FLOAT_DTYPES, SINGLE_NAME, TORCH_DTYPES, Checkpoint, PartialCheckpoint, TensorInfo,
     dtype_name, element_size, has_safetensors, open_checkpoint, output_dtype)

@@ -326,7 +326,7 @@ def exact_figures(conv: ConversionPlan, batch_sizes: tuple[int, ...] = DEFAULT_B
 # --- sources ---------------------------------------------------------------------------------------------------
 
 def _read_json_file(path: Path) -> dict:
-    from precompile.io.files import read_json
+    from precompile.io.file_safety import read_json
 
     try:
         data = read_json(path, "pass a config.json")
@@ -341,10 +341,10 @@ def _hub_config(repo_id: str, revision: str | None) -> Path:
     """Only config.json of a hub repo (from the HF cache when offline)."""
     from huggingface_hub import hf_hub_download
 
-    from precompile.io.source import _hub_errors, bound_hub_requests
+    from precompile.io.hub import bound_hub_requests, hub_errors
 
     bound_hub_requests()
-    with _hub_errors(repo_id, revision, "config.json"):
+    with hub_errors("download", repo_id, revision, "config.json"):
         return Path(hf_hub_download(repo_id, "config.json", revision=revision))
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from precompile.errors import UserError
-from precompile.io.files import check_regular
+from precompile.io.file_safety import check_regular
 from precompile.profiles.sections import (
     ACTIVATIONS, EXPERT, HEAD, ConfigValue, DenseLayersDef, FfnDef, FlagValue, NormDef, ProfileDef, ProjectionDef,
     TensorRef, config_get)

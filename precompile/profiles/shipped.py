@@ -88,7 +88,7 @@ def to_json(rows: list[Support], transformers_version: str) -> str:
 
 def shipped_matrix(path: Path | None = None) -> tuple[str, list[Support]]:
     """(transformers version, rows) of the classification shipped in configs/ (what `precompile profiles` prints)."""
-    from precompile.io.files import read_json
+    from precompile.io.file_safety import read_json
 
     path = path or configs_dir() / MATRIX_FILE
     try:

@@ -18,7 +18,10 @@ import yaml
 
 from precompile.check.verify import check_counts, fmt_metrics, fmt_threshold, read_out_dir
 from precompile.errors import UserError
-from precompile.io.files import file_sha256, out_dir_lock, out_dir_target, signals_deferred, write_json
+from precompile.io.file_safety import write_json
+from precompile.io.hashed_copy import file_sha256
+from precompile.io.out_dir import OutDir
+from precompile.io.signals import signals_deferred
 from precompile.io.safetensors_files import dtype_name
 from precompile.loader import FORMAT_VERSION, MANIFEST, Manifest
 from precompile.plan.trade import exact_figures, headline, model_figures, to_markdown, verdict_line, with_verdict
@@ -311,7 +314,7 @@ def update_card(out_dir: str | os.PathLike, result: dict) -> str:
         return f"{out / CARD_FILE} not updated: OUT_DIR's files differ from its {MANIFEST}"
     card = out / CARD_FILE
     tmp_card, tmp_manifest = out / f".{CARD_FILE}.tmp", out / f".{MANIFEST}.tmp"
-    with out_dir_lock(out_dir_target(out)):  # one writer of OUT_DIR's files (held already by `verify --update-card`)
+    with OutDir.resolve(out).lock():  # one writer of OUT_DIR's files (held already by `verify --update-card`)
         try:
             tmp_card.write_text(splice_verify(card.read_text(encoding="utf-8"), verify_section(result)),
                                 encoding="utf-8")

@@ -6,25 +6,26 @@ model, never half of it, which is what OUT_DIR's own atomic write promises local
 `upload_large_folder` at any size: its many commits would give up that property, and not every
 huggingface_hub this project supports has it (2.4 has none); upload_folder uploads large files itself.
 HF_TOKEN, HF_ENDPOINT and the login in HF_HOME are huggingface_hub's own business; its
-failures become one-line `UserError`s that say what to do.
+failures become one-line `UserError`s that say what to do (`precompile.io.hub`'s table, for uploads).
 """
 
 from __future__ import annotations
 
 import glob
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from precompile.errors import UserError
+from precompile.io.hub import NO_TOKEN, bound_hub_requests, hub_errors, with_retries
+from precompile.io.out_dir import OutDir
 from precompile.io.progress import Progress
 from precompile.loader import MANIFEST
 from precompile.version import __version__
 
 PUBLIC_HUB = "huggingface.co"
-NO_TOKEN = "no Hugging Face token: set HF_TOKEN to a token with write access, or run `hf auth login`"
 # Weight files already in the repo that this OUT_DIR does not hold are deleted in the same commit: a revision
 # never mixes two conversions' shards (the repo's other files, e.g. images a user added, stay).
 STALE_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
@@ -126,18 +127,16 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
         return plan_push(out_dir, repo_id, private=private, revision=revision, commit_message=commit_message)
     from huggingface_hub import HfApi
 
-    from precompile.io.files import out_dir_lock, out_dir_target
-    from precompile.io.source import bound_hub_requests, with_retries
 
-    target = out_dir_target(out_dir)
+    target = OutDir.resolve(out_dir)
     # no run of ours replaces or rewrites OUT_DIR's files while they upload (where none could: a read-only parent)
-    held = out_dir_lock(target) if os.access(target.parent, os.W_OK | os.X_OK) else nullcontext()
+    held = target.lock() if os.access(target.path.parent, os.W_OK | os.X_OK) else nullcontext()
     with held:
         plan = plan_push(out_dir, repo_id, private=private, revision=revision, commit_message=commit_message)
         check_token()
         bound_hub_requests()
         api = HfApi()
-        with hub_errors(repo_id, plan.revision):
+        with hub_errors("upload", repo_id, plan.revision):
             progress.log(f"creating {repo_id} if needed")
             with_retries(api.create_repo, repo_id, repo_type="model", private=private, exist_ok=True)
             if plan.revision != "main":
@@ -149,58 +148,3 @@ def push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, rev
                          allow_patterns=[glob.escape(n) for n, _ in plan.files], delete_patterns=STALE_PATTERNS)
     progress.log(f"pushed {plan.out_dir} to {repo_id}@{plan.revision}")
     return plan
-
-
-@contextmanager
-def hub_errors(repo_id: str, revision: str):
-    """huggingface_hub's failures as one line each: auth, permission, quota, missing repo, network."""
-    from huggingface_hub.errors import (HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
-    transport = HfHubHTTPError.__bases__[0]  # the HTTP library's own error (httpx, httpx2 or requests)
-    try:
-        yield
-    except RevisionNotFoundError:
-        raise UserError(f"branch {revision} of {repo_id} not found and not created; check --revision") from None
-    except RepositoryNotFoundError:
-        raise UserError(f"{repo_id} not found and could not be created: the namespace does not exist or the token "
-                        f"cannot write to it; check REPO_ID and HF_TOKEN") from None
-    except HfHubHTTPError as e:
-        raise UserError(_http_message(e, repo_id)) from None
-    except LocalTokenNotFoundError:
-        raise UserError(NO_TOKEN) from None
-    except OfflineModeIsEnabled:
-        raise UserError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it to push") from None
-    except (transport, ConnectionError, TimeoutError) as e:
-        from huggingface_hub import constants
-
-        from precompile.io.source import HUB_TIMEOUT_ENV, HUB_TRIES
-
-        raise UserError(f"cannot reach the hub at {constants.ENDPOINT} after {HUB_TRIES} tries ({_first_line(e)}); "
-                        f"check the network and HF_ENDPOINT ({HUB_TIMEOUT_ENV} sets the seconds to wait), then push "
-                        f"again") from None
-    except OSError as e:  # a local file or cache problem while uploading
-        raise UserError(f"uploading to {repo_id} failed ({_first_line(e)}); check OUT_DIR and the disk, then push "
-                        f"again") from None
-
-
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
-
-
-def _http_message(e, repo_id: str) -> str:
-    status = getattr(getattr(e, "response", None), "status_code", None)
-    detail = (getattr(e, "server_message", None) or str(e)).strip().splitlines()
-    detail = detail[0] if detail else ""
-    if status == 401:
-        return (f"authentication failed (401): HF_TOKEN is missing, invalid or expired; set HF_TOKEN to a write "
-                f"token or run `hf auth login` ({detail})")
-    if status in (402, 413) or any(w in detail.lower() for w in ("quota", "storage limit", "exceeded")):
-        return (f"the hub refused the upload to {repo_id}: quota exceeded ({status}: {detail}); free space in the "
-                f"account or organization, or push to another namespace")
-    if status == 403:
-        return (f"permission denied (403) for {repo_id}: the token cannot write to this namespace; use a token "
-                f"with write access to it, or another REPO_ID ({detail})")
-    if status == 429:
-        return f"the hub is rate-limiting requests (429: {detail}); wait a few minutes and push again"
-    return f"the hub refused the request for {repo_id} ({status}: {detail}); check REPO_ID and push again"

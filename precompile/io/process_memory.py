@@ -1,7 +1,10 @@
-"""Process-wide tuning that the `precompile` program applies to itself.
+"""This process's memory: the tuning the `precompile` program applies to itself, and the figures /proc reports.
 
-Only the console entry point (`precompile.cli.run`) calls these: they change the whole process,
-so the library API, and a Python user who imports it, never get them.
+The tuning changes the whole process, so only the program applies it: the console entry point
+(`precompile.cli.run`) calls `use_huge_pages` and `skip_exit_collection`, and `heap_kept` acts only
+while the program runs (`signals.in_program`, the one program-mode flag); the library API, and a
+Python user who imports it, never get it. `proc_bytes` reads what the kernel says was used (batch's
+and bench's peak memory figures).
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+from precompile.io.signals import in_program
 
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
 
@@ -39,12 +45,6 @@ def skip_exit_collection() -> None:
 # glibc's mallopt parameters, and the values its dynamic thresholds grow to (64-bit)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_MAX, KEPT = 32 << 20, 1 << 30
-_heap = {"keep": False}
-
-
-def keep_freed_memory() -> None:
-    """Let `heap_kept` (convert's table computation) keep freed memory for reuse: see there."""
-    _heap["keep"] = True
 
 
 @contextmanager
@@ -56,10 +56,10 @@ def heap_kept() -> Iterator[None]:
     pages in (huge pages cut the count of faults, not the zeroing): the system time was a third of the
     table's. Kept, the blocks are reused, and memory stays at about one chunk's working set. On the
     way out the thresholds are the ones glibc would have grown to and what was kept is given back.
-    Only in the `precompile` program (`keep_freed_memory`), and only with glibc.
+    Only in the `precompile` program (`in_program`), and only with glibc.
     """
     try:
-        libc = ctypes.CDLL(None) if _heap["keep"] else None
+        libc = ctypes.CDLL(None) if in_program() else None
         mallopt, trim = (libc.mallopt, libc.malloc_trim) if libc is not None else (None, None)
     except (OSError, AttributeError):
         mallopt = trim = None
@@ -74,3 +74,15 @@ def heap_kept() -> Iterator[None]:
         mallopt(M_MMAP_THRESHOLD, MMAP_MAX)
         mallopt(M_TRIM_THRESHOLD, 2 * MMAP_MAX)
         trim(0)
+
+
+def proc_bytes(path: str, field: str) -> int | None:
+    """The `field:  N kB` line of a /proc status file (/proc/meminfo, /proc/self/status), in bytes (None where
+    it cannot be read: other systems)."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
