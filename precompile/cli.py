@@ -48,7 +48,9 @@ def _field_options(fields: tuple[dataclasses.Field, ...], helps: dict[str, str])
                 kw.update(type=click.IntRange(min=m.minimum), default=f.default, show_default=True)
             elif m.path:
                 kw.update(type=click.Path())
-            elif getattr(m, "kind", None) and "/" not in cli_flag(f):  # "--a/--no-a": a flag, on, off or unset
+            elif "/" in cli_flag(f):  # "--a/--no-a": a flag, on, off or unset (None)
+                kw.update(default=f.default)
+            elif getattr(m, "kind", None):
                 kw.update(type=m.kind, default=f.default, show_default=m.show_default)
             command = click.option(cli_flag(f), f.name, **kw)(command)
         return command
