@@ -55,7 +55,7 @@ def verify(out_dir: str | Path, options: VerifyOptions | None = None, *, thresho
     out, manifest = read_out_dir(out_dir)
     prompt_list = opts.prompt_list()
     n_rows = opts.row_count()
-    opts.check_counts()
+    opts.check_ranges()
     dev = pick_device(opts.device)
     table_dtype_name = manifest.table.dtype
     th = opts.thresholds()

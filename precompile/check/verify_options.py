@@ -152,7 +152,7 @@ class VerifyOptions:
             raise UserError(f"--rows must be 0 or more (or 'all'), got {rows}")
         return rows
 
-    def check_counts(self) -> None:
+    def check_ranges(self) -> None:
         """Refuse a count out of range, naming the flag (the library says the same as the CLI)."""
         if self.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
@@ -163,10 +163,12 @@ class VerifyOptions:
 
 
 def verify_fields() -> tuple[dataclasses.Field, ...]:
+    """VerifyOptions' fields, in the order `precompile verify --help` lists their flags."""
     return dataclasses.fields(VerifyOptions)
 
 
 def flag_of(f: dataclasses.Field) -> VerifyFlag:
+    """A VerifyOptions field's declaration."""
     return f.metadata["option"]
 
 
