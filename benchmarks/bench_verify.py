@@ -140,7 +140,8 @@ def bench_rows_all(n_rows: int | None) -> None:
     from precompile.io.source import read_config
     from precompile.io.safetensors_files import Checkpoint
     from precompile.plan.table_layout import table_layout
-    from precompile.check.verify import check_table_rows, _thresholds
+    from precompile.check.verify import check_table_rows
+    from precompile.check.verify_options import VerifyOptions
 
     config = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                   num_key_value_heads=8, head_dim=128, num_hidden_layers=32, vocab_size=128256,
@@ -162,7 +163,7 @@ def bench_rows_all(n_rows: int | None) -> None:
         layout = table_layout(spec, frozenset(ref.tensors))
         vocab = layout.vocab_size
         ids = None if n_rows is None else list(range(0, vocab, max(1, vocab // n_rows)))[:n_rows]
-        th = _thresholds("bfloat16", None)
+        th = VerifyOptions().thresholds()
         c = check_table_rows(out, manifest, spec, layout, ref, ids, th, torch.device("cpu"), Progress(quiet=True))
         m = c.metrics
         per_row = m["seconds"] / m["rows"]

@@ -5,7 +5,8 @@ Library API (the CLI is a thin layer over it):
 - `plan_conversion(source, ...)`: what a conversion would read, eliminate and write.
 - `load(out_dir, device=None, dtype=None, base=None)`: the converted model as a transformers model
   (an overlay is laid over its base: the recorded source, or `base`).
-- `verify(out_dir, ...)`: check a converted model against its original; returns the report.
+- `verify(out_dir, ...)`: check a converted model against its original; returns the report; its options
+  are `VerifyOptions` fields.
 - `materialize(overlay_dir, full_dir)`: an overlay turned into a full conversion.
 """
 
@@ -15,14 +16,14 @@ import types
 from precompile.version import __version__
 
 __all__ = ["convert", "plan_conversion", "load", "verify", "materialize", "ConversionPlan", "ConvertOptions",
-           "ConvertResult", "UserError", "VerificationError", "PrecompileLoadError", "__version__"]
+           "VerifyOptions", "ConvertResult", "UserError", "VerificationError", "PrecompileLoadError", "__version__"]
 
 # Where each public name lives. They are imported on first use (PEP 562), so that `import precompile.cli`
 # (every command's start) costs no torch import before the CLI has installed its signal handling.
 _HOME = {"convert": "convert", "plan_conversion": "plan.conversion_plan", "ConversionPlan": "plan.conversion_plan",
          "ConvertResult": "convert", "ConvertOptions": "plan.convert_options", "UserError": "errors",
          "VerificationError": "errors", "load": "loader", "PrecompileLoadError": "loader",
-         "materialize": "materialize", "verify": "check.verify"}
+         "materialize": "materialize", "verify": "check.verify", "VerifyOptions": "check.verify_options"}
 
 
 class _Package(types.ModuleType):

@@ -6,6 +6,7 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -20,17 +21,25 @@ from precompile.plan.convert_options import ConvertOptions, cli_flag, meta, opti
 from precompile.version import __version__
 
 _DEVICE = click.Choice(meta("device").choices)
+_QUIET = click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 
 
-def _convert_options(*names: str, **helps: str):
-    """Click options derived from the ConvertOptions fields `names` (default: all), in their order; `helps`
-    rewords a flag's help for a command that uses it on another kind of output."""
-    chosen = [f for f in option_fields() if not names or f.name in names]
+def _dry_run(help: str):
+    """--dry-run, worded for what the command would do."""
+    return click.option("--dry-run", is_flag=True, help=help)
+
+
+def _field_options(fields: tuple[dataclasses.Field, ...], helps: dict[str, str]):
+    """Click options derived from option dataclass fields (ConvertOptions, VerifyOptions), in their order, from
+    each field's metadata (`OptionMeta`, `VerifyFlag`); `helps` rewords a flag's help for a command that uses it
+    on another kind of output."""
 
     def decorate(command):
-        for f in reversed(chosen):
+        for f in reversed(fields):
             m = meta(f)
             kw = {"help": helps.get(f.name, m.help)}
+            if getattr(m, "metavar", None):
+                kw["metavar"] = m.metavar
             if isinstance(f.default, bool):
                 kw.update(is_flag=True, flag_value=not f.default, default=f.default)
             elif m.choices:
@@ -39,9 +48,25 @@ def _convert_options(*names: str, **helps: str):
                 kw.update(type=click.IntRange(min=m.minimum), default=f.default, show_default=True)
             elif m.path:
                 kw.update(type=click.Path())
+            elif "/" in cli_flag(f):  # "--a/--no-a": a flag, on, off or unset (None)
+                kw.update(default=f.default)
+            elif getattr(m, "kind", None):
+                kw.update(type=m.kind, default=f.default, show_default=m.show_default)
             command = click.option(cli_flag(f), f.name, **kw)(command)
         return command
     return decorate
+
+
+def _convert_options(*names: str, **helps: str):
+    """The ConvertOptions fields `names` (default: all) as click options."""
+    return _field_options(tuple(f for f in option_fields() if not names or f.name in names), helps)
+
+
+def _verify_options(*names: str):
+    """The VerifyOptions fields `names` as click options (those with a flag)."""
+    from precompile.check.verify_options import flag_of, verify_fields
+
+    return _field_options(tuple(f for f in verify_fields() if f.name in names and flag_of(f).cli), {})
 
 
 _reported: list[int] = []  # the exit status of the one line already printed (see _fail)
@@ -111,10 +136,10 @@ def main(debug: bool) -> None:
 @click.argument("out_dir", type=click.Path(file_okay=True, dir_okay=True))
 @_convert_options()
 @click.option("--force", is_flag=True, help="Replace an existing OUT_DIR (only once the new one is complete).")
-@click.option("--dry-run", is_flag=True, help="Print what would be read, eliminated and written; write nothing.")
+@_dry_run("Print what would be read, eliminated and written; write nothing.")
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", help="Then upload OUT_DIR to this hub repo, as "
               "`precompile push` does (the token and an overlay's base are checked before converting).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@_QUIET
 def convert(source, out_dir, force, dry_run, push_to, quiet, **options):
     """Convert SOURCE (hub id or local directory) into OUT_DIR."""
     opts = ConvertOptions(**options)
@@ -149,7 +174,7 @@ def convert(source, out_dir, force, dry_run, push_to, quiet, **options):
                   link="How unchanged shards enter FULL_DIR.",
                   self_check="Skip comparing layer 0 with transformers' own model before FULL_DIR is written.")
 @click.option("--force", is_flag=True, help="Replace an existing FULL_DIR (only once the new one is complete).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@_QUIET
 def materialize(overlay_dir, full_dir, base, profile, link, self_check, force, quiet):
     """Turn OVERLAY_DIR into a full conversion in FULL_DIR (the same bytes as `convert` without --overlay, on
     the machine that made the overlay: its table is copied, not recomputed)."""
@@ -161,36 +186,14 @@ def materialize(overlay_dir, full_dir, base, profile, link, self_check, force, q
 
 @main.command()
 @click.argument("out_dir")
-@click.option("--prompts", "prompts_file", metavar="FILE", help="Prompts: a UTF-8 text file (one per line) or JSONL "
-              "with a \"prompt\" field (default: a small built-in set).")
-@click.option("--reference", metavar="SOURCE", help="The original checkpoint (directory or hub id; default: the source "
-              "recorded in precompile.json).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Greedy tokens generated per prompt.")
-@click.option("--rows", default=str(1024), show_default=True, metavar="N|all",
-              help="Table rows to recompute: N sampled (seeded) plus every prompt token, or 'all'.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the row sample.")
-@click.option("--device", type=_DEVICE, default="auto", show_default=True, help="Where to run the models.")
-@click.option("--fp32-reference/--no-fp32-reference", default=None,
-              help="Also run the original upcast to float32 (default: on for bfloat16/float16 models under 2 GB).")
-@click.option("--profile", "profile_path", type=click.Path(), help="Architecture profile YAML (default: the one "
-              "recorded in precompile.json).")
+@_verify_options("prompts", "reference", "max_new_tokens", "rows", "seed", "device", "fp32_reference", "profile")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
-@click.option("--max-abs-diff", type=float, help="Largest allowed |logit difference| (default: derived, see README).")
-@click.option("--max-mean-diff", type=float, help="Largest allowed mean |logit difference|.")
-@click.option("--max-kl", type=float, help="Largest allowed mean KL(original || converted).")
-@click.option("--min-top1", type=float, help="Smallest allowed top-1 agreement (0-1).")
-@click.option("--generation-tie", type=float, help="Logit gap under which a greedy divergence counts as a tie.")
-@click.option("--rows-lambda", type=float, help="Safety factor of the table rows' accumulation bound (default 2).")
-@click.option("--rows-z", type=float, help="Largest allowed row-mean error statistic (default 4.5).")
-@click.option("--max-fp32-ratio", type=float, help="Largest allowed converted/original mean and RMS distance to "
-              "float32; also the F of the derived logit limits (default 1.5).")
+@_verify_options("max_abs_diff", "mean_abs_diff", "kl", "top1", "generation_tie", "rows_lambda", "rows_z",
+                 "fp32_ratio")
 @click.option("--update-card", is_flag=True, help="Write the checks, thresholds and outcome into OUT_DIR's "
               "README.md model card (and its sha256 into precompile.json); no other file changes.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device, fp32_reference, profile_path,
-           json_path, max_abs_diff, max_mean_diff, max_kl, min_top1, generation_tie, rows_lambda, rows_z,
-           max_fp32_ratio, update_card, quiet):
+@_QUIET
+def verify(out_dir, json_path, update_card, quiet, **options):
     """Check OUT_DIR against its original model: files, table rows, logits, generation.
 
     Exit 0 when every check passes, 1 when any fails, 2 for bad input.
@@ -199,14 +202,14 @@ def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device,
     from contextlib import ExitStack
     from pathlib import Path
 
+    from precompile.check.check_report import format_report, summary_line
+    from precompile.check.verify import verify as run_verify
+    from precompile.check.verify_options import VerifyOptions
     from precompile.io.file_safety import check_report_path, write_report
-    from precompile.check.verify import format_report, summary_line, verify as run_verify
 
     if json_path is not None:
         check_report_path(json_path, "--json", Path(out_dir))
-    thresholds = {"max_abs_diff": max_abs_diff, "mean_abs_diff": max_mean_diff, "kl": max_kl, "top1": min_top1,
-                  "generation_tie": generation_tie, "rows_lambda": rows_lambda, "rows_z": rows_z,
-                  "fp32_ratio": max_fp32_ratio}
+    opts = VerifyOptions(**options)
     with ExitStack() as held:
         if update_card:  # the card and manifest verify checks are the ones it rewrites: no other writer meanwhile
             from precompile.publish.card import check_card
@@ -214,9 +217,7 @@ def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device,
 
             check_card(Path(out_dir))
             held.enter_context(OutDir.resolve(out_dir).lock())
-        result = run_verify(out_dir, prompts=prompts_file, reference=reference, max_new_tokens=max_new_tokens,
-                            rows=rows, seed=seed, device=device, fp32_reference=fp32_reference,
-                            thresholds=thresholds, profile=profile_path, progress=Progress(quiet=quiet))
+        result = run_verify(out_dir, opts, progress=Progress(quiet=quiet))
         click.echo(format_report(result))
         if update_card:
             from precompile.publish.card import update_card as run_update_card
@@ -241,8 +242,8 @@ def verify(out_dir, prompts_file, reference, max_new_tokens, rows, seed, device,
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="Write JUnit XML here.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed entry.")
-@click.option("--dry-run", is_flag=True, help="List what would be converted or skipped; write nothing.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@_dry_run("List what would be converted or skipped; write nothing.")
+@_QUIET
 def batch(zoo, out_root, shard, jobs, memory_budget, verify_all, report_path, junit_path, fail_fast, dry_run,
           quiet):
     """Convert every model listed in ZOO.yaml; exit 1 if any entry failed."""
@@ -289,17 +290,13 @@ def batch(zoo, out_root, shard, jobs, memory_budget, verify_all, report_path, ju
 @click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=120, show_default=True,
               help="Seconds after which bench stops (once it has 2 repetitions, even below --reps) and reports "
               "what it resolved.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@_QUIET
 def bench(out_dir, source, device, dtype, batches, prompt_len, decode_tokens, reps, max_reps, budget, quiet):
     """Time OUT_DIR's model with and without its lookups, next to the theoretical saving."""
     from precompile.check.bench import bench as run_bench
+    from precompile.plan.trade import parse_batch_sizes
 
-    try:
-        sizes = tuple(int(b) for b in batches.split(","))
-        if min(sizes) < 1:
-            raise ValueError
-    except ValueError:
-        raise UserError(f"--batches {batches} must be positive integers separated by commas, e.g. 1,16") from None
+    sizes = parse_batch_sizes(batches, "--batches", "1,16")
     result = run_bench(out_dir, source, device=device, dtype=dtype, batches=sizes, prompt_len=prompt_len,
                        decode_tokens=decode_tokens, reps=reps, max_reps=max_reps, budget=budget,
                        progress=Progress(quiet=quiet))
@@ -316,9 +313,8 @@ def bench(out_dir, source, device, dtype, batches, prompt_len, decode_tokens, re
 @click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
 @click.option("--revision", metavar="BRANCH", help="Branch to commit to, created if needed (default: main).")
 @click.option("--commit-message", metavar="M", help="The commit's message (default: names the source and tool).")
-@click.option("--dry-run", is_flag=True, help="Check OUT_DIR and print the repo, revision and every file with its "
-              "size; upload nothing.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@_dry_run("Check OUT_DIR and print the repo, revision and every file with its size; upload nothing.")
+@_QUIET
 def push(out_dir, repo_id, private, revision, commit_message, dry_run, quiet):
     """Upload OUT_DIR to the hub repo REPO_ID after checking every sha256 in its manifest.
 

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 
 from precompile.check.self_check import SelfCheckResult, self_check as check_layer0
-from precompile.check.verify import BUILD_LOCK, quiet_transformers
+from precompile.check.reference_model import BUILD_LOCK, quiet_transformers
 from precompile.compute.device import pick_device
 from precompile.compute.table_math import compute_rows, stack_projections
 from precompile.errors import UserError

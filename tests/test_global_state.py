@@ -13,7 +13,7 @@ from transformers.utils import logging as tlog
 
 from precompile import convert, verify
 from precompile.check.bench import bench
-from precompile.check.verify import parameters_on_meta, quiet_transformers
+from precompile.check.reference_model import parameters_on_meta, quiet_transformers
 
 
 def _module_attributes() -> dict[str, object]:

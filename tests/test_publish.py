@@ -23,7 +23,7 @@ import tiny
 from conftest import ROOT, run_cli, tree_snapshot
 
 import precompile
-from precompile.check.verify import check_outputs
+from precompile.check.file_checks import check_outputs
 from precompile.cli import main as cli_main
 from precompile.errors import UserError
 from precompile.io.hub import HUB_TRIES

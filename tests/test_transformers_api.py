@@ -15,7 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import precompile
 import tiny
-from precompile.check.verify import check_outputs, verify
+from precompile.check.file_checks import check_outputs
+from precompile.check.verify import verify
 from precompile.loader import MANIFEST, PLAIN_LOAD_MESSAGE, RESIZE_MESSAGE, Manifest
 
 FAMILIES = {"serial": "llama", "parallel": "gpt_neox", "moe": "mixtral", "tied": "llama_tied"}

@@ -15,7 +15,9 @@ import tiny
 from conftest import run_cli, tree_snapshot
 from precompile import convert
 from precompile.check.row_check import ulp
-from precompile.check.verify import _row_ids, read_prompts, reference_model, verify
+from precompile.check.reference_model import reference_model
+from precompile.check.verify import _row_ids, verify
+from precompile.check.verify_options import read_prompts
 from precompile.io.hashed_copy import file_sha256
 from precompile.io.safetensors_files import Checkpoint, read_header
 
@@ -353,7 +355,7 @@ def test_hub_source_is_found_by_recorded_revision(checkpoint, tmp_path):
 def test_summary_counts_passed_failed_and_skipped_apart():
     """A skipped check is not counted as passed (issue 25): `PASSED: 8 passed, 1 skipped`."""
     from precompile.publish.card import verify_section
-    from precompile.check.verify import summary_line
+    from precompile.check.check_report import summary_line
 
     checks = [{"name": f"c{i}", "passed": True, "metrics": {}, "threshold": {}} for i in range(8)]
     skipped = {"name": "fp32-reference", "passed": True, "metrics": {}, "threshold": {}, "skipped": "float32"}
@@ -366,7 +368,8 @@ def test_summary_counts_passed_failed_and_skipped_apart():
 
 
 def test_precision_sentence_only_outside_the_noise():
-    from precompile.check.verify import precision_difference, precision_verdict
+    from precompile.check.check_report import precision_verdict
+    from precompile.check.model_checks import precision_difference
 
     assert precision_verdict(*precision_difference([-1.0, -1.1, -0.9, -1.0])) == "precompute gained precision"
     assert precision_verdict(*precision_difference([1.0, 1.1, 0.9, 1.0])) == "precompute cost precision"

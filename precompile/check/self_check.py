@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from precompile.check.verify import BUILD_LOCK, parameters_on_meta, quiet_transformers
+from precompile.check.reference_model import BUILD_LOCK, parameters_on_meta, quiet_transformers
 from precompile.errors import UserError, VerificationError
 from precompile.io.safetensors_files import INDEX_NAME, Checkpoint, PartialCheckpoint, dtype_name, mapped
 from precompile.io.source import fetch_files, weight_map

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from precompile.check.verify import check_counts, fmt_metrics, fmt_threshold, read_out_dir
+from precompile.check.check_report import check_counts, fmt_metrics, fmt_threshold
+from precompile.check.file_checks import read_out_dir
 from precompile.errors import UserError
 from precompile.io.file_safety import write_json
 from precompile.io.hashed_copy import file_sha256

@@ -97,7 +97,7 @@ def check_push_source(repo_id: str, source: str, overlay: bool) -> None:
 def plan_push(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
               commit_message: str | None = None) -> PushPlan:
     """Check OUT_DIR (manifest, every recorded sha256, overlay base on the hub) and list what would be uploaded."""
-    from precompile.check.verify import check_outputs, read_out_dir
+    from precompile.check.file_checks import check_outputs, read_out_dir
 
     check_repo_id(repo_id)
     out, manifest = read_out_dir(out_dir)
