@@ -26,7 +26,7 @@ from precompile.io.progress import Progress
 from precompile.loader import MANIFEST, Manifest, PrecompileLoadError
 from precompile.plan.conversion_plan import planned, recorded_options
 from precompile.plan.convert_options import ConvertOptions, accepts, describe, meta, option_fields
-from precompile.profiles.catalog import read_yaml
+from precompile.profiles.bounded_yaml import read_yaml
 
 
 def _is_repo_id(v: str) -> bool:

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from precompile.errors import UserError
-from precompile.profiles.catalog import KEY_TABLE_MARKERS, builtin_profiles, validate_profile, write_key_table
+from precompile.profiles.catalog import KEY_TABLE_MARKERS, builtin_profiles, write_key_table
+from precompile.profiles.profile_resolution import validate_profile
 from precompile.profiles.sections import ProfileDef
 from precompile.profiles.yaml_schema import dump, hints, is_required, key_table, parse, section_title, sections
 

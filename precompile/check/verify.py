@@ -40,7 +40,8 @@ from precompile.loader import (
     MANIFEST, PLAIN_LOAD_MESSAGE, Manifest, PrecompileLoadError, SourceNotFoundError, indexed_table_file, load,
     locate_source, original_config, overlay_base)
 from precompile.plan.table_layout import GUARD_SHAPE, TableLayout, layer0_tensor_names, table_layout
-from precompile.profiles.catalog import conversion_profile, resolve
+from precompile.profiles.catalog import conversion_profile
+from precompile.profiles.profile_resolution import resolve
 
 BUILTIN_PROMPTS = [
     "The capital of France is",

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from precompile.errors import UserError
 
 if TYPE_CHECKING:
-    from precompile.profiles.catalog import Profile
+    from precompile.profiles.profile_resolution import Profile
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from precompile.errors import UserError
 from precompile.plan.table_layout import projection_width
-from precompile.profiles.catalog import ModelSpec, Projection, conversion_profile, resolve, select_profile
+from precompile.profiles.catalog import conversion_profile, select_profile
+from precompile.profiles.model_spec import ModelSpec, Projection
+from precompile.profiles.profile_resolution import resolve
 
 if TYPE_CHECKING:  # convert imports torch and transformers: plans from a config need neither
     from precompile.loader import Manifest

@@ -63,7 +63,7 @@ def read_source_card(root: Path) -> SourceCard:
     """
     from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
-    from precompile.profiles.catalog import YAML_MAX_BYTES, parse_yaml
+    from precompile.profiles.bounded_yaml import YAML_MAX_BYTES, parse_yaml
     from precompile.io.source import SOURCE_CARD, source_file
 
     path = source_file(root, SOURCE_CARD, "model card")
