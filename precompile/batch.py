@@ -298,7 +298,7 @@ def _run_entry(entry: Entry, out_root: Path, verify_all: bool, progress: Progres
 
 
 def _plan(out_dir: Path) -> dict | None:
-    from precompile.plan.trade import plan_model
+    from precompile.plan.plan_report import plan_model
 
     return plan_model(str(out_dir))
 

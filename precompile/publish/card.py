@@ -21,7 +21,8 @@ from precompile.errors import UserError
 from precompile.io.files import file_sha256, out_dir_lock, out_dir_target, signals_deferred, write_json
 from precompile.io.safetensors_files import dtype_name
 from precompile.loader import FORMAT_VERSION, MANIFEST, Manifest
-from precompile.plan.trade import exact_figures, headline, model_figures, to_markdown, verdict_line, with_verdict
+from precompile.plan.plan_report import headline, model_figures, to_markdown, with_verdict
+from precompile.plan.trade import exact_figures, verdict_line
 from precompile.version import __version__
 
 if TYPE_CHECKING:  # for annotations only: planning imports torch
