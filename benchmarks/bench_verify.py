@@ -135,7 +135,8 @@ def bench_rss(layers: int) -> None:
 def bench_rows_all(n_rows: int | None) -> None:
     from precompile import convert
     from precompile.loader import read_manifest
-    from precompile.profiles.catalog import resolve, select_profile
+    from precompile.profiles.catalog import select_profile
+    from precompile.profiles.profile_resolution import resolve
     from precompile.io.progress import Progress
     from precompile.io.source import read_config
     from precompile.io.safetensors_files import Checkpoint

@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from precompile.errors import UserError  # noqa: E402
 from precompile.plan.table_layout import table_layout  # noqa: E402
-from precompile.profiles.catalog import resolve, select_profile  # noqa: E402
+from precompile.profiles.catalog import select_profile  # noqa: E402
+from precompile.profiles.profile_resolution import resolve  # noqa: E402
 
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 

@@ -8,7 +8,6 @@ the results go to a JSON report and JUnit XML.
 
 from __future__ import annotations
 
-import functools
 import re
 import threading
 import time
@@ -16,7 +15,6 @@ import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from precompile.convert import convert
 from precompile.errors import UserError, VerificationError
@@ -25,45 +23,8 @@ from precompile.io.process_memory import proc_bytes
 from precompile.io.progress import Progress
 from precompile.loader import MANIFEST, Manifest, PrecompileLoadError
 from precompile.plan.conversion_plan import planned, recorded_options
-from precompile.plan.convert_options import ConvertOptions, accepts, describe, meta, option_fields
-from precompile.profiles.catalog import read_yaml
-
-
-def _is_repo_id(v: str) -> bool:
-    from precompile.publish.push import check_repo_id
-
-    try:
-        check_repo_id(v)
-    except UserError:
-        return False
-    return True
-
-
-# Options an entry (or `defaults:`) may set, with a check for each value: every ConvertOptions field under its
-# name (precompile/options.py), then what batch does after converting.
-OPTION_CHECKS: dict[str, tuple[str, Any]] = {
-    **{f.name: (describe(f), functools.partial(accepts, f)) for f in option_fields()},
-    "prompts": ("a prompts file path or a list of strings",
-                lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(p, str) for p in v))),
-    "verify": ("true or false", lambda v: isinstance(v, bool)),
-    "push_to": ("a hub repo id (namespace/name)", lambda v: isinstance(v, str) and _is_repo_id(v)),
-}
-# Fields holding a file path, which a zoo file gives relative to itself.
-PATH_FIELDS = (*(f.name for f in option_fields() if meta(f).path), "prompts")
-
-ENTRY_ONLY = {"source": "a hub id or a local path", "out": "a directory name under --out-root"}
-
-
-@dataclass
-class Entry:
-    index: int
-    source: str
-    out: str
-    options: dict[str, Any]
-
-    @property
-    def convert_options(self) -> ConvertOptions:
-        return ConvertOptions(**{f.name: self.options[f.name] for f in option_fields() if f.name in self.options})
+from precompile.plan.convert_options import meta, option_fields
+from precompile.zoo_file import Entry, load_zoo
 
 
 @dataclass
@@ -82,70 +43,6 @@ class EntryResult:
         return {"source": self.entry.source, "out": self.entry.out, "status": self.status,
                 "seconds": round(self.seconds, 3), "bytes": self.bytes, "plan": self.plan, "verify": self.verify,
                 "error": self.error, "pushed": self.pushed, "reason": self.reason}
-
-
-def default_out_name(source: str) -> str:
-    """org/name -> org--name; a local path -> its last component."""
-    name = source.rstrip("/").replace("/", "--") if not Path(source).exists() else Path(source).resolve().name
-    return re.sub(r"[^\w.-]", "_", name)
-
-
-def load_zoo(path: str | Path) -> list[Entry]:
-    """Read and validate ZOO.yaml up front: a bad field is named with its entry index before any work."""
-    path = Path(path)
-    data = read_yaml(path, "zoo file")
-    if not isinstance(data, dict) or not isinstance(data.get("models"), list) or not data["models"]:
-        raise UserError(f"zoo file {path} must be a mapping with a non-empty 'models:' list "
-                        f"(and optional 'defaults:')")
-    unknown = set(data) - {"models", "defaults"}
-    if unknown:
-        raise UserError(f"zoo file {path}: unknown top-level key '{sorted(unknown)[0]}'; use models: and defaults:")
-    defaults = data.get("defaults") or {}
-    if not isinstance(defaults, dict):
-        raise UserError(f"zoo file {path}: defaults must be a mapping of options")
-    for key, value in defaults.items():
-        _check_option(path, "defaults", key, value)
-    entries: list[Entry] = []
-    outs: dict[str, int] = {}
-    for i, raw in enumerate(data["models"]):
-        where = f"models[{i}]"
-        if isinstance(raw, str):
-            raw = {"source": raw}
-        if not isinstance(raw, dict):
-            raise UserError(f"zoo file {path}: {where} must be a mapping with a 'source' field")
-        if "source" not in raw or not isinstance(raw["source"], str) or not raw["source"]:
-            raise UserError(f"zoo file {path}: {where} is missing field 'source' (a hub id or a local path)")
-        for key, value in raw.items():
-            if key in ENTRY_ONLY:
-                if not isinstance(value, str) or not value:
-                    raise UserError(f"zoo file {path}: {where}.{key} must be {ENTRY_ONLY[key]}")
-            else:
-                _check_option(path, where, key, value)
-        source = raw["source"]
-        if not Path(source).is_absolute() and (path.parent / source).exists():
-            source = str((path.parent / source).resolve())  # local paths are relative to the zoo file
-        out = raw.get("out") or default_out_name(source)
-        if "/" in out or out in (".", ".."):
-            raise UserError(f"zoo file {path}: {where}.out '{out}' must be a plain directory name")
-        if out in outs:
-            raise UserError(f"zoo file {path}: {where} writes to '{out}' like models[{outs[out]}]; set a distinct "
-                            f"'out'")
-        outs[out] = i
-        options = {**defaults, **{k: v for k, v in raw.items() if k not in ENTRY_ONLY}}
-        for key in PATH_FIELDS:
-            if isinstance(options.get(key), str) and not Path(options[key]).is_absolute():
-                options[key] = str((path.parent / options[key]).resolve())
-        entries.append(Entry(i, source, out, options))
-    return entries
-
-
-def _check_option(path: Path, where: str, key: str, value: Any) -> None:
-    if key not in OPTION_CHECKS:
-        known = ", ".join(["source", "out", *OPTION_CHECKS])
-        raise UserError(f"zoo file {path}: {where} has unknown field '{key}'; known fields: {known}")
-    what, ok = OPTION_CHECKS[key]
-    if not ok(value):
-        raise UserError(f"zoo file {path}: {where}.{key} must be {what}, got {value!r}")
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -176,7 +73,7 @@ def stale_reason(entry: Entry, out_dir: Path) -> str | None:
 
     Planning resolves the source (from the HF cache for hub ids) and reads headers only. Output files are
     checked lazily: every size first (a truncated table fails without reading anything), then every sha256.
-    Only the options declared `compared` are (precompile/options.py): the others, such as chunk size and
+    Only the options declared `compared` are (precompile/plan/convert_options.py): the others, such as chunk size and
     device, change table values at most within the rounding bound (the bytes are the same for the same
     options on one machine; README: Determinism).
     """
@@ -298,7 +195,7 @@ def _run_entry(entry: Entry, out_root: Path, verify_all: bool, progress: Progres
 
 
 def _plan(out_dir: Path) -> dict | None:
-    from precompile.plan.trade import plan_model
+    from precompile.plan.plan_report import plan_model
 
     return plan_model(str(out_dir))
 

@@ -374,7 +374,8 @@ def plan(source, batch_sizes, assume_parallel, profile_path, revision, dtype, js
     """
     import json
 
-    from precompile.plan.trade import parse_batch_sizes, plan_model, plot, to_markdown, to_text, verdict_line
+    from precompile.plan.plan_report import parse_batch_sizes, plan_model, plot, to_markdown, to_text
+    from precompile.plan.trade import verdict_line
 
     result = plan_model(source, profile=profile_path, assume_parallel=assume_parallel,
                         batch_sizes=parse_batch_sizes(batch_sizes), revision=revision, dtype=dtype)

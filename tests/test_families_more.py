@@ -97,9 +97,11 @@ def test_new_keys_are_validated(profile, patch, words, tmp_path):
     import yaml
 
     from precompile.errors import UserError
-    from precompile.profiles.catalog import _apply_patch, _configs_dir, load_profile
+    from precompile.profiles.catalog import load_profile
+    from precompile.profiles.profile_resolution import _apply_patch
+    from precompile.profiles.shipped import configs_dir
 
-    data = _apply_patch(yaml.safe_load((_configs_dir() / f"{profile}.yaml").read_text()), patch)
+    data = _apply_patch(yaml.safe_load((configs_dir() / f"{profile}.yaml").read_text()), patch)
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(UserError, match=str(path)) as e:
@@ -112,9 +114,11 @@ def test_multiplier_with_a_parallel_block_is_refused(tmp_path):
     import yaml
 
     from precompile.errors import UserError
-    from precompile.profiles.catalog import _apply_patch, _configs_dir, load_profile, resolve
+    from precompile.profiles.catalog import load_profile
+    from precompile.profiles.profile_resolution import _apply_patch, resolve
+    from precompile.profiles.shipped import configs_dir
 
-    data = _apply_patch(yaml.safe_load((_configs_dir() / "cohere2.yaml").read_text()),
+    data = _apply_patch(yaml.safe_load((configs_dir() / "cohere2.yaml").read_text()),
                         {"embedding": {"multiplier": {"value": 2.0}}})
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -27,7 +27,8 @@ from precompile.check.self_check import point_bound
 from precompile.cli import main as cli_main
 from precompile.compute.table_math import ffn_output
 from precompile.plan.table_layout import table_layout
-from precompile.profiles.catalog import load_profile, resolve
+from precompile.profiles.catalog import load_profile
+from precompile.profiles.profile_resolution import resolve
 
 D, HD = 64, 16  # hidden size and head_dim of every tiny model here
 # family -> (block, table width). The width is written out by hand from the head counts so that a

@@ -57,9 +57,11 @@ def test_new_keys_are_validated(profile, patch, words, tmp_path):
     import yaml
 
     from precompile.errors import UserError
-    from precompile.profiles.catalog import _apply_patch, _configs_dir, load_profile
+    from precompile.profiles.catalog import load_profile
+    from precompile.profiles.profile_resolution import _apply_patch
+    from precompile.profiles.shipped import configs_dir
 
-    data = _apply_patch(yaml.safe_load((_configs_dir() / f"{profile}.yaml").read_text()), patch)
+    data = _apply_patch(yaml.safe_load((configs_dir() / f"{profile}.yaml").read_text()), patch)
     data.pop("variants", None)
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -70,7 +72,7 @@ def test_new_keys_are_validated(profile, patch, words, tmp_path):
 
 def test_expressions_read_config_keys():
     """An arithmetic entry is present when every key it names is; the first present entry wins (GPT-J's n_inner)."""
-    from precompile.profiles.sections import ConfigValue, expression_value
+    from precompile.profiles.config_values import ConfigValue, expression_value
 
     cfg = {"n_inner": None, "n_embd": 64, "a": {"b": 3}, "layer_types": ["conv", "full_attention"]}
     assert expression_value(cfg, "4 * n_embd") == 256
@@ -84,7 +86,9 @@ def test_expressions_read_config_keys():
 def test_a_mixer_config_with_a_biased_input_projection_is_refused():
     """zero_masked is exact only without a bias: such a config is refused by name, not converted wrong."""
     from precompile.errors import UserError
-    from precompile.profiles.catalog import _configs_dir, load_profile, resolve
+    from precompile.profiles.catalog import load_profile
+    from precompile.profiles.profile_resolution import resolve
+    from precompile.profiles.shipped import configs_dir
 
     with pytest.raises(UserError, match="use_bias"):
-        resolve(load_profile(_configs_dir() / "mamba.yaml"), tiny.make_config("mamba", use_bias=True).to_dict())
+        resolve(load_profile(configs_dir() / "mamba.yaml"), tiny.make_config("mamba", use_bias=True).to_dict())

@@ -14,9 +14,10 @@ import yaml
 
 from conftest import ROOT
 from precompile import ConvertOptions, UserError, convert, plan_conversion
-from precompile.batch import OPTION_CHECKS, Entry, load_zoo, stale_reason
+from precompile.batch import stale_reason
 from precompile.cli import main
 from precompile.plan.convert_options import cli_flag, meta, option_fields, zoo_table
+from precompile.zoo_file import OPTION_CHECKS, Entry, load_zoo
 from test_bad_inputs import to_pickle
 
 FIELDS = [f.name for f in option_fields()]

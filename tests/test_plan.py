@@ -22,7 +22,7 @@ import tiny
 from conftest import run_cli, tree_snapshot
 from precompile import UserError, convert
 from precompile.cli import main
-from precompile.plan.trade import parse_batch_sizes, plan_model
+from precompile.plan.plan_report import parse_batch_sizes, plan_model
 
 # Published config.json values and parameter counts of real models (copied from shared/reference).
 REF = json.loads((Path(__file__).parent / "data" / "model_configs.json").read_text())

@@ -19,9 +19,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from precompile.errors import UserError
-from precompile.profiles.catalog import KEY_TABLE_MARKERS, builtin_profiles, validate_profile, write_key_table
+from precompile.profiles.catalog import KEY_TABLE_MARKERS, builtin_profiles, write_key_table
+from precompile.profiles.profile_resolution import validate_profile
 from precompile.profiles.sections import ProfileDef
-from precompile.profiles.yaml_schema import dump, hints, is_required, key_table, parse, section_title, sections
+from precompile.profiles.yaml_schema import (
+    dump, hints, is_required, key_meta, key_table, parse, section_title, sections)
 
 # A profile that uses every section of the schema at least once (latent-attention projections with a low-rank
 # input and an output norm, a MoE parallel block with a shared expert, q/k norms, an embedding scale and norm, a
@@ -252,7 +254,7 @@ def _one(tp, f):
     if typing.get_origin(tp) is dict:
         return st.dictionaries(NAMES, SCALARS, max_size=3)
     if tp is str:
-        return st.sampled_from(f.metadata["choices"]) if f.metadata["choices"] else NAMES
+        return st.sampled_from(key_meta(f).choices) if key_meta(f).choices else NAMES
     return {bool: st.booleans(), float: st.one_of(st.integers(-3, 3), st.floats(-4, 4))}[tp]
 
 

@@ -15,7 +15,8 @@ import tiny
 from conftest import ROOT
 from precompile.errors import UserError
 from precompile.plan.table_layout import projection_width, table_layout
-from precompile.profiles.catalog import ModelSpec, Profile, resolve, validate_profile
+from precompile.profiles.model_spec import ModelSpec
+from precompile.profiles.profile_resolution import Profile, resolve, validate_profile
 
 PROFILE_FILES = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("_"))
 PROFILES = {p.stem: yaml.safe_load(p.read_text()) for p in PROFILE_FILES}

@@ -28,7 +28,7 @@ from precompile.cli import main as cli_main
 from precompile.errors import UserError
 from precompile.io.hub import HUB_TRIES
 from precompile.loader import FORMAT_VERSION
-from precompile.plan.trade import to_markdown
+from precompile.plan.plan_report import to_markdown
 from precompile.publish.card import CARD_FILE, SelfCheckSummary, read_source_card, render_card, update_card
 from precompile.publish.push import PushPlan, push
 

@@ -31,7 +31,7 @@ from precompile.io.safetensors_files import read_header
 from precompile.io.shard_writer import write_table
 from precompile.plan.conversion_plan import plan_conversion
 from precompile.plan.table_layout import TABLE_FILE, table_file_header
-from precompile.profiles.catalog import ACTIVATIONS
+from precompile.profiles.sections import ACTIVATIONS
 
 import tiny
 

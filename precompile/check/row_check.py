@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from precompile.compute.table_math import (
     activation, apply_norm, compute_rows, embedding_output, layer_input, normed_parts, qk_norm_weights, route)
 from precompile.plan.table_layout import TableLayout
-from precompile.profiles.catalog import Expert, Ffn, ModelSpec, Norm, Projection
+from precompile.profiles.model_spec import Expert, Ffn, ModelSpec, Norm, Projection
 
 ACT_SLOPE = 1.2  # bound on |act'(x)| for silu, gelu, gelu_tanh and relu (1.1, 1.13, 1.13, 1)
 

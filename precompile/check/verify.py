@@ -35,7 +35,8 @@ from precompile.io.safetensors_files import TORCH_DTYPES, Checkpoint, dtype_name
 from precompile.io.source import read_config
 from precompile.loader import MANIFEST, Manifest, PrecompileLoadError, indexed_table_file, overlay_base
 from precompile.plan.table_layout import layer0_tensor_names, table_layout
-from precompile.profiles.catalog import conversion_profile, resolve
+from precompile.profiles.catalog import conversion_profile
+from precompile.profiles.profile_resolution import resolve
 
 FP32_REFERENCE_MAX_BYTES = 2 * 10**9
 

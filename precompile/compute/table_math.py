@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from precompile.plan.table_layout import TableLayout
-from precompile.profiles.catalog import HEAD, Expert, Ffn, ModelSpec, Norm, Projection, expand_heads
+from precompile.profiles.model_spec import Expert, Ffn, ModelSpec, Norm, Projection, expand_heads
+from precompile.profiles.sections import HEAD
 
 
 def apply_norm(norm: Norm, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:

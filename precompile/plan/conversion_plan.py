@@ -27,8 +27,9 @@ from precompile.io.source import (
 from precompile.plan.convert_options import ConvertOptions, check_value, meta
 from precompile.plan.profile_fit import check_tensors
 from precompile.plan.table_layout import TableLayout, projection_width, table_file_header, table_inputs, table_layout
-from precompile.profiles.catalog import (
-    ModelSpec, Profile, Projection, builtin_profiles, match_keys, match_names, resolve, select_profile)
+from precompile.profiles.catalog import builtin_profiles, match_keys, match_names, select_profile
+from precompile.profiles.model_spec import ModelSpec, Projection
+from precompile.profiles.profile_resolution import Profile, resolve
 
 DTYPE_CHOICES = {n: TORCH_DTYPES[n] for n in meta("dtype").choices if n != "auto"}
 COMPUTE_CHOICES = {n: TORCH_DTYPES[n] for n in meta("compute_dtype").choices}

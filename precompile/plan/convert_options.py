@@ -2,55 +2,60 @@
 
 Each field of `ConvertOptions` carries its default and metadata (help, allowed values, whether the
 manifest records it, whether `batch` compares it), and everything else is derived from them: the
-flags of `precompile convert` (cli.py), the fields a zoo entry may set (batch.py), the manifest's
-`options` record and the keywords of the library's `convert()`. As mergekit derives its flags from
-`MergeOptions`: an option added here appears everywhere at once.
+flags of `precompile convert` (cli.py), the fields a zoo entry may set and how they are checked
+(batch.py's zoo sections reuse these very fields), the manifest's `options` record and the keywords of
+the library's `convert()`. As mergekit derives its flags from `MergeOptions`: an option added here
+appears everywhere at once. The metadata is the YAML schema's (`OptionMeta` extends
+`precompile.profiles.yaml_schema.KeyMeta`), so options, zoo keys and profile keys are declared one way.
 
-A bottom-level module: it imports nothing heavier than the error type.
+It imports nothing heavier than the error type and the YAML schema.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from precompile.errors import UserError
+from precompile.profiles.yaml_schema import KeyMeta, declared, key_meta
 
 if TYPE_CHECKING:
-    from precompile.profiles.catalog import Profile
+    from precompile.profiles.profile_resolution import Profile
 
 
 @dataclass(frozen=True)
-class OptionMeta:
-    """What a `ConvertOptions` field declares besides its default. Its zoo key is the field's name."""
+class OptionMeta(KeyMeta):
+    """What a `ConvertOptions` field declares besides its default: the YAML schema's `KeyMeta` (`doc` is the CLI
+    flag's help and the zoo key's meaning in docs/batch.md; `form` how a zoo error describes an allowed value,
+    where the type and choices do not say it), and what the CLI and the manifest make of it. Its zoo key is
+    the field's name."""
 
-    help: str  # the CLI flag's help, and the zoo key's meaning in docs/batch.md
-    choices: tuple[str, ...] = ()  # the allowed values, when they are a fixed set
-    minimum: int | None = None  # the smallest allowed integer
-    what: str = ""  # how a zoo error describes an allowed value, where the type and choices do not say it
-    path: bool = False  # a file path: in a zoo file, relative to the zoo file
     flag: str = ""  # the CLI flag when it is not --<name>: "--no-x" sets a boolean that defaults to true to false
     recorded: bool = False  # the manifest's `options` holds it (with the value planning resolved)
     compared: bool = False  # it changes what is written beyond rounding: planning takes it, and `batch`
     #                         converts again when it differs (the others change bytes at most within the
     #                         rounding bound, or not at all; README: Determinism)
 
+    @property
+    def help(self) -> str:
+        return self.doc
+
 
 def _option(default: Any, help: str, **meta: Any) -> Any:
     """A ConvertOptions field: its default and its OptionMeta."""
-    return field(default=default, metadata={"option": OptionMeta(help, **meta)})
+    return declared(OptionMeta(help, **meta), default)
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
     """How `convert` works: `convert(source, out_dir, ConvertOptions(...))`, or the fields as keywords."""
 
-    revision: str | None = _option(None, "Hub revision (branch, tag or commit) for a hub SOURCE.", what="a string",
+    revision: str | None = _option(None, "Hub revision (branch, tag or commit) for a hub SOURCE.", form="a string",
                                    compared=True)
     profile: str | os.PathLike | Profile | None = _option(  # noqa: RUF009 - _option is field(), frozen
-        None, "Architecture profile YAML (default: chosen from config.json).", what="a path to a YAML profile",
+        None, "Architecture profile YAML (default: chosen from config.json).", form="a path to a YAML profile",
         path=True, compared=True)
     device: str = _option("auto", "Where to compute the table (auto: CUDA when available).",
                           choices=("auto", "cpu", "cuda"))
@@ -58,7 +63,7 @@ class ConvertOptions:
                          choices=("auto", "float32", "bfloat16", "float16"), recorded=True, compared=True)
     compute_dtype: str = _option("float32", "Precision of the table computation.", choices=("float32", "float64"),
                                  recorded=True, compared=True)
-    chunk_size: int = _option(4096, "Vocabulary rows per compute chunk.", minimum=1, what="a positive integer")
+    chunk_size: int = _option(4096, "Vocabulary rows per compute chunk.", minimum=1, form="a positive integer")
     link: str = _option("auto", "How unchanged shards enter OUT_DIR (hardlink: editing OUT_DIR edits the source).",
                         choices=("auto", "reflink", "hardlink", "copy"))
     overlay: bool = _option(False, "Write only the table (+ manifest, config, tokenizer, shim), loaded over the "
@@ -100,7 +105,7 @@ def option_fields() -> tuple[dataclasses.Field, ...]:
 def meta(f: dataclasses.Field | str) -> OptionMeta:
     if isinstance(f, str):
         f = next(x for x in option_fields() if x.name == f)
-    return f.metadata["option"]
+    return key_meta(f)
 
 
 def cli_flag(f: dataclasses.Field) -> str:
@@ -109,23 +114,17 @@ def cli_flag(f: dataclasses.Field) -> str:
 
 
 def describe(f: dataclasses.Field) -> str:
-    """What a value of this option must be, as errors say it: "one of auto, cpu, cuda", "true or false"."""
-    m = meta(f)
+    """What a value of this option (or zoo key) must be, as errors say it: "one of auto, cpu, cuda", "true or
+    false"."""
+    m = key_meta(f)
     if m.choices:
         return f"one of {', '.join(m.choices)}"
-    return m.what or ("true or false" if isinstance(f.default, bool) else "a string")
+    return m.form or ("true or false" if isinstance(f.default, bool) else "a string")
 
 
-def accepts(f: dataclasses.Field, value: Any) -> bool:
-    """Whether a zoo file's value (plain YAML) is allowed for this option."""
-    m = meta(f)
-    if isinstance(f.default, bool):
-        return isinstance(value, bool)
-    if isinstance(f.default, int):
-        return isinstance(value, int) and not isinstance(value, bool) and (m.minimum is None or value >= m.minimum)
-    if m.choices:
-        return isinstance(value, str) and value in m.choices
-    return isinstance(value, str)
+def yaml_type(f: dataclasses.Field) -> type:
+    """The type of this option's value as a YAML file (a zoo) writes it: a path is a string there."""
+    return bool if isinstance(f.default, bool) else int if isinstance(f.default, int) else str
 
 
 def check_value(name: str, value: Any) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 from precompile.errors import UserError
 from precompile.io.safetensors_files import TensorInfo
 from precompile.plan.table_layout import projection_width, table_inputs
-from precompile.profiles.catalog import ModelSpec, Profile, effective_definition
+from precompile.profiles.model_spec import ModelSpec
+from precompile.profiles.profile_resolution import Profile, effective_definition
 from precompile.profiles.sections import ProfileDef
 from precompile.profiles.yaml_schema import tagged
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from precompile.profiles.catalog import ModelSpec, Projection
+from precompile.profiles.model_spec import ModelSpec, Projection
 
 if TYPE_CHECKING:  # the loader imports torch; `plan` on a config reads projection widths without it
     from precompile.loader import TableColumn

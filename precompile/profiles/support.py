@@ -18,326 +18,22 @@ configs/_support_matrix.json, which `precompile profiles` prints without reading
 
 from __future__ import annotations
 
-import ast
 import copy
-import itertools
 import re
 import warnings
-from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import cache
 from pathlib import Path
 
 from precompile.errors import UserError
-from precompile.profiles.catalog import (
-    Profile, _configs_dir, builtin_profiles, read_yaml, refusals, resolve, select_profile, validate_profile)
+from precompile.profiles.bounded_yaml import read_yaml
+from precompile.profiles.catalog import builtin_profiles, refusals, select_profile
+from precompile.profiles.profile_resolution import Profile, resolve, validate_profile
 from precompile.profiles.shipped import (
-    MATRIX_FILE, NOT_YET, REFUSED, SUPPORTED, Layer0Shape, Support, counts, to_json, to_text)
+    MATRIX_FILE, NOT_YET, REFUSED, SUPPORTED, Layer0Shape, Support, configs_dir, counts, to_json, to_text)
+from precompile.profiles.transformers_sources import SourceFacts, class_index, source_facts
 
 ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention", "attention")
 OVERRIDES_FILE = "_support.yaml"
-
-_POSITION_ATTR = re.compile(r"^(wpe|embed_positions|positions_embed|position_embeddings?|positional_embeddings?|"
-                            r"pos_emb\w*|embed_pos\w*|pos_embed\w*)$")
-_FUSED = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "W_pack", "in_proj", "qkv_linear")
-_SEPARATE = ("q_proj", "query", "q", "wq", "q_linear")
-_PROJ_NAMES = {*_FUSED, *_SEPARATE, "q_a_proj", "kv_a_proj_with_mqa", "kv_a_proj", "k_proj", "v_proj", "key", "value",
-               "k", "v", "wk", "wv", "k_linear", "v_linear"}
-_LATENT = ("q_a_proj", "kv_a_proj_with_mqa", "kv_a_proj")
-_QK_NORM = re.compile(r"self\.(q_norm|q_layernorm|query_layernorm|q_ln|query_norm)\s*=\s*([\w.]+)\((.*)")
-_OUTSIDE_SCALE = re.compile(r"inputs_embeds\s*\*(?!\*)|\*\s*inputs_embeds\b")
-
-
-# ----------------------------------------------------------------------------------------- source facts
-
-
-@dataclass(frozen=True)
-class _Facts:
-    """Facts read from a modeling module's source."""
-
-    shape: Layer0Shape
-    absolute_positions: bool
-    found: bool  # the decoder layer and its attention call were found
-    attn_input: str = "in"  # what the attention's norm reads: "in" (the layer's input) or "other"
-    attention_attrs: tuple[str, ...] = ()  # the attention class's own modules (named where none is a projection)
-    reads_embedding_weight: str = ""  # the base model's forward reads `self.<embedding>.weight` (the attribute)
-    shared_norm: str = ""  # a norm module the base model's forward applies both before and after its layers
-    attention_readers: tuple[str, ...] = ()  # modules besides q/k/v the attention applies to its input (a gate)
-    normed_residual: str = ""  # the attention's norm whose output the layer also adds to the residual stream
-    embeds_through: tuple[str, ...] = ()  # modules the base model's forward passes the embedding's output through
-
-
-def _models_dir() -> Path:
-    import transformers
-
-    return Path(transformers.__file__).parent / "models"
-
-
-@lru_cache(maxsize=1)
-def _class_index() -> dict[str, Path]:
-    """Class name -> the modeling file defining it (a text scan; nothing is imported)."""
-    out: dict[str, Path] = {}
-    pattern = re.compile(r"^class (\w+)\(", re.MULTILINE)
-    for f in sorted(_models_dir().glob("*/modeling_*.py")):
-        for name in pattern.findall(f.read_text(encoding="utf-8")):
-            out.setdefault(name, f)
-    return out
-
-
-class _Module:
-    """A modeling file's top-level classes, each parsed only when asked for (whole files take seconds)."""
-
-    def __init__(self, path: Path):
-        text = path.read_text(encoding="utf-8")
-        self._text: dict[str, str] = {}
-        self._tree: dict[str, ast.ClassDef | None] = {}
-        starts = [m.start() for m in re.finditer(r"^[^\s#)\]}]", text, re.MULTILINE)] + [len(text)]
-        for a, b in itertools.pairwise(starts):
-            m = re.match(r"class (\w+)\b", text[a:b])
-            if m:
-                self._text.setdefault(m.group(1), text[a:b])
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._text
-
-    def get(self, name: str | None) -> ast.ClassDef | None:
-        if name not in self._text:
-            return None
-        if name not in self._tree:
-            try:
-                node = ast.parse(self._text[name]).body[0]
-            except SyntaxError:
-                node = None
-            self._tree[name] = node if isinstance(node, ast.ClassDef) else None
-        return self._tree[name]
-
-    def source(self, name: str, node: ast.AST) -> str:
-        """The source text of a node inside class `name`."""
-        lines = self._text[name].splitlines()
-        return "\n".join(lines[node.lineno - 1:node.end_lineno])
-
-
-@cache
-def _module(path: Path) -> _Module:
-    return _Module(path)
-
-
-def _method(cls: ast.ClassDef, name: str) -> ast.FunctionDef | None:
-    return next((n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == name), None)
-
-
-def _self_assigns(cls: ast.ClassDef) -> dict[str, ast.expr]:
-    """`self.attr = value` in __init__ (the first assignment of each attr)."""
-    init = _method(cls, "__init__")
-    out: dict[str, ast.expr] = {}
-    for node in ast.walk(init) if init else ():
-        if isinstance(node, ast.Assign):
-            for t in node.targets:
-                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
-                    out.setdefault(t.attr, node.value)
-    return out
-
-
-def _called_class(value: ast.expr) -> str | None:
-    """`Foo(...)` / `nn.Foo(...)` -> 'Foo'."""
-    if isinstance(value, ast.Call):
-        f = value.func
-        return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
-    return None
-
-
-def _either_class(value: ast.expr) -> str | None:
-    """`_called_class`, also of `A(...) if cond else B(...)` where both are norms (of one kind, or 'NormByConfig');
-    None where the two differ otherwise (ModernBERT's layer 0 gets an Identity, the others a LayerNorm)."""
-    if not isinstance(value, ast.IfExp):
-        return _called_class(value)
-    a, b = _called_class(value.body), _called_class(value.orelse)
-    if a == b:
-        return a
-    if a and b and "norm" in a.lower() and "norm" in b.lower():
-        return a if _norm_kind(a) == _norm_kind(b) else "NormByConfig"
-    return None
-
-
-def _names_in(node: ast.AST) -> set[str]:
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
-
-
-def _classify_attr(cls_name: str | None, attr: str) -> str | None:
-    """'norm', 'attn' or 'mlp' for a submodule of a decoder layer, from its class and attribute names."""
-    name = (cls_name or "").lower()
-    if "norm" in name:
-        return "norm"
-    if "attention" in name or "attn" in name or attr in ("self_attn", "attn", "attention", "self_attention"):
-        return "attn"
-    if any(k in name for k in ("mlp", "moe", "feedforward", "experts", "ffn")) or attr in (
-            "mlp", "feed_forward", "ffn", "block_sparse_moe", "moe"):
-        return "mlp"
-    return None
-
-
-class _Flow:
-    """Follows a decoder layer's forward: what the attention and the FFN read, in terms of the input."""
-
-    def __init__(self, roles: dict[str, str], first_arg: str):
-        self.roles = roles
-        self.env = {first_arg: "in"}
-        self.attn_in: str | None = None
-        self.mlp_in: list[str] = []  # every FFN call's input (a block may be serial or parallel by config)
-        self.normed_residual = ""  # a norm of the layer's input that a residual sum adds (MiniMax's)
-
-    def label(self, e: ast.expr) -> str:
-        if isinstance(e, ast.Name):
-            return self.env.get(e.id, "other")
-        if isinstance(e, ast.Call) and isinstance(e.func, ast.Attribute) and isinstance(e.func.value, ast.Name) \
-                and e.func.value.id == "self":
-            role = self.roles.get(e.func.attr)
-            arg = e.args[0] if e.args else next((k.value for k in e.keywords if k.arg == "hidden_states"), None)
-            inner = self.label(arg) if arg is not None else "other"
-            if role == "norm":
-                return f"norm({e.func.attr}):{inner}"
-            if role == "attn" and self.attn_in is None:
-                self.attn_in = inner
-                return "attn"
-            if role == "mlp":
-                self.mlp_in.append(inner)
-                return "mlp"
-            return "other"
-        if isinstance(e, ast.BinOp):
-            if isinstance(e.op, ast.Add):
-                for n in ast.walk(e):
-                    lab = self.env.get(n.id, "") if isinstance(n, ast.Name) else ""
-                    if lab.startswith("norm(") and _root(lab) == "in":
-                        self.normed_residual = lab.split(":", 1)[0][5:-1]
-            self.label(e.left), self.label(e.right)
-            return "sum" if isinstance(e.op, ast.Add) else "other"
-        for child in ast.iter_child_nodes(e):
-            if isinstance(child, ast.expr):
-                self.label(child)
-        return "other"
-
-    def run(self, body: list[ast.stmt]) -> None:
-        for st in body:
-            if isinstance(st, ast.Assign):
-                val = self.label(st.value)
-                for t in st.targets:
-                    if isinstance(t, ast.Name):
-                        self.env[t.id] = val
-                    elif isinstance(t, ast.Tuple) and t.elts and isinstance(t.elts[0], ast.Name):
-                        self.env[t.elts[0].id] = val
-            elif isinstance(st, (ast.If, ast.With, ast.For)):
-                self.run(st.body)
-                self.run(getattr(st, "orelse", []))
-            elif isinstance(st, (ast.Expr, ast.Return, ast.AugAssign)) and st.value is not None:
-                self.label(st.value)
-
-
-def _root(label: str) -> str:
-    while label.startswith("norm("):
-        label = label.split(":", 1)[1]
-    return label
-
-
-def _norm_kind(cls_name: str | None) -> str:
-    name = (cls_name or "").lower()
-    return "rms" if "rms" in name else "layer" if "layernorm" in name or "layer_norm" in name else "?"
-
-
-def _layer_classes(base: ast.ClassDef, mod: _Module) -> list[ast.ClassDef]:
-    """Decoder-layer classes the base model builds, those whose forward calls an attention module first."""
-    init = _method(base, "__init__")
-    names = sorted(n for n in (_names_in(init) if init else ()) if n in mod and n.endswith(("Layer", "Block")))
-    layers = [c for c in map(mod.get, names) if c is not None and _method(c, "forward")]
-    return sorted(layers, key=lambda c: not any(_classify_attr(_called_class(v), a) == "attn"
-                                                for a, v in _self_assigns(c).items()))
-
-
-def _attention_facts(layer: ast.ClassDef, mod: _Module) -> tuple[str, str, tuple[str, ...], tuple[str, ...]]:
-    """(projections, qk_norm, the attention's module attributes, the modules other than q/k/v projections that
-    its forward applies to its input: a gate, an indexer) of the layer's attention class."""
-    name = next((c for a, v in _self_assigns(layer).items()
-                 if _classify_attr(c := _called_class(v), a) == "attn" and c in mod), None)
-    attn_cls = mod.get(name)
-    attrs = set(_self_assigns(attn_cls)) if attn_cls else set()
-    proj = "latent" if attrs & set(_LATENT) else "fused" if attrs & set(_FUSED) else \
-        "separate" if attrs & set(_SEPARATE) else "?"
-    qk = "-"
-    m = _QK_NORM.search(mod.source(name, attn_cls) if attn_cls else "")
-    if m:
-        args = m.group(3)
-        full = re.search(r"num_(attention_)?heads|hidden_size|\bdim\b|embed_dim", args) and "head_dim" not in args \
-            or re.search(r"num_(attention_)?heads\s*\*|\*\s*self\.head_dim", args)
-        qk = "full width" if full else "per head"
-    modules = tuple(sorted(a for a, v in (_self_assigns(attn_cls) if attn_cls else {}).items()
-                           if (c := _called_class(v.body if isinstance(v, ast.IfExp) else v))
-                           and c[:1].isupper() and "Dropout" not in c))
-    fwd = _method(attn_cls, "forward") if attn_cls else None
-    arg = fwd.args.args[1].arg if fwd and len(fwd.args.args) > 1 else None
-    calls = re.finditer(rf"self\.(\w+)\(\s*{arg}\b", mod.source(name, fwd)) if arg else ()
-    readers = tuple(sorted({m.group(1) for m in calls
-                            if m.group(1) in modules and m.group(1) not in _PROJ_NAMES
-                            and not re.search("rotary|rope", m.group(1))}))
-    extra_args = tuple(sorted({c.func.attr for c in ast.walk(fwd) if isinstance(c, ast.Call)
-                               and isinstance(c.func, ast.Attribute) and c.func.attr in _PROJ_NAMES
-                               and isinstance(c.func.value, ast.Name) and c.func.value.id == "self"
-                               and len(c.args) + len(c.keywords) > 1})) if fwd else ()
-    return proj, qk, modules, readers + tuple(f"{a}(extra arguments)" for a in extra_args)
-
-
-def _source_facts(arch: str, mixer: str) -> _Facts | None:
-    """Facts about `arch`'s layer 0 from its modeling source; None when the class is not found."""
-    path = _class_index().get(arch)
-    if path is None:
-        return None
-    mod = _module(path)
-    top = mod.get(arch)
-    base_name = next((c for c in (_called_class(v) for v in (_self_assigns(top) if top else {}).values())
-                      if c in mod and any("embedding" in (_called_class(v) or "").lower()
-                                          for v in _self_assigns(mod.get(c)).values())), None)
-    base = mod.get(base_name)
-    if base is None:
-        return _Facts(Layer0Shape(mixer, "?", "?", "?", "-", "-"), False, False)
-    assigns = _self_assigns(base)
-    absolute = any(_POSITION_ATTR.match(a) and "rotary" not in (_called_class(v) or "").lower()
-                   and "rope" not in (_called_class(v) or "").lower() for a, v in assigns.items())
-    emb_cls = next((_called_class(v) for v in assigns.values() if "embedding" in (_called_class(v) or "").lower()),
-                   None)
-    if emb_cls in mod:  # an embeddings module of its own (BERT-style): positions may live inside it
-        absolute = absolute or any(_POSITION_ATTR.match(a) for a in _self_assigns(mod.get(emb_cls)))
-    fwd = _method(base, "forward")
-    fwd_src = mod.source(base_name, fwd) if fwd else ""
-    scale = "module" if "scaled" in (emb_cls or "").lower() else \
-        "outside the module" if _OUTSIDE_SCALE.search(fwd_src) else "-"
-    emb_attr = next((a for a, v in assigns.items() if "embedding" in (_called_class(v) or "").lower()), None)
-    # reading only the weight's device or dtype is served by the converted embedding's `.weight` (loader.py);
-    # reading its values is not (untied, `.weight` is the table's x columns)
-    weight_read = re.search(rf"self\.{re.escape(emb_attr)}\.weight\b(?!\.(device|dtype)\b)", fwd_src) \
-        if emb_attr else None
-    embeds_through = sorted({m.group(1) for m in re.finditer(r"inputs_embeds\s*=\s*self\.(\w+)\(", fwd_src)
-                             if m.group(1) != emb_attr and "dropout" not in m.group(1)})
-    loop = re.search(r"^\s*for .* in .*self\.(layers|h|blocks|layer)\b", fwd_src, re.MULTILINE)
-    shared_norm = next((n for n, v in assigns.items() if _classify_attr(_called_class(v), n) == "norm" and loop
-                        and f"self.{n}(" in fwd_src[:loop.start()] and f"self.{n}(" in fwd_src[loop.end():]), "")
-    for layer in _layer_classes(base, mod):
-        sub = {a: _either_class(v) for a, v in _self_assigns(layer).items()}
-        roles = {a: r for a, c in sub.items() if (r := _classify_attr(c, a))}
-        fn = _method(layer, "forward")
-        args = [a.arg for a in fn.args.args[1:]]
-        if not args:
-            continue
-        flow = _Flow(roles, args[0])
-        flow.run(fn.body)
-        if flow.attn_in is None:
-            continue
-        norm_attr = flow.attn_in.split(":", 1)[0][5:-1] if flow.attn_in.startswith("norm(") else None
-        norm = _norm_kind(sub.get(norm_attr)) if norm_attr else "none" if flow.attn_in == "in" else "?"
-        kinds = {"parallel" if _root(m) == "in" else "serial" for m in flow.mlp_in}
-        block = "?" if not kinds else kinds.pop() if len(kinds) == 1 else "serial or parallel"
-        proj, qk, modules, readers = _attention_facts(layer, mod)
-        return _Facts(Layer0Shape(mixer, block, norm, proj, qk, scale), absolute, True,
-                      "in" if _root(flow.attn_in) == "in" else "other", modules,
-                      weight_read.group(0) if weight_read else "", shared_norm, readers, flow.normed_residual,
-                      tuple(embeds_through))
-    return _Facts(Layer0Shape(mixer, "?", "?", "?", "-", scale), absolute, False)
 
 
 # --------------------------------------------------------------------------------------------- classify
@@ -345,7 +41,7 @@ def _source_facts(arch: str, mixer: str) -> _Facts | None:
 
 def _overrides() -> dict[str, dict]:
     """configs/_support.yaml: model_type -> {status, reason} for what the signals cannot decide."""
-    path = _configs_dir() / OVERRIDES_FILE
+    path = configs_dir() / OVERRIDES_FILE
     data = read_yaml(path, "support overrides") or {}
     out = {}
     for mt, entry in (data.get("overrides") or {}).items():
@@ -429,7 +125,7 @@ def expressible(shape: str) -> bool:
     return True
 
 
-def _unknowns(facts: _Facts) -> list[str]:
+def _unknowns(facts: SourceFacts) -> list[str]:
     """What keeps a profile from expressing layer 0, or the loader from running the converted model, that the
     source shows: a part it does not name, an attention input computed inside the layer, a read of the
     embedding's weight (each found by writing profiles for the matrix's "should do" rows: tests/test_support.py)."""
@@ -475,7 +171,7 @@ def _unknowns(facts: _Facts) -> list[str]:
     return out
 
 
-def _shapes(cfg, facts: _Facts | None) -> tuple[list[str], list[str]]:
+def _shapes(cfg, facts: SourceFacts | None) -> tuple[list[str], list[str]]:
     """(what the profile schema lacks for this layer 0, the special shapes it has that the schema expresses)."""
     lacks: list[str] = []
     found: list[str] = []
@@ -503,7 +199,7 @@ def _native(model_type: str, arch: str) -> bool:
     """True when `arch` is defined by the model type's own modeling module (not borrowed from another)."""
     from transformers.models.auto.configuration_auto import model_type_to_module_name
 
-    path = _class_index().get(arch)
+    path = class_index().get(arch)
     return path is not None and path.parent.name == model_type_to_module_name(model_type)
 
 
@@ -518,7 +214,7 @@ def classify(model_type: str, arch: str, shipped: list[Profile], refused: dict[s
     """One registry entry's status, from the shipped profiles, refusals, overrides and the facts."""
     cfg = _config(model_type)
     mixer = _layer0_mixer(cfg)
-    facts = _source_facts(arch, mixer)
+    facts = source_facts(arch, mixer)
     shape = facts.shape if facts else Layer0Shape(mixer, "?", "?", "?", "-", "-")
     if model_type in refused:
         return Support(model_type, arch, REFUSED, refused[model_type], shape)
@@ -646,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         print(to_text(rows))
         return 0
     outputs = {Path(f): text for f, text in ((args.write or args.check, to_markdown(rows)),
-                                             (args.data or _configs_dir() / MATRIX_FILE,
+                                             (args.data or configs_dir() / MATRIX_FILE,
                                               to_json(rows, transformers.__version__)))}
     if args.check:
         stale = [str(p) for p, text in outputs.items() if not (p.is_file() and p.read_text(encoding="utf-8") == text)]

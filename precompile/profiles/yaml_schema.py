@@ -1,16 +1,19 @@
 """Typed YAML sections, written once: validation, parsing and the documentation's key table come from them.
 
 A section is a frozen dataclass whose fields are declared with `key()`: the field's type annotation says
-which YAML values it takes, its default whether it is required, and its metadata the help text, the allowed
-values and whether the value names a tensor. `parse` turns a YAML mapping into the dataclass, refusing an
-unknown key, a missing required key or a value of the wrong type with `fail(key path, problem)`; a section
-with a `check(fail, where)` method adds the rules that relate its fields. `dump` writes a section back as
-YAML data, and `key_table` renders the Markdown tables a reader looks keys up in.
+which YAML values it takes, its default whether it is required, and its metadata (`KeyMeta`) the help text,
+the allowed values, the smallest allowed integer and whether the value names a tensor or a file. The same
+metadata declares `ConvertOptions` (`OptionMeta` extends it), so profile keys, zoo keys and options are
+described one way. `parse` turns a YAML mapping into the dataclass, refusing an unknown key, a missing
+required key or a value of the wrong type with `fail(key path, problem)`, worded by a `Wording` (a zoo file
+words its errors its own way); a section with a `check(fail, where)` method adds the rules that relate its
+fields. `dump` writes a section back as YAML data, and `key_table` renders the Markdown tables a reader
+looks keys up in.
 
-Types a field may have: `str`, `bool`, `float` (any number), `tuple[str, ...]` (a list of names),
-`dict[str, Any]` (a free mapping), `Any`, another section, `tuple[Section, ...]` (a list of sections), a
-value class (a class with `from_yaml`, `to_yaml` and a `FORM`, for values written in several ways), and
-unions of these, told apart by the YAML value's kind (a string, a bool, a number, a list or a mapping);
+Types a field may have: `str`, `bool`, `int` (a whole number), `float` (any number), `tuple[str, ...]` (a
+list of names), `dict[str, Any]` (a free mapping), `Any`, another section, `tuple[Section, ...]` (a list of
+sections), a value class (a class with `from_yaml`, `to_yaml` and a `FORM`, for values written in several
+ways), and unions of these, told apart by the YAML value's kind (a string, a bool, a number, a list or a mapping);
 `X | None` makes null the same as leaving the key out.
 """
 
@@ -20,22 +23,41 @@ import math
 import types
 import typing
 from collections.abc import Callable, Iterator
-from dataclasses import MISSING, Field, field, fields, is_dataclass
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from functools import cache
 from typing import Any
 
 Fail = Callable[[str, str], Exception]  # (key path, problem) -> the exception to raise
 
 
+@dataclass(frozen=True)
+class KeyMeta:
+    """What a field declares besides its type and default (see `key`)."""
+
+    doc: str  # the help text: the key table's meaning, the CLI flag's help
+    choices: tuple[str, ...] = ()  # the allowed strings, when they are a fixed set
+    tensor: bool = False  # a string value is a tensor name on disk
+    form: str = ""  # how the value is written where the type does not say it well (errors, the key table)
+    minimum: int | None = None  # the smallest allowed integer
+    path: bool = False  # a file path (in a zoo file, relative to the zoo file)
+
+
 def key(doc: str, default: Any = MISSING, *, choices: tuple[str, ...] = (), tensor: bool = False,
-        form: str = "") -> Any:
-    """A section field: `doc` is its help text, `default` (none: required) its value when left out,
-    `choices` the allowed strings, `tensor` whether a string value is a tensor name on disk, and `form` how
-    the value is written where the type does not say it well (used in errors and in the key table)."""
-    meta = {"doc": doc, "choices": tuple(choices), "tensor": tensor, "form": form}
+        form: str = "", minimum: int | None = None, path: bool = False) -> Any:
+    """A section field: `doc` is its help text, `default` (none: required) its value when left out, and the
+    rest its `KeyMeta`."""
+    return declared(KeyMeta(doc, tuple(choices), tensor, form, minimum, path), default)
+
+
+def declared(meta: KeyMeta, default: Any = MISSING) -> Any:
+    """A field with this metadata (a `KeyMeta` or a subclass of it) and default (none: required)."""
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+        return field(default_factory=lambda: type(default)(default), metadata={"key": meta})
+    return field(default=default, metadata={"key": meta})
+
+
+def key_meta(f: Field) -> KeyMeta:
+    return f.metadata["key"]
 
 
 def is_required(f: Field) -> bool:
@@ -94,6 +116,8 @@ def _takes(tp: Any, v: Any) -> bool:
         return isinstance(v, str)
     if tp is bool:
         return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
     if tp is float:
         return is_number(v)
     if origin is tuple:
@@ -101,19 +125,48 @@ def _takes(tp: Any, v: Any) -> bool:
     return isinstance(v, dict) if (origin is dict or _is_section(tp)) else True
 
 
-def parse(cls: type, value: Any, fail: Fail, where: str = "") -> Any:
-    """A YAML mapping as a `cls` section; every mistake raises fail(key path, problem)."""
+class Wording:
+    """How `parse` words each kind of mistake, as the (key path, problem) it passes to `fail`. This one is the
+    profiles'; a kind of file whose errors have their own words (a zoo file) subclasses it."""
+
+    def not_mapping(self, where: str) -> tuple[Any, str]:
+        return where, "must be a mapping"
+
+    def missing(self, where: str, name: str) -> tuple[Any, str]:
+        return _join(where, name), "is missing"
+
+    def unknown(self, where: str, name: str, known: list[str]) -> tuple[Any, str]:
+        return _join(where, name), f"is not a known key (known here: {', '.join(sorted(known))})"
+
+    def not_finite(self, where: str, v: Any, f: Field) -> tuple[Any, str]:
+        return where, f"is {v!r:.40}, not a finite number"
+
+    def wrong(self, where: str, v: Any, tp: Any, f: Field) -> tuple[Any, str]:
+        return where, f"must be {form(tp, f)}"
+
+    def not_a_choice(self, where: str, v: Any, f: Field) -> tuple[Any, str]:
+        return where, f"is '{v}', expected one of {', '.join(key_meta(f).choices)}"
+
+    def below_minimum(self, where: str, v: Any, f: Field) -> tuple[Any, str]:
+        return where, f"is {v}, less than {key_meta(f).minimum}"
+
+
+WORDING = Wording()
+
+
+def parse(cls: type, value: Any, fail: Fail, where: str = "", wording: Wording = WORDING) -> Any:
+    """A YAML mapping as a `cls` section; every mistake raises fail(*wording.<kind of mistake>(...))."""
     if not isinstance(value, dict):
-        raise fail(where, "must be a mapping")
+        raise fail(*wording.not_mapping(where))
     fs = fields(cls)
     for f in fs:
         if is_required(f) and f.name not in value:
-            raise fail(_join(where, f.name), "is missing")
-    known = {f.name for f in fs}
+            raise fail(*wording.missing(where, f.name))
+    known = [f.name for f in fs]
     for k in value:
         if k not in known:
-            raise fail(_join(where, k), f"is not a known key (known here: {', '.join(sorted(known))})")
-    out = {f.name: _value(hints(cls)[f.name], value[f.name], f, fail, _join(where, f.name))
+            raise fail(*wording.unknown(where, k, known))
+    out = {f.name: _value(hints(cls)[f.name], value[f.name], f, fail, _join(where, f.name), wording)
            for f in fs if f.name in value and not (value[f.name] is None and not is_required(f))}
     obj = cls(**out)
     if hasattr(obj, "check"):
@@ -121,37 +174,40 @@ def parse(cls: type, value: Any, fail: Fail, where: str = "") -> Any:
     return obj
 
 
-def _value(tp: Any, v: Any, f: Field, fail: Fail, where: str) -> Any:
+def _value(tp: Any, v: Any, f: Field, fail: Fail, where: str, wording: Wording) -> Any:
     if is_infinite(v):
-        raise fail(where, f"is {v!r:.40}, not a finite number")
+        raise fail(*wording.not_finite(where, v, f))
     alts = _alternatives(tp)
     if len(alts) > 1:
         for alt in alts:
             if _takes(alt, v):
-                return _value(alt, v, f, fail, where)
-        raise fail(where, f"must be {form(tp, f)}")
+                return _value(alt, v, f, fail, where, wording)
+        raise fail(*wording.wrong(where, v, tp, f))
     tp = alts[0]
     origin = typing.get_origin(tp)
     if _is_value_class(tp):
         return tp.from_yaml(v, fail, where)
     if _is_section(tp):
-        return parse(tp, v, fail, where)
+        return parse(tp, v, fail, where, wording)
     if origin is tuple:
         item = typing.get_args(tp)[0]
         if not isinstance(v, list) or (item is str and not all(isinstance(x, str) and x for x in v)):
-            raise fail(where, f"must be {form(tp, f)}")
-        return tuple(_value(item, x, f, fail, f"{where}[{i}]") for i, x in enumerate(v))
+            raise fail(*wording.wrong(where, v, tp, f))
+        return tuple(_value(item, x, f, fail, f"{where}[{i}]", wording) for i, x in enumerate(v))
     if not _takes(tp, v) or (tp is str and not v):
-        raise fail(where, f"must be {form(tp, f)}")
-    if tp is str and f.metadata["choices"] and v not in f.metadata["choices"]:
-        raise fail(where, f"is '{v}', expected one of {', '.join(f.metadata['choices'])}")
+        raise fail(*wording.wrong(where, v, tp, f))
+    m = key_meta(f)
+    if tp is str and m.choices and v not in m.choices:
+        raise fail(*wording.not_a_choice(where, v, f))
+    if tp is int and m.minimum is not None and v < m.minimum:
+        raise fail(*wording.below_minimum(where, v, f))
     return v
 
 
 def form(tp: Any, f: Field | None = None) -> str:
     """How a value of this type is written, in words: for errors ('must be ...') and the key table."""
-    if f is not None and f.metadata.get("form"):
-        return f.metadata["form"]
+    if f is not None and key_meta(f).form:
+        return key_meta(f).form
     alts = _alternatives(tp)
     if len(alts) > 1:
         return " or ".join(form(a, f) for a in alts)
@@ -166,11 +222,11 @@ def form(tp: Any, f: Field | None = None) -> str:
     if typing.get_origin(tp) is dict:
         return "a mapping"
     if tp is str:
-        choices = f.metadata["choices"] if f is not None else ()
+        choices = key_meta(f).choices if f is not None else ()
         if choices:
             return "one of " + ", ".join(f"`{c}`" for c in choices)
-        return "a tensor name" if f is not None and f.metadata["tensor"] else "a non-empty string"
-    return {bool: "true or false", float: "a number"}.get(tp, "any value")
+        return "a tensor name" if f is not None and key_meta(f).tensor else "a non-empty string"
+    return {bool: "true or false", int: "a whole number", float: "a number"}.get(tp, "any value")
 
 
 def section_title(cls: type) -> str:
@@ -194,7 +250,7 @@ def dump(obj: Any) -> Any:
 
 
 def tagged(obj: Any, tag: str, where: str = "") -> Iterator[tuple[str, str]]:
-    """(key path, value) for every string held by a field whose metadata sets `tag` (e.g. "tensor")."""
+    """(key path, value) for every string held by a field whose `KeyMeta` sets `tag` (e.g. "tensor")."""
     if isinstance(obj, tuple):
         for i, x in enumerate(obj):
             yield from tagged(x, tag, f"{where}[{i}]")
@@ -203,7 +259,7 @@ def tagged(obj: Any, tag: str, where: str = "") -> Iterator[tuple[str, str]]:
         return
     for f in fields(obj):
         v = getattr(obj, f.name)
-        if isinstance(v, str) and f.metadata.get(tag):
+        if isinstance(v, str) and getattr(key_meta(f), tag):
             yield _join(where, f.name), v
         else:
             yield from tagged(v, tag, _join(where, f.name))
@@ -264,7 +320,7 @@ def key_table(root: type) -> str:
         lines += [f"### {section_title(cls)}", "", f"{f'At {where}. ' if where else ''}{' '.join(doc.split())}", "",
                   "| key | value | default | meaning |", "|---|---|---|---|"]
         for f in fields(cls):
-            cells = [f"`{f.name}`", form(hints(cls)[f.name], f), _default_text(f), f.metadata["doc"]]
+            cells = [f"`{f.name}`", form(hints(cls)[f.name], f), _default_text(f), key_meta(f).doc]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")
     lines += ["### Value forms", ""]

@@ -25,7 +25,8 @@ from precompile.io.out_dir import OutDir
 from precompile.io.signals import signals_deferred
 from precompile.io.safetensors_files import dtype_name
 from precompile.loader import FORMAT_VERSION, MANIFEST, Manifest
-from precompile.plan.trade import exact_figures, headline, model_figures, to_markdown, verdict_line, with_verdict
+from precompile.plan.plan_report import headline, model_figures, to_markdown, with_verdict
+from precompile.plan.trade import exact_figures, verdict_line
 from precompile.version import __version__
 
 if TYPE_CHECKING:  # for annotations only: planning imports torch
@@ -67,7 +68,7 @@ def read_source_card(root: Path) -> SourceCard:
     """
     from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
-    from precompile.profiles.catalog import YAML_MAX_BYTES, parse_yaml
+    from precompile.profiles.bounded_yaml import YAML_MAX_BYTES, parse_yaml
     from precompile.io.source import SOURCE_CARD, source_file
 
     path = source_file(root, SOURCE_CARD, "model card")
