@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from precompile.errors import UserError
 from precompile.io.file_safety import check_regular
 from precompile.plan.convert_options import meta
+from precompile.profiles.yaml_schema import KeyMeta, declared, key_meta
 
 BUILTIN_PROMPTS = [
     "The capital of France is",
@@ -39,25 +40,26 @@ FIXED_THRESHOLDS = {"rows_lambda": 2.0, "rows_z": 4.5}
 
 
 @dataclass(frozen=True)
-class VerifyFlag:
-    """What a `VerifyOptions` field declares besides its default (the same attribute names as `OptionMeta`,
-    so that cli.py builds both commands' flags one way)."""
+class VerifyFlag(KeyMeta):
+    """What a `VerifyOptions` field declares besides its default: the YAML schema's `KeyMeta`, as `OptionMeta`
+    extends it for `ConvertOptions` (`doc` is the flag's help), so that cli.py builds both commands' flags one
+    way, from one kind of field metadata."""
 
-    help: str  # the CLI flag's help
     flag: str = ""  # the CLI flag when it is not --<name> ("--a/--no-a": on, off or unset)
     metavar: str | None = None
     kind: type = str  # the CLI value's type
-    choices: tuple[str, ...] = ()
-    minimum: int | None = None
-    path: bool = False
     show_default: bool = False
     threshold: bool = False  # a check's limit: a key of `thresholds()` and of verify's `thresholds` keyword
     cli: bool = True  # `precompile verify` has a flag for it
 
+    @property
+    def help(self) -> str:
+        return self.doc
+
 
 def _flag(default: Any, help: str, **flag: Any) -> Any:
     """A VerifyOptions field: its default and its VerifyFlag."""
-    return field(default=default, metadata={"option": VerifyFlag(help, **flag)})
+    return declared(VerifyFlag(help, **flag), default)
 
 
 def _limit(help: str, flag: str = "") -> Any:
@@ -169,7 +171,7 @@ def verify_fields() -> tuple[dataclasses.Field, ...]:
 
 def flag_of(f: dataclasses.Field) -> VerifyFlag:
     """A VerifyOptions field's declaration."""
-    return f.metadata["option"]
+    return key_meta(f)
 
 
 def threshold_keys() -> list[str]:
