@@ -7,14 +7,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from conftest import run_cli
-from test_families_parallel import QWEN3_PROFILE
+from conftest import QWEN3_PROFILE, run_cli
 from transformers import AutoModelForCausalLM
 
 import precompile
 from precompile.batch import run_batch
 
-# A user's profile (test_families_parallel's hand-written Qwen3 one, with the FFN width `plan` needs), named
+# A user's profile (test_families_parallel_blocks's hand-written Qwen3 one, with the FFN width `plan` needs), named
 # so that only the recorded profile can give this name back.
 PROFILE = "# my own Qwen3 profile" + QWEN3_PROFILE.replace("name: qwen3-custom", "name: my-qwen3").replace(
     "  n_layers: [num_hidden_layers]\n", "  n_layers: [num_hidden_layers]\n  intermediate_size: [intermediate_size]\n")

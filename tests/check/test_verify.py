@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 
 import tiny
 from conftest import run_cli, tree_snapshot
-from precompile import convert
 from precompile.check.row_check import ulp
 from precompile.check.verify import _row_ids, read_prompts, reference_model, verify
 from precompile.io.files import file_sha256
@@ -29,20 +28,10 @@ def prompts_file(tmp_path_factory) -> Path:
     return p
 
 
-@pytest.fixture(scope="module")
-def converted(checkpoint, tmp_path_factory):
-    """converted(family, dtype) -> (source dir, OUT_DIR), converted once per module."""
-    made: dict = {}
-
-    def make(family: str, dtype: str = "float32") -> tuple[Path, Path]:
-        if (family, dtype) not in made:
-            src = checkpoint(family, dtype)
-            out = tmp_path_factory.mktemp(f"out-{family}-{dtype}") / "out"
-            convert(str(src), out)
-            made[family, dtype] = (src, out)
-        return made[family, dtype]
-
-    return make
+@pytest.fixture
+def converted(converted_family):
+    """converted(family, dtype) -> (source dir, OUT_DIR), converted once per session (conftest)."""
+    return converted_family
 
 
 def fresh_copy(src_out: tuple[Path, Path], tmp_path: Path, with_source: bool = False) -> tuple[Path, Path]:

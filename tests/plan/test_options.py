@@ -12,12 +12,11 @@ import shutil
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, to_pickle
 from precompile import ConvertOptions, UserError, convert, plan_conversion
 from precompile.batch import OPTION_CHECKS, Entry, load_zoo, stale_reason
 from precompile.cli import main
 from precompile.plan.convert_options import cli_flag, meta, option_fields, zoo_table
-from test_bad_inputs import to_pickle
 
 FIELDS = [f.name for f in option_fields()]
 CONVERT_CLI_ONLY = {"source", "out_dir", "force", "dry_run", "push_to", "quiet"}  # not how to convert: what to do

@@ -154,7 +154,7 @@ def test_layer_zero_is_the_real_one_when_layers_differ_by_index(checkpoint, tmp_
     """GPT-NeoX-Japanese gives only the last layer's attention a bias (dense_bias): a one-layer copy of the model
     would build layer 0 as that last layer and look for a bias the checkpoint's layer 0 does not have. The
     self-check builds every layer (on meta), so layer 0 is the real one and the conversion passes."""
-    from test_support import WRITTEN_PROFILES
+    from tiny import WRITTEN_PROFILES
 
     src = checkpoint("gpt_neox_japanese")
     names = set(tiny.read_json(src / "model.safetensors.index.json")["weight_map"])
