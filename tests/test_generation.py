@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiny
-from conftest import run_cli
+from conftest import run_cli_here
 from precompile import convert, load
 from precompile.io.files import file_sha256
 
@@ -69,7 +69,7 @@ def test_source_generation_config_is_carried_unchanged(checkpoint, tmp_path):
 
 def test_dry_run_names_the_derived_generation_config(no_gen_source, tmp_path):
     src, _ = no_gen_source
-    r = run_cli("convert", src, tmp_path / "out", "--dry-run")
+    r = run_cli_here("convert", src, tmp_path / "out", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "generation_config.json (derived from config.json" in r.stdout
     assert not (tmp_path / "out").exists()

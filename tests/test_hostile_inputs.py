@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 import tiny
-from conftest import (ROOT, check_refused, edit_json, fail_after, invoke, leftovers, make_fifo, run_cli, sha256_of,
-                      tree_snapshot)
+from conftest import (ROOT, check_refused, edit_json, fail_after, invoke, leftovers, make_fifo, run_cli, run_cli_here,
+                      sha256_of, tree_snapshot)
 from precompile.io.files import LOCK_PREFIX
 from precompile.loader import MANIFEST
 from precompile.publish.card import CARD_FILE
@@ -219,7 +219,7 @@ def test_long_expression_in_a_profile(src, out, tmp_path, expr):
     """Y1: a config-ref expression is bounded before it is parsed: one line naming the key, for convert and plan."""
     p = _profile_with(tmp_path, lambda d: d["sizes"].update(hidden_size=[expr]))
     check_refused(src, out, "--profile", str(p), words=(str(p), "sizes.hidden_size"))
-    refused(run_cli("plan", src, "--profile", p), "sizes.hidden_size")
+    refused(run_cli_here("plan", src, "--profile", p), "sizes.hidden_size")
 
 
 def test_long_expression_in_a_recorded_profile(converted, tmp_path):
@@ -231,8 +231,8 @@ def test_long_expression_in_a_recorded_profile(converted, tmp_path):
     m["profile"]["text"] = yaml.safe_dump(data)
     (out / MANIFEST).write_text(json.dumps(m))
     before = tree_snapshot(out)
-    refused(run_cli("verify", out, "-q"), "sizes.hidden_size")
-    refused(run_cli("plan", out), "sizes.hidden_size")
+    refused(run_cli_here("verify", out, "-q"), "sizes.hidden_size")
+    refused(run_cli_here("plan", out), "sizes.hidden_size")
     assert tree_snapshot(out) == before
 
 
@@ -301,7 +301,7 @@ def test_config_number_not_finite(src, out, value, key):
     (src / "config.json").write_text(json.dumps(text).replace('"@@"', value))
     line = check_refused(src, out, words=())
     assert key in line or "eps" in line, line
-    r = run_cli("plan", src)
+    r = run_cli_here("plan", src)
     refused(r)
 
 
@@ -351,7 +351,7 @@ def test_damaged_generation_config_in_out_dir_fails_verify(converted, tmp_path):
     line) instead of a TypeError traceback."""
     out = tiny.copy_tree(converted, tmp_path / "out")
     (out / "generation_config.json").write_text("[1, 2]")
-    r = run_cli("verify", out, "-q", "--rows", "8", "--max-new-tokens", "2")
+    r = run_cli_here("verify", out, "-q", "--rows", "8", "--max-new-tokens", "2")
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("verification failed:")
 

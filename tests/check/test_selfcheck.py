@@ -16,7 +16,7 @@ import yaml
 
 import precompile
 import tiny
-from conftest import ROOT, tree_snapshot
+from conftest import ROOT, run_cli_here, tree_snapshot
 from precompile.check.self_check import (
     ATTENTION, OUTPUT, RESIDUAL, SEQUENCES, check_tokens, compared_points, point_bound)
 from precompile.errors import VerificationError
@@ -24,6 +24,12 @@ from precompile.errors import VerificationError
 pytestmark = pytest.mark.numeric
 
 SHIPPED = [f for f in tiny.FAMILIES if f != "qwen3"]  # qwen3 has no shipped profile
+
+
+@pytest.fixture
+def cli():
+    """In this process: these tests are about convert's self-check verdicts and lines, not the process."""
+    return run_cli_here
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

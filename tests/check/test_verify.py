@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tiny
-from conftest import run_cli, tree_snapshot
+from conftest import run_cli, run_cli_here, tree_snapshot
 from precompile.check.row_check import ulp
 from precompile.check.verify import _row_ids, read_prompts, reference_model, verify
 from precompile.io.files import file_sha256
@@ -184,7 +184,7 @@ def test_used_row_perturbed_fails_default_run_via_cli(converted, prompts_file, t
     _, out = fresh_copy(converted("llama", "bfloat16"), tmp_path)
     token = sorted(prompt_ids(out))[3]
     perturb_row(out, token)
-    r = run_cli("verify", out, "--prompts", prompts_file, "--max-new-tokens", NEW, "--rows", "0", "--quiet")
+    r = run_cli_here("verify", out, "--prompts", prompts_file, "--max-new-tokens", NEW, "--rows", "0", "--quiet")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "table-rows" in r.stdout.splitlines()[-1]
     assert "FAIL" in next(line for line in r.stdout.splitlines() if line.startswith("table-rows"))
@@ -275,7 +275,7 @@ def test_modified_out_dir_file(converted, prompts_file, tmp_path):
         b = f.read(1)
         f.seek(info.start + 5)
         f.write(bytes([b[0] ^ 0x40]))
-    r = run_cli("verify", out, "--prompts", prompts_file, "--max-new-tokens", NEW, "--rows", "0",
+    r = run_cli_here("verify", out, "--prompts", prompts_file, "--max-new-tokens", NEW, "--rows", "0",
                 "--json", tmp_path / "r.json", "--quiet")
     assert r.returncode == 1, r.stdout + r.stderr
     res = json.loads((tmp_path / "r.json").read_text())
