@@ -62,6 +62,33 @@ def converted_family(checkpoint, tmp_path_factory):
     return get
 
 
+@contextmanager
+def offline_hub(home: Path | None = None):
+    """huggingface_hub in this process never reaches the network (online, a look-up waits out the retries of a hub
+    that cannot be reached), and reads the cache under HF_HOME `home` when given."""
+    import huggingface_hub.constants as c
+
+    with pytest.MonkeyPatch.context() as mp:
+        if home is not None:
+            mp.setattr(c, "HF_HUB_CACHE", str(Path(home) / "hub"))
+        mp.setattr(c, "HF_HUB_OFFLINE", True)
+        yield
+
+
+@pytest.fixture
+def offline():
+    with offline_hub():
+        yield
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """The laid-out hub: an offline huggingface_hub (in this process) reading the cache under the HF_HOME it
+    returns (tmp_path / "hf"); tiny.lay_out_hub_cache puts checkpoints there."""
+    with offline_hub(tmp_path / "hf"):
+        yield tmp_path / "hf"
+
+
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None,
             timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python -m precompile ...` as a user would; the source tree comes first on the path."""

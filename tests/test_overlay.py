@@ -62,17 +62,6 @@ def base(checkpoint) -> Path:
     return src
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """Point huggingface_hub (in this process) at an offline cache under tmp_path; returns HF_HOME."""
-    import huggingface_hub.constants as c
-
-    home = tmp_path / "hf"
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    return home
-
-
 class ReadRecorder:
     """Wraps the safe_open transformers uses, recording which files it opens and which tensors it reads."""
 

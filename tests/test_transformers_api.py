@@ -33,15 +33,6 @@ def _remote(path, **kw):
     return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kw)
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    """huggingface_hub offline in this process: a repo is read from the laid-out cache only (online, each look-up of
-    the remote code's file waits out the retries of a hub that cannot be reached, ~45 s a test)."""
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
 # --- save / reload / push --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", list(FAMILIES))

@@ -6,7 +6,6 @@ HF_HOME, and huggingface_hub's HfApi calls are replaced in-process by recorders.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import shutil
@@ -20,7 +19,7 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 
 import tiny
-from conftest import ROOT, run_cli, tree_snapshot
+from conftest import ROOT, offline_hub, run_cli, tree_snapshot
 
 import precompile
 from precompile.check.verify import check_outputs
@@ -50,17 +49,6 @@ def home(src, tmp_path_factory) -> Path:
     h = tmp_path_factory.mktemp("hf") / "home"
     tiny.lay_out_hub_cache(h, REPO, src, REV)
     return h
-
-
-@contextlib.contextmanager
-def offline_hub(home: Path):
-    """huggingface_hub in this process reads the cache under `home` and never the network."""
-    import huggingface_hub.constants as c
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(c, "HF_HUB_CACHE", str(home / "hub"))
-        mp.setattr(c, "HF_HUB_OFFLINE", True)
-        yield
 
 
 @pytest.fixture(scope="module")
