@@ -257,11 +257,10 @@ def out(tmp_path) -> Path:
     return tmp_path / "out"
 
 
-@pytest.fixture(scope="module")
-def converted(base, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("good") / "out"
-    convert(str(base), out, device="cpu")
-    return out
+@pytest.fixture(scope="session")
+def converted(converted_family) -> Path:
+    """The tiny Llama's OUT_DIR, converted once per session (read-only: a test that damages it works on a copy)."""
+    return converted_family("llama")[1]
 
 
 @pytest.fixture(scope="module")
