@@ -1,5 +1,7 @@
-"""Shared fixtures and helpers, in one place for every folder of tests/: tiny checkpoints and their conversions
-(built once per session), a CLI runner in a subprocess, the bad-input contract, and the comparisons with
+"""Shared fixtures and helpers, in one place for every folder of tests/ (tests/<stage>/ mirror the package; they
+import this module and tiny.py by name, pyproject's pythonpath has tests/): tiny checkpoints and their conversions
+(built once per session), the laid-out offline hub, the CLI in a subprocess (run_cli, for tests of the program) or
+in this process (run_cli_here, for tests of what a command does), the bad-input contract, and the comparisons with
 transformers that the family tests share."""
 
 from __future__ import annotations
