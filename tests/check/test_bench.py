@@ -7,20 +7,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import run_cli_here
-from precompile import convert
 from precompile.check.bench import Toggle, bench, per_token_reads
 from precompile.loader import read_manifest
 from safetensors.torch import load_file
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    import tiny
-
-    d = tmp_path_factory.mktemp("bench")
-    src = tiny.save_checkpoint(tiny.build_model("llama"), d / "src", torch.float32, 40)
-    convert(str(src), d / "out")
-    return src, d / "out"
+@pytest.fixture
+def converted(converted_family):
+    """(source, OUT_DIR) of the tiny Llama, converted once per session (conftest)."""
+    return converted_family("llama")
 
 
 def test_toggle_switches_between_the_original_and_the_lookups(converted):
