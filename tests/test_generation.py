@@ -76,12 +76,10 @@ def test_dry_run_names_the_derived_generation_config(no_gen_source, tmp_path):
 
 
 @pytest.mark.parametrize("trust", [None, True])
-def test_auto_tokenizer_loads_without_asking(checkpoint, tmp_path, trust):
+def test_auto_tokenizer_loads_without_asking(converted_family, tmp_path, trust):
     """A fresh process without this package on the path; transformers' prompt is `input()`, which is recorded
     (a closed stdin would hide it: transformers turns the EOFError into a silent fallback)."""
-    src = checkpoint("llama")
-    out = tmp_path / "out"
-    convert(str(src), out)
+    src, out = converted_family("llama")  # read-only
     code = ("import builtins, json, sys; asked = []\n"
             "builtins.input = lambda *a: asked.append(a) or 'n'\n"
             "from transformers import AutoConfig, AutoTokenizer\n"
