@@ -6,21 +6,13 @@ import copy
 from pathlib import Path
 
 import pytest
-import tiny
 import yaml
 from conftest import check_refused
 
 LLAMA = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "llama.yaml").read_text())
 
 
-@pytest.fixture(scope="module")
-def base(checkpoint) -> Path:
-    return checkpoint("llama")  # untied, GQA 4/2 heads, no attention biases
-
-
-@pytest.fixture
-def src(base, tmp_path) -> Path:
-    return tiny.copy_tree(base, tmp_path / "src")
+# src (conftest): a copy of the tiny Llama, untied, GQA 4/2 heads, no attention biases
 
 
 def _profile(tmp_path: Path, change) -> Path:
