@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tree_snapshot
+from conftest import run_cli_here, tree_snapshot
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,12 @@ def zoo(tmp_path_factory, checkpoint):
     path = root / "zoo.yaml"
     path.write_text(yaml.safe_dump(zoo))
     return path
+
+
+@pytest.fixture
+def cli():
+    """batch in this process: these tests are about its results, reports and exit codes, not its process."""
+    return run_cli_here
 
 
 def _outputs(root: Path) -> dict[str, bytes]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,32 +14,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import precompile
 import tiny
-from conftest import tree_snapshot
+from conftest import load_shim, logits, rel_diff, tree_snapshot
 from precompile.check.row_check import RowStats, check_rows
 
 SERIAL = ["llama", "llama_tied", "mistral", "mixtral", "qwen2", "gemma"]
-
-
-def _logits(model, enc) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**enc).logits.float()
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / a.abs().max())
-
-
-def _shim(out: Path):
-    """Import OUT_DIR/precompile_loader.py as a module of its own (not the package)."""
-    spec = importlib.util.spec_from_file_location(f"shim_{abs(hash(str(out)))}", out / "precompile_loader.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return tiny.make_tokenizer()(tiny.PROMPTS, return_tensors="pt", padding=True)
 
 
 @pytest.mark.numeric
@@ -50,11 +27,11 @@ def test_float32_matches_transformers(family, checkpoint, tmp_path, batch):
     out = tmp_path / "out"
     precompile.convert(str(src), out, chunk_size=64)
     original = AutoModelForCausalLM.from_pretrained(src).eval()
-    ref = _logits(original, batch)
+    ref = logits(original, batch)
     gen_ref = original.generate(**batch, max_new_tokens=16, do_sample=False)
-    for model in (precompile.load(out), _shim(out).load(out)):
+    for model in (precompile.load(out), load_shim(out).load(out)):
         assert type(model.get_input_embeddings()).__name__ == "TableEmbedding"
-        assert _rel(ref, _logits(model, batch)) <= 1e-5
+        assert rel_diff(ref, logits(model, batch)) <= 1e-5
         gen = model.generate(**batch, max_new_tokens=16, do_sample=False)
         assert torch.equal(gen, gen_ref)
     assert batch["attention_mask"][:, 0].min() == 0, "the batch must be left-padded"
@@ -71,11 +48,11 @@ def test_bfloat16_no_farther_from_float32_than_original(family, checkpoint, tmp_
     out = tmp_path / "out"
     precompile.convert(str(src), out)
     assert json.loads((out / "precompile.json").read_text())["table"]["dtype"] == "bfloat16"
-    fp32 = _logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), batch)
-    bf16 = _logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval(), batch)
-    for model in (precompile.load(out), _shim(out).load(out)):
+    fp32 = logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), batch)
+    bf16 = logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval(), batch)
+    for model in (precompile.load(out), load_shim(out).load(out)):
         assert model.dtype == torch.bfloat16
-        ours = _logits(model, batch)
+        ours = logits(model, batch)
         assert _rms(ours, fp32) <= 1.02 * _rms(bf16, fp32)
 
 
@@ -188,8 +165,8 @@ def test_plain_transformers_cannot_mistake_out_dir(family, checkpoint, tmp_path,
     with pytest.raises(RuntimeError, match="mismatched"):
         AutoModelForCausalLM.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
-    ref = _logits(AutoModelForCausalLM.from_pretrained(src).eval(), batch)
-    assert _rel(ref, _logits(model, batch)) <= 1e-5
+    ref = logits(AutoModelForCausalLM.from_pretrained(src).eval(), batch)
+    assert rel_diff(ref, logits(model, batch)) <= 1e-5
 
 
 def test_shim_alone_in_a_fresh_interpreter(checkpoint, tmp_path, batch):
@@ -215,8 +192,8 @@ def test_shim_alone_in_a_fresh_interpreter(checkpoint, tmp_path, batch):
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}
     r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    ref = _logits(AutoModelForCausalLM.from_pretrained(src).eval(), batch)
-    assert _rel(ref, torch.load(tmp_path / "logits.pt").float()) <= 1e-5
+    ref = logits(AutoModelForCausalLM.from_pretrained(src).eval(), batch)
+    assert rel_diff(ref, torch.load(tmp_path / "logits.pt").float()) <= 1e-5
 
 
 def test_hub_id_from_offline_cache(checkpoint, tmp_path, cli):
@@ -291,9 +268,9 @@ def test_dtype_option_converts_every_float_tensor(checkpoint, tmp_path, batch):
         with safe_open(out / fname, framework="pt") as f:
             assert f.get_slice(name).get_dtype() == "BF16", name
     model = precompile.load(out)
-    fp32 = _logits(AutoModelForCausalLM.from_pretrained(src).eval(), batch)
-    bf16 = _logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval(), batch)
-    assert _rms(_logits(model, batch), fp32) <= 1.02 * _rms(bf16, fp32)
+    fp32 = logits(AutoModelForCausalLM.from_pretrained(src).eval(), batch)
+    bf16 = logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval(), batch)
+    assert _rms(logits(model, batch), fp32) <= 1.02 * _rms(bf16, fp32)
 
 
 def test_progress_output_modes(checkpoint, tmp_path, cli):

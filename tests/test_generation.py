@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiny
-from conftest import run_cli
+from conftest import run_cli_here
 from precompile import convert, load
 from precompile.io.hashed_copy import file_sha256
 
@@ -69,19 +69,17 @@ def test_source_generation_config_is_carried_unchanged(checkpoint, tmp_path):
 
 def test_dry_run_names_the_derived_generation_config(no_gen_source, tmp_path):
     src, _ = no_gen_source
-    r = run_cli("convert", src, tmp_path / "out", "--dry-run")
+    r = run_cli_here("convert", src, tmp_path / "out", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "generation_config.json (derived from config.json" in r.stdout
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("trust", [None, True])
-def test_auto_tokenizer_loads_without_asking(checkpoint, tmp_path, trust):
+def test_auto_tokenizer_loads_without_asking(converted_family, tmp_path, trust):
     """A fresh process without this package on the path; transformers' prompt is `input()`, which is recorded
     (a closed stdin would hide it: transformers turns the EOFError into a silent fallback)."""
-    src = checkpoint("llama")
-    out = tmp_path / "out"
-    convert(str(src), out)
+    src, out = converted_family("llama")  # read-only
     code = ("import builtins, json, sys; asked = []\n"
             "builtins.input = lambda *a: asked.append(a) or 'n'\n"
             "from transformers import AutoConfig, AutoTokenizer\n"

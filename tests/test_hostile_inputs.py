@@ -1,13 +1,12 @@
 """Hostile inputs on the newer surfaces (issue 26): carried files, the hub, the source's card, profile expressions
 and YAML, numbers, locks, carried JSON, concurrent writers of OUT_DIR.
 
-Same contract as tests/test_bad_inputs.py (exit 2, one `error:` line, nothing left behind, inputs unchanged; see
+Same contract as tests/test_convert_refusals.py (exit 2, one `error:` line, nothing left behind, inputs unchanged; see
 conftest.check_refused). Signals, FIFOs, races and the network run real `python -m precompile` processes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pkgutil
@@ -24,7 +23,8 @@ import pytest
 import yaml
 
 import tiny
-from conftest import ROOT, check_refused, edit_json, fail_after, invoke, leftovers, run_cli, tree_snapshot
+from conftest import (ROOT, check_refused, edit_json, fail_after, invoke, leftovers, make_fifo, run_cli, run_cli_here,
+                      sha256_of, tree_snapshot)
 from precompile.io.out_dir import LOCK_PREFIX
 from precompile.loader import MANIFEST
 from precompile.publish.card import CARD_FILE
@@ -52,11 +52,6 @@ def one_error_line(stderr: str, *words: str) -> str:
 def refused(r: subprocess.CompletedProcess, *words: str) -> str:
     assert r.returncode == 2, (r.returncode, r.stderr)
     return one_error_line(r.stderr, *words)
-
-
-def make_fifo(path: Path) -> None:
-    path.unlink(missing_ok=True)
-    os.mkfifo(path)
 
 
 # ---------------------------------------------------------------- F1: no code from a checkpoint runs
@@ -182,7 +177,8 @@ def test_source_card_linked_outside_the_source(src, out, tmp_path):
     (tmp_path / "secret" / "notes.md").write_text("---\nlicense: secret-from-outside\n---\n")
     (src / CARD_FILE).symlink_to(tmp_path / "secret" / "notes.md")
     check_refused(src, out, words=(CARD_FILE, "outside"), watch=(tmp_path / "secret",))
-    # its siblings, config.json and the index: tests/test_bad_inputs_more.py::test_carried_file_symlinked_outside_source
+    # its siblings, config.json and the index:
+    # tests/test_refusals_files_and_paths.py::test_carried_file_symlinked_outside_source
 
 
 @pytest.mark.parametrize("front", [
@@ -223,7 +219,7 @@ def test_long_expression_in_a_profile(src, out, tmp_path, expr):
     """Y1: a config-ref expression is bounded before it is parsed: one line naming the key, for convert and plan."""
     p = _profile_with(tmp_path, lambda d: d["sizes"].update(hidden_size=[expr]))
     check_refused(src, out, "--profile", str(p), words=(str(p), "sizes.hidden_size"))
-    refused(run_cli("plan", src, "--profile", p), "sizes.hidden_size")
+    refused(run_cli_here("plan", src, "--profile", p), "sizes.hidden_size")
 
 
 def test_long_expression_in_a_recorded_profile(converted, tmp_path):
@@ -235,8 +231,8 @@ def test_long_expression_in_a_recorded_profile(converted, tmp_path):
     m["profile"]["text"] = yaml.safe_dump(data)
     (out / MANIFEST).write_text(json.dumps(m))
     before = tree_snapshot(out)
-    refused(run_cli("verify", out, "-q"), "sizes.hidden_size")
-    refused(run_cli("plan", out), "sizes.hidden_size")
+    refused(run_cli_here("verify", out, "-q"), "sizes.hidden_size")
+    refused(run_cli_here("plan", out), "sizes.hidden_size")
     assert tree_snapshot(out) == before
 
 
@@ -305,7 +301,7 @@ def test_config_number_not_finite(src, out, value, key):
     (src / "config.json").write_text(json.dumps(text).replace('"@@"', value))
     line = check_refused(src, out, words=())
     assert key in line or "eps" in line, line
-    r = run_cli("plan", src)
+    r = run_cli_here("plan", src)
     refused(r)
 
 
@@ -355,16 +351,12 @@ def test_damaged_generation_config_in_out_dir_fails_verify(converted, tmp_path):
     line) instead of a TypeError traceback."""
     out = tiny.copy_tree(converted, tmp_path / "out")
     (out / "generation_config.json").write_text("[1, 2]")
-    r = run_cli("verify", out, "-q", "--rows", "8", "--max-new-tokens", "2")
+    r = run_cli_here("verify", out, "-q", "--rows", "8", "--max-new-tokens", "2")
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("verification failed:")
 
 
 # ---------------------------------------------------------------- K1: one writer of OUT_DIR's files
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_two_update_card_runs_at_once(converted, tmp_path):
@@ -385,6 +377,6 @@ def test_two_update_card_runs_at_once(converted, tmp_path):
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     manifest = json.loads((out / MANIFEST).read_text())
-    assert manifest["outputs"][CARD_FILE] == _sha(out / CARD_FILE)
+    assert manifest["outputs"][CARD_FILE] == sha256_of(out / CARD_FILE)
     assert "Passed" in (out / CARD_FILE).read_text()
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")] and not leftovers(tmp_path)

@@ -2,7 +2,7 @@
 its shipped profile: latent attention (MLA: DeepSeek-V2/V3, GLM-4 MoE Lite, Youtu, MiniCPM3) and sequence mixers
 other than attention whose input projection is per token (state-space: Mamba; short convolution: LFM2).
 
-The same checks as tests/test_families_more.py: float32 logits within 1e-5 (relative to the largest logit) of
+The same checks as tests/test_families_profile_keys.py: float32 logits within 1e-5 (relative to the largest logit) of
 transformers' and the same greedy generation on a left-padded batch; bfloat16 no farther from the float32 upcast
 than the bfloat16 original is; every table row within verify's derived rounding bound of a float64 recomputation.
 """
@@ -10,26 +10,24 @@ than the bfloat16 original is; every table row within verify's derived rounding 
 from __future__ import annotations
 
 import pytest
-import test_families_parallel
 import tiny
 
-# the checks of tests/test_families_more.py, run here on the families of this file (imported under other names,
+# the checks of tests/test_families_profile_keys.py, run here on the families of this file (imported under other names,
 # so that pytest does not collect them here with that file's families)
-from test_families_more import test_bfloat16_no_farther_than_original as bfloat16_no_farther_than_original
-from test_families_more import test_float32_matches_transformers as float32_matches_transformers
+from test_families_profile_keys import test_bfloat16_no_farther_than_original as bfloat16_no_farther_than_original
+from test_families_profile_keys import test_float32_matches_transformers as float32_matches_transformers
 
 FAMILIES = list(tiny.SHAPE_FAMILIES)
-converted = test_families_parallel.converted  # (family, dtype) -> (source, OUT_DIR), once per module
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_float32_matches_transformers(family, converted):
-    float32_matches_transformers(family, converted)
+def test_float32_matches_transformers(family, converted_family):
+    float32_matches_transformers(family, converted_family)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_bfloat16_no_farther_than_original(family, converted):
-    bfloat16_no_farther_than_original(family, converted)
+def test_bfloat16_no_farther_than_original(family, converted_family):
+    bfloat16_no_farther_than_original(family, converted_family)
 
 
 @pytest.mark.parametrize("profile, patch, words", [

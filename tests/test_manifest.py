@@ -113,12 +113,8 @@ def test_locate_hub_source_through_the_given_fetcher(converted, tmp_path):
     assert calls == [(REPO, REV)]
 
 
-def test_locate_hub_source_from_the_cache_at_the_recorded_revision(converted, tmp_path, monkeypatch):
-    import huggingface_hub.constants as c
-
+def test_locate_hub_source_from_the_cache_at_the_recorded_revision(converted, tmp_path, hub):
     src, _, overlay = converted
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     snap = tiny.lay_out_hub_cache(tmp_path / "hf", REPO, src, REV)
     tiny.lay_out_hub_cache(tmp_path / "hf", REPO, src, "d" * 40)  # refs/main now names another revision
     m = Manifest.read(overlay)

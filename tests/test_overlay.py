@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import tiny
-from conftest import run_cli
+from conftest import run_cli, run_cli_here
 
 import precompile
 from precompile import PrecompileLoadError
@@ -60,17 +60,6 @@ def base(checkpoint) -> Path:
     src = checkpoint("llama")  # 17 shards of 40 KB: layer 0's tensors sit in 3 of them
     assert len(set(weight_map(src).values())) > len(layer0_files(src)) + 2
     return src
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """Point huggingface_hub (in this process) at an offline cache under tmp_path; returns HF_HOME."""
-    import huggingface_hub.constants as c
-
-    home = tmp_path / "hf"
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    return home
 
 
 class ReadRecorder:
@@ -215,7 +204,7 @@ def test_changed_local_base_is_refused(base, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(BaseMismatchError, match=shard.name):
         precompile.load(out)
-    r = run_cli("materialize", out, tmp_path / "mat", "-q")
+    r = run_cli_here("materialize", out, tmp_path / "mat", "-q")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and shard.name in r.stderr, r.stderr
     assert not (tmp_path / "mat").exists()
 
@@ -266,7 +255,7 @@ def test_verify_passes_on_overlay_and_fails_on_changed_base(checkpoint, tmp_path
     shutil.copytree(checkpoint("llama"), base)
     out = tmp_path / "ov"
     precompile.convert(str(base), out, overlay=True, device="cpu")
-    r = run_cli("verify", out, "--quiet")
+    r = run_cli_here("verify", out, "--quiet")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "copied-tensors  PASS    overlay" in r.stdout
     index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
@@ -274,5 +263,5 @@ def test_verify_passes_on_overlay_and_fails_on_changed_base(checkpoint, tmp_path
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0x40  # a different weight in a file the table was computed from
     shard.write_bytes(bytes(data))
-    r = run_cli("verify", out, "--quiet")
+    r = run_cli_here("verify", out, "--quiet")
     assert r.returncode == 1 and "reference" in r.stderr, r.stdout + r.stderr

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from conftest import run_cli
-from test_families_parallel import QWEN3_PROFILE
+from conftest import QWEN3_PROFILE, run_cli_here
 from transformers import AutoModelForCausalLM
 
 import precompile
 from precompile.batch import run_batch
 
-# A user's profile (test_families_parallel's hand-written Qwen3 one, with the FFN width `plan` needs), named
+# A user's profile (test_families_parallel_blocks's hand-written Qwen3 one, with the FFN width `plan` needs), named
 # so that only the recorded profile can give this name back.
 PROFILE = "# my own Qwen3 profile" + QWEN3_PROFILE.replace("name: qwen3-custom", "name: my-qwen3").replace(
     "  n_layers: [num_hidden_layers]\n", "  n_layers: [num_hidden_layers]\n  intermediate_size: [intermediate_size]\n")
@@ -35,18 +34,18 @@ def test_verify_plan_and_load_without_the_profile_file(checkpoint, tmp_path):
     src = checkpoint("qwen3")
     prof = _write_profile(tmp_path)
     out = tmp_path / "out"
-    r = run_cli("convert", src, out, "--profile", prof, "--device", "cpu", "--quiet")
+    r = run_cli_here("convert", src, out, "--profile", prof, "--device", "cpu", "--quiet")
     assert r.returncode == 0, r.stderr
     rec = _manifest(out)["profile"]
     assert (rec["name"], rec["path"], rec["text"]) == ("my-qwen3", str(prof), PROFILE)
     prof.unlink()
 
     j = tmp_path / "report.json"
-    r = run_cli("verify", out, "--max-new-tokens", "2", "--rows", "16", "--json", j, "--quiet")
+    r = run_cli_here("verify", out, "--max-new-tokens", "2", "--rows", "16", "--json", j, "--quiet")
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads(j.read_text())["profile"] == "my-qwen3"
 
-    r = run_cli("plan", out, "--json", "-")
+    r = run_cli_here("plan", out, "--json", "-")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["profile"] == "my-qwen3"
 
@@ -63,7 +62,7 @@ def test_materialize_uses_the_overlays_recorded_profile(checkpoint, tmp_path):
     precompile.convert(str(src), tmp_path / "direct", profile=str(prof), device="cpu")
     precompile.convert(str(src), tmp_path / "ov", profile=str(prof), overlay=True, device="cpu")
     prof.unlink()
-    r = run_cli("materialize", tmp_path / "ov", tmp_path / "full", "--quiet")
+    r = run_cli_here("materialize", tmp_path / "ov", tmp_path / "full", "--quiet")
     assert r.returncode == 0, r.stderr
     full, direct = _manifest(tmp_path / "full"), _manifest(tmp_path / "direct")
     assert full["profile"] == direct["profile"] and full["profile"]["name"] == "my-qwen3"
@@ -81,9 +80,9 @@ def test_manifest_without_recorded_profile_still_verifies(checkpoint, tmp_path):
     for key in ("text", "path"):
         del manifest["profile"][key]
     (out / "precompile.json").write_text(json.dumps(manifest))
-    r = run_cli("verify", out, "--max-new-tokens", "2", "--rows", "16", "--quiet")
+    r = run_cli_here("verify", out, "--max-new-tokens", "2", "--rows", "16", "--quiet")
     assert r.returncode == 0, r.stdout + r.stderr
-    r = run_cli("plan", out, "--json", "-")
+    r = run_cli_here("plan", out, "--json", "-")
     assert r.returncode == 0 and json.loads(r.stdout)["profile"] == "llama", r.stderr
 
 

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import precompile
 import tiny
+from conftest import logits, rel_diff
 from precompile.check.file_checks import check_outputs
 from precompile.check.verify import verify
 from precompile.loader import MANIFEST, PLAIN_LOAD_MESSAGE, RESIZE_MESSAGE, Manifest
@@ -23,34 +24,10 @@ FAMILIES = {"serial": "llama", "parallel": "gpt_neox", "moe": "mixtral", "tied":
 REL = 1e-5  # float32: the converted model matches the original to rounding (tests/test_convert.py)
 
 
-@pytest.fixture(scope="module")
-def conv(checkpoint, tmp_path_factory):
-    """conv(family) -> (source, OUT_DIR), converted once per module."""
-    made: dict = {}
-
-    def make(family: str) -> tuple[Path, Path]:
-        if family not in made:
-            src = checkpoint(family)
-            out = tmp_path_factory.mktemp(family) / "out"
-            precompile.convert(str(src), out, device="cpu")
-            made[family] = (src, out)
-        return made[family]
-
-    return make
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return tiny.make_tokenizer()(tiny.PROMPTS, return_tensors="pt", padding=True)
-
-
-def _logits(model, enc) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**enc).logits.float()
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / a.abs().max())
+@pytest.fixture
+def conv(converted_family):
+    """conv(family) -> (source, OUT_DIR), converted once per session (conftest)."""
+    return converted_family
 
 
 def _remote(path, **kw):
@@ -73,9 +50,9 @@ def test_save_reload_gives_the_same_logits(kind, conv, batch, tmp_path):
     assert manifest.table.guard in json.loads((saved / "model.safetensors.index.json").read_text())["weight_map"]
     assert check_outputs(saved, manifest).passed
     reloaded = _remote(saved)
-    assert torch.equal(_logits(reloaded, batch), _logits(model, batch))  # the same tensors and code
-    ref = _logits(AutoModelForCausalLM.from_pretrained(src).eval(), batch)
-    assert _rel(ref, _logits(reloaded, batch)) <= REL
+    assert torch.equal(logits(reloaded, batch), logits(model, batch))  # the same tensors and code
+    ref = logits(AutoModelForCausalLM.from_pretrained(src).eval(), batch)
+    assert rel_diff(ref, logits(reloaded, batch)) <= REL
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         AutoModelForCausalLM.from_pretrained(saved)
 
@@ -95,7 +72,7 @@ def test_resaved_dir_passes_verify_and_a_fine_tuned_one_says_why_not(conv, batch
     tok.save_pretrained(tmp_path / "tuned")
     manifest = Manifest.read(tmp_path / "tuned")
     assert manifest.saved["changed"] == ["model.layers.1.mlp.down_proj.weight"]
-    assert torch.equal(_logits(precompile.load(tmp_path / "tuned"), batch), _logits(model, batch))
+    assert torch.equal(logits(precompile.load(tmp_path / "tuned"), batch), logits(model, batch))
     r = verify(tmp_path / "tuned", prompts=tiny.PROMPTS, max_new_tokens=4, rows=0)
     saved = next(c for c in r["checks"] if c["name"] == "saved")
     assert not r["passed"] and not saved["passed"] and "no longer a conversion" in saved["metrics"]["note"]
@@ -111,7 +88,7 @@ def test_merged_lora_saves_and_reloads(conv, batch, tmp_path):
     merged.save_pretrained(tmp_path / "merged")
     changed = Manifest.read(tmp_path / "merged").saved["changed"]
     assert changed and all(".layers.0." not in n for n in changed)
-    assert torch.equal(_logits(precompile.load(tmp_path / "merged"), batch), _logits(merged, batch))
+    assert torch.equal(logits(precompile.load(tmp_path / "merged"), batch), logits(merged, batch))
 
 
 class _LocalHub:
@@ -134,7 +111,7 @@ class _LocalHub:
 
 
 @pytest.mark.parametrize("how", ["push_to_hub", "save_pretrained(push_to_hub=True)"])
-def test_push_to_hub_reloads_the_same_from_a_hub_snapshot(how, conv, batch, tmp_path, monkeypatch):
+def test_push_to_hub_reloads_the_same_from_a_hub_snapshot(how, conv, batch, tmp_path, monkeypatch, offline):
     import transformers.utils.hub as th
 
     _, out = conv("llama")
@@ -152,7 +129,7 @@ def test_push_to_hub_reloads_the_same_from_a_hub_snapshot(how, conv, batch, tmp_
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         AutoModelForCausalLM.from_pretrained("me/pushed", cache_dir=cache, local_files_only=True)
     reloaded = _remote("me/pushed", cache_dir=cache, local_files_only=True)
-    assert torch.equal(_logits(reloaded, batch), _logits(model, batch))
+    assert torch.equal(logits(reloaded, batch), logits(model, batch))
 
 
 # --- from_pretrained arguments ---------------------------------------------------------------------------------------
@@ -203,11 +180,11 @@ def test_from_pretrained_argument_as_on_the_original(row, conv, batch, tmp_path)
     got = _remote(out, **kw)
     assert _describe(got) == _describe(want)
     w, g = (r[0] if isinstance(r, tuple) else r for r in (want, got))
-    ref, mine = _logits(w, batch), _logits(g, batch)
+    ref, mine = logits(w, batch), logits(g, batch)
     if w.dtype == torch.float32:
-        assert _rel(ref, mine) <= REL
+        assert rel_diff(ref, mine) <= REL
     else:  # bfloat16: no farther from float32 than the original is (tests/test_convert.py), with slack
-        f32 = _logits(AutoModelForCausalLM.from_pretrained(src), batch)
+        f32 = logits(AutoModelForCausalLM.from_pretrained(src), batch)
         assert (mine - f32).abs().max() <= 2 * (ref - f32).abs().max() + 1e-2
 
 
@@ -229,7 +206,7 @@ def test_device_map_on_a_gpu(device_map, conv, batch):
     assert got.hf_device_map == want.hf_device_map
     assert got.get_input_embeddings().table.device == want.get_input_embeddings().weight.device
     enc = {k: v.to(want.device) for k, v in batch.items()}
-    assert _rel(_logits(want, enc), _logits(got, enc)) <= 1e-4  # GPU kernels: TF32 may be on
+    assert rel_diff(logits(want, enc), logits(got, enc)) <= 1e-4  # GPU kernels: TF32 may be on
 
 
 # --- plain transformers never yields a wrong model -------------------------------------------------------------------
@@ -374,8 +351,8 @@ def test_llama4_reads_the_embedding_weight_and_runs(tmp_path, batch):
     out = tmp_path / "out"
     result = precompile.convert(str(src), out, profile=str(prof), device="cpu")
     assert all(p.passed for p in result.self_check.points)
-    ref = _logits(AutoModelForCausalLM.from_pretrained(src), batch)
-    assert _rel(ref, _logits(precompile.load(out), batch)) <= REL
+    ref = logits(AutoModelForCausalLM.from_pretrained(src), batch)
+    assert rel_diff(ref, logits(precompile.load(out), batch)) <= REL
 
 
 def test_a_failing_self_check_reports_real_figures(tmp_path):
@@ -416,4 +393,4 @@ def test_an_overlay_saves_as_a_full_conversion(checkpoint, batch, tmp_path):
     model.save_pretrained(tmp_path / "saved")
     manifest = Manifest.read(tmp_path / "saved")
     assert manifest.kind == "full" and manifest.saved["changed"] == [] and manifest.source.path == str(src)
-    assert torch.equal(_logits(precompile.load(tmp_path / "saved"), batch), _logits(model, batch))
+    assert torch.equal(logits(precompile.load(tmp_path / "saved"), batch), logits(model, batch))

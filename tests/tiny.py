@@ -73,7 +73,7 @@ FAMILIES: dict[str, dict] = {
 _SMALL = dict(_COMMON, num_hidden_layers=2)
 _MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
 _MOE_SMALL = dict(_SMALL, moe_intermediate_size=32)
-# Families of issue #17 (tests/test_families_more.py): 2 layers; head_dim 24 (q width 96 != hidden 64) where
+# Families of issue #17 (tests/test_families_profile_keys.py): 2 layers; head_dim 24 (q width 96 != hidden 64) where
 # the config has the key; GQA 4/2; tied where transformers ties by default.
 MORE_FAMILIES: dict[str, dict] = {
     "smollm3": dict(model_type="smollm3", num_key_value_heads=2, tie_word_embeddings=True, **_SMALL),
@@ -233,8 +233,9 @@ SHAPE_FAMILIES: dict[str, dict] = {
 }
 FAMILIES.update(MORE_FAMILIES)
 FAMILIES.update(SHAPE_FAMILIES)
-# Families the support matrix says "a YAML profile should do" for, without a shipped profile: tests/test_support.py
-# converts each with a profile written from configs/README.md (not in FAMILIES: no shipped profile picks them).
+# Families the support matrix says "a YAML profile should do" for, without a shipped profile:
+# tests/profiles/test_support.py converts each with a profile written from configs/README.md (not in FAMILIES:
+# no shipped profile picks them).
 PROFILE_SAMPLE_FAMILIES: dict[str, dict] = {
     # only the last layer's attention has a bias (dense_bias): layer 0 is not the last one
     "gpt_neox_japanese": dict(model_type="gpt_neox_japanese", intermediate_multiple_size=2, tie_word_embeddings=False,
@@ -342,3 +343,98 @@ def read_json(path: Path) -> dict:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, symlinks=False)
     return dst
+
+
+# "A YAML profile should do": profiles written from configs/README.md for some PROFILE_SAMPLE_FAMILIES, each converting
+# a tiny model exactly (tests/profiles/test_support.py; the self-check uses gpt_neox_japanese's).
+
+_LLAMA_LIKE = """
+name: {name}-written
+match: {{model_types: [{name}]}}
+block: serial
+sizes: {{hidden_size: [hidden_size], num_heads: [num_attention_heads], num_kv_heads: [num_key_value_heads],
+        head_dim: [head_dim], vocab_size: [vocab_size], n_layers: [num_hidden_layers],
+        intermediate_size: [intermediate_size]}}
+embedding: {{tensor: model.embed_tokens.weight, module: model.embed_tokens{extra_embedding}}}
+attn_norm: {{kind: rms, weight: model.layers.0.input_layernorm.weight, eps: [rms_norm_eps],
+            module: model.layers.0.input_layernorm}}
+projections:
+  - {{role: q, weight: model.layers.0.self_attn.q_proj.weight, module: model.layers.0.self_attn.q_proj}}
+  - {{role: k, weight: model.layers.0.self_attn.k_proj.weight, module: model.layers.0.self_attn.k_proj}}
+  - {{role: v, weight: model.layers.0.self_attn.v_proj.weight, module: model.layers.0.self_attn.v_proj}}
+attention_module: model.layers.0.self_attn
+"""
+WRITTEN_PROFILES = {
+    "ministral3": _LLAMA_LIKE.format(name="ministral3", extra_embedding=""),
+    # the forward multiplies the embedding module's output: embedding.multiplier, not scale
+    "hyperclovax": _LLAMA_LIKE.format(name="hyperclovax",
+                                      extra_embedding=", multiplier: {config: embedding_multiplier}"),
+    # attn_sub_norm acts on the attention's output, before o_proj: after layer 0's projections, so nothing to say
+    "bitnet": _LLAMA_LIKE.format(name="bitnet", extra_embedding=""),
+    # per-head q/k norms; attention sinks stored under another name than the module's (the self-check reads them
+    # under transformers' renaming); a mixture of experts whose layer 0 is dense (mlp_only_layers)
+    "flint": _LLAMA_LIKE.format(name="flint", extra_embedding="").replace(
+        "intermediate_size: [intermediate_size]}",
+        "intermediate_size: [moe_intermediate_size], n_experts: [num_experts]}") + """qk_norm:
+  q: {kind: rms, weight: model.layers.0.self_attn.q_norm.weight, eps: [rms_norm_eps],
+      module: model.layers.0.self_attn.q_norm}
+  k: {kind: rms, weight: model.layers.0.self_attn.k_norm.weight, eps: [rms_norm_eps],
+      module: model.layers.0.self_attn.k_norm}
+dense_layers: {indices: [mlp_only_layers], intermediate_size: [intermediate_size]}
+""",
+    # a fused per-head qkv without q/k norms: its layout does not matter (the table keeps the module's own);
+    # only the last layer's attention has a bias (dense_bias), which layer 0 does not
+    "gpt_neox_japanese": """
+name: gpt_neox_japanese-written
+match: {model_types: [gpt_neox_japanese]}
+block: serial
+sizes: {hidden_size: [hidden_size], num_heads: [num_attention_heads], vocab_size: [vocab_size],
+        n_layers: [num_hidden_layers], intermediate_size: ["hidden_size * intermediate_multiple_size"]}
+embedding: {tensor: gpt_neox_japanese.embed_in.weight, module: gpt_neox_japanese.embed_in}
+attn_norm: {kind: layer, weight: gpt_neox_japanese.layers.0.input_layernorm.weight,
+            bias: gpt_neox_japanese.layers.0.input_layernorm.bias, eps: [layer_norm_eps],
+            module: gpt_neox_japanese.layers.0.input_layernorm}
+projections:
+  - {role: qkv, weight: gpt_neox_japanese.layers.0.attention.query_key_value.weight, heads_interleaved: true,
+     module: gpt_neox_japanese.layers.0.attention.query_key_value}
+attention_module: gpt_neox_japanese.layers.0.attention
+ffn: {kind: mlp, activation: {config: hidden_act, default: gelu},
+      up: gpt_neox_japanese.layers.0.mlp.dense_h_to_4h.weight,
+      down: gpt_neox_japanese.layers.0.mlp.dense_4h_to_h.weight, module: gpt_neox_japanese.layers.0.mlp}
+""",
+    # ALiBi (nothing to say), a LayerNorm without bias, a fused [q | k | v]; MPT's FFN is 4 x d_model whatever
+    # expansion_ratio says (plan's count only)
+    "mpt": """
+name: mpt-written
+match: {model_types: [mpt]}
+block: serial
+sizes: {hidden_size: [d_model], num_heads: [n_heads], vocab_size: [vocab_size], n_layers: [n_layers],
+        intermediate_size: ["4 * d_model"]}
+embedding: {tensor: transformer.wte.weight, module: transformer.wte}
+attn_norm: {kind: layer, weight: transformer.blocks.0.norm_1.weight, eps: [layer_norm_epsilon],
+            module: transformer.blocks.0.norm_1}
+projections:
+  - {role: qkv, weight: transformer.blocks.0.attn.Wqkv.weight, module: transformer.blocks.0.attn.Wqkv}
+attention_module: transformer.blocks.0.attn
+ffn: {kind: mlp, activation: gelu, up: transformer.blocks.0.ffn.up_proj.weight,
+      down: transformer.blocks.0.ffn.down_proj.weight, module: transformer.blocks.0.ffn}
+""",
+    # a parallel block with one shared LayerNorm (as GPT-J); qkv_proj's layout (mp_num groups) is the module's own
+    "codegen": """
+name: codegen-written
+match: {model_types: [codegen]}
+block: parallel
+sizes: {hidden_size: [n_embd], num_heads: [n_head], vocab_size: [vocab_size], n_layers: [n_layer],
+        intermediate_size: [n_inner, "4 * n_embd"]}
+embedding: {tensor: transformer.wte.weight, module: transformer.wte}
+attn_norm: {kind: layer, weight: transformer.h.0.ln_1.weight, bias: transformer.h.0.ln_1.bias,
+            eps: [layer_norm_epsilon], module: transformer.h.0.ln_1}
+projections:
+  - {role: qkv, weight: transformer.h.0.attn.qkv_proj.weight, module: transformer.h.0.attn.qkv_proj}
+attention_module: transformer.h.0.attn
+ffn: {kind: mlp, activation: {config: activation_function, default: gelu_tanh},
+      up: {weight: transformer.h.0.mlp.fc_in.weight, bias: transformer.h.0.mlp.fc_in.bias},
+      down: {weight: transformer.h.0.mlp.fc_out.weight, bias: transformer.h.0.mlp.fc_out.bias},
+      module: transformer.h.0.mlp}
+""",
+}

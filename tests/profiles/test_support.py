@@ -10,6 +10,7 @@ import sys
 import pytest
 import tiny
 from conftest import ROOT
+from tiny import WRITTEN_PROFILES
 
 from precompile.profiles import support
 from precompile.profiles.catalog import builtin_profiles, refusals
@@ -193,100 +194,6 @@ def test_generator_runs_from_the_command_line(tmp_path):
 
 
 
-# --- "a YAML profile should do": profiles written from configs/README.md, each converting a tiny model exactly ---
-
-_LLAMA_LIKE = """
-name: {name}-written
-match: {{model_types: [{name}]}}
-block: serial
-sizes: {{hidden_size: [hidden_size], num_heads: [num_attention_heads], num_kv_heads: [num_key_value_heads],
-        head_dim: [head_dim], vocab_size: [vocab_size], n_layers: [num_hidden_layers],
-        intermediate_size: [intermediate_size]}}
-embedding: {{tensor: model.embed_tokens.weight, module: model.embed_tokens{extra_embedding}}}
-attn_norm: {{kind: rms, weight: model.layers.0.input_layernorm.weight, eps: [rms_norm_eps],
-            module: model.layers.0.input_layernorm}}
-projections:
-  - {{role: q, weight: model.layers.0.self_attn.q_proj.weight, module: model.layers.0.self_attn.q_proj}}
-  - {{role: k, weight: model.layers.0.self_attn.k_proj.weight, module: model.layers.0.self_attn.k_proj}}
-  - {{role: v, weight: model.layers.0.self_attn.v_proj.weight, module: model.layers.0.self_attn.v_proj}}
-attention_module: model.layers.0.self_attn
-"""
-WRITTEN_PROFILES = {
-    "ministral3": _LLAMA_LIKE.format(name="ministral3", extra_embedding=""),
-    # the forward multiplies the embedding module's output: embedding.multiplier, not scale
-    "hyperclovax": _LLAMA_LIKE.format(name="hyperclovax",
-                                      extra_embedding=", multiplier: {config: embedding_multiplier}"),
-    # attn_sub_norm acts on the attention's output, before o_proj: after layer 0's projections, so nothing to say
-    "bitnet": _LLAMA_LIKE.format(name="bitnet", extra_embedding=""),
-    # per-head q/k norms; attention sinks stored under another name than the module's (the self-check reads them
-    # under transformers' renaming); a mixture of experts whose layer 0 is dense (mlp_only_layers)
-    "flint": _LLAMA_LIKE.format(name="flint", extra_embedding="").replace(
-        "intermediate_size: [intermediate_size]}",
-        "intermediate_size: [moe_intermediate_size], n_experts: [num_experts]}") + """qk_norm:
-  q: {kind: rms, weight: model.layers.0.self_attn.q_norm.weight, eps: [rms_norm_eps],
-      module: model.layers.0.self_attn.q_norm}
-  k: {kind: rms, weight: model.layers.0.self_attn.k_norm.weight, eps: [rms_norm_eps],
-      module: model.layers.0.self_attn.k_norm}
-dense_layers: {indices: [mlp_only_layers], intermediate_size: [intermediate_size]}
-""",
-    # a fused per-head qkv without q/k norms: its layout does not matter (the table keeps the module's own);
-    # only the last layer's attention has a bias (dense_bias), which layer 0 does not
-    "gpt_neox_japanese": """
-name: gpt_neox_japanese-written
-match: {model_types: [gpt_neox_japanese]}
-block: serial
-sizes: {hidden_size: [hidden_size], num_heads: [num_attention_heads], vocab_size: [vocab_size],
-        n_layers: [num_hidden_layers], intermediate_size: ["hidden_size * intermediate_multiple_size"]}
-embedding: {tensor: gpt_neox_japanese.embed_in.weight, module: gpt_neox_japanese.embed_in}
-attn_norm: {kind: layer, weight: gpt_neox_japanese.layers.0.input_layernorm.weight,
-            bias: gpt_neox_japanese.layers.0.input_layernorm.bias, eps: [layer_norm_eps],
-            module: gpt_neox_japanese.layers.0.input_layernorm}
-projections:
-  - {role: qkv, weight: gpt_neox_japanese.layers.0.attention.query_key_value.weight, heads_interleaved: true,
-     module: gpt_neox_japanese.layers.0.attention.query_key_value}
-attention_module: gpt_neox_japanese.layers.0.attention
-ffn: {kind: mlp, activation: {config: hidden_act, default: gelu},
-      up: gpt_neox_japanese.layers.0.mlp.dense_h_to_4h.weight,
-      down: gpt_neox_japanese.layers.0.mlp.dense_4h_to_h.weight, module: gpt_neox_japanese.layers.0.mlp}
-""",
-    # ALiBi (nothing to say), a LayerNorm without bias, a fused [q | k | v]; MPT's FFN is 4 x d_model whatever
-    # expansion_ratio says (plan's count only)
-    "mpt": """
-name: mpt-written
-match: {model_types: [mpt]}
-block: serial
-sizes: {hidden_size: [d_model], num_heads: [n_heads], vocab_size: [vocab_size], n_layers: [n_layers],
-        intermediate_size: ["4 * d_model"]}
-embedding: {tensor: transformer.wte.weight, module: transformer.wte}
-attn_norm: {kind: layer, weight: transformer.blocks.0.norm_1.weight, eps: [layer_norm_epsilon],
-            module: transformer.blocks.0.norm_1}
-projections:
-  - {role: qkv, weight: transformer.blocks.0.attn.Wqkv.weight, module: transformer.blocks.0.attn.Wqkv}
-attention_module: transformer.blocks.0.attn
-ffn: {kind: mlp, activation: gelu, up: transformer.blocks.0.ffn.up_proj.weight,
-      down: transformer.blocks.0.ffn.down_proj.weight, module: transformer.blocks.0.ffn}
-""",
-    # a parallel block with one shared LayerNorm (as GPT-J); qkv_proj's layout (mp_num groups) is the module's own
-    "codegen": """
-name: codegen-written
-match: {model_types: [codegen]}
-block: parallel
-sizes: {hidden_size: [n_embd], num_heads: [n_head], vocab_size: [vocab_size], n_layers: [n_layer],
-        intermediate_size: [n_inner, "4 * n_embd"]}
-embedding: {tensor: transformer.wte.weight, module: transformer.wte}
-attn_norm: {kind: layer, weight: transformer.h.0.ln_1.weight, bias: transformer.h.0.ln_1.bias,
-            eps: [layer_norm_epsilon], module: transformer.h.0.ln_1}
-projections:
-  - {role: qkv, weight: transformer.h.0.attn.qkv_proj.weight, module: transformer.h.0.attn.qkv_proj}
-attention_module: transformer.h.0.attn
-ffn: {kind: mlp, activation: {config: activation_function, default: gelu_tanh},
-      up: {weight: transformer.h.0.mlp.fc_in.weight, bias: transformer.h.0.mlp.fc_in.bias},
-      down: {weight: transformer.h.0.mlp.fc_out.weight, bias: transformer.h.0.mlp.fc_out.bias},
-      module: transformer.h.0.mlp}
-""",
-}
-
-
 def test_written_profiles_cover_should_do_rows(matrix):
     """The sample below is of rows the matrix promises a profile for (at least five of them)."""
     by = {r.model_type: r for r in matrix}
@@ -302,7 +209,7 @@ def test_a_written_profile_converts_exactly(family, checkpoint, tmp_path):
     """A profile written from configs/README.md for a "should do" row converts a tiny model of the family: the
     self-check passes, and float32 logits and greedy generation match transformers'."""
     import torch
-    from test_families_parallel import _batch, _generate, _logits
+    from conftest import greedy_ids, masked_logits, prompt_batch
     from transformers import AutoModelForCausalLM
 
     import precompile
@@ -312,11 +219,11 @@ def test_a_written_profile_converts_exactly(family, checkpoint, tmp_path):
     prof.write_text(WRITTEN_PROFILES[family])
     result = precompile.convert(str(src), tmp_path / "out", profile=str(prof), device="cpu")
     assert result.self_check is not None and result.self_check.passed
-    enc = _batch()
+    enc = prompt_batch()
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     model = precompile.load(tmp_path / "out")
-    want, got = _logits(ref, enc), _logits(model, enc)
+    want, got = masked_logits(ref, enc), masked_logits(model, enc)
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
-    gen = _generate(ref, enc)
+    gen = greedy_ids(ref, enc)
     assert len(set(gen[:, -16:].flatten().tolist())) > 2
-    assert torch.equal(_generate(model, enc), gen)
+    assert torch.equal(greedy_ids(model, enc), gen)

@@ -12,8 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tiny
-from conftest import run_cli, tree_snapshot
-from precompile import convert
+from conftest import run_cli, run_cli_here, tree_snapshot
 from precompile.check.row_check import ulp
 from precompile.check.reference_model import reference_model
 from precompile.check.verify import _row_ids, verify
@@ -31,20 +30,10 @@ def prompts_file(tmp_path_factory) -> Path:
     return p
 
 
-@pytest.fixture(scope="module")
-def converted(checkpoint, tmp_path_factory):
-    """converted(family, dtype) -> (source dir, OUT_DIR), converted once per module."""
-    made: dict = {}
-
-    def make(family: str, dtype: str = "float32") -> tuple[Path, Path]:
-        if (family, dtype) not in made:
-            src = checkpoint(family, dtype)
-            out = tmp_path_factory.mktemp(f"out-{family}-{dtype}") / "out"
-            convert(str(src), out)
-            made[family, dtype] = (src, out)
-        return made[family, dtype]
-
-    return make
+@pytest.fixture
+def converted(converted_family):
+    """converted(family, dtype) -> (source dir, OUT_DIR), converted once per session (conftest)."""
+    return converted_family
 
 
 def fresh_copy(src_out: tuple[Path, Path], tmp_path: Path, with_source: bool = False) -> tuple[Path, Path]:
@@ -197,7 +186,7 @@ def test_used_row_perturbed_fails_default_run_via_cli(converted, prompts_file, t
     _, out = fresh_copy(converted("llama", "bfloat16"), tmp_path)
     token = sorted(prompt_ids(out))[3]
     perturb_row(out, token)
-    r = run_cli("verify", out, "--prompts", prompts_file, "--max-new-tokens", NEW, "--rows", "0", "--quiet")
+    r = run_cli_here("verify", out, "--prompts", prompts_file, "--max-new-tokens", NEW, "--rows", "0", "--quiet")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "table-rows" in r.stdout.splitlines()[-1]
     assert "FAIL" in next(line for line in r.stdout.splitlines() if line.startswith("table-rows"))
@@ -288,7 +277,7 @@ def test_modified_out_dir_file(converted, prompts_file, tmp_path):
         b = f.read(1)
         f.seek(info.start + 5)
         f.write(bytes([b[0] ^ 0x40]))
-    r = run_cli("verify", out, "--prompts", prompts_file, "--max-new-tokens", NEW, "--rows", "0",
+    r = run_cli_here("verify", out, "--prompts", prompts_file, "--max-new-tokens", NEW, "--rows", "0",
                 "--json", tmp_path / "r.json", "--quiet")
     assert r.returncode == 1, r.stdout + r.stderr
     res = json.loads((tmp_path / "r.json").read_text())

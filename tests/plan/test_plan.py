@@ -25,10 +25,10 @@ from precompile.cli import main
 from precompile.plan.plan_report import parse_batch_sizes, plan_model
 
 # Published config.json values and parameter counts of real models (copied from shared/reference).
-REF = json.loads((Path(__file__).parent / "data" / "model_configs.json").read_text())
+REF = json.loads((Path(__file__).resolve().parents[1] / "data" / "model_configs.json").read_text())
 
 # A minimal GPT-NeoX profile (parallel block, fused qkv, LayerNorm, two-layer MLP) for Pythia.
-GPT_NEOX_YAML = (Path(__file__).resolve().parent.parent / "configs" / "gpt_neox.yaml").read_text()
+GPT_NEOX_YAML = (Path(__file__).resolve().parents[2] / "configs" / "gpt_neox.yaml").read_text()
 
 # The paper's parameters (Pythia's vocab as the paper counts it: 50400).
 PYTHIA = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": 4096,
@@ -467,7 +467,7 @@ def test_planning_a_shipped_family_does_not_import_transformers(tmp_path):
     code = ("import sys; from precompile.plan.conversion_plan import plan_conversion; "
             f"plan_conversion({str(src)!r}); print('transformers' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       cwd=Path(__file__).parent.parent)
+                       cwd=Path(__file__).resolve().parents[2])
     assert r.stdout.strip() == "False"
 
 

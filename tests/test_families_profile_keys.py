@@ -15,11 +15,10 @@ import json
 from pathlib import Path
 
 import pytest
-import test_families_parallel
 import tiny
 import torch
+from conftest import bf16_baseline, greedy_ids, masked_logits, prompt_batch
 from safetensors import safe_open
-from test_families_parallel import _batch, _generate, _logits, bf16_baseline
 from transformers import AutoModelForCausalLM
 
 import precompile
@@ -27,7 +26,6 @@ from precompile.check.row_check import check_rows
 from precompile.plan.conversion_plan import plan_conversion
 
 FAMILIES = list(tiny.MORE_FAMILIES)
-converted = test_families_parallel.converted  # (family, dtype) -> (source, OUT_DIR), once per module
 # The bfloat16 model may be up to 5% farther from float32 than the original. Both round every layer after
 # layer 0 alike; the table (computed in float32, rounded once) changes only layer 0's rounding, which moves
 # the logits by about the original's own rounding noise, in either direction. Measured over these families
@@ -53,29 +51,29 @@ def _check_table_rows(src: Path, out: Path) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_float32_matches_transformers(family, converted):
-    src, out = converted(family, "float32")
-    enc = _batch()
+def test_float32_matches_transformers(family, converted_family):
+    src, out = converted_family(family, "float32")
+    enc = prompt_batch()
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     model = precompile.load(out)
     assert type(model).__mro__[1] is type(ref)  # the original class, with layer 0 swapped
-    want = _logits(ref, enc)
-    got = _logits(model, enc)
+    want = masked_logits(ref, enc)
+    got = masked_logits(model, enc)
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
-    gen = _generate(ref, enc)
+    gen = greedy_ids(ref, enc)
     assert len(set(gen[:, -16:].flatten().tolist())) > 2  # greedy decoding is not degenerate
-    assert torch.equal(_generate(model, enc), gen)
+    assert torch.equal(greedy_ids(model, enc), gen)
     _check_table_rows(src, out)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_bfloat16_no_farther_than_original(family, converted):
-    src, out = converted(family, "bfloat16")
-    enc = _batch()
+def test_bfloat16_no_farther_than_original(family, converted_family):
+    src, out = converted_family(family, "bfloat16")
+    enc = prompt_batch()
     upcast, base = bf16_baseline(src, enc)
     model = precompile.load(out)
     assert model.dtype == torch.bfloat16
-    dist = (_logits(model, enc) - upcast).pow(2).mean().sqrt().item()
+    dist = (masked_logits(model, enc) - upcast).pow(2).mean().sqrt().item()
     assert dist <= BF16_FACTOR * base, (dist, base)
     _check_table_rows(src, out)
 

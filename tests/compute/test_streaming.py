@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from conftest import sha256_of
 
 from precompile.compute.table_math import (
     Scratch, activation, apply_norm, compute_rows, ffn_output, folded_ffn, projection_groups, stack_projections)
@@ -35,7 +36,7 @@ from precompile.profiles.sections import ACTIVATIONS
 
 import tiny
 
-GPT_NEOX_PROFILE = (Path(__file__).resolve().parent.parent / "configs" / "gpt_neox.yaml").read_text()
+GPT_NEOX_PROFILE = (Path(__file__).resolve().parents[2] / "configs" / "gpt_neox.yaml").read_text()
 
 
 def _in_memory_table(plan, chunk_size: int) -> torch.Tensor:
@@ -170,10 +171,6 @@ def test_untouched_shards_are_shared_not_rewritten(checkpoint, tmp_path):
             assert os.stat(src / s.source_file).st_ino != os.stat(tmp_path / "hard" / s.out_file).st_ino
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 @pytest.mark.parametrize("layout,link,dtype", [("dir", "auto", "auto"), ("dir", "hardlink", "auto"),
                                                ("dir", "copy", "bfloat16"), ("hub", "copy", "auto"),
                                                ("hub", "auto", "bfloat16")])
@@ -191,10 +188,10 @@ def test_manifest_hashes_are_the_files_hashes(checkpoint, tmp_path, monkeypatch,
     res = convert(source, tmp_path / "out", chunk_size=64, link=link, dtype=dtype)
     m = json.loads((tmp_path / "out" / "precompile.json").read_text())
     assert {s.action for s in res.plan.shards} >= ({"rewrite"} if dtype != "auto" else {"share", "rewrite"})
-    assert m["source"]["files"] == {n: _sha(src / n) for n in m["source"]["files"]}
+    assert m["source"]["files"] == {n: sha256_of(src / n) for n in m["source"]["files"]}
     assert set(m["source"]["files"]) >= {s.source_file for s in res.plan.shards}
     out = tmp_path / "out"
-    assert m["outputs"] == {p.name: _sha(p) for p in out.iterdir() if p.name != "precompile.json"}
+    assert m["outputs"] == {p.name: sha256_of(p) for p in out.iterdir() if p.name != "precompile.json"}
 
 
 @settings(max_examples=60, deadline=None)
@@ -379,7 +376,7 @@ def test_heap_kept_is_scoped_to_the_program():
     reports the conversion's faults (README, Performance)."""
     import subprocess
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     r = subprocess.run([sys.executable, "-c", _HEAP_KEPT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
 

@@ -16,7 +16,7 @@ import yaml
 
 import precompile
 import tiny
-from conftest import ROOT, tree_snapshot
+from conftest import ROOT, run_cli_here, tree_snapshot
 from precompile.check.self_check import (
     ATTENTION, OUTPUT, RESIDUAL, SEQUENCES, check_tokens, compared_points, point_bound)
 from precompile.errors import VerificationError
@@ -24,6 +24,12 @@ from precompile.errors import VerificationError
 pytestmark = pytest.mark.numeric
 
 SHIPPED = [f for f in tiny.FAMILIES if f != "qwen3"]  # qwen3 has no shipped profile
+
+
+@pytest.fixture
+def cli():
+    """In this process: these tests are about convert's self-check verdicts and lines, not the process."""
+    return run_cli_here
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -154,7 +160,7 @@ def test_layer_zero_is_the_real_one_when_layers_differ_by_index(checkpoint, tmp_
     """GPT-NeoX-Japanese gives only the last layer's attention a bias (dense_bias): a one-layer copy of the model
     would build layer 0 as that last layer and look for a bias the checkpoint's layer 0 does not have. The
     self-check builds every layer (on meta), so layer 0 is the real one and the conversion passes."""
-    from test_support import WRITTEN_PROFILES
+    from tiny import WRITTEN_PROFILES
 
     src = checkpoint("gpt_neox_japanese")
     names = set(tiny.read_json(src / "model.safetensors.index.json")["weight_map"])

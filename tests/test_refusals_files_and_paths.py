@@ -1,15 +1,17 @@
-"""Bad inputs, round two (issue 18): the cases an adversarial pass broke, and their siblings.
+"""Refused inputs that are paths or files of an unexpected kind, and their siblings (issue 18).
 
-Same contract as tests/test_bad_inputs.py (exit 2, one final `error:` line, nothing left behind, inputs
-unchanged; see conftest.check_refused); tampered outputs must fail `verify` (exit 1) and make
-`precompile.load` raise. Races and interrupts run real concurrent `python -m precompile` processes.
+A shard in a subfolder beside a namesake, FIFOs and other non-regular files, negative dimensions, batch entries
+whose files changed, hub downloads that fetch only what the index names, paths that leave SOURCE, JSON too deep,
+OUT_DIR as a symlink or `.`, write errors, report paths, seeds and hub ids, line breaks echoed from the input.
+Same contract as tests/test_convert_refusals.py (exit 2, one final `error:` line, nothing left behind, inputs
+unchanged; see conftest.check_refused); a damaged OUT_DIR must fail `verify` (exit 1) and make `precompile.load`
+raise.
 """
 
 from __future__ import annotations
 
 import errno
 import fnmatch
-import hashlib
 import json
 import os
 import resource
@@ -17,21 +19,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import tiny
-from conftest import ROOT, check_refused, edit_json, fail_after, invoke, leftovers, read_st, run_cli, shard_of, \
-    tree_snapshot, write_st
-from precompile.cli import main
+from conftest import (ROOT, check_refused, cli_in_process, edit_json, invoke, leftovers, make_fifo, one_error_line,
+                      read_st, run_cli, shard_of, tree_snapshot, verify_report, write_st)
 from precompile.loader import INDEX, MANIFEST, PrecompileLoadError, load
 from precompile.plan.table_layout import TABLE_FILE
 
@@ -39,55 +36,7 @@ EMB = "model.embed_tokens.weight"
 K = "model.layers.0.self_attn.k_proj.weight"
 UP2 = "model.layers.2.mlp.up_proj.weight"  # copied unchanged into OUT_DIR
 
-
-@pytest.fixture(autouse=True)
-def no_hang():
-    """A test that blocks (a FIFO opened for reading) fails after a minute instead of hanging the suite."""
-    with fail_after(90):
-        yield
-
-
-def cli_in_process(*args) -> tuple[int, str]:
-    """Any command through click's runner: (exit status, stderr); an uncaught exception fails the test."""
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    assert isinstance(r.exception, SystemExit) or r.exception is None, f"uncaught {r.exception!r}\n{r.stderr}"
-    return r.exit_code, r.stderr
-
-
-def one_error_line(stderr: str, *words: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert "Traceback" not in stderr, stderr
-    assert [ln for ln in lines if ln.startswith(("error:", "verification failed:"))] == [lines[-1]], stderr
-    for w in words:
-        assert w.lower() in lines[-1].lower(), f"{w!r} not in {lines[-1]!r}"
-    return lines[-1]
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def rehash(out: Path, *names: str) -> None:
-    """Record the current sha256 (and size) of OUT_DIR files in its manifest, as a careful tamperer would."""
-    def fix(m):
-        for n in names:
-            m["outputs"][n] = sha(out / n)
-            m.setdefault("output_sizes", {})[n] = (out / n).stat().st_size
-    edit_json(out / MANIFEST, fix)
-
-
-def verify_report(out: Path, tmp_path: Path, *extra) -> tuple[int, str, dict]:
-    report = tmp_path / "report.json"
-    report.unlink(missing_ok=True)
-    code, err = cli_in_process("verify", out, "--quiet", "--device", "cpu", "--rows", "32", "--max-new-tokens", "2",
-                               "--json", report, *extra)
-    checks = {c["name"]: c for c in json.loads(report.read_text())["checks"]} if report.exists() else {}
-    return code, err, checks
-
-
-def make_fifo(path: Path) -> None:
-    path.unlink(missing_ok=True)
-    os.mkfifo(path)
+pytestmark = pytest.mark.usefixtures("no_hang")  # a test that blocks fails after 90 s (conftest)
 
 
 # ---------------------------------------------------------------- 1: a shard in a subfolder, a namesake at the root
@@ -112,44 +61,6 @@ def test_subfolder_shard_beside_a_namesake(src, out, converted, tmp_path):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     code, err, checks = verify_report(out, tmp_path)
     assert code == 0 and checks["copied-tensors"]["passed"], err
-
-
-# ---------------------------------------------------------------- 9: a tensor missing or replaced in OUT_DIR
-
-
-def _drop_from_output(out: Path, name: str) -> None:
-    wm = json.loads((out / INDEX).read_text())["weight_map"]
-    shard = out / wm[name]
-    sd = load_file(shard)
-    sd.pop(name)
-    save_file(sd, shard, metadata={"format": "pt"})
-    edit_json(out / INDEX, lambda i: i["weight_map"].pop(name))
-    rehash(out, shard.name, INDEX)
-
-
-def test_output_missing_a_tensor_fails_verify_and_load(converted, tmp_path):
-    out = tiny.copy_tree(converted, tmp_path / "out")
-    _drop_from_output(out, UP2)
-    code, err, checks = verify_report(out, tmp_path)
-    assert code == 1, err
-    one_error_line(err, "verification failed", "copied-tensors")
-    assert not checks["copied-tensors"]["passed"]
-    assert UP2 in checks["copied-tensors"]["metrics"]["dropped_not_eliminated"]
-    with pytest.raises(PrecompileLoadError, match="lacks 1 weight"):
-        load(out)
-
-
-def test_output_tensor_replaced_fails_verify(converted, tmp_path):
-    out = tiny.copy_tree(converted, tmp_path / "out")
-    wm = json.loads((out / INDEX).read_text())["weight_map"]
-    shard = out / wm[UP2]
-    sd = load_file(shard)
-    sd[UP2] = torch.randn_like(sd[UP2])
-    save_file(sd, shard, metadata={"format": "pt"})
-    rehash(out, shard.name)
-    code, err, checks = verify_report(out, tmp_path)
-    assert code == 1 and not checks["copied-tensors"]["passed"], err
-    assert UP2 in checks["copied-tensors"]["metrics"]["mismatched"]
 
 
 # ---------------------------------------------------------------- 2: FIFOs and other non-regular files
@@ -210,136 +121,6 @@ def test_negative_dimensions_in_header(src, out, name):
     header[name]["shape"] = [-d for d in header[name]["shape"]]  # product and byte count unchanged
     write_st(f, header, body)
     check_refused(src, out, words=(f.name, name, "negative"))
-
-
-# ---------------------------------------------------------------- 4, 5: races with real processes
-
-
-@contextmanager
-def _start(source: Path, out: Path, *extra: str) -> Iterator[subprocess.Popen]:
-    """`precompile convert` in a real process of its own, killed if the test leaves it running."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "precompile", "convert", str(source), str(out), "--device", "cpu", *extra]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-
-
-def _wait_for(proc: subprocess.Popen, ready, what: str, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ready():
-            return
-        time.sleep(0.02)
-    proc.kill()
-    pytest.fail(f"the conversion ended before {what}: {proc.communicate()}")
-
-
-def _table_started(parent: Path, name: str):
-    def ready() -> bool:
-        t = parent / f".precompile-tmp-{name}-"
-        return any(p.name.startswith(t.name) and (p / TABLE_FILE).is_file() and (p / TABLE_FILE).stat().st_size
-                   for p in parent.iterdir())
-    return ready
-
-
-def test_out_dir_filled_by_another_program_during_convert(slow_source, tmp_path):
-    """Case 4: OUT_DIR appears and gets a file while the conversion runs; without --force it is kept."""
-    out = tmp_path / "out"
-    before = tree_snapshot(slow_source)
-    with _start(slow_source, out, "--chunk-size", "64", "--quiet") as proc:
-        _wait_for(proc, _table_started(tmp_path, "out"), "OUT_DIR could be filled")
-        out.mkdir()
-        (out / "theirs.txt").write_text("not yours")
-        _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2, err
-    one_error_line(err, str(out), "another program", "--force")
-    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"] and (out / "theirs.txt").read_text() == "not yours"
-    assert not leftovers(tmp_path) and tree_snapshot(slow_source) == before
-
-
-def test_second_convert_into_the_same_out_dir_is_refused(slow_source, base, tmp_path):
-    """Case 5: while one convert holds OUT_DIR's lock, another one (even with --force) is refused, naming it."""
-    out = tmp_path / "out"
-    with _start(slow_source, out, "--chunk-size", "1", "--quiet") as first:
-        _wait_for(first, _table_started(tmp_path, "out"), "the second convert started")
-        assert (tmp_path / ".precompile-lock-out").is_file()
-        second = run_cli("convert", base, out, "--quiet", "--device", "cpu", "--force")
-        assert second.returncode == 2, second.stderr
-        one_error_line(second.stderr, f"pid {first.pid}", str(out))
-        assert first.poll() is None
-        first.send_signal(signal.SIGINT)
-        _, err = first.communicate(timeout=60)
-    assert first.returncode == 130, err
-    assert not out.exists() and not leftovers(tmp_path)
-
-
-def test_stale_temp_of_a_killed_run_is_removed(slow_source, base, tmp_path):
-    out = tmp_path / "out"
-    with _start(slow_source, out, "--chunk-size", "1", "--quiet") as proc:
-        _wait_for(proc, _table_started(tmp_path, "out"), "it could be killed")
-        proc.kill()
-        proc.communicate()
-    assert any(p.name.startswith(".precompile-tmp-out-") for p in tmp_path.iterdir())
-    r = invoke(base, out, "--device", "cpu")
-    assert r.exit_code == 0, r.stderr
-    assert "that no longer exists" in r.stderr and f"pid {proc.pid}" in r.stderr
-    assert (out / MANIFEST).is_file() and not leftovers(tmp_path)
-
-
-# ---------------------------------------------------------------- 6: the manifest names another table
-
-
-def test_manifest_names_a_clean_copy_of_a_damaged_table(converted, tmp_path):
-    out = tiny.copy_tree(converted, tmp_path / "out")
-    shutil.copy(out / TABLE_FILE, out / "clean.safetensors")
-    header, body = read_st(out / TABLE_FILE)
-    body = bytearray(body)
-    body[:256] = b"\x7f" * 256  # rows of token 0 and 1 become huge values
-    write_st(out / TABLE_FILE, header, bytes(body))
-    edit_json(out / MANIFEST, lambda m: m["table"].update(file="clean.safetensors"))
-    rehash(out, TABLE_FILE, "clean.safetensors")
-    code, err, checks = verify_report(out, tmp_path, "--rows", "all")
-    assert code == 1, err
-    one_error_line(err, "verification failed", "integrity")
-    assert not checks["integrity"]["passed"] and "clean.safetensors" in checks["integrity"]["metrics"]["table_file"]
-    assert not checks["table-rows"]["passed"]  # the rows checked are the ones the model loads
-    with pytest.raises(PrecompileLoadError, match="clean.safetensors"):
-        load(out)
-
-
-@pytest.mark.parametrize("damage, words", [
-    (lambda m: m["table"].update(file="../elsewhere/precompile_table.safetensors"), ("table.file",)),
-    (lambda m: m["table"].update(file="/etc/passwd"), ("table.file",)),
-    (lambda m: m["outputs"].update({"../x": "0" * 64}), ("outputs",)),
-    (lambda m: m["source"]["files"].update({"../../etc/passwd": "0" * 64}), ("source.files",)),
-    (lambda m: m["table"].update(columns="nope"), ("table.columns",)),
-    (lambda m: m["loader"].update(hidden_size="64"), ("hidden_size",)),
-    (lambda m: m.update(eliminated={"a": 1}), ("eliminated",)),
-], ids=["table-dotdot", "table-absolute", "outputs-dotdot", "source-dotdot", "columns-str", "hidden-str",
-        "eliminated-dict"])
-def test_malformed_manifest_is_one_line(converted, tmp_path, damage, words):
-    out = tiny.copy_tree(converted, tmp_path / "out")
-    edit_json(out / MANIFEST, damage)
-    code, err = cli_in_process("verify", out, "--quiet", "--device", "cpu")
-    assert code == 2
-    one_error_line(err, MANIFEST, "malformed", *words)
-    with pytest.raises(PrecompileLoadError, match="malformed"):
-        load(out)
-
-
-def test_output_index_naming_a_file_outside(converted, tmp_path):
-    out = tiny.copy_tree(converted, tmp_path / "out")
-    edit_json(out / INDEX, lambda i: i["weight_map"].update({UP2: "../other/x.safetensors"}))
-    rehash(out, INDEX)
-    code, err, checks = verify_report(out, tmp_path)
-    assert code == 1 and not checks["integrity"]["passed"], err
-    with pytest.raises(PrecompileLoadError, match="not a file inside"):
-        load(out)
 
 
 # ---------------------------------------------------------------- 7: batch checks sizes and hashes
@@ -552,24 +333,6 @@ def test_file_size_limit_while_writing(slow_source, tmp_path):
     assert r.returncode == 2, r.stderr
     one_error_line(r.stderr, str(out), "EFBIG", "ulimit -f")
     assert not out.exists() and not leftovers(tmp_path) and tree_snapshot(slow_source) == before
-
-
-# ---------------------------------------------------------------- weak: SIGINT at any moment
-
-
-@pytest.mark.parametrize("delay", [0.3, 0.8, 1.5, 3.0])
-def test_sigint_at_any_moment_never_replaces(slow_source, base, tmp_path, delay):
-    out = tmp_path / "out"
-    CliRunner().invoke(main, ["convert", str(base), str(out), "--quiet", "--device", "cpu"])
-    before = tree_snapshot(out)
-    with _start(slow_source, out, "--chunk-size", "4", "--quiet", "--force") as proc:
-        time.sleep(delay)
-        assert proc.poll() is None, f"finished within {delay} s: {proc.communicate()}"
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=50)
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in err, err
-    assert tree_snapshot(out) == before and not leftovers(tmp_path)
 
 
 # ---------------------------------------------------------------- weak: report paths, seeds, hub ids

@@ -8,10 +8,8 @@ farther from the float32 upcast of the same checkpoint than the bfloat16 origina
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from transformers import AutoModelForCausalLM
 import precompile
 import tiny
 from click.testing import CliRunner
+from conftest import QWEN3_PROFILE, bf16_baseline, greedy_ids, load_shim, masked_logits, prompt_batch
 
 from precompile.check.self_check import point_bound
 from precompile.cli import main as cli_main
@@ -65,96 +64,48 @@ def _tensor_numels(path: Path) -> dict[str, int]:
     return out
 
 
-def _shim(out: Path):
-    name = f"precompile_loader_{abs(hash(str(out)))}"
-    spec = importlib.util.spec_from_file_location(name, out / "precompile_loader.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def run_cli(*args):
     """The CLI in-process (a subprocess would spend most of its time importing torch): exit code, output."""
     r = CliRunner().invoke(cli_main, [str(a) for a in args])
     return r.exit_code, r.stdout, r.stderr
 
 
-def _batch():
-    return tiny.make_tokenizer()(tiny.PROMPTS, return_tensors="pt", padding=True)
-
-
-@torch.no_grad()
-def _logits(model, enc) -> torch.Tensor:
-    return model(**enc).logits.float()[enc["attention_mask"].bool()]
-
-
-@torch.no_grad()
-def _generate(model, enc) -> torch.Tensor:
-    return model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=0)
-
-
-def bf16_baseline(src: Path, enc) -> tuple[torch.Tensor, float]:
-    """The float32 upcast's logits and the bfloat16 original's RMS distance from them (> 0)."""
-    upcast = _logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), enc)
-    orig = _logits(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval(), enc)
-    base = (orig - upcast).pow(2).mean().sqrt().item()
-    assert base > 0
-    return upcast, base
-
-
-@pytest.fixture(scope="module")
-def converted(checkpoint, tmp_path_factory):
-    """(family, dtype) -> (source dir, OUT_DIR), converted once per module."""
-    made = {}
-
-    def get(family: str, dtype: str) -> tuple[Path, Path]:
-        if (family, dtype) not in made:
-            src = checkpoint(family, dtype)
-            out = tmp_path_factory.mktemp(f"pc-{family}-{dtype}") / "out"
-            precompile.convert(str(src), out, device="cpu")
-            made[family, dtype] = (src, out)
-        return made[family, dtype]
-
-    return get
-
-
 @pytest.mark.numeric
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_float32_matches_transformers(family, converted):
-    src, out = converted(family, "float32")
-    enc = _batch()
+def test_float32_matches_transformers(family, converted_family):
+    src, out = converted_family(family, "float32")
+    enc = prompt_batch()
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     via_lib = precompile.load(out)
-    via_shim = _shim(out).load()
-    want = _logits(ref, enc)
+    via_shim = load_shim(out).load()
+    want = masked_logits(ref, enc)
     scale = want.abs().max()
     for model in (via_lib, via_shim):
         assert type(model).__mro__[1] is type(ref)  # the original class, with layer 0 swapped
-        got = _logits(model, enc)
+        got = masked_logits(model, enc)
         assert ((got - want).abs().max() / scale).item() < 1e-5
-    gen = _generate(ref, enc)
+    gen = greedy_ids(ref, enc)
     assert len(set(gen[:, -16:].flatten().tolist())) > 2  # greedy decoding is not degenerate
-    assert torch.equal(_generate(via_lib, enc), gen)
-    assert torch.equal(_generate(via_shim, enc), gen)
+    assert torch.equal(greedy_ids(via_lib, enc), gen)
+    assert torch.equal(greedy_ids(via_shim, enc), gen)
 
 
 @pytest.mark.numeric
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_bfloat16_no_farther_than_original(family, converted):
-    src, out = converted(family, "bfloat16")
-    enc = _batch()
+def test_bfloat16_no_farther_than_original(family, converted_family):
+    src, out = converted_family(family, "bfloat16")
+    enc = prompt_batch()
     upcast, base = bf16_baseline(src, enc)
-    for model in (precompile.load(out), _shim(out).load()):
+    for model in (precompile.load(out), load_shim(out).load()):
         assert model.dtype == torch.bfloat16
-        dist = (_logits(model, enc) - upcast).pow(2).mean().sqrt().item()
+        dist = (masked_logits(model, enc) - upcast).pow(2).mean().sqrt().item()
         assert dist <= 1.02 * base, (dist, base)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_parameter_arithmetic(family, converted):
+def test_parameter_arithmetic(family, converted_family):
     """OUT_DIR = source - eliminated + table; for parallel blocks layer 0's FFN and its norm are gone."""
-    src, out = converted(family, "float32")
+    src, out = converted_family(family, "float32")
     block, _ = FAMILIES[family]
     before, after = _tensor_numels(src), _tensor_numels(out)
     manifest = json.loads((out / "precompile.json").read_text())
@@ -193,33 +144,6 @@ def test_cli_reports_eliminated_weights_and_width(checkpoint, tmp_path):
     assert "parallel block" in text and "x+ffn[0:64]" in text
 
 
-QWEN3_PROFILE = """
-name: qwen3-custom
-match: {model_types: [qwen3]}
-block: serial
-sizes:
-  hidden_size: [hidden_size]
-  num_heads: [num_attention_heads]
-  num_kv_heads: [num_key_value_heads]
-  head_dim: [head_dim]
-  vocab_size: [vocab_size]
-  n_layers: [num_hidden_layers]
-embedding: {tensor: model.embed_tokens.weight, module: model.embed_tokens}
-attn_norm: {kind: rms, weight: model.layers.0.input_layernorm.weight, eps: [rms_norm_eps],
-            module: model.layers.0.input_layernorm}
-projections:
-  - {role: q, weight: model.layers.0.self_attn.q_proj.weight, module: model.layers.0.self_attn.q_proj}
-  - {role: k, weight: model.layers.0.self_attn.k_proj.weight, module: model.layers.0.self_attn.k_proj}
-  - {role: v, weight: model.layers.0.self_attn.v_proj.weight, module: model.layers.0.self_attn.v_proj}
-qk_norm:
-  q: {kind: rms, weight: model.layers.0.self_attn.q_norm.weight, eps: [rms_norm_eps],
-      module: model.layers.0.self_attn.q_norm}
-  k: {kind: rms, weight: model.layers.0.self_attn.k_norm.weight, eps: [rms_norm_eps],
-      module: model.layers.0.self_attn.k_norm}
-attention_module: model.layers.0.self_attn
-"""
-
-
 @pytest.mark.numeric
 def test_new_family_by_yaml_alone(checkpoint, tmp_path):
     """A YAML file passed with --profile is enough (here a Qwen3 profile, per-head q/k RMSNorms, written by
@@ -232,12 +156,12 @@ def test_new_family_by_yaml_alone(checkpoint, tmp_path):
     manifest = json.loads((tmp_path / "out" / "precompile.json").read_text())
     assert "model.layers.0.self_attn.q_norm.weight" in manifest["eliminated"]
     assert manifest["profile"]["name"] == "qwen3-custom"
-    enc = _batch()
+    enc = prompt_batch()
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     model = precompile.load(tmp_path / "out")
-    want, got = _logits(ref, enc), _logits(model, enc)
+    want, got = masked_logits(ref, enc), masked_logits(model, enc)
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
-    assert torch.equal(_generate(model, enc), _generate(ref, enc))
+    assert torch.equal(greedy_ids(model, enc), greedy_ids(ref, enc))
 
 
 MOE_PROFILE = """

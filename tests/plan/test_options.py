@@ -12,17 +12,22 @@ import shutil
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, run_cli_here, to_pickle
 from precompile import ConvertOptions, UserError, convert, plan_conversion
 from precompile.batch import stale_reason
 from precompile.cli import main
 from precompile.plan.convert_options import cli_flag, meta, option_fields, zoo_table
 from precompile.zoo_file import OPTION_CHECKS, Entry, load_zoo
-from test_bad_inputs import to_pickle
 
 FIELDS = [f.name for f in option_fields()]
 CONVERT_CLI_ONLY = {"source", "out_dir", "force", "dry_run", "push_to", "quiet"}  # not how to convert: what to do
 BATCH_ONLY = {"prompts", "verify", "push_to"}  # what batch does after converting
+
+
+@pytest.fixture
+def cli():
+    """In this process: these tests are about batch's report of a pickle-only entry, not the process."""
+    return run_cli_here
 
 
 def _params(command: str) -> dict:

@@ -6,21 +6,13 @@ import copy
 from pathlib import Path
 
 import pytest
-import tiny
 import yaml
-from test_bad_inputs import check_refused
+from conftest import check_refused
 
-LLAMA = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "llama.yaml").read_text())
-
-
-@pytest.fixture(scope="module")
-def base(checkpoint) -> Path:
-    return checkpoint("llama")  # untied, GQA 4/2 heads, no attention biases
+LLAMA = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "llama.yaml").read_text())
 
 
-@pytest.fixture
-def src(base, tmp_path) -> Path:
-    return tiny.copy_tree(base, tmp_path / "src")
+# src (conftest): a copy of the tiny Llama, untied, GQA 4/2 heads, no attention biases
 
 
 def _profile(tmp_path: Path, change) -> Path:
@@ -110,7 +102,7 @@ def test_profile_that_is_not_a_mapping(src, tmp_path):
 def test_every_case_fails_for_its_own_reason(src, tmp_path):
     """The control: the unchanged copy converts, so each case above fails only through its change."""
     p = _profile(tmp_path, lambda d: None)
-    from test_bad_inputs import invoke
+    from conftest import invoke
 
     r = invoke(src, tmp_path / "out", "--quiet", "--device", "cpu", "--profile", str(p))
     assert r.exit_code == 0, r.stderr

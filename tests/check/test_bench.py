@@ -6,21 +6,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import run_cli
-from precompile import convert
+from conftest import run_cli_here
 from precompile.check.bench import Toggle, bench, per_token_reads
 from precompile.loader import read_manifest
 from safetensors.torch import load_file
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    import tiny
-
-    d = tmp_path_factory.mktemp("bench")
-    src = tiny.save_checkpoint(tiny.build_model("llama"), d / "src", torch.float32, 40)
-    convert(str(src), d / "out")
-    return src, d / "out"
+@pytest.fixture
+def converted(converted_family):
+    """(source, OUT_DIR) of the tiny Llama, converted once per session (conftest)."""
+    return converted_family("llama")
 
 
 def test_toggle_switches_between_the_original_and_the_lookups(converted):
@@ -70,12 +65,12 @@ def test_bench_reports_every_metric(converted, tmp_path):
 
 def test_bench_cli(converted):
     src, out = converted
-    res = run_cli("bench", out, "--source", src, "--device", "cpu", "--batches", "1", "--prompt-len", "4",
+    res = run_cli_here("bench", out, "--source", src, "--device", "cpu", "--batches", "1", "--prompt-len", "4",
                   "--decode-tokens", "2", "--reps", "1", "--max-reps", "1", "-q")
     assert res.returncode == 0, res.stderr
     assert "| decode b1 |" in res.stdout and "theoretical saving" in res.stdout
     assert res.stdout.startswith("verdict: ") and "\nmeasured: decode at batch 1 " in res.stdout
-    bad = run_cli("bench", out, "--batches", "1,x")
+    bad = run_cli_here("bench", out, "--batches", "1,x")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--batches" in bad.stderr
 
 

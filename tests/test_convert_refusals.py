@@ -24,8 +24,8 @@ import torch
 import yaml
 
 import tiny
-from conftest import (ROOT, check_refused, edit_json, invoke, leftovers, read_st, run_cli, shard_of, tree_snapshot,
-                      write_st)
+from conftest import (ROOT, check_refused, edit_json, invoke, leftovers, read_st, run_cli, shard_of, state_dict,
+                      to_pickle, tree_snapshot, write_st)
 from precompile.convert import convert
 from precompile.errors import UserError
 from precompile.loader import MANIFEST, PrecompileLoadError, load
@@ -33,23 +33,6 @@ from precompile.loader import MANIFEST, PrecompileLoadError, load
 EMB = "model.embed_tokens.weight"
 Q = "model.layers.0.self_attn.q_proj.weight"
 K = "model.layers.0.self_attn.k_proj.weight"
-
-
-def state_dict(src: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    sd = {}
-    for f in sorted(src.glob("*.safetensors")):
-        sd.update(load_file(f))
-    return sd
-
-
-def to_pickle(src: Path) -> None:
-    """Turn a safetensors checkpoint into a pickle-only one (pytorch_model.bin), as older repos ship."""
-    sd = state_dict(src)
-    for f in list(src.glob("*.safetensors")) + [src / "model.safetensors.index.json"]:
-        f.unlink(missing_ok=True)
-    torch.save(sd, src / "pytorch_model.bin")
 
 
 # ---------------------------------------------------------------- the control: the same call succeeds

@@ -97,11 +97,11 @@ def test_bfloat16_v_columns_10_percent_off_fail_logits_under_each_rule(bf16_pair
 
 
 def test_cli_given_threshold_wins(bf16_pair, tmp_path):
-    from conftest import run_cli
+    from conftest import run_cli_here
 
     _, out = bf16_pair
     j = tmp_path / "r.json"
-    r = run_cli("verify", out, "--max-new-tokens", 1, "--rows", 0, "--no-fp32-reference", "--max-abs-diff", 0,
+    r = run_cli_here("verify", out, "--max-new-tokens", 1, "--rows", 0, "--no-fp32-reference", "--max-abs-diff", 0,
                 "--json", j, "-q")
     assert r.returncode == 1, r.stdout + r.stderr
     logits = next(c for c in json.loads(j.read_text())["checks"] if c["name"] == "logits")

@@ -6,7 +6,6 @@ HF_HOME, and huggingface_hub's HfApi calls are replaced in-process by recorders.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import shutil
@@ -20,7 +19,7 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 
 import tiny
-from conftest import ROOT, run_cli, tree_snapshot
+from conftest import ROOT, offline_hub, run_cli, run_cli_here, tree_snapshot
 
 import precompile
 from precompile.check.file_checks import check_outputs
@@ -50,17 +49,6 @@ def home(src, tmp_path_factory) -> Path:
     h = tmp_path_factory.mktemp("hf") / "home"
     tiny.lay_out_hub_cache(h, REPO, src, REV)
     return h
-
-
-@contextlib.contextmanager
-def offline_hub(home: Path):
-    """huggingface_hub in this process reads the cache under `home` and never the network."""
-    import huggingface_hub.constants as c
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(c, "HF_HUB_CACHE", str(home / "hub"))
-        mp.setattr(c, "HF_HUB_OFFLINE", True)
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +111,7 @@ def test_card_is_recorded_and_integrity_covers_it(full, tmp_path):
 def test_card_figures_equal_plan_json(src, tmp_path):
     out = tmp_path / "out"
     precompile.convert(str(src), out, device="cpu")
-    r = run_cli("plan", src, "--json", "-")
+    r = run_cli_here("plan", src, "--json", "-")
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     plan["source"] = src.name  # the card names a local source by its directory name, never its path
@@ -265,18 +253,18 @@ def test_push_refuses_damaged_or_half_written_out_dir(full, tmp_path):
     data = bytearray(table.read_bytes())
     data[-1] ^= 1
     table.write_bytes(bytes(data))
-    one_line_error(run_cli("push", out, TARGET, "--dry-run"), "precompile_table.safetensors", "convert again")
+    one_line_error(run_cli_here("push", out, TARGET, "--dry-run"), "precompile_table.safetensors", "convert again")
     (out / "tokenizer.json").unlink()
-    one_line_error(run_cli("push", out, TARGET, "--dry-run"), "missing: tokenizer.json")
+    one_line_error(run_cli_here("push", out, TARGET, "--dry-run"), "missing: tokenizer.json")
     half = tmp_path / ".precompile-tmp-out-123"
     shutil.copytree(full, half)
     (half / "precompile.json").unlink()  # the manifest is the last file a conversion writes
-    one_line_error(run_cli("push", half, TARGET, "--dry-run"), "not a precompiled model")
+    one_line_error(run_cli_here("push", half, TARGET, "--dry-run"), "not a precompiled model")
 
 
 def test_push_refuses_overlay_of_local_directory(src, tmp_path):
     precompile.convert(str(src), tmp_path / "ov", device="cpu", overlay=True)
-    one_line_error(run_cli("push", tmp_path / "ov", TARGET, "--dry-run"), "overlay of a local directory")
+    one_line_error(run_cli_here("push", tmp_path / "ov", TARGET, "--dry-run"), "overlay of a local directory")
     r = run_cli("convert", src, tmp_path / "ov2", "--overlay", "--push-to-hub", TARGET, env={"HF_TOKEN": "hf_x"})
     one_line_error(r, "overlay of a local directory")
     assert not (tmp_path / "ov2").exists()
@@ -291,7 +279,7 @@ def test_missing_token_refused_before_anything(full, src, tmp_path):
 
 
 def test_bad_repo_id_refused(full):
-    one_line_error(run_cli("push", full, "not a/valid//id", "--dry-run"), "REPO_ID")
+    one_line_error(run_cli_here("push", full, "not a/valid//id", "--dry-run"), "REPO_ID")
 
 
 def test_unreachable_endpoint_is_one_line(full, tmp_path):
