@@ -1,4 +1,4 @@
-"""`convert`: execute a conversion plan (planning.py): compute the table and write OUT_DIR.
+"""`convert`: execute a conversion plan (plan/conversion_plan.py): compute the table and write OUT_DIR.
 
 Two kinds of output: "full" (the source's tensors minus the eliminated ones, plus
 the table) and "overlay" (the table alone, laid over the unchanged source at load
@@ -224,7 +224,7 @@ def convert(source: str, out_dir: str | os.PathLike, options: ConvertOptions | N
             progress: Progress | None = None, table: str | os.PathLike | None = None, **kwargs: Any) -> ConvertResult:
     """Convert SOURCE into OUT_DIR; OUT_DIR appears only when everything has been written.
 
-    options: a ConvertOptions (precompile/options.py), or its fields as keywords (`chunk_size=64`,
+    options: a ConvertOptions (precompile/plan/convert_options.py), or its fields as keywords (`chunk_size=64`,
     `allow_pickle=True`, `overlay=True`, ...), which replace those of a given `options`.
     force: replace an existing OUT_DIR, only once the new one is complete.
     table: an already computed table file (an overlay's, for `materialize`) whose rows are streamed into

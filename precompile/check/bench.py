@@ -99,7 +99,7 @@ class BenchResult:
     notes: list[str] = field(default_factory=list)
     intervals: dict[str, Interval] = field(default_factory=dict)  # metric -> the saving's interval
     theory: dict[str, float] = field(default_factory=dict)  # metric -> its theoretical saving
-    verdict: dict | None = None  # plan's headline for this conversion (accounting.trade)
+    verdict: dict | None = None  # plan's headline for this conversion (plan.trade.trade)
     reps: int = 0
 
     def table(self) -> str:

@@ -26,7 +26,7 @@ times the original's distance, plus FLOOR_EPS epsilons of the dtype at the tenso
 magnitude (2-4 ulp there), so that a tensor the original computes exactly (a float32 embedding
 row) still admits a rounding-level difference. A wrong profile changes what layer 0 sees by O(1)
 relative to that magnitude: 5-7 orders of magnitude past the bound in float32, 1.5-2.5 in
-bfloat16, whose own rounding is 2^-9 of a value (tests/test_selfcheck.py; README: Safety).
+bfloat16, whose own rounding is 2^-9 of a value (tests/check/test_selfcheck.py; README: Safety).
 """
 
 from __future__ import annotations

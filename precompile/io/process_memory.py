@@ -29,7 +29,7 @@ def use_huge_pages() -> None:
     (benchmarks/bench_process.py measures what that saves). Memory is unchanged: tensors are still
     handed back when freed.
     torch reads the variable once, at its first CPU allocation, which importing precompile does not
-    make (tests/test_process.py checks it); a value the user set is kept. No effect where the
+    make (tests/io/test_process.py checks it); a value the user set is kept. No effect where the
     kernel's THP mode is `never`.
     """
     os.environ.setdefault(THP_ENV, "1")

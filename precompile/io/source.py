@@ -235,7 +235,7 @@ def check_native(config: dict, root: Path, native_types: Collection[str] = ()) -
     The loader builds the model from transformers' own class for `model_type`; an auto_map whose
     architectures all have native classes is ignored (older repos kept one after upstreaming).
     A model type in `native_types` (the shipped profiles': native in every transformers release this
-    package accepts, as tests/test_plan.py checks) without an auto_map needs no look into
+    package accepts, as tests/plan/test_plan.py checks) without an auto_map needs no look into
     transformers, whose import would slow every conversion.
     """
     p = root / "config.json"

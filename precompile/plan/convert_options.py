@@ -3,7 +3,7 @@
 Each field of `ConvertOptions` carries its default and metadata (help, allowed values, whether the
 manifest records it, whether `batch` compares it), and everything else is derived from them: the
 flags of `precompile convert` (cli.py), the fields a zoo entry may set and how they are checked
-(batch.py's zoo sections reuse these very fields), the manifest's `options` record and the keywords of
+(zoo_file.py's zoo sections reuse these very fields), the manifest's `options` record and the keywords of
 the library's `convert()`. As mergekit derives its flags from `MergeOptions`: an option added here
 appears everywhere at once. The metadata is the YAML schema's (`OptionMeta` extends
 `precompile.profiles.yaml_schema.KeyMeta`), so options, zoo keys and profile keys are declared one way.

@@ -5,7 +5,7 @@ profiles with it and resolves the parsed definition against config.json; configs
 generated from it (`python -m precompile.profiles --write-key-table`). To add a key, add a field with
 `key(help, default, ...)` to its section (and a `check` rule when it relates to other keys), read it in
 `profile_resolution.resolve`, and regenerate the key table; a new section also goes into the profile that
-tests/test_profile_schema.py exercises every section with (`FULL`).
+tests/profiles/test_profile_schema.py exercises every section with (`FULL`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ cannot decide is data in configs/_support.yaml, each entry with its reason.
 
 `python -m precompile.profiles.support --write docs/support.md` regenerates the matrix and, from the same rows,
 configs/_support_matrix.json, which `precompile profiles` prints without reading transformers at all
-(scanning its sources takes seconds; tests/test_support.py fails when either file is stale).
+(scanning its sources takes seconds; tests/profiles/test_support.py fails when either file is stale).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def expressible(shape: str) -> bool:
 def _unknowns(facts: SourceFacts) -> list[str]:
     """What keeps a profile from expressing layer 0, or the loader from running the converted model, that the
     source shows: a part it does not name, an attention input computed inside the layer, a read of the
-    embedding's weight (each found by writing profiles for the matrix's "should do" rows: tests/test_support.py)."""
+    embedding's weight (each found by writing profiles for the matrix's "should do" rows: tests/profiles/test_support.py)."""
     s, out = facts.shape, []
     if not facts.found:
         return out
@@ -302,7 +302,7 @@ def to_markdown(rows: list[Support]) -> str:
         "",
         (f"Generated from transformers {transformers.__version__}'s causal-LM registry by "
          "`python -m precompile.profiles.support --write docs/support.md`; do not edit by hand "
-         "(`tests/test_support.py` fails when this file is stale). `precompile profiles` prints the same."),
+         "(`tests/profiles/test_support.py` fails when this file is stale). `precompile profiles` prints the same."),
         "",
         f"{len(rows)} model types: {c[SUPPORTED]} supported, {c[REFUSED]} refused, {c[NOT_YET]} not yet.",
         "",
