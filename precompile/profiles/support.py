@@ -128,7 +128,8 @@ def expressible(shape: str) -> bool:
 def _unknowns(facts: SourceFacts) -> list[str]:
     """What keeps a profile from expressing layer 0, or the loader from running the converted model, that the
     source shows: a part it does not name, an attention input computed inside the layer, a read of the
-    embedding's weight (each found by writing profiles for the matrix's "should do" rows: tests/profiles/test_support.py)."""
+    embedding's weight (each found by writing profiles for the matrix's "should do" rows:
+    tests/profiles/test_support.py)."""
     s, out = facts.shape, []
     if not facts.found:
         return out
