@@ -294,7 +294,7 @@ def batch(zoo, out_root, shard, jobs, memory_budget, verify_all, report_path, ju
 def bench(out_dir, source, device, dtype, batches, prompt_len, decode_tokens, reps, max_reps, budget, quiet):
     """Time OUT_DIR's model with and without its lookups, next to the theoretical saving."""
     from precompile.check.bench import bench as run_bench
-    from precompile.plan.trade import parse_batch_sizes
+    from precompile.plan.plan_report import parse_batch_sizes
 
     sizes = parse_batch_sizes(batches, "--batches", "1,16")
     result = run_bench(out_dir, source, device=device, dtype=dtype, batches=sizes, prompt_len=prompt_len,
