@@ -79,14 +79,15 @@ def load_config(source: str, revision: str | None = None) -> tuple[dict, str, Pa
     return _read_json_file(_hub_config(source, revision)), "hub", None
 
 
-def parse_batch_sizes(text: str) -> tuple[int, ...]:
-    """'1,16,256' -> (1, 16, 256): positive integers, sorted, without repeats."""
+def parse_batch_sizes(text: str, flag: str = "--batch-sizes", example: str = "1,16,256,1024") -> tuple[int, ...]:
+    """'1,16,256' -> (1, 16, 256): positive integers, sorted, without repeats (plan's --batch-sizes, bench's
+    --batches); an error names `flag` and shows `example`."""
     out = set()
     for part in text.split(","):
         part = part.strip()
         if not part.isdigit() or int(part) < 1:
-            raise UserError(f"--batch-sizes '{text}': '{part}' is not a positive integer; pass a comma-separated "
-                            f"list such as 1,16,256,1024")
+            raise UserError(f"{flag} '{text}': '{part}' is not a positive integer; pass a comma-separated "
+                            f"list such as {example}")
         out.add(int(part))
     return tuple(sorted(out))
 
