@@ -80,6 +80,11 @@ def _swap_kv(p: dict) -> None:
     k["weight"], v["weight"] = v["weight"], k["weight"]
 
 
+def _serial(p: dict) -> None:
+    p["block"] = "serial"
+    p.pop("ffn")
+
+
 # Each kind of contradiction: (family, shipped profile, change, the tensor where it shows first).
 CONTRADICTIONS = {
     "doubled embedding scale": ("gemma", "gemma", lambda p: p["embedding"].update(scale={"value": 16.0}), RESIDUAL),
@@ -90,6 +95,8 @@ CONTRADICTIONS = {
     "wrong activation": ("gpt_neox", "gpt_neox", lambda p: p["ffn"].update(activation="relu"), OUTPUT),
     "wrong norm eps": ("llama", "llama", lambda p: p["attn_norm"].update(eps=1.0), ATTENTION),
     "swapped k and v": ("mistral", "mistral", _swap_kv, ATTENTION),
+    # the FFN reads the input norm the conversion replaces: only the layer output shows it (on one sequence)
+    "a shared-norm parallel block declared serial": ("gptj", "gptj", _serial, OUTPUT),
 }
 
 
