@@ -18,9 +18,11 @@ Run with `--tmp` on a copy-on-write filesystem (XFS, Btrfs) to see shared shards
            shared machine's speed drifts): the median;
 - convert: `python -m precompile convert` in a subprocess, wall time (the median of --repeat runs);
 - peak RssAnon of that subprocess, sampled from /proc/PID/status every 5 ms;
-- self-check: convert's own check of layer 0 against transformers (it runs last, before OUT_DIR is
-           moved into place): its time as convert reports it, and the peak RssAnon from its first log line
-           on, next to the peak before it;
+- self-check: convert's own check of layer 0 against transformers (its reference, transformers' own layer 0,
+           runs beside the last shard copies, or beside the table on CUDA; the comparison runs last, before OUT_DIR is
+           moved into place): its time as convert reports it, the part of it after the weights are written
+           (its first log line to its summary), and the peak RssAnon from its first log line on, next to the
+           peak before it;
 - phases:  the table and the shards (written beside it) from convert's progress log, the self-check;
            the subprocess's CPU time (user, system) and minor page faults (os.wait4), which a shared
            machine's load disturbs far less than the wall times;
@@ -292,9 +294,13 @@ def run_convert(source: str, out: Path, args, profile: Path | None, env: dict, e
     shards = re.search(r"^shards: .*$", stderr, re.M)
     sc_start = next((at for at, line in lines if line.startswith("self-check: layer 0 against")), float("inf"))
     sc = re.search(r"^self-check: layer 0 against .*; ([0-9.]+)s$", stderr, re.M)
+    # what the check adds after the weights are written: its first line to its summary (its reference may have
+    # run beside the shards or the table before that)
+    sc_end = next((at for at, line in lines if sc and line.rstrip("\n") == sc.group(0)), float("nan"))
     return {"wall": wall, "inproc": float(m.group(1)) if m else float("nan"), "rss_anon": peak["RssAnon"],
             "hwm": peak["VmHWM"], "log": stderr, "unwritten": unwritten, "shards": shards.group(0) if shards else "",
             "check_s": float(sc.group(1)) if sc else float("nan"), "check_line": sc.group(0) if sc else "",
+            "check_after_s": sc_end - sc_start if sc else float("nan"),
             "rss_before_check": max((r for at, r in samples if at < sc_start), default=0),
             "user": usage.ru_utime, "sys": usage.ru_stime, "minflt": usage.ru_minflt,
             **{f"{k}_s": v for k, v in phases(stderr).items()},
@@ -394,8 +400,8 @@ def main() -> None:
             def med(key: str) -> float:
                 return statistics.median(x[key] for x in runs_)
 
-            r = dict(runs_[-1], **{k: med(k) for k in ("wall", "inproc", "check_s", "table_s", "shards_s", "user",
-                                                       "sys", "minflt")},
+            r = dict(runs_[-1], **{k: med(k) for k in ("wall", "inproc", "check_s", "check_after_s", "table_s",
+                                                       "shards_s", "user", "sys", "minflt")},
                      rss_anon=max(x["rss_anon"] for x in runs_), hwm=max(x["hwm"] for x in runs_),
                      rss_check=max(x["rss_check"] for x in runs_),
                      rss_before_check=max(x["rss_before_check"] for x in runs_))
@@ -406,7 +412,8 @@ def main() -> None:
                              gib=ckpt_bytes / 2**30, cp=cp_s, written=written, cp_written=cp_written, mm=mm_s,
                              conv=r["wall"], inproc=r["inproc"], ratio=r["wall"] / target,
                              ratio_in=r["inproc"] / target, ratio_max=r["wall"] / max(cp_written, mm_s),
-                             rss=r["rss_anon"], hwm=r["hwm"], check_s=r["check_s"], rss_check=r["rss_check"],
+                             rss=r["rss_anon"], hwm=r["hwm"], check_s=r["check_s"],
+                             check_after_s=r["check_after_s"], rss_check=r["rss_check"],
                              rss_before_check=r["rss_before_check"], table_s=r["table_s"], shards_s=r["shards_s"],
                              user=r["user"], sys=r["sys"], minflt=r["minflt"]))
             each = ", ".join(f"{x['wall']:.1f}" for x in runs_)
@@ -417,7 +424,8 @@ def main() -> None:
                   f"{r['wall']:.1f}s wall (median of {each}; {r['inproc']:.1f}s after start-up), "
                   f"peak RssAnon {r['rss_anon'] / 2**20:.0f} MiB, VmHWM {r['hwm'] / 2**20:.0f} MiB\n"
                   f"  phases: table {r['table_s']:.1f}s, shards {r['shards_s']:.1f}s (beside the table), "
-                  f"self-check {r['check_s']:.1f}s; CPU user {r['user']:.1f}s, system {r['sys']:.1f}s, "
+                  f"self-check {r['check_s']:.1f}s ({r['check_after_s']:.1f}s after the weights); "
+                  f"CPU user {r['user']:.1f}s, system {r['sys']:.1f}s, "
                   f"{r['minflt'] / 1e3:.0f}k minor page faults\n"
                   f"  {r['shards']}\n  {r['check_line']}\n  self-check {r['check_s']:.1f}s of the convert, "
                   f"peak RssAnon {r['rss_check'] / 2**20:.0f} MiB during it, "
@@ -427,12 +435,13 @@ def main() -> None:
     print()
     print("| shape | layers | vocab | ckpt GiB | cp(written) s | matmul s | convert s (after start-up) | "
           "convert / (cp + matmul) (after start-up) | convert / max(cp, matmul) | table s | shards s | self-check s "
-          "| user / sys s | minor faults | peak RssAnon MiB |")
+          "(after the weights) | user / sys s | minor faults | peak RssAnon MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['layers']} | {r['vocab']} | {r['gib']:.2f} | {r['cp_written']:.1f} | {r['mm']:.1f} "
               f"| {r['conv']:.1f} ({r['inproc']:.1f}) | {r['ratio']:.2f} ({r['ratio_in']:.2f}) | {r['ratio_max']:.2f} "
-              f"| {r['table_s']:.1f} | {r['shards_s']:.1f} | {r['check_s']:.1f} | {r['user']:.1f} / {r['sys']:.1f} "
+              f"| {r['table_s']:.1f} | {r['shards_s']:.1f} | {r['check_s']:.1f} ({r['check_after_s']:.1f}) "
+              f"| {r['user']:.1f} / {r['sys']:.1f} "
               f"| {r['minflt'] / 1e3:.0f}k | {r['rss'] / 2**20:.0f} |")
     print()
     ok = True

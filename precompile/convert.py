@@ -14,11 +14,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import torch
 
-from precompile.check.self_check import SelfCheckResult, self_check as check_layer0
+from precompile.check.self_check import Reference, SelfCheckResult, compare, reference_layer0
 from precompile.check.reference_model import BUILD_LOCK, quiet_transformers
 from precompile.compute.device import pick_device
 from precompile.compute.table_math import compute_rows, stack_projections
@@ -54,6 +54,34 @@ class ConvertResult:
 
 
 FFN_BLOCK = 4096  # hidden units of a folded FFN cast to the compute dtype at a time
+
+T = TypeVar("T")
+
+
+class _Ahead(Generic[T]):
+    """fn(*args) on a daemon thread, started at once; `result()` waits for it and re-raises what it raised.
+
+    A conversion that fails does not wait for it: what runs here only reads, and ends on its own.
+    """
+
+    def __init__(self, name: str, fn: Callable[..., T], *args: Any) -> None:
+        self._value: T | None = None
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self._value = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - re-raised by result(), in the caller's thread
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name=name, daemon=True)
+        self._thread.start()
+
+    def result(self) -> T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
 
 
 def _layer0_weights(plan: ConversionPlan, device: torch.device) -> dict[str, torch.Tensor]:
@@ -271,14 +299,18 @@ def _convert(source: str, out: OutDir, scratch: Path, opts: ConvertOptions, dev:
     progress.log(describe_plan(plan, dev))
     result = ConvertResult(out_dir, plan, 0.0)
     imported = _import_ahead(plan, opts.self_check)
+    reference = _ReferenceAhead(plan, opts.self_check)
+    if dev.type == "cuda" or table is not None:  # the table leaves the CPU free
+        reference.start("table")
     with out.write(progress.log) as tmp:
         if plan.kind == "overlay":  # the table alone: the manifest pins the base it loads over (see _finish)
             out_hashes = {TABLE_FILE: _write_table_file(plan, tmp, dev, opts.chunk_size, progress, table)}
             src_hashes = None
         else:
-            result.methods, src_hashes, out_hashes = _write_weights(plan, tmp, dev, opts, progress, table)
-        imported.join()  # before this thread imports any of it
-        _finish(plan, tmp, recorded_options(plan, opts), result, progress, opts.self_check, out_hashes, src_hashes)
+            result.methods, src_hashes, out_hashes = _write_weights(plan, tmp, dev, opts, progress, table,
+                                                                    after_table=lambda: reference.start("shards"))
+        imported.result()  # before this thread imports any of it
+        _finish(plan, tmp, recorded_options(plan, opts), result, progress, reference, out_hashes, src_hashes)
     result.seconds = time.monotonic() - t0
     if plan.kind == "overlay":
         progress.log(f"wrote overlay {out_dir} ({plan.table_bytes / 2**20:.1f} MiB) in {result.seconds:.1f}s; "
@@ -288,7 +320,29 @@ def _convert(source: str, out: OutDir, scratch: Path, opts: ConvertOptions, dev:
     return result
 
 
-def _import_ahead(plan: ConversionPlan, self_check: bool) -> threading.Thread:
+class _ReferenceAhead:
+    """The self-check's reference (transformers' own layer 0: most of the check's arithmetic, reading only the
+    source) on a thread, beside the work that leaves the CPU free: the shard copies still running after a CPU
+    table, or the whole table on CUDA (or streamed from a given file). Memory: one layer-0 module at a time,
+    after the CPU table's chunks are freed."""
+
+    def __init__(self, plan: ConversionPlan, enabled: bool) -> None:
+        self.plan, self.enabled = plan, enabled
+        self.beside = ""
+        self._ahead: _Ahead[Reference] | None = None
+
+    def start(self, beside: str) -> None:
+        if self.enabled and self._ahead is None:
+            self.beside = beside
+            self._ahead = _Ahead("precompile-self-check", reference_layer0, self.plan)
+
+    def result(self) -> Reference:
+        self.start("")  # an overlay's CPU table: nothing left to run beside
+        assert self._ahead is not None
+        return self._ahead.result()
+
+
+def _import_ahead(plan: ConversionPlan, self_check: bool) -> _Ahead[None]:
     """Import what the end of the conversion needs from transformers while the weights are written.
 
     The self-check's model class (its modeling module pulls in much of transformers and torch) and the
@@ -312,19 +366,19 @@ def _import_ahead(plan: ConversionPlan, self_check: bool) -> threading.Thread:
         except Exception:  # noqa: BLE001, S110 - the self-check or the generation config reports it
             pass
 
-    thread = threading.Thread(target=run, name="precompile-imports", daemon=True)
-    thread.start()
-    return thread
+    return _Ahead("precompile-imports", run)
 
 
 def _write_weights(plan: ConversionPlan, tmp: Path, dev: torch.device, opts: ConvertOptions, progress: Progress,
-                   table: str | os.PathLike | None) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+                   table: str | os.PathLike | None, after_table: Callable[[], None] = lambda: None,
+                   ) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     """A full conversion's weight files and index in tmp: how each shared shard was placed, and the sha256 of
     the source files read and of the files written.
 
     Shards are copied and hashed in the background while the table is computed, on CUDA and on the CPU
     alike: the copies mostly wait on the page cache and the disk, so beside the matmuls they cost far less
-    than after them (benchmarks/bench_convert.py).
+    than after them (benchmarks/bench_convert.py). `after_table` runs once the table is written, while
+    the last shards may still be copied.
     """
     cancel = threading.Event()
     with ThreadPoolExecutor(1, thread_name_prefix="precompile-shards") as pool:
@@ -334,6 +388,7 @@ def _write_weights(plan: ConversionPlan, tmp: Path, dev: torch.device, opts: Con
         except BaseException:
             cancel.set()
             raise
+        after_table()
         methods, src_hashes, out_hashes = shards.result()
     progress.log(describe_shards(plan, methods))
     out_hashes[TABLE_FILE] = table_hash
@@ -387,16 +442,21 @@ def _given_table(path: Path, entries: list[tuple[str, str, tuple[int, ...], int]
     return rows()
 
 
-def _self_check(plan: ConversionPlan, tmp: Path, progress: Progress) -> SelfCheckResult:
+def _self_check(reference: _ReferenceAhead, tmp: Path, progress: Progress) -> SelfCheckResult:
     """Layer 0 of the conversion in tmp against transformers' own (raises VerificationError: tmp is removed)."""
     progress.log("self-check: layer 0 against transformers' own model")
-    result = check_layer0(plan, tmp)
+    t0 = time.monotonic()
+    ref = reference.result()
+    if reference.beside:
+        progress.log(f"self-check: transformers' own layer 0 in {ref.seconds:.1f}s, started beside the "
+                     f"{reference.beside}; {time.monotonic() - t0:.1f}s of it after the weights were written")
+    result = compare(ref, tmp)
     progress.log(result.summary())
     return result
 
 
 def _finish(plan: ConversionPlan, tmp: Path, options: dict, result: ConvertResult, progress: Progress,
-            self_check: bool, out_hashes: dict[str, str] | None = None,
+            reference: _ReferenceAhead, out_hashes: dict[str, str] | None = None,
             src_hashes: dict[str, str] | None = None) -> None:
     """What a full conversion and an overlay both write once their weights are in tmp, in this order: the
     carried and derived files, the manifest (an overlay's also pins the base), the self-check (it loads
@@ -415,7 +475,7 @@ def _finish(plan: ConversionPlan, tmp: Path, options: dict, result: ConvertResul
     if plan.kind == "overlay":
         manifest = replace(manifest, source=replace(manifest.source, **_base_stats(plan)))
     write_json(tmp / MANIFEST, manifest.to_dict())
-    check = result.self_check = _self_check(plan, tmp, progress) if self_check else None
+    check = result.self_check = _self_check(reference, tmp, progress) if reference.enabled else None
     outputs[CARD_FILE] = write_card(tmp, plan, SelfCheckSummary(check.passed, check.outcome()) if check else None)
     result.files = outputs
 

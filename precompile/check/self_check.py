@@ -340,14 +340,35 @@ def _converted_checkpoints(tmp: Path, table: str, source: Checkpoint) -> list[Ch
     return [PartialCheckpoint(tmp, {table: TABLE_FILE}, [table]), source]
 
 
-def self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
-    """Compare layer 0 of the source's transformers class with layer 0 of the conversion in `tmp`.
+@dataclass
+class Reference:
+    """transformers' own layer 0 on the check's tokens, at the reference dtype and the model dtype: what the
+    conversion is compared with. It reads only the source, so convert computes it while OUT_DIR's files are
+    still being written (`reference_layer0`, then `compare`)."""
 
-    Raises VerificationError naming the profile, the tensor and the difference against its bound, or
-    saying why the two could not be run (a conversion that cannot be checked is not published).
-    """
+    plan: ConversionPlan
+    base: type  # the source's transformers class
+    layer: str
+    attention: str
+    ids: torch.Tensor  # [SEQUENCES, L], renumbered into `used`
+    used: torch.Tensor  # the token ids fed, sorted: the embedding and table rows read
+    renamings: list
+    source: Checkpoint
+    passes: tuple[tuple[tuple[str, ...], torch.Tensor], ...]  # capture_passes
+    exact: tuple[dict[str, torch.Tensor], ...]  # per pass, in the reference dtype
+    original: tuple[dict[str, torch.Tensor], ...]  # per pass, in the model dtype
+    seconds: float
+
+    @property
+    def row_tensors(self) -> set[str]:
+        return {self.plan.spec.embedding_tensor, self.plan.layout.tensor_name}
+
+
+@contextmanager
+def _one_line(plan: ConversionPlan) -> Iterator[None]:
+    """Whatever transformers raises becomes one line naming the profile and the way out."""
     try:
-        return _self_check(plan, tmp)
+        yield
     except (VerificationError, UserError):
         raise
     except Exception as e:  # noqa: BLE001 - whatever transformers raises, one line and the way out
@@ -357,54 +378,83 @@ def self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
                                 f"--no-self-check to convert without the check") from e
 
 
-def _self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
+def self_check(plan: ConversionPlan, tmp: Path) -> SelfCheckResult:
+    """Compare layer 0 of the source's transformers class with layer 0 of the conversion in `tmp`.
+
+    Raises VerificationError naming the profile, the tensor and the difference against its bound, or
+    saying why the two could not be run (a conversion that cannot be checked is not published).
+    """
+    return compare(reference_layer0(plan), tmp)
+
+
+def reference_layer0(plan: ConversionPlan) -> Reference:
+    """The source's own layer 0 on the check's tokens (the source only: nothing of the conversion is read)."""
+    with _one_line(plan):
+        return _reference(plan)
+
+
+def compare(ref: Reference, tmp: Path) -> SelfCheckResult:
+    """The conversion in `tmp` (its files and manifest written) against `ref`; raises as `self_check`."""
+    with _one_line(ref.plan):
+        return _compare(ref, tmp)
+
+
+def _reference(plan: ConversionPlan) -> Reference:
     t0 = time.monotonic()
     spec, dtype = plan.spec, plan.model_dtype
-    manifest = Manifest.read(tmp)
     attention = spec.attention_module
     # the decoder layer: the attention's parent, or the list entry 0 above it (LongCat's self_attn.0 in layers.0)
     layer = attention[:attention.index(".0.") + 2] if ".0." in attention else attention.rpartition(".")[0]
-    points = compared_points(spec.block, spec.layer0_experts)
     tokens = check_tokens(plan.config, plan.source.root, spec.vocab_size)
     used, ids = torch.unique(tokens, return_inverse=True)
+    ref_dtype = reference_dtype(dtype)
     with BUILD_LOCK, quiet_transformers():  # imports and builds take turns across threads; the runs below do not
         from transformers import AutoModelForCausalLM
 
         # every layer, on meta: a one-layer config would build layer 0 as the last layer, which may differ
         config = config_from_dict(plan.config)
         base = AutoModelForCausalLM._model_mapping[type(config)]
-        conv_config = original_config(manifest)
-        ref_dtype = reference_dtype(dtype)
         original = {d: _build(base, config, d) for d in (ref_dtype, dtype)}
-        converted = _build(precompiled_class(base, manifest), conv_config, dtype)
     emb_names = {spec.embedding_tensor, plan.layout.tensor_name}
     needed = [n for n, _ in original[dtype].named_parameters()
               if n in emb_names or n.startswith(layer + ".") or
               (spec.embedding_norm is not None and n.startswith(f"{spec.embedding_norm.module}."))]
     renamings = checkpoint_renamings(original[dtype])
     source = _source_checkpoint(plan, needed, renamings)
-    src_read = _Reader([source], emb_names, used, renamings)
-    conv_read = _Reader(_converted_checkpoints(tmp, plan.layout.tensor_name, source), emb_names, used, renamings)
+    read = _Reader([source], emb_names, used, renamings)
+    passes = capture_passes(compared_points(spec.block, spec.layer0_experts), spec.folds_ffn, ids)
+    exact = tuple(_capture(original[ref_dtype], i, layer, attention, pts, read, ref_dtype) for pts, i in passes)
+    orig = tuple(_capture(original[dtype], i, layer, attention, pts, read, dtype) for pts, i in passes)
+    return Reference(plan, base, layer, attention, ids, used, renamings, source, passes, exact, orig,
+                     time.monotonic() - t0)
+
+
+def _compare(ref: Reference, tmp: Path) -> SelfCheckResult:
+    t0 = time.monotonic()
+    plan = ref.plan
+    spec, dtype = plan.spec, plan.model_dtype
+    manifest = Manifest.read(tmp)
+    with BUILD_LOCK, quiet_transformers():
+        converted = _build(precompiled_class(ref.base, manifest), original_config(manifest), dtype)
+    read = _Reader(_converted_checkpoints(tmp, plan.layout.tensor_name, ref.source), ref.row_tensors, ref.used,
+                   ref.renamings)
     results = []
-    for run_points, run_ids in capture_passes(points, spec.folds_ffn, ids):
-        exact = _capture(original[ref_dtype], run_ids, layer, attention, run_points, src_read, ref_dtype)
-        orig = _capture(original[dtype], run_ids, layer, attention, run_points, src_read, dtype)
-        conv = _capture(converted, run_ids, layer, attention, run_points, conv_read, dtype)
-        for name in run_points:
+    for (points, ids), exact, orig in zip(ref.passes, ref.exact, ref.original):
+        conv = _capture(converted, ids, ref.layer, ref.attention, points, read, dtype)
+        for name in points:
             scale = float(exact[name].abs().max())
             orig_d = float((orig[name] - exact[name]).abs().max())
             diff = (float((conv[name] - exact[name]).abs().max()) if conv[name].shape == exact[name].shape
                     else float("inf"))
-            results.append(PointResult(name, diff, point_bound(orig_d, scale, dtype), orig_d, scale,
-                                       int(run_ids.numel())))
-    result = SelfCheckResult(spec.profile, dtype_name(dtype), int(ids.numel()), tuple(results),
-                             time.monotonic() - t0)
+            results.append(PointResult(name, diff, point_bound(orig_d, scale, dtype), orig_d, scale, int(ids.numel())))
+    result = SelfCheckResult(spec.profile, dtype_name(dtype), int(ref.ids.numel()), tuple(results),
+                             ref.seconds + time.monotonic() - t0)
     bad = next((p for p in result.points if not p.passed), None)
     if bad is not None:
         raise VerificationError(
             f"self-check: layer 0 of the conversion disagrees with transformers' own model at its {bad.name}: "
             f"max |difference| {bad.diff:.3g} > bound {bad.bound:.3g} (the original in {result.dtype} is "
-            f"{bad.original:.3g} from {dtype_name(ref_dtype)}, values up to {bad.scale:.3g}); "
+            f"{bad.original:.3g} from {dtype_name(reference_dtype(dtype))}, values up to {bad.scale:.3g}); "
             f"profile {spec.profile} does not "
             f"describe this model's forward, fix the profile (nothing was written; --no-self-check skips this)")
     return result

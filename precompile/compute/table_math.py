@@ -18,13 +18,19 @@ from precompile.profiles.model_spec import Expert, Ffn, ModelSpec, Norm, Project
 from precompile.profiles.sections import HEAD
 
 
-def apply_norm(norm: Norm, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-    """RMSNorm or LayerNorm in x's dtype; weight used as (offset + w) for Gemma-style norms."""
+def apply_norm(norm: Norm, x: torch.Tensor, w: dict[str, torch.Tensor], inplace: bool = False) -> torch.Tensor:
+    """RMSNorm or LayerNorm in x's dtype; weight used as (offset + w) for Gemma-style norms.
+
+    `inplace` normalises x itself (a view into a larger result: a q/k norm over its projection's columns):
+    the same operations on the same values, without a result of x's size to copy back.
+    """
     if norm.kind == "rms":
-        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+        inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+        y = x.mul_(inv) if inplace else x * inv
     else:
         y = F.layer_norm(x, (x.shape[-1],), eps=norm.eps)
-    # in place on y, which is new: the same values without another pass-sized temporary
+        y = x.copy_(y) if inplace else y
+    # in place on y (new, or x when `inplace`): the same values without another pass-sized temporary
     if norm.weight:
         y.mul_(w[norm.weight] + norm.offset)
     if norm.bias:
@@ -130,14 +136,16 @@ def qk_norm_weights(norm: Norm, heads: int, w: dict[str, torch.Tensor]) -> dict[
     return {**w, **stacked} if stacked else w
 
 
-def qk_normed(spec: ModelSpec, role: str, y: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+def qk_normed(spec: ModelSpec, role: str, y: torch.Tensor, w: dict[str, torch.Tensor],
+              inplace: bool = False) -> torch.Tensor:
     """A q/k norm after the projection: over each head (weight [head_dim], [heads, head_dim] or one tensor per
-    head) or, with `over: projection`, over the projection's whole output."""
+    head) or, with `over: projection`, over the projection's whole output. `inplace`: in y's memory where
+    its heads are a view of it (see apply_norm)."""
     norm = spec.qk_norms[role]
     if spec.qk_norm_span == "projection":
-        return apply_norm(norm, y, w)
+        return apply_norm(norm, y, w, inplace)
     heads = y.reshape(*y.shape[:-1], -1, spec.head_dim)
-    return apply_norm(norm, heads, qk_norm_weights(norm, spec.qk_norm_heads(role), w)).reshape(y.shape)
+    return apply_norm(norm, heads, qk_norm_weights(norm, spec.qk_norm_heads(role), w), inplace).reshape(y.shape)
 
 
 def normed_parts(spec: ModelSpec, p: Projection, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -167,10 +175,11 @@ def projection_output(spec: ModelSpec, p: Projection, h: torch.Tensor, w: dict[s
 def finish_projection(spec: ModelSpec, p: Projection, y: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
     """Projection output y after the norms that follow the linear map, in place."""
     if p.out_norm is not None:
-        y[..., :p.out_norm_width] = apply_norm(p.out_norm, y[..., :p.out_norm_width], w)
+        apply_norm(p.out_norm, y[..., :p.out_norm_width], w, inplace=True)
     for role, part in normed_parts(spec, p, y).items():
-        flat = part.reshape(*y.shape[:-1], -1)
-        part.copy_(qk_normed(spec, role, flat, w).view(part.shape))
+        normed = qk_normed(spec, role, part.reshape(*y.shape[:-1], -1), w, inplace=True)
+        if normed.untyped_storage().data_ptr() != part.untyped_storage().data_ptr():  # reshape had to copy
+            part.copy_(normed.view(part.shape))
     return y
 
 
