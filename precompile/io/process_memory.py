@@ -54,8 +54,12 @@ def heap_kept() -> Iterator[None]:
     Each chunk allocates the same temporaries (tens of MiB each). glibc serves blocks that large by
     mmap and unmaps them when freed, or trims the heap under them, so every chunk faults fresh zeroed
     pages in (huge pages cut the count of faults, not the zeroing): the system time was a third of the
-    table's. Kept, the blocks are reused, and memory stays at about one chunk's working set. On the
-    way out the thresholds are the ones glibc would have grown to and what was kept is given back.
+    table's. Blocks under MMAP_MAX (the largest mmap threshold glibc grows to) now come from a heap
+    that is not trimmed, so they are reused; larger ones are still mapped afresh, where huge pages
+    make each fault cover 2 MiB. Keeping those too in the heap saved no time that could be measured,
+    and the heap, cut into blocks of a Pythia-shaped chunk's many sizes (64-192 MiB), grew with each
+    chunk (to 1.5 GB and on, against 0.8 GB mapped afresh). On the way out the thresholds are the
+    ones glibc would have grown to and what was kept is given back.
     Only in the `precompile` program (`in_program`), and only with glibc.
     """
     try:
@@ -66,7 +70,7 @@ def heap_kept() -> Iterator[None]:
     if mallopt is None:
         yield
         return
-    mallopt(M_MMAP_THRESHOLD, KEPT)
+    mallopt(M_MMAP_THRESHOLD, MMAP_MAX)
     mallopt(M_TRIM_THRESHOLD, KEPT)
     try:
         yield
