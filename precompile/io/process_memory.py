@@ -58,7 +58,7 @@ def heap_kept() -> Iterator[None]:
     that is not trimmed, so they are reused; larger ones are still mapped afresh, where huge pages
     make each fault cover 2 MiB. Keeping those too in the heap saved no time that could be measured,
     and the heap, cut into blocks of a Pythia-shaped chunk's many sizes (64-192 MiB), grew with each
-    chunk (to 1.5 GB and on, against 0.8 GB mapped afresh). On the way out the thresholds are the
+    chunk (1.4-1.5 GiB after 3 chunks, against 0.8 GiB mapped afresh). On the way out the thresholds are the
     ones glibc would have grown to and what was kept is given back.
     Only in the `precompile` program (`in_program`), and only with glibc.
     """
