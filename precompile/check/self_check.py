@@ -352,16 +352,13 @@ class Reference:
     attention: str
     ids: torch.Tensor  # [SEQUENCES, L], renumbered into `used`
     used: torch.Tensor  # the token ids fed, sorted: the embedding and table rows read
+    row_tensors: set[str]  # the embedding and the table: read only at `used`
     renamings: list
     source: Checkpoint
     passes: tuple[tuple[tuple[str, ...], torch.Tensor], ...]  # capture_passes
     exact: tuple[dict[str, torch.Tensor], ...]  # per pass, in the reference dtype
     original: tuple[dict[str, torch.Tensor], ...]  # per pass, in the model dtype
     seconds: float
-
-    @property
-    def row_tensors(self) -> set[str]:
-        return {self.plan.spec.embedding_tensor, self.plan.layout.tensor_name}
 
 
 @contextmanager
@@ -425,7 +422,7 @@ def _reference(plan: ConversionPlan) -> Reference:
     passes = capture_passes(compared_points(spec.block, spec.layer0_experts), spec.folds_ffn, ids)
     exact = tuple(_capture(original[ref_dtype], i, layer, attention, pts, read, ref_dtype) for pts, i in passes)
     orig = tuple(_capture(original[dtype], i, layer, attention, pts, read, dtype) for pts, i in passes)
-    return Reference(plan, base, layer, attention, ids, used, renamings, source, passes, exact, orig,
+    return Reference(plan, base, layer, attention, ids, used, emb_names, renamings, source, passes, exact, orig,
                      time.monotonic() - t0)
 
 
